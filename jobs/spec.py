@@ -1,0 +1,234 @@
+"""The job spec: what `job.toml` may say, validated by pydantic.
+
+Both sides import this module: the client loads and checks `job.toml`; the worker
+reads the resolved spec (`job.json`) that the client uploads next to the data.
+Unknown keys are rejected everywhere (`extra="forbid"`), so a typo is an error,
+not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+LOCAL_HOST = "local"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class InstanceSpec(_Strict):
+    """Where the job runs: `host = "local"`, an AutoDL login command, or host/port/user."""
+
+    ssh: str | None = Field(None, description='the login command as AutoDL shows it: "ssh -p PORT root@HOST"')
+    host: str | None = None
+    port: int = Field(22, ge=1, le=65535)
+    user: str = "root"
+    profile: str | None = Field(None, description="a host profile saved by `autodl-run login`")
+    identity_file: str | None = None
+    remote_root: str = "/root/autodl-tmp/autodl-run"
+    python: str = "python3"
+    connect_timeout: float = Field(15.0, gt=0, le=300)
+    tmux_socket: str = Field("autodl-run", description="tmux -L socket name on the instance")
+    price_per_hour: float | None = Field(None, ge=0, description="CNY an hour, for the spend shown by tail/status")
+    currency: str = "CNY"
+    install_deps: bool = Field(True, description="pip-install the worker's missing packages on the instance")
+    pip_index_url: str | None = None
+    hf_endpoint: str | None = Field(None, description="a Hugging Face mirror, e.g. https://hf-mirror.com")
+
+    @field_validator("remote_root")
+    @classmethod
+    def _absolute_root(cls, v: str) -> str:
+        if not (v.startswith("/") or v.startswith("~")):
+            raise ValueError("must be an absolute path on the instance, e.g. /root/autodl-tmp/autodl-run")
+        return v.rstrip("/") or "/"
+
+    @field_validator("tmux_socket")
+    @classmethod
+    def _socket_name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("use letters, digits, '-', '_' and '.' only")
+        return v
+
+    @model_validator(mode="after")
+    def _one_way_to_connect(self) -> InstanceSpec:
+        if self.ssh is not None:
+            if self.host is not None:
+                raise ValueError("give either `ssh` (the login command) or `host`, not both")
+            host, port, user, identity = parse_ssh_command(self.ssh)
+            object.__setattr__(self, "host", host)
+            object.__setattr__(self, "port", port)
+            object.__setattr__(self, "user", user or self.user)
+            if identity and not self.identity_file:
+                object.__setattr__(self, "identity_file", identity)
+        if self.host is None and self.profile is None:
+            object.__setattr__(self, "host", LOCAL_HOST)
+        return self
+
+    @property
+    def is_local(self) -> bool:
+        return self.host == LOCAL_HOST and self.profile is None
+
+    def describe(self) -> str:
+        if self.is_local:
+            return "local"
+        if self.profile and not self.host:
+            return f"profile {self.profile}"
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+def parse_ssh_command(command: str) -> tuple[str, int, str | None, str | None]:
+    """Parse `ssh -p PORT user@host` (also `-i KEY`, `-o Port=N`) into (host, port, user, identity).
+
+    Anything else is rejected, because silently dropping an option the user relied on
+    would connect somewhere they did not mean.
+    """
+    try:
+        words = shlex.split(command)
+    except ValueError as exc:
+        raise ValueError(f"cannot parse the ssh command: {exc}") from None
+    if not words or words[0] != "ssh":
+        raise ValueError('must start with "ssh", e.g. "ssh -p 38076 root@region-41.autodl.com"')
+    port, identity, target = 22, None, None
+    i = 1
+    while i < len(words):
+        w = words[i]
+        if w in ("-p", "-i", "-o"):
+            if i + 1 >= len(words):
+                raise ValueError(f"`{w}` needs a value")
+            value = words[i + 1]
+            if w == "-p":
+                port = _port(value)
+            elif w == "-i":
+                identity = value
+            else:
+                key, _, val = value.partition("=")
+                if key.strip().lower() != "port":
+                    raise ValueError(f"unsupported ssh option `-o {value}`; only -o Port=N is understood")
+                port = _port(val.strip())
+            i += 2
+            continue
+        if w.startswith("-p") and w[2:].isdigit():
+            port = _port(w[2:])
+        elif w.startswith("-"):
+            raise ValueError(f"unsupported ssh option `{w}`; use -p PORT, -i KEY or -o Port=N")
+        elif target is None:
+            target = w
+        else:
+            raise ValueError(f"unexpected word `{w}`: give only the login command, no remote command")
+        i += 1
+    if target is None:
+        raise ValueError("no host in the ssh command, expected user@host")
+    user, _, host = target.rpartition("@")
+    if not host:
+        raise ValueError("no host in the ssh command, expected user@host")
+    return host, port, user or None, identity
+
+
+def _port(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise ValueError(f"bad port `{value}`")
+    return int(value)
+
+
+DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "prompt_completion", "text"]
+
+
+class DataSpec(_Strict):
+    train: str | list[str] = Field(..., description="file(s) or globs on the laptop, relative to the job file")
+    eval: str | list[str] | None = None
+    format: DataFormat = "auto"
+    columns: dict[str, str] = Field(
+        default_factory=dict, description='rename fields, e.g. {instruction = "question", output = "answer"}'
+    )
+    system_prompt: str | None = Field(None, description="a system message added to rows that have none")
+    max_length: int = Field(2048, ge=16, le=1_048_576)
+    overlong: Literal["drop", "truncate", "fail"] = "drop"
+    on_error: Literal["fail", "skip"] = "fail"
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    seed: int = 42
+    dedupe: bool = True
+
+    def train_list(self) -> list[str]:
+        return [self.train] if isinstance(self.train, str) else list(self.train)
+
+    def eval_list(self) -> list[str]:
+        if self.eval is None:
+            return []
+        return [self.eval] if isinstance(self.eval, str) else list(self.eval)
+
+
+class ModelSpec(_Strict):
+    name_or_path: str = Field(..., description="hub id, or a path on the instance")
+    tokenizer: str | None = Field(None, description="a tokenizer path on the laptop, for token statistics")
+    revision: str | None = None
+    trust_remote_code: bool = Field(False, description="run the model repo's own Python code (GLM4 needs it)")
+
+
+class LoraSpec(_Strict):
+    r: int = Field(16, ge=1, le=1024)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+
+
+class QuantSpec(_Strict):
+    bits: Literal[4, 16] = 4
+
+
+class TrainSpec(_Strict):
+    epochs: float = Field(3, gt=0)
+    max_steps: int = Field(0, ge=0, description="> 0 overrides epochs")
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    micro_batch_tokens: int = Field(
+        0, ge=0, description="tokens in one packed micro-batch; 0 = max(max_length, 4096) on GPU, max_length on CPU"
+    )
+    global_batch_tokens: int = Field(0, ge=0, description="tokens per optimizer step; 0 = one micro-batch")
+    packing: bool = Field(True, description="padding-free packing with per-sequence position_ids")
+    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    logging_steps: int = Field(1, ge=1)
+    save_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only on the timer and at the end")
+    save_every_minutes: float = Field(15, ge=0)
+    seed: int = 42
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+
+
+class FetchSpec(_Strict):
+    to: str = Field("runs", description="where adapters land on the laptop, relative to the job file")
+
+
+class JobSpec(_Strict):
+    name: str
+    instance: InstanceSpec = Field(default_factory=InstanceSpec)
+    model: ModelSpec
+    data: DataSpec
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    fetch: FetchSpec = Field(default_factory=FetchSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("use 1-64 letters, digits, '-', '_' or '.', starting with a letter or digit")
+        return v
+
+
+class WorkerJob(_Strict):
+    """What the client uploads as `job.json`: the spec plus where this job's things are."""
+
+    job_id: str
+    spec: JobSpec
+    data_dir: str = Field(..., description="the prepared dataset on the instance (jobs.layout)")
+    job_dir: str
+    hf_home: str | None = None
+    deadline_unix: float | None = None
