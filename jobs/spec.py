@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 LOCAL_HOST = "local"
+AUTODL_DATA_DISK_ROOT = "/root/autodl-tmp/autodl-run"
 
 
 class _Strict(BaseModel):
@@ -31,7 +32,9 @@ class InstanceSpec(_Strict):
     user: str = "root"
     profile: str | None = Field(None, description="a host profile saved by `autodl-run login`")
     identity_file: str | None = None
-    remote_root: str = "/root/autodl-tmp/autodl-run"
+    remote_root: str | None = Field(
+        None, description="state on the instance; default /root/autodl-tmp/autodl-run (local: $AUTODL_RUN_HOME/local)"
+    )
     python: str = "python3"
     connect_timeout: float = Field(15.0, gt=0, le=300)
     tmux_socket: str = Field("autodl-run", description="tmux -L socket name on the instance")
@@ -43,10 +46,19 @@ class InstanceSpec(_Strict):
 
     @field_validator("remote_root")
     @classmethod
-    def _absolute_root(cls, v: str) -> str:
+    def _absolute_root(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         if not (v.startswith("/") or v.startswith("~")):
             raise ValueError("must be an absolute path on the instance, e.g. /root/autodl-tmp/autodl-run")
         return v.rstrip("/") or "/"
+
+    @field_validator("ssh")
+    @classmethod
+    def _parsable_login(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_ssh_command(v)
+        return v
 
     @field_validator("tmux_socket")
     @classmethod
@@ -58,9 +70,9 @@ class InstanceSpec(_Strict):
     @model_validator(mode="after")
     def _one_way_to_connect(self) -> InstanceSpec:
         if self.ssh is not None:
-            if self.host is not None:
-                raise ValueError("give either `ssh` (the login command) or `host`, not both")
             host, port, user, identity = parse_ssh_command(self.ssh)
+            if self.host is not None and self.host != host:
+                raise ValueError("give either `ssh` (the login command) or `host`, not both")
             object.__setattr__(self, "host", host)
             object.__setattr__(self, "port", port)
             object.__setattr__(self, "user", user or self.user)

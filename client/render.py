@@ -1,0 +1,162 @@
+"""Turn the event stream into what a person reads: a live panel on a terminal, plain lines otherwise."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from jobs import events as ev
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "-"
+    s = int(seconds)
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+@dataclass
+class Progress:
+    """What the events so far say about the job; the view and `status` both read it."""
+
+    job_id: str
+    price_per_hour: float | None = None
+    currency: str = "CNY"
+    phase: str = "waiting for the worker"
+    started_at: float | None = None
+    first_event_at: float | None = None
+    last: ev.Step | None = None
+    total_steps: int = 0
+    started: ev.Started | None = None
+    done: ev.Done | None = None
+    failed: ev.Failed | None = None
+    eval_loss: float | None = None
+    checkpoints: int = 0
+
+    def apply(self, e) -> None:
+        self.first_event_at = self.first_event_at or e.t
+        if isinstance(e, ev.Phase):
+            self.phase = e.phase + (f": {e.message}" if e.message else "")
+        elif isinstance(e, ev.Started):
+            self.started, self.started_at, self.total_steps = e, e.t, e.total_steps
+            self.phase = "training"
+        elif isinstance(e, ev.Step):
+            self.last, self.total_steps = e, e.total_steps
+        elif isinstance(e, ev.Eval):
+            self.eval_loss = e.eval_loss
+        elif isinstance(e, ev.Checkpoint):
+            self.checkpoints += 1
+        elif isinstance(e, ev.Done):
+            self.done, self.phase = e, "done"
+        elif isinstance(e, ev.Failed):
+            self.failed, self.phase = e, "failed"
+
+    @property
+    def eta_s(self) -> float | None:
+        s = self.last
+        if not s or not s.step or s.elapsed_s <= 0:
+            return None
+        return s.elapsed_s / s.step * max(0, s.total_steps - s.step)
+
+    def elapsed_s(self, now: float | None = None) -> float | None:
+        if self.first_event_at is None:
+            return None
+        end = self.done.t if self.done else (self.failed.t if self.failed else (now or time.time()))
+        return max(0.0, end - self.first_event_at)
+
+    def spend(self, now: float | None = None) -> tuple[float, float] | None:
+        """(spent so far, projected total) at `instance.price_per_hour`; None when no price is set."""
+        elapsed = self.elapsed_s(now)
+        if self.price_per_hour is None or elapsed is None:
+            return None
+        per_s = self.price_per_hour / 3600
+        return elapsed * per_s, (elapsed + (self.eta_s or 0)) * per_s
+
+    def as_dict(self) -> dict:
+        s = self.last
+        spend = self.spend()
+        return {
+            "phase": self.phase,
+            "step": s.step if s else 0,
+            "total_steps": self.total_steps,
+            "loss": s.loss if s else None,
+            "lr": s.lr if s else None,
+            "tokens_per_s": s.tokens_per_s if s else None,
+            "peak_mem_gb": s.peak_mem_gb if s else None,
+            "elapsed_s": self.elapsed_s(),
+            "eta_s": self.eta_s,
+            "eval_loss": self.eval_loss,
+            "spent": round(spend[0], 4) if spend else None,
+            "projected": round(spend[1], 4) if spend else None,
+            "currency": self.currency if spend else None,
+            "error": self.failed.model_dump() if self.failed else None,
+            "adapter": self.done.adapter_path if self.done else None,
+        }
+
+
+def step_line(e: ev.Step) -> str:
+    mem = f"  mem {e.peak_mem_gb:.1f}GB" if e.peak_mem_gb is not None else ""
+    return (
+        f"step {e.step}/{e.total_steps}  loss {e.loss:.4f}  lr {e.lr:.2e}  "
+        f"{e.tokens_per_s:,.0f} tok/s  {fmt_duration(e.elapsed_s)}{mem}"
+    )
+
+
+def event_line(e) -> str | None:
+    """One plain line per event (for pipes, logs and CI)."""
+    if isinstance(e, ev.Step):
+        return step_line(e)
+    if isinstance(e, ev.Phase):
+        return f"[{e.phase}] {e.message}".rstrip()
+    if isinstance(e, ev.Started):
+        return (
+            f"started: {e.total_steps} steps on {e.device} ({e.dtype}, {e.quant}, attention {e.attention}), "
+            f"{e.trainable_params:,} trainable of {e.total_params:,} params, "
+            f"{e.train_sequences:,} sequences / {e.train_tokens:,} tokens, "
+            f"micro-batch {e.micro_batch_tokens} tokens x {e.grad_accum}"
+            + (f", resumed at step {e.resumed_from_step}" if e.resumed_from_step else "")
+        )
+    if isinstance(e, ev.Eval):
+        return f"eval at step {e.step}: loss {e.eval_loss:.4f}"
+    if isinstance(e, ev.Checkpoint):
+        return f"checkpoint at step {e.step}: {e.path}"
+    if isinstance(e, ev.Done):
+        loss = f", final loss {e.final_loss:.4f}" if e.final_loss is not None else ""
+        return f"done: {e.steps} steps in {fmt_duration(e.elapsed_s)}{loss}; adapter at {e.adapter_path}"
+    if isinstance(e, ev.Failed):
+        return f"FAILED: {e.error_class}: {e.message}" + (f"\n  hint: {e.hint}" if e.hint else "")
+    return None
+
+
+def panel(p: Progress, state: str, note: str = "") -> Panel:
+    s = p.last
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("phase", p.phase)
+    if p.total_steps:
+        step = s.step if s else 0
+        bar = ProgressBar(total=p.total_steps, completed=step, width=40)
+        table.add_row("step", Group(Text(f"{step}/{p.total_steps}"), bar))
+    if s:
+        table.add_row("loss", f"{s.loss:.4f}" + (f"   eval {p.eval_loss:.4f}" if p.eval_loss is not None else ""))
+        table.add_row("lr", f"{s.lr:.2e}")
+        table.add_row("tokens/s", f"{s.tokens_per_s:,.0f}")
+        if s.peak_mem_gb is not None:
+            table.add_row("GPU memory", f"{s.peak_mem_gb:.1f} GB peak")
+    table.add_row("elapsed", fmt_duration(p.elapsed_s()))
+    table.add_row("ETA", fmt_duration(p.eta_s))
+    spend = p.spend()
+    if spend:
+        table.add_row("spend", f"{spend[0]:.2f} {p.currency} so far, ~{spend[1]:.2f} {p.currency} projected")
+    if note:
+        table.add_row("", Text(note, style="yellow"))
+    return Panel(table, title=f"{p.job_id} [{state}]", expand=False)

@@ -1,0 +1,94 @@
+"""`host = "local"`: the instance is this machine. Same protocol as SSH, without the network.
+
+Commands run as `bash -lc <command>` in their own process group (so a timeout kills the whole
+tree); files are copied with `rsync -a --partial --mkpath` when rsync >= 3.2.3 is installed,
+else with shutil. A leading `~` in a "remote" path is this user's home ($HOME).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+from client.errors import TransferError, TransportError
+from client.transport import rsync
+from client.transport.base import Command, Result, check_result, to_shell
+from client.transport.paths import expand_home
+
+
+class LocalTransport:
+    where = "local"
+
+    def __init__(self, *, use_rsync: bool | None = None):
+        """use_rsync: None = when a recent rsync is installed; False = always shutil."""
+        self.use_rsync = rsync.supports_mkpath() if use_rsync is None else use_rsync
+
+    def run(
+        self, cmd: Command, *, check: bool = True, timeout: float | None = None, input: str | None = None
+    ) -> Result:
+        command = to_shell(cmd)
+        proc = subprocess.Popen(
+            ["bash", "-lc", command],
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,  # its own process group, so a timeout can kill every child
+        )
+        try:
+            out, err = proc.communicate(input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise TransportError(f"command timed out after {timeout:g} s on local: {command}") from None
+        result = Result(command, proc.returncode, out, err)
+        return check_result(result, self.where) if check else result
+
+    def expand(self, path: str) -> str:
+        return expand_home(path, os.path.expanduser("~"))
+
+    def put(self, local: Path, remote: str, *, delete: bool = False) -> None:
+        self._copy(Path(local), Path(self.expand(remote)), delete=delete)
+
+    def get(self, remote: str, local: Path) -> None:
+        self._copy(Path(self.expand(remote)), Path(local), delete=False)
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> LocalTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _copy(self, src: Path, dest: Path, *, delete: bool) -> None:
+        src, dest = src.absolute(), dest.absolute()
+        if not src.exists():
+            raise TransferError(f"cannot copy {src}: no such file or folder", hint="check the path")
+        if self.use_rsync:
+            # a trailing slash copies a folder's contents into dest, like the SSH transport
+            s, d = (f"{src}/", f"{dest}/") if src.is_dir() else (str(src), str(dest))
+            rsync.run_rsync(rsync.rsync_argv(s, d, delete=delete), where=self.where, attempts=1)
+            return
+        try:
+            if src.is_dir():
+                if delete and dest.is_dir():
+                    shutil.rmtree(dest)
+                shutil.copytree(src, dest, symlinks=True, dirs_exist_ok=True)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest)
+        except OSError as exc:
+            raise TransferError(f"copying {src} -> {dest} failed: {exc}") from exc
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()

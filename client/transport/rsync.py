@@ -1,0 +1,115 @@
+"""rsync, the way every transport moves files.
+
+`rsync -a --partial --mkpath`: archive mode, keep partly sent files so a retry resumes
+(`--partial`), and create missing parent folders (`--mkpath`; without it rsync fails with
+code 11). Transient failures (a dropped connection, a timeout) are retried with exponential
+backoff; when it gives up, the error says what failed, the last lines rsync printed and a hint.
+
+rsync older than 3.2.3 (macOS ships 2.6.9) lacks `--mkpath`; `supports_mkpath()` tells, and
+`MkpathUnsupported` is raised when the *other* side's rsync rejects it, so the caller can
+create the parents itself and try again without the flag.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import shlex
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+
+from client.errors import ConnectError, RemoteEnvError, TransferError, TransportError
+
+# rsync exit codes worth another try: 10 socket I/O, 12 protocol data stream (usually a
+# dropped link), 30 I/O timeout, 35 connection timeout, 255 ssh itself failed.
+TRANSIENT = frozenset({10, 12, 30, 35, 255})
+INSTALL_HINT = "install rsync >= 3.2.3 (Debian/Ubuntu: apt-get install rsync; macOS: brew install rsync)"
+
+
+class MkpathUnsupported(Exception):
+    """An rsync on the way does not know `--mkpath`."""
+
+
+@functools.cache
+def rsync_version() -> tuple[int, ...] | None:
+    """This machine's rsync version, or None when rsync is not installed."""
+    try:
+        out = subprocess.run(["rsync", "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"version\s+v?(\d+)\.(\d+)\.(\d+)", out)
+    return tuple(int(x) for x in m.groups()) if m else None
+
+
+def supports_mkpath() -> bool:
+    v = rsync_version()
+    return v is not None and v >= (3, 2, 3)
+
+
+def rsync_argv(
+    src: str, dest: str, *, ssh: Sequence[str] | None = None, delete: bool = False, mkpath: bool = True
+) -> list[str]:
+    argv = ["rsync", "-a", "--partial"]
+    if mkpath:
+        argv.append("--mkpath")
+    if delete:
+        argv.append("--delete")
+    if ssh:
+        # rsync splits -e on spaces and honours quotes, so shlex quoting keeps paths with spaces whole.
+        argv += ["-e", shlex.join(ssh)]
+    return argv + ["--", src, dest]
+
+
+def run_rsync(
+    argv: list[str],
+    *,
+    where: str,
+    attempts: int = 3,
+    backoff: float = 1.0,
+    classify: Callable[[str], TransportError | None] | None = None,
+) -> None:
+    """Run rsync, retrying transient failures; raise a TransportError when it gives up."""
+    rc, stderr, connect_err = 0, "", None
+    for attempt in range(1, attempts + 1):
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        except FileNotFoundError:
+            raise TransferError("rsync is not installed on this machine", hint=INSTALL_HINT) from None
+        rc, stderr = proc.returncode, proc.stderr
+        if rc == 0:
+            return
+        if "mkpath" in stderr and "unknown option" in stderr:
+            raise MkpathUnsupported(stderr)
+        if re.search(r"rsync: (command )?not found", stderr):
+            raise RemoteEnvError(
+                f"rsync is not installed on {where}", hint="install it there: apt-get install -y rsync"
+            )
+        mapped = classify(stderr) if classify else None
+        if mapped is not None and not isinstance(mapped, ConnectError):
+            raise mapped  # a refused key or a changed host key does not get better by retrying
+        connect_err = mapped
+        if rc not in TRANSIENT or attempt == attempts:
+            break
+        time.sleep(backoff * 2 ** (attempt - 1))
+    if connect_err is not None:
+        raise connect_err
+    src, dest = argv[-2], argv[-1]
+    tail = "\n".join("  | " + ln for ln in stderr.strip().splitlines()[-10:])
+    raise TransferError(
+        f"rsync {src} -> {dest} failed on {where} with exit code {rc} after {attempt} attempt(s)"
+        + (f"\n{tail}" if tail else ""),
+        hint=_hint(rc, stderr, argv),
+    )
+
+
+def _hint(rc: int, stderr: str, argv: list[str]) -> str:
+    if "No space left" in stderr:
+        return "the destination disk is full: free space (df -h) or use the data disk (/root/autodl-tmp)"
+    if "No such file or directory" in stderr and rc == 23:
+        return f"the source does not exist: {argv[-2]}"
+    if "Permission denied" in stderr:
+        return "a file or folder on the way is not writable (check its owner and permissions)"
+    if rc in TRANSIENT:
+        return "the connection dropped or stalled: run the same command again, --partial resumes where it stopped"
+    return f"run it by hand to see more: {shlex.join(argv)}"

