@@ -36,8 +36,8 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 JobFile = Annotated[Path, typer.Argument(help="the job spec, e.g. job.toml", show_default=False)]
 JobId = Annotated[str | None, typer.Argument(help="job id or a unique prefix; default: the latest job")]

@@ -21,8 +21,9 @@ TERMINAL_STATES = ("done", "failed", "cancelled")
 
 _POLL = r"""
 cd "$1" 2>/dev/null || { printf 'missing\n\n0\n'; exit 0; }
-s=$(cat state 2>/dev/null); e=$(cat exit_code 2>/dev/null); a=0
-p=$(cat pid 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null && a=1
+s=$(cat state 2>/dev/null); e=$(cat exit_code 2>/dev/null); a=1
+# alive unless a recorded pid is gone (no pid file yet: still starting)
+p=$(cat pid 2>/dev/null) && [ -n "$p" ] && ! kill -0 "$p" 2>/dev/null && a=0
 printf '%s\n%s\n%s\n' "$s" "$e" "$a"
 tail -c +"$2" "$3" 2>/dev/null | head -c "$4"
 """
@@ -122,6 +123,7 @@ class Follower:
     def __iter__(self) -> Iterator[list[bytes] | Reconnecting | JobState]:
         down_since: float | None = None
         attempt = 0
+        suspect_lost = False
         while True:
             try:
                 poll = self._poll()
@@ -149,8 +151,13 @@ class Follower:
             if poll.more:
                 continue
             if poll.state.finished:
-                yield poll.state
-                return
+                # The pid can vanish a moment before the launcher writes the exit code: confirm `lost`.
+                if poll.state.state != "lost" or suspect_lost:
+                    yield poll.state
+                    return
+                suspect_lost = True
+            else:
+                suspect_lost = False
             self._sleep(self.poll_s)
 
     def _drop(self) -> None:

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 from rich.console import Group
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress_bar import ProgressBar
 from rich.table import Table
@@ -136,7 +137,7 @@ def event_line(e) -> str | None:
     return None
 
 
-def panel(p: Progress, state: str, note: str = "") -> Panel:
+def panel(p: Progress, state: str, note: str = "", now: float | None = None) -> Panel:
     s = p.last
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
@@ -152,11 +153,11 @@ def panel(p: Progress, state: str, note: str = "") -> Panel:
         table.add_row("tokens/s", f"{s.tokens_per_s:,.0f}")
         if s.peak_mem_gb is not None:
             table.add_row("GPU memory", f"{s.peak_mem_gb:.1f} GB peak")
-    table.add_row("elapsed", fmt_duration(p.elapsed_s()))
+    table.add_row("elapsed", fmt_duration(p.elapsed_s(now)))
     table.add_row("ETA", fmt_duration(p.eta_s))
-    spend = p.spend()
+    spend = p.spend(now)
     if spend:
         table.add_row("spend", f"{spend[0]:.2f} {p.currency} so far, ~{spend[1]:.2f} {p.currency} projected")
     if note:
         table.add_row("", Text(note, style="yellow"))
-    return Panel(table, title=f"{p.job_id} [{state}]", expand=False)
+    return Panel(table, title=escape(f"{p.job_id} [{state}]"), expand=False)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 from pydantic import ValidationError
 
 from client.errors import Problem, SpecError

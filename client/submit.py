@@ -105,6 +105,7 @@ def submit(job_file: Path, *, ledger: Ledger, log: Log = print) -> Submitted:
         )
     with _step("connect", timings, log):
         transport = connect(spec.instance)
+        transport.run(["true"])  # connect now, so an unreachable host fails here and says so
     try:
         root = resolve_remote_root(spec, transport)
         spec.instance.remote_root = root

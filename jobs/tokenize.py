@@ -29,9 +29,11 @@ import json
 import multiprocessing
 import os
 import sys
+from array import array
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +75,7 @@ class _Renderer:
 
     def __init__(self, tokenizer: Any):
         self.tok = tokenizer
-        self.template = getattr(tokenizer, "chat_template", None)
+        self.source = self.template = getattr(tokenizer, "chat_template", None)
         if isinstance(self.template, dict):  # named templates: use the default one
             self.template = self.template.get("default") or next(iter(self.template.values()), None)
         self.special = _special_token_strings(tokenizer)
@@ -114,7 +116,7 @@ class _Renderer:
     def chat(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         """The rendered conversation and the character spans of its trained parts."""
         if not self.template:
-            return _chatml(messages)
+            return render_chatml(messages)
         full = self.render(messages)
         spans: list[tuple[int, int]] = []
         cursor = 0
@@ -147,7 +149,7 @@ class _Renderer:
         return start, end
 
 
-def _chatml(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def render_chatml(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     parts: list[str] = []
     spans = []
     pos = 0
@@ -180,7 +182,7 @@ _RENDERERS: dict[int, tuple[Any, _Renderer]] = {}
 
 def _renderer(tokenizer: Any) -> _Renderer:
     hit = _RENDERERS.get(id(tokenizer))
-    if hit is None or hit[0] is not tokenizer:
+    if hit is None or hit[0] is not tokenizer or hit[1].source != getattr(tokenizer, "chat_template", None):
         if len(_RENDERERS) > 8:
             _RENDERERS.clear()
         hit = (tokenizer, _Renderer(tokenizer))
@@ -191,6 +193,27 @@ def _renderer(tokenizer: Any) -> _Renderer:
 def render_chat(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """The text the model sees for a conversation, and the character spans that are trained."""
     return _renderer(tokenizer).chat(messages)
+
+
+def explain(tokenizer: Any, record: dict) -> tuple[list[tuple[str, bool]], int, int]:
+    """The record as the model sees it, cut into (text, trained) pieces at token boundaries;
+    plus the token count and the trained token count. For `--show`."""
+    enc = encode(tokenizer, record, 1 << 62, "keep")
+    assert enc is not None
+    n, trained = len(enc.input_ids), sum(enc.mask)
+    if "messages" not in record:
+        eos = getattr(tokenizer, "eos_token", None)
+        return [(record["text"], True)] + ([(str(eos), True)] if eos else []), n, trained
+    text, _ = render_chat(tokenizer, record["messages"])
+    starts = [o[0] for o in tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).offsets]
+    pieces: list[tuple[str, bool]] = []
+    cut = 0
+    for i in range(1, n + 1):
+        if i == n or enc.mask[i] != enc.mask[i - 1]:
+            end = len(text) if i == n else starts[i]
+            pieces.append((text[cut:end], bool(enc.mask[i - 1])))
+            cut = end
+    return pieces, n, trained
 
 
 # ---------------------------------------------------------------- encoding
@@ -209,10 +232,12 @@ def encode(tokenizer: Any, record: dict, max_length: int, overlong: str) -> Enco
 def encode_many(
     tokenizer: Any, records: Iterable[dict], max_length: int, overlong: str, workers: int = 0
 ) -> Iterator[Encoded | None]:
-    """`encode` over many records, in order, lazily.
+    """`encode` over many records, in order, lazily (memory stays bounded).
 
-    workers=0: in this process, with the fast tokenizer's multi-threaded batch API (uses every
-    core for the tokenization itself). workers>=2: that many processes (fork where safe).
+    workers=0 (the default, fastest on 2 cores): in this process; chunks of records are
+    rendered and turned into masks in Python while the fast tokenizer's multi-threaded batch
+    API, in a background thread without the GIL, tokenizes the chunk before.
+    workers>=2: that many processes (fork where safe, else spawn), each single-threaded.
     A TemplateError carries the index of the record that failed.
     """
     if overlong not in OVERLONG:
@@ -221,14 +246,23 @@ def encode_many(
     if workers >= 2:
         yield from _encode_pool(tokenizer, chunks, max_length, overlong, workers)
         return
+    pending: deque = deque()
     base = 0
-    for chunk in chunks:
-        try:
-            yield from _encode_chunk(tokenizer, chunk, max_length, overlong)
-        except TemplateError as exc:
-            exc.index = base + (exc.index or 0)
-            raise
-        base += len(chunk)
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
+        for chunk in chunks:
+            try:
+                staged = _stage(tokenizer, chunk)
+            except TemplateError as exc:
+                exc.index = base + (exc.index or 0)
+                raise
+            base += len(chunk)
+            pending.append((staged, pool.submit(_tokenize_staged, tokenizer, staged)))
+            if len(pending) >= 2:
+                staged, fut = pending.popleft()
+                yield from _finish(tokenizer, staged, fut.result(), max_length, overlong)
+        while pending:
+            staged, fut = pending.popleft()
+            yield from _finish(tokenizer, staged, fut.result(), max_length, overlong)
 
 
 def _chunks(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -242,9 +276,25 @@ def _chunks(records: Iterable[dict], size: int) -> Iterator[list[dict]]:
         yield chunk
 
 
+@dataclass
+class _Staged:
+    n: int
+    chat_texts: list[str]
+    chat_spans: list[list[tuple[int, int]]]
+    chat_at: list[int]
+    plain_texts: list[str]
+    plain_at: list[int]
+
+
 def _encode_chunk(tokenizer: Any, records: list[dict], max_length: int, overlong: str) -> list[Encoded | None]:
+    staged = _stage(tokenizer, records)
+    return _finish(tokenizer, staged, _tokenize_staged(tokenizer, staged), max_length, overlong)
+
+
+def _stage(tokenizer: Any, records: list[dict]) -> _Staged:
+    """Render the conversations (Python, holds the GIL)."""
     rend = _renderer(tokenizer)
-    chat_texts, chat_spans, chat_at, plain_texts, plain_at = [], [], [], [], []
+    st = _Staged(len(records), [], [], [], [], [])
     for i, rec in enumerate(records):
         if "messages" in rec:
             try:
@@ -252,36 +302,73 @@ def _encode_chunk(tokenizer: Any, records: list[dict], max_length: int, overlong
             except TemplateError as exc:
                 exc.index = i
                 raise
-            chat_texts.append(text)
-            chat_spans.append(spans)
-            chat_at.append(i)
+            st.chat_texts.append(text)
+            st.chat_spans.append(spans)
+            st.chat_at.append(i)
         else:
-            plain_texts.append(rec["text"])
-            plain_at.append(i)
-    out: list[Encoded | None] = [None] * len(records)
+            st.plain_texts.append(rec["text"])
+            st.plain_at.append(i)
+    return st
+
+
+def _tokenize_staged(tokenizer: Any, st: _Staged) -> tuple[list, list]:
+    """The fast tokenizer's batch API (Rust, all cores, releases the GIL)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"a fast tokenizer (with character offsets) is required, got {type(tokenizer).__name__}")
+    chat = backend.encode_batch(st.chat_texts, add_special_tokens=False) if st.chat_texts else []
+    plain = backend.encode_batch(st.plain_texts, add_special_tokens=True) if st.plain_texts else []
+    return chat, plain
+
+
+def _finish(tokenizer: Any, st: _Staged, encodings: tuple[list, list], max_length: int, overlong: str):
+    """Ids and masks from the encodings (Python)."""
+    chat, plain = encodings
+    out: list[Encoded | None] = [None] * st.n
+    for i, enc, spans, text in zip(st.chat_at, chat, st.chat_spans, st.chat_texts, strict=True):
+        ids = enc.ids
+        out[i] = _limit(ids, _mask(enc, len(ids), len(text), spans), max_length, overlong)
     eos = getattr(tokenizer, "eos_token_id", None)
-    if chat_texts:
-        for i, (ids, starts), spans in zip(chat_at, _tokenize(tokenizer, chat_texts, False), chat_spans):
-            mask = [0] * len(ids)
-            for s, e in spans:
-                a, b = bisect_left(starts, s), bisect_left(starts, e)
-                mask[a:b] = [1] * (b - a)
-            out[i] = _limit(ids, mask, max_length, overlong)
-    if plain_texts:
-        for i, (ids, _) in zip(plain_at, _tokenize(tokenizer, plain_texts, True)):
-            if eos is not None and (not ids or ids[-1] != eos):
-                ids = ids + [eos]
-            out[i] = _limit(ids, [1] * len(ids), max_length, overlong)
+    for i, enc in zip(st.plain_at, plain, strict=True):
+        ids = enc.ids
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        out[i] = _limit(ids, [1] * len(ids), max_length, overlong)
     return out
 
 
-def _tokenize(tokenizer: Any, texts: list[str], special: bool) -> list[tuple[list[int], list[int]]]:
-    """(ids, start character of each token) for each text."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        encs = backend.encode_batch(texts, add_special_tokens=special)
-        return [(e.ids, [o[0] for o in e.offsets]) for e in encs]
-    raise TypeError(f"a fast tokenizer (with character offsets) is required, got {type(tokenizer).__name__}")
+def _mask(enc: Any, n: int, chars: int, spans: list[tuple[int, int]]) -> list[int]:
+    """1 for the tokens whose first character lies in a span. Looks up only the span edges
+    (char_to_token); falls back to every token's offsets when an edge is not inside a token."""
+    edges = []
+    for s, e in spans:
+        a, b = _first_token_from(enc, s, n, chars), _first_token_from(enc, e, n, chars)
+        if a is None or b is None:
+            return _mask_by_offsets(enc, n, spans)
+        edges.append((a, b))
+    mask: list[int] = []
+    for a, b in edges:
+        mask += [0] * (a - len(mask)) + [1] * (b - a)
+    mask += [0] * (n - len(mask))
+    return mask
+
+
+def _first_token_from(enc: Any, char: int, n: int, chars: int) -> int | None:
+    if char >= chars:
+        return n
+    t = enc.char_to_token(char)
+    if t is None:
+        return None
+    return t if enc.token_to_chars(t)[0] >= char else t + 1
+
+
+def _mask_by_offsets(enc: Any, n: int, spans: list[tuple[int, int]]) -> list[int]:
+    starts = [o[0] for o in enc.offsets]
+    mask = [0] * n
+    for s, e in spans:
+        a, b = bisect_left(starts, s), bisect_left(starts, e)
+        mask[a:b] = [1] * (b - a)
+    return mask
 
 
 def _limit(ids: list[int], mask: list[int], max_length: int, overlong: str) -> Encoded | None:
@@ -296,6 +383,11 @@ def _limit(ids: list[int], mask: list[int], max_length: int, overlong: str) -> E
             return None
         return Encoded(ids[:max_length], mask, True, n)
     return None
+
+
+def apply_overlong(enc: Encoded, max_length: int, overlong: str) -> Encoded | None:
+    """Apply data.overlong to a record encoded whole (overlong="keep")."""
+    return _limit(enc.input_ids, enc.mask, max_length, overlong)
 
 
 # ------------------------------------------------------------ process pool
@@ -333,7 +425,7 @@ def _unpack(packed) -> list[Encoded | None]:
     ids, mask = ids.tolist(), mask.tolist()
     out: list[Encoded | None] = []
     pos = 0
-    for n, f, o in zip(lens.tolist(), full.tolist(), over.tolist()):
+    for n, f, o in zip(lens.tolist(), full.tolist(), over.tolist(), strict=True):
         if n < 0:
             out.append(None)
             continue
@@ -409,23 +501,42 @@ _HEADER = 128  # fixed .npy header size, so the shape can be written after the d
 
 
 def _npy_header(dtype: np.dtype, n: int) -> bytes:
-    d = "{'descr': '%s', 'fortran_order': False, 'shape': (%d,), }" % (np.dtype(dtype).str, n)
+    d = f"{{'descr': '{np.dtype(dtype).str}', 'fortran_order': False, 'shape': ({n},), }}"
     body = d.ljust(_HEADER - 10 - 1) + "\n"
     return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body.encode("latin1")
 
 
 class _NpyAppender:
-    def __init__(self, path: Path, dtype):
-        self.path, self.dtype, self.n = path, np.dtype(dtype), 0
+    """A 1-D .npy file written in pieces: buffered in an array.array, the header's shape last."""
+
+    _FLUSH = 1 << 20
+
+    def __init__(self, path: Path, dtype, code: str):
+        self.dtype, self.n = np.dtype(dtype), 0
+        self.buf = array(code)
+        assert self.buf.itemsize == self.dtype.itemsize
         self.f = open(path, "wb")
         self.f.write(_npy_header(self.dtype, 0))
 
-    def add(self, arr) -> None:
-        a = np.asarray(arr, dtype=self.dtype)
-        self.f.write(a.tobytes())
-        self.n += a.size
+    def append(self, value: int) -> None:
+        self.buf.append(value)
+        if len(self.buf) >= self._FLUSH:
+            self._flush()
+
+    def add(self, values) -> None:
+        self.buf.extend(values)
+        if len(self.buf) >= self._FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if sys.byteorder != "little":  # pragma: no cover
+            self.buf.byteswap()
+        self.f.write(self.buf.tobytes())
+        self.n += len(self.buf)
+        self.buf = array(self.buf.typecode)
 
     def close(self) -> None:
+        self._flush()
         self.f.seek(0)
         self.f.write(_npy_header(self.dtype, self.n))
         self.f.close()
@@ -437,9 +548,9 @@ class TokenWriter:
     def __init__(self, dir: str | Path, split: str):
         base = Path(dir) / TOKENS_DIR
         base.mkdir(parents=True, exist_ok=True)
-        self.ids = _NpyAppender(base / f"{split}.ids.npy", np.uint32)
-        self.offsets = _NpyAppender(base / f"{split}.offsets.npy", np.int64)
-        self.mask = _NpyAppender(base / f"{split}.mask.npy", np.uint8)
+        self.ids = _NpyAppender(base / f"{split}.ids.npy", np.uint32, "I")
+        self.offsets = _NpyAppender(base / f"{split}.offsets.npy", np.int64, "q")
+        self.mask = _NpyAppender(base / f"{split}.mask.npy", np.uint8, "B")
         self.offsets.add([0])
         self.total = 0
         self.trained = 0
@@ -451,7 +562,7 @@ class TokenWriter:
         self.total += len(enc.input_ids)
         self.trained += sum(enc.mask)
         self.sequences += 1
-        self.offsets.add([self.total])
+        self.offsets.append(self.total)
 
     def close(self) -> dict:
         for a in (self.ids, self.offsets, self.mask):

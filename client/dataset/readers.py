@@ -3,14 +3,14 @@
 Each reader yields `Row(line, value, error)`: `value` is the parsed object (whatever JSON
 type it was) or None with `error` set (invalid JSON). `line` is the 1-based line where the
 row starts (for parquet: the 1-based row number). Tolerated: a UTF-8 BOM, CRLF line ends,
-blank lines.
+blank lines. CSV cells are strings; a conversation in a CSV cell is a JSON list, parsed by
+the format that expects a list (see validate.as_list).
 """
 
 from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,53 +101,72 @@ def _json_reason(exc: Exception) -> str:
 
 def _json_array(path: Path, chunk: int = 1 << 20) -> Iterator[Row]:
     """Stream the elements of a top-level JSON array, reading `chunk` characters at a time."""
-    dec = json.JSONDecoder()
     with open(path, encoding="utf-8-sig", newline="") as f:
-        buf = f.read(chunk)
-        eof = len(buf) < chunk
-        pos = buf.index("[") + 1
-        line = 1 + buf.count("\n", 0, pos)
+        yield from _ArrayReader(f, chunk).rows()
+
+
+class _ArrayReader:
+    def __init__(self, f, chunk: int):
+        self.f, self.chunk = f, chunk
+        self.buf, self.pos, self.line = "", 0, 1
+        self.dec = json.JSONDecoder()
+
+    def _refill(self) -> bool:
+        more = self.f.read(self.chunk)
+        self.buf, self.pos = self.buf[self.pos :] + more, 0
+        return bool(more)
+
+    def _skip_ws(self) -> bool:
+        """Skip whitespace; False at the end of the file."""
+        while True:
+            buf, pos = self.buf, self.pos
+            while pos < len(buf) and buf[pos] in " \t\r\n":
+                if buf[pos] == "\n":
+                    self.line += 1
+                pos += 1
+            self.pos = pos
+            if pos < len(buf):
+                return True
+            if not self._refill():
+                return False
+
+    def rows(self) -> Iterator[Row]:
+        if not self._skip_ws() or self.buf[self.pos] != "[":
+            yield Row(self.line, None, "invalid JSON: expected '[' at the start of a JSON array file")
+            return
+        self.pos += 1
         expect_value = True
         while True:
-            # skip whitespace and one comma
-            while True:
-                while pos < len(buf) and buf[pos] in " \t\r\n":
-                    if buf[pos] == "\n":
-                        line += 1
-                    pos += 1
-                if pos < len(buf) or eof:
-                    break
-                buf, pos, eof = buf[pos:] + f.read(chunk), 0, False
-                eof = eof or not buf
-            if pos >= len(buf):
-                yield Row(line, None, "invalid JSON: the array is not closed with ']'")
+            if not self._skip_ws():
+                yield Row(self.line, None, "invalid JSON: the array is not closed with ']'")
                 return
-            c = buf[pos]
+            c = self.buf[self.pos]
             if c == "]":
                 return
-            if c == "," and not expect_value:
-                pos += 1
+            if c == ",":
+                if expect_value:
+                    yield Row(self.line, None, "invalid JSON: unexpected ','")
+                    return
+                self.pos += 1
                 expect_value = True
                 continue
+            if not expect_value:
+                yield Row(self.line, None, "invalid JSON: expected ',' or ']' between array elements")
+                return
             while True:
                 try:
-                    value, end = dec.raw_decode(buf, pos)
+                    value, end = self.dec.raw_decode(self.buf, self.pos)
                     break
                 except json.JSONDecodeError as exc:
-                    if eof:
-                        yield Row(line, None, f"invalid JSON: {exc.msg} (the rest of the array cannot be read)")
+                    if not self._refill():
+                        yield Row(self.line, None, f"invalid JSON: {exc.msg} (the rest of the array cannot be read)")
                         return
-                    more = f.read(chunk)
-                    eof = len(more) < chunk
-                    buf, pos = buf[pos:] + more, 0
-            yield Row(line, value)
-            line += buf.count("\n", pos, end)
-            pos = end
+            yield Row(self.line, value)
+            self.line += self.buf.count("\n", self.pos, end)
+            self.pos = end
             expect_value = False
-            if len(buf) - pos < chunk // 2 and not eof:
-                more = f.read(chunk)
-                eof = len(more) < chunk
-                buf, pos = buf[pos:] + more, 0
+            if self.pos > self.chunk:
+                self.buf, self.pos = self.buf[self.pos :], 0
 
 
 def _csv(path: Path, delimiter: str) -> Iterator[Row]:
@@ -165,19 +184,8 @@ def _csv(path: Path, delimiter: str) -> Iterator[Row]:
             if len(cells) != len(header):
                 yield Row(start, None, f"expected {len(header)} columns, got {len(cells)}")
             else:
-                yield Row(start, {h: _cell(c) for h, c in zip(header, cells) if h})
+                yield Row(start, {h: c for h, c in zip(header, cells, strict=True) if h})
             start = reader.line_num + 1
-
-
-def _cell(value: str) -> Any:
-    """CSV cells are strings; a cell holding a JSON list (a conversation) is parsed."""
-    v = value.strip()
-    if v.startswith("[") and v.endswith("]"):
-        try:
-            return _loads(v)
-        except _JSONError:
-            return value
-    return value
 
 
 def _parquet(path: Path, batch: int = 8192) -> Iterator[Row]:
@@ -194,8 +202,3 @@ def _parquet(path: Path, batch: int = 8192) -> Iterator[Row]:
         for row in rb.to_pylist():
             n += 1
             yield Row(n, row)
-
-
-def text_preview(path: Path, limit: int = 200) -> str:
-    with open(path, "rb") as f:
-        return io.TextIOWrapper(io.BytesIO(f.read(limit)), encoding="utf-8", errors="replace").read()

@@ -11,9 +11,10 @@ Commands are argv lists; implementations quote them (shlex) and run them through
 from __future__ import annotations
 
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from client.errors import RemoteCommandError
 

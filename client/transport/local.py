@@ -31,7 +31,9 @@ class LocalTransport:
     ) -> Result:
         command = to_shell(cmd)
         proc = subprocess.Popen(
-            ["bash", "-lc", command],
+            # a login shell like on the instance; `exit $?` keeps bash as the parent, so a command
+            # killed by signal N reports 128+N, as over SSH
+            ["bash", "-lc", command + "\nexit $?"],
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -44,6 +46,9 @@ class LocalTransport:
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             raise TransportError(f"command timed out after {timeout:g} s on local: {command}") from None
+        except BaseException:  # Ctrl-C: the child is in its own session and would not see it
+            _kill_group(proc)
+            raise
         result = Result(command, proc.returncode, out, err)
         return check_result(result, self.where) if check else result
 
@@ -91,4 +96,7 @@ def _kill_group(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    proc.communicate()
+    try:
+        proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:  # a grandchild left the group and holds the pipes: let it be
+        pass

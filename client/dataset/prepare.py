@@ -1,0 +1,313 @@
+"""The prepare pipeline: inputs -> a content-addressed folder the worker can train from.
+
+    resolve files -> find the tokenizer -> input key (reuse?) -> pass 1: read, validate,
+    normalize, dedupe into a temporary all.jsonl -> choose the eval split -> pass 2: tokenize,
+    apply data.overlong, write train.jsonl / eval.jsonl / tokens/* -> digest -> manifest.json
+    -> rename the temporary folder to out_root/{digest}
+
+The folder name is the sha256 of its content (train and eval lines, max_length, overlong and
+the tokenizer fingerprint), so the instance never needs the same data twice. A second index,
+out_root/.inputs/{input key}, maps the sha256 of the input files plus every data.* field and
+the tokenizer fingerprint to that digest, so an unchanged job skips both passes.
+
+Split: the records of data.eval files when given (duplicates of train records removed),
+else round(n x eval_fraction) records (at least 1) drawn with random.Random(data.seed);
+both splits keep the input order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from client.dataset import stats
+from client.dataset.scan import Scan, Source, sources
+from client.dataset.tokens import find_tokenizer
+from client.errors import DatasetError, Problem
+from jobs import tokenize
+from jobs.layout import MANIFEST
+from jobs.spec import DataSpec, JobSpec
+
+try:
+    from orjson import loads as _loads
+except ImportError:  # pragma: no cover
+    from json import loads as _loads
+
+FORMAT_VERSION = 1
+DATA_FIELDS = ("format", "columns", "system_prompt", "max_length", "overlong", "on_error", "eval_fraction",
+               "seed", "dedupe")
+GPU_MICRO_BATCH = 4096  # the worker's smallest micro-batch on a GPU (remote_worker/data.py)
+
+
+@dataclass
+class Prepared:
+    dir: Path
+    digest: str
+    report: dict
+    reused: bool = False
+    tokenizer: Any = field(default=None, repr=False, compare=False)
+
+
+def check(spec: JobSpec, job_file: Path) -> dict:
+    """Read and validate the dataset without writing anything; the report has no token counts."""
+    base = Path(job_file).resolve().parent
+    t0 = time.perf_counter()
+    scan = Scan(spec.data, sources(spec.data, base)).run(None)
+    scan.raise_if_bad()
+    flags = eval_flags(scan, spec.data)
+    n_eval = sum(flags)
+    report = _report(scan, spec.data)
+    report.update(
+        records_out=scan.kept, train_records=scan.kept - n_eval, eval_records=n_eval,
+        overlong=_estimated_overlong(scan, spec.data), tokens=None, tokenizer=None,
+        tokenizer_reason="`check` does not tokenize; `prepare` does", output=None, digest=None,
+        seconds={"read": round(time.perf_counter() - t0, 3)},
+    )
+    return report
+
+
+def prepare(spec: JobSpec, job_file: Path, out_root: Path, *, tokenizer: Any = "auto", workers: int = 0) -> Prepared:
+    """Prepare (or reuse) the dataset of `spec`; see the module docstring. tokenizer: "auto"
+    (find it on the laptop), None (none: estimates from characters) or a tokenizer object."""
+    job_file = Path(job_file).resolve()
+    base = job_file.parent
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    srcs = sources(spec.data, base)
+    tok, tinfo = _tokenizer(spec, base, tokenizer)
+    fingerprint = tokenize.tokenizer_fingerprint(tok) if tok is not None else None
+    if tok is not None:
+        tinfo["fingerprint"] = fingerprint
+    key = input_key(srcs, spec.data, fingerprint)
+    hit = _reuse(out_root, key, tok, tinfo)
+    if hit is not None:
+        return hit
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out_root))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; rsync would carry that to the instance
+    try:
+        t0 = time.perf_counter()
+        with open(tmp / "all.jsonl", "wb", buffering=1 << 20) as sink:
+            scan = Scan(spec.data, srcs).run(sink)
+        scan.raise_if_bad()
+        t1 = time.perf_counter()
+        flags = eval_flags(scan, spec.data)
+        out = _write_splits(tmp, scan, flags, spec.data, tok, workers)
+        (tmp / "all.jsonl").unlink()
+        digest = _digest(out["hashes"], spec.data, fingerprint)
+        final = out_root / digest
+        report = _report(scan, spec.data)
+        report.update(
+            records_out=out["counts"]["train"] + out["counts"]["eval"],
+            train_records=out["counts"]["train"], eval_records=out["counts"]["eval"],
+            overlong=out["overlong"], tokens=out["tokens"],
+            tokenizer=tinfo if tok is not None else None,
+            tokenizer_reason=None if tok is not None else tinfo.get("reason"),
+            output=str(final / "train.jsonl"), dir=str(final), digest=digest, reused=False,
+            seconds={"read": round(t1 - t0, 3), "write": round(time.perf_counter() - t1, 3)},
+        )
+        manifest = {
+            "format_version": FORMAT_VERSION, "digest": digest, "created_unix": time.time(),
+            "counts": out["counts"], "max_length": spec.data.max_length, "overlong": spec.data.overlong,
+            "overlong_applied": tok is not None, "tokenizer_fingerprint": fingerprint,
+            "tokenizer": report["tokenizer"], "tokens": out["token_files"], "report": report,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        _publish(tmp, final)
+        _remember(out_root, key, digest)
+        return Prepared(final, digest, report, False, tok)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def _tokenizer(spec: JobSpec, base: Path, tokenizer: Any) -> tuple[Any, dict]:
+    if tokenizer is None:
+        return None, {"reason": "no tokenizer was asked for"}
+    if isinstance(tokenizer, str) and tokenizer == "auto":
+        return find_tokenizer(spec.model, base)
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    return tokenizer, {"name": str(name), "source": "given"}
+
+
+def input_key(srcs: list[Source], data: DataSpec, fingerprint: str | None) -> str:
+    h = hashlib.sha256(f"autodl-run inputs v{FORMAT_VERSION}\n".encode())
+    fields = {k: getattr(data, k) for k in DATA_FIELDS}
+    h.update(json.dumps([fields, fingerprint], sort_keys=True).encode())
+    for src in srcs:
+        h.update(f"\n{src.split}\0{src.path.suffix}\0".encode())
+        with open(src.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):  # noqa: B023
+                h.update(block)
+    return h.hexdigest()
+
+
+def _reuse(out_root: Path, key: str, tok: Any, tinfo: dict) -> Prepared | None:
+    try:
+        digest = (out_root / ".inputs" / key).read_text().strip()
+        manifest = json.loads((out_root / digest / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    report = manifest["report"]
+    report["reused"] = True
+    if tok is not None:
+        report["tokenizer"] = tinfo  # the same identity, perhaps found another way this time
+    return Prepared(out_root / digest, digest, report, True, tok)
+
+
+def _remember(out_root: Path, key: str, digest: str) -> None:
+    index = out_root / ".inputs"
+    index.mkdir(exist_ok=True)
+    tmp = index / f".{key}.{os.getpid()}"
+    tmp.write_text(digest)
+    os.replace(tmp, index / key)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    if (final / MANIFEST).exists():
+        return  # the same content is there already (the caller removes tmp)
+    if final.exists():
+        shutil.rmtree(final)  # a leftover without a manifest is not trusted
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not (final / MANIFEST).exists():
+            raise
+
+
+def _digest(hashes: dict, data: DataSpec, fingerprint: str | None) -> str:
+    h = hashlib.sha256(f"autodl-run prepared v{FORMAT_VERSION}\n".encode())
+    h.update(json.dumps({"max_length": data.max_length, "overlong": data.overlong,
+                         "tokenizer_fingerprint": fingerprint}, sort_keys=True).encode())
+    h.update(hashes["train"].digest() + hashes["eval"].digest())
+    return h.hexdigest()
+
+
+def eval_flags(scan: Scan, data: DataSpec) -> bytearray:
+    """1 for the records that go to eval."""
+    n = scan.kept
+    if any(scan.from_eval):
+        return bytearray(scan.from_eval)
+    flags = bytearray(n)
+    if data.eval_fraction > 0 and n >= 2:
+        k = min(n - 1, max(1, round(n * data.eval_fraction)))
+        for i in random.Random(data.seed).sample(range(n), k):
+            flags[i] = 1
+    return flags
+
+
+def _report(scan: Scan, data: DataSpec) -> dict:
+    r = scan.summary()
+    r["eval_source"] = "data.eval" if any(scan.from_eval) else ("eval_fraction" if data.eval_fraction else None)
+    r["chars"] = _chars(scan)
+    r["spec"] = {k: getattr(data, k) for k in DATA_FIELDS}
+    return r
+
+
+def _chars(scan: Scan) -> dict:
+    c = stats.percentiles(scan.chars)
+    c["total"] = int(sum(scan.chars))
+    c["est_tokens_total"] = stats.estimate_tokens(int(sum(scan.nbytes)))
+    c["est_tokens_p50"] = stats.estimate_tokens(stats.percentiles(scan.nbytes)["p50"])
+    return c
+
+
+def _estimated_overlong(scan: Scan, data: DataSpec) -> dict:
+    limit = data.max_length * stats.BYTES_PER_TOKEN
+    count = sum(1 for b in scan.nbytes if b > limit)
+    return {"count": count, "action": data.overlong, "max_length": data.max_length, "estimated": True,
+            "dropped": 0, "truncated": 0}
+
+
+def _write_splits(tmp: Path, scan: Scan, flags: bytearray, data: DataSpec, tok: Any, workers: int) -> dict:
+    names = ("train", "eval")
+    outs = {s: open(tmp / f"{s}.jsonl", "wb", buffering=1 << 20) for s in names}
+    hashes = {s: hashlib.sha256() for s in names}
+    counts = {s: 0 for s in names}
+    try:
+        with open(tmp / "all.jsonl", "rb") as lines:
+            if tok is None:
+                for i, line in enumerate(lines):
+                    split = names[flags[i]]
+                    outs[split].write(line)
+                    hashes[split].update(line)
+                    counts[split] += 1
+                return {"hashes": hashes, "counts": counts, "overlong": _estimated_overlong(scan, data),
+                        "tokens": None, "token_files": None}
+            return _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts)
+    finally:
+        for f in outs.values():
+            f.close()
+
+
+def _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts) -> dict:
+    names = ("train", "eval")
+    writers = {s: tokenize.TokenWriter(tmp, s) for s in names}
+    lengths = array("I")  # every record, before data.overlong
+    train_lengths = array("I")  # train records as written
+    over = {"count": 0, "action": data.overlong, "max_length": data.max_length, "estimated": False,
+            "dropped": 0, "truncated": 0}
+    problems: list[Problem] = []
+    trained = prompt = 0
+    try:
+        with open(tmp / "all.jsonl", "rb") as again:
+            records = (_loads(line) for line in again)
+            encoded = tokenize.encode_many(tok, records, data.max_length, "keep", workers)
+            for i, (line, enc) in enumerate(zip(lines, encoded, strict=True)):
+                lengths.append(enc.full_length)
+                if enc.overlong:
+                    over["count"] += 1
+                    if data.overlong == "fail":
+                        problems.append(_where(scan, i, f"{enc.full_length} tokens, over data.max_length = "
+                                                        f"{data.max_length}"))
+                        continue
+                    enc = tokenize.apply_overlong(enc, data.max_length, data.overlong)
+                    if enc is None:
+                        over["dropped"] += 1
+                        continue
+                    over["truncated"] += 1
+                split = names[flags[i]]
+                outs[split].write(line)
+                hashes[split].update(line)
+                counts[split] += 1
+                writers[split].add(enc)
+                if split == "train":
+                    t = sum(enc.mask[1:])  # the first token is never predicted
+                    trained += t
+                    prompt += len(enc.mask) - t
+                    train_lengths.append(len(enc.input_ids))
+    except tokenize.TemplateError as exc:
+        where = _where(scan, exc.index or 0, str(exc))
+        raise DatasetError("the model's chat template cannot render a record", [where],
+                           hint="fix the record, or check that the tokenizer matches the model") from None
+    finally:
+        files = {s: w.close() for s, w in writers.items()}
+    if problems:
+        raise DatasetError(
+            f"{len(problems)} record(s) longer than data.max_length = {data.max_length} tokens",
+            problems, hint='raise data.max_length, or set data.overlong = "drop" (the default) or "truncate"',
+        )
+    tokens = stats.percentiles(lengths)
+    tokens.update(
+        total=int(sum(train_lengths)), trained_total=trained, prompt_total=prompt,
+        packing_efficiency=stats.packing_efficiency(train_lengths, data.max_length, data.seed),
+        packing_efficiency_gpu=stats.packing_efficiency(
+            train_lengths, max(data.max_length, GPU_MICRO_BATCH), data.seed),
+        eval_total=files["eval"]["tokens"],
+    )
+    return {"hashes": hashes, "counts": counts, "overlong": over, "tokens": tokens, "token_files": files}
+
+
+def _where(scan: Scan, i: int, reason: str) -> Problem:
+    src = scan.sources[scan.origin_file[i]]
+    return Problem(src.shown, scan.origin_line[i], "", reason)

@@ -1,0 +1,150 @@
+"""Turn what paramiko, sockets and the ssh command line report into our error tree.
+
+Every error names the target (user@host:port), what we tried, and what to do next:
+- `ConnectError`: the host or port cannot be reached within the connect timeout;
+- `AuthError`: the server refused the key (which key, or the agent and default keys);
+- `HostKeyError`: the host key differs from the one pinned in our known_hosts file.
+
+`from_exception` maps a Python exception raised while connecting (paramiko, socket);
+`from_ssh_stderr` maps the text the `ssh` binary prints (used under rsync).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+from paramiko.ssh_exception import NoValidConnectionsError
+
+from client.errors import AuthError, ConnectError, HostKeyError, TransportError
+
+DEFAULT_KEYS = "~/.ssh/id_ed25519, ~/.ssh/id_ecdsa, ~/.ssh/id_rsa"
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """Where we connect and with what; enough to write a useful error message."""
+
+    host: str
+    port: int
+    user: str
+    identity_file: str | None
+    known_hosts: Path
+    connect_timeout: float
+
+    @property
+    def where(self) -> str:
+        return f"{self.user}@{self.host}:{self.port}"
+
+    @property
+    def known_hosts_name(self) -> str:
+        """The host as known_hosts writes it: `host`, or `[host]:port` off port 22."""
+        return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
+
+
+def connect_error(t: SshTarget, cause: str) -> ConnectError:
+    return ConnectError(
+        f"cannot reach {t.host} port {t.port} (within the {t.connect_timeout:g} s connect timeout): {cause}",
+        hint=(
+            "is the instance powered on? AutoDL may change the port (and password) when an instance "
+            "restarts: copy the current ssh command from the console into [instance] ssh"
+        ),
+    )
+
+
+def auth_error(t: SshTarget, cause: str = "") -> AuthError:
+    if t.identity_file:
+        tried = f"the key {t.identity_file}"
+        how = (
+            f"check identity_file, or authorize the key on the instance: "
+            f"ssh-copy-id -i {t.identity_file} -p {t.port} {t.user}@{t.host}"
+        )
+    else:
+        tried = f"the ssh agent and the default keys ({DEFAULT_KEYS})"
+        how = (
+            "set identity_file in [instance] to a key the instance accepts, or authorize yours with "
+            f"ssh-copy-id -p {t.port} {t.user}@{t.host} (AutoDL: the password is in the console)"
+        )
+    detail = f" ({cause})" if cause else ""
+    return AuthError(f"{t.where} refused authentication with {tried}{detail}", hint=how)
+
+
+def host_key_error(t: SshTarget, detail: str = "") -> HostKeyError:
+    return HostKeyError(
+        f"the host key of {t.known_hosts_name} changed since it was pinned in {t.known_hosts}"
+        + (f": {detail}" if detail else ""),
+        hint=(
+            "if the instance was re-created or re-imaged this is expected: re-trust it with "
+            f"`autodl-run trust {t.host}` (or: ssh-keygen -R '{t.known_hosts_name}' -f {t.known_hosts}); "
+            "otherwise someone may be intercepting the connection"
+        ),
+    )
+
+
+def from_exception(exc: BaseException, t: SshTarget) -> TransportError:
+    """Map an exception raised while connecting or opening a channel."""
+    if isinstance(exc, TransportError):
+        return exc
+    if isinstance(exc, paramiko.BadHostKeyException):
+        got = f"{exc.key.get_name()} {exc.key.fingerprint}"
+        want = f"{exc.expected_key.get_name()} {exc.expected_key.fingerprint}"
+        return host_key_error(t, f"got {got}, pinned {want}")
+    if isinstance(exc, paramiko.PasswordRequiredException):
+        e = auth_error(t, "the key is protected by a passphrase")
+        e.hint = (
+            f"load it into your ssh agent first (ssh-add {t.identity_file or ''}) or use a key without one"
+        )
+        return e
+    if isinstance(exc, paramiko.AuthenticationException):
+        return auth_error(t, str(exc))
+    if isinstance(exc, NoValidConnectionsError):
+        causes = sorted({e.strerror or str(e) for e in exc.errors.values()})
+        return connect_error(t, "; ".join(causes))
+    if isinstance(exc, socket.gaierror):
+        return connect_error(t, f"cannot resolve the host name ({exc.strerror or exc})")
+    if isinstance(exc, TimeoutError):
+        return connect_error(t, "timed out")
+    if isinstance(exc, paramiko.SSHException):
+        msg = str(exc)
+        if "No authentication methods available" in msg:
+            return auth_error(t, "no key to offer")
+        if "No existing session" in msg:  # the handshake never finished (paramiko gave up waiting)
+            return connect_error(t, "no SSH handshake")
+        if "banner" in msg.lower():
+            return connect_error(t, f"no SSH server answered ({msg.strip()})")
+        return connect_error(t, msg or type(exc).__name__)
+    if isinstance(exc, OSError | EOFError):
+        return connect_error(t, getattr(exc, "strerror", None) or str(exc) or type(exc).__name__)
+    return TransportError(f"talking to {t.where} failed: {type(exc).__name__}: {exc}")
+
+
+# What the ssh binary prints (first match wins): (pattern, kind).
+_SSH_STDERR = [
+    (r"REMOTE HOST IDENTIFICATION HAS CHANGED|Host key verification failed", "hostkey"),
+    (r"Permission denied \((publickey|password|keyboard|gssapi|hostbased)", "auth"),
+    (r"Too many authentication failures", "auth"),
+    (r"Could not resolve hostname", "connect"),
+    (r"^ssh: connect to host .*", "connect"),  # refused, timed out, no route, unreachable
+    (
+        r"kex_exchange_identification|Connection (closed|reset) by|Connection timed out during banner",
+        "connect",
+    ),
+    (r"Timeout, server .* not responding|client_loop: send disconnect", "connect"),
+]
+
+
+def from_ssh_stderr(stderr: str, t: SshTarget) -> TransportError | None:
+    """The error the ssh binary reported in `stderr`, or None if it reported none we know."""
+    for pattern, kind in _SSH_STDERR:
+        for line in stderr.splitlines():
+            if re.search(pattern, line):
+                cause = line.strip().removeprefix("ssh: ")
+                if kind == "hostkey":
+                    return host_key_error(t)
+                if kind == "auth":
+                    return auth_error(t, cause)
+                return connect_error(t, cause)
+    return None

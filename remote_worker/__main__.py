@@ -1,0 +1,149 @@
+"""`python -m remote_worker JOB_JSON`: run one job, leaving `state` and a terminal event behind.
+
+`state` in the job folder goes running -> done | failed (| cancelled on SIGTERM/SIGINT). Every
+failure becomes a `failed` event with the error class, the message and, for the failures we
+know, a hint naming what to change; the traceback goes to stdout (worker.log). Exit code 0 on
+success, 1 on failure, 2 on a bad command line.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from jobs.events import EventWriter, Failed
+from jobs.requirements import QLORA_REQUIREMENTS, WORKER_REQUIREMENTS
+from jobs.spec import WorkerJob
+
+USAGE = "usage: python -m remote_worker JOB_JSON"
+PIP_NAMES = {**WORKER_REQUIREMENTS, **QLORA_REQUIREMENTS, "flash_attn": "flash-attn"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print(USAGE, file=sys.stderr)
+        return 2
+    job_json = Path(argv[0])
+    try:
+        job = WorkerJob.model_validate_json(job_json.read_text(encoding="utf-8"))
+    except Exception as exc:  # unreadable or from another version of the client
+        return _fail(
+            job_json.parent, exc, f"{job_json} is not a job this worker understands; submit the job again"
+        )
+
+    job_dir = Path(job.job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    _set_environment(job)
+    write_state(job_dir, "running")
+    signal.signal(signal.SIGTERM, _interrupt)
+    events = EventWriter(job_dir / "events.jsonl")
+    try:
+        # Imported only now: transformers and huggingface_hub read HF_HOME when first imported.
+        from remote_worker import recipe
+
+        recipe.run(job, events)
+    except BaseException as exc:  # KeyboardInterrupt too: `state` must never stay "running"
+        traceback.print_exc()
+        return _fail(job_dir, exc, hint_for(exc, job), events)
+    finally:
+        events.close()
+    write_state(job_dir, "done")
+    return 0
+
+
+def _set_environment(job: WorkerJob) -> None:
+    if job.hf_home:
+        os.environ["HF_HOME"] = job.hf_home
+    if job.spec.instance.hf_endpoint:
+        os.environ.setdefault("HF_ENDPOINT", job.spec.instance.hf_endpoint)
+    # Without it the CUDA allocator reserved 70 GB for 28 GB allocated (shared/anchors.md §1).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def _fail(job_dir: Path, exc: BaseException, hint: str, events: EventWriter | None = None) -> int:
+    cancelled = isinstance(exc, KeyboardInterrupt)
+    event = Failed(error_class=type(exc).__name__, message=str(exc) or repr(exc), hint=hint)
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        writer = events or EventWriter(job_dir / "events.jsonl")
+        writer.emit(event)
+        if events is None:
+            writer.close()
+        write_state(job_dir, "cancelled" if cancelled else "failed")
+    except OSError as io_exc:  # nowhere to report: the exit code and worker.log still tell
+        print(f"cannot write the failure to {job_dir}: {io_exc}", file=sys.stderr)
+    print(
+        f"failed: {event.error_class}: {event.message}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr
+    )
+    return 1
+
+
+def write_state(job_dir: Path, state: str) -> None:
+    """Replace `state` atomically; a `cancelled` written by the launcher is kept."""
+    path = job_dir / "state"
+    if state != "running" and path.is_file() and path.read_text().strip() == "cancelled":
+        return
+    tmp = path.with_name(".state.tmp")
+    tmp.write_text(state + "\n")
+    tmp.replace(path)
+
+
+# --- hints for the failures we know --------------------------------------------------------------
+
+
+def hint_for(exc: BaseException, job: WorkerJob) -> str:
+    for e in _chain(exc):
+        if getattr(e, "hint", ""):
+            return e.hint
+        if _is_cuda_oom(e):
+            return oom_hint(job)
+        if isinstance(e, ImportError):
+            return import_hint(e)
+        if isinstance(e, KeyboardInterrupt):
+            return "the job was stopped before it finished; its last checkpoint is under output/checkpoints"
+    return ""
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _is_cuda_oom(exc: BaseException) -> bool:
+    # By name and message: torch may be what failed to import, so this path never imports it.
+    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+
+
+def oom_hint(job: WorkerJob) -> str:
+    t, d = job.spec.train, job.spec.data
+    now = t.micro_batch_tokens or f"0 = auto, max({d.max_length}, 4096)"
+    knobs = [f"lower train.micro_batch_tokens (now {now})", f"data.max_length (now {d.max_length})"]
+    if t.gradient_checkpointing != "on":
+        knobs.append('set train.gradient_checkpointing = "on"')
+    return "the GPU ran out of memory: " + ", or ".join(knobs)
+
+
+def import_hint(exc: ImportError) -> str:
+    module = (exc.name or "").split(".")[0]
+    if module not in PIP_NAMES:  # e.g. transformers' "requires the `accelerate` library"
+        module = next((m for m in PIP_NAMES if re.search(rf"\b{m}\b", str(exc))), module)
+    if not module:
+        return f"a package is missing; install it into {sys.executable}"
+    requirement = PIP_NAMES.get(module, module.replace("_", "-"))
+    return f"the package `{module}` is missing: {sys.executable} -m pip install '{requirement}'"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

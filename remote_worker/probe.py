@@ -1,0 +1,95 @@
+"""What this machine offers the recipe: device, training dtype, attention implementation, versions.
+
+`python -m remote_worker.probe` prints it as JSON.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import platform
+from dataclasses import asdict, dataclass
+
+from remote_worker import DeviceError
+
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "bitsandbytes",
+    "safetensors",
+    "numpy",
+    "flash-attn",
+)
+
+
+@dataclass(frozen=True)
+class Probe:
+    device: str  # "cuda" or "cpu"
+    device_name: str  # e.g. "NVIDIA H100 80GB HBM3", or "cpu"
+    bf16: bool  # the GPU computes in bfloat16
+    dtype: str  # the training dtype: "bfloat16", "float16" (GPUs without bf16) or "float32" (CPU)
+    attention: str  # "flash_attention_2" when flash_attn imports, else "sdpa"
+    versions: dict[str, str | None]
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def versions() -> dict[str, str | None]:
+    """Installed versions (None = not installed), read from package metadata without importing."""
+    found: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def attention_implementation(device: str, dtype: str) -> str:
+    """flash_attention_2 only where it can run (CUDA, 16-bit) and `flash_attn` really imports.
+
+    flash-attn ships only an sdist that takes hours to build (shared/anchors.md), so most
+    instances lack it; SDPA is the fallback. Both respect packed sequences: SDPA through the
+    block-diagonal mask transformers builds from position_ids, FA2 through its varlen path.
+    """
+    if device != "cuda" or dtype == "float32":
+        return "sdpa"
+    try:
+        importlib.import_module("flash_attn")
+        from transformers.utils import is_flash_attn_2_available
+    except Exception:  # a broken build raises more than ImportError
+        return "sdpa"
+    return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+
+
+def probe(device: str = "auto") -> Probe:
+    """Resolve train.device ("auto", "cuda", "cpu") and what goes with it."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise DeviceError(
+            'train.device = "cuda" but torch sees no GPU',
+            hint=f"check `nvidia-smi` on the instance and that torch {torch.__version__} is a CUDA build",
+        )
+    if device == "cpu" or not cuda:
+        return Probe("cpu", "cpu", False, "float32", "sdpa", versions())
+    bf16 = torch.cuda.is_bf16_supported()
+    dtype = "bfloat16" if bf16 else "float16"
+    return Probe(
+        "cuda", torch.cuda.get_device_name(), bf16, dtype, attention_implementation("cuda", dtype), versions()
+    )
+
+
+if __name__ == "__main__":
+    print(json.dumps(probe().as_dict(), indent=1))

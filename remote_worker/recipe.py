@@ -1,0 +1,279 @@
+"""The recipe: QLoRA (or plain LoRA) on transformers' Trainer + peft, read top to bottom.
+
+    probe → tokenizer → data → model → LoRA → Trainer → train → save the adapter → `done`
+
+Choices, each from a measurement (shared/anchors.md):
+- CUDA, quant.bits = 4: nf4 with double quantization, computing in the training dtype
+  (bf16 where the GPU has it, else fp16). CPU: fp32, and bits = 4 still goes through
+  bitsandbytes, which runs nf4 on the CPU. bits = 16: plain LoRA on the unquantized model.
+- Gradient checkpointing (non-reentrant): train.gradient_checkpointing = "on"/"off", or
+  "auto" = on for CUDA when the model has >= 1B parameters, off on the CPU.
+- Padding-free packing (remote_worker.data) with `use_cache` off: a KV cache, which the model
+  makes by default even in training, turns off the packed-sequence mask in transformers 5 and
+  lets packed sequences attend to each other (measured; tests/test_worker_data.py).
+- On CUDA, packed rows are filled to exactly micro_batch_tokens: constant shapes ran a 7B
+  nf4 step 9% faster on an H100 (4,100 against 3,770 real tokens/s; remote_worker/data.py).
+- CPU and bits = 4: bnb's repacking for inference in eval mode is switched off, so an
+  evaluation between training steps cannot leave the 4-bit weights in that layout (anchors
+  §5: training then learns nothing; measured here with Qwen2's biases: it raised).
+- LoRA dropout 0 by default: dropout costs about 20% of the speed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainingArguments
+
+from jobs.events import Done, EventWriter, Phase
+from jobs.manifest import write_manifest
+from jobs.spec import JobSpec, WorkerJob
+from remote_worker import DataError, ModelNotFound, data
+from remote_worker.callbacks import EventCallback
+from remote_worker.probe import Probe, probe
+
+AUTO_CHECKPOINTING_PARAMS = 1_000_000_000
+EVAL_EVERY = 0.2  # without save_steps, evaluate every fifth of the run (a Trainer ratio), and at the end
+
+
+def run(job: WorkerJob, events: EventWriter) -> Done:
+    spec = job.spec
+    job_dir = Path(job.job_dir)
+    t0 = time.monotonic()
+
+    def phase(name: str, message: str = "") -> None:
+        events.emit(Phase(phase=name, message=message))
+
+    # 1. Where we run.
+    machine = probe(spec.train.device)
+    phase("setup", f"{machine.device_name}, {machine.dtype}, attention {machine.attention}")
+
+    # 2. Tokenizer, then the data: a bad dataset fails before minutes go into loading the model.
+    phase("loading tokenizer")
+    model_path = resolve_model_path(spec.model.name_or_path)
+    tokenizer = load_tokenizer(model_path, spec)
+
+    phase("tokenizing")
+    micro_batch_tokens, grad_accum = data.batch_shape(spec.train, spec.data.max_length, machine.device)
+    train_split = data.load_split(job.data_dir, "train", tokenizer, spec.data.max_length, spec.data.overlong)
+    eval_split = data.load_split(job.data_dir, "eval", tokenizer, spec.data.max_length, spec.data.overlong)
+    if not train_split.sequences:
+        raise DataError(
+            f"no trainable sequences in {job.data_dir}/train.jsonl",
+            hint="every record was empty, over data.max_length, or had no assistant tokens; check the dataset",
+        )
+    # On CUDA, packed rows are filled to a constant length: same-shape steps run faster (data.py).
+    pad_to = micro_batch_tokens if machine.device == "cuda" else 0
+    batching = dict(micro_batch_tokens=micro_batch_tokens, packing=spec.train.packing, pad_to=pad_to)
+    train_set = data.MicroBatches(
+        train_split.sequences, pad_id=tokenizer.pad_token_id, seed=spec.train.seed, **batching
+    )
+    eval_set = None
+    if eval_split.sequences:
+        eval_set = data.MicroBatches(eval_split.sequences, pad_id=tokenizer.pad_token_id, **batching)
+    phase(
+        "tokenizing",
+        f"{len(train_split.sequences):,} train sequences ({train_split.source}, {train_split.tokens:,} tokens) "
+        f"in {len(train_set):,} micro-batches of <= {micro_batch_tokens:,} tokens; "
+        f"{len(eval_split.sequences):,} eval; {train_split.dropped:,} dropped (over max_length or nothing to train)",
+    )
+
+    # 3. The model, quantized or not, with LoRA adapters on top.
+    phase("loading model", spec.model.name_or_path)
+    model = load_model(model_path, spec, machine)
+    total_params = model.num_parameters()
+    checkpointing = use_gradient_checkpointing(
+        spec.train.gradient_checkpointing, machine.device, total_params
+    )
+    if spec.quant.bits == 4:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, lora_config(spec))
+    model.train()  # before any forward: bnb 4-bit run in eval mode first trains nothing (anchors §5)
+    trainable_params, all_params = model.get_nb_trainable_parameters()
+
+    # 4. The Trainer, fed our micro-batches one at a time.
+    args = training_arguments(spec, job_dir, machine, grad_accum, has_eval=eval_set is not None)
+    callback = EventCallback(
+        events,
+        started={
+            "device": machine.device_name,
+            "dtype": machine.dtype,
+            "attention": machine.attention,
+            "quant": "nf4" if spec.quant.bits == 4 else "none",
+            "trainable_params": trainable_params,
+            "total_params": all_params,
+            "train_sequences": len(train_split.sequences),
+            "train_tokens": train_split.tokens,
+            "micro_batch_tokens": micro_batch_tokens,
+            "grad_accum": grad_accum,
+            "gradient_checkpointing": checkpointing,
+        },
+        save_every_minutes=spec.train.save_every_minutes,
+        deadline_unix=job.deadline_unix,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=data.first,
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    phase("training")
+    trainer.train()
+    if eval_set is not None and not _evaluated_at(trainer, trainer.state.global_step):
+        trainer.evaluate()
+
+    # 5. The adapter, complete or absent, with a sha256 of every file.
+    phase("saving")
+    adapter_dir = job_dir / "output" / "adapter"
+    manifest_sha = save_adapter(model, tokenizer, adapter_dir)
+    done = Done(
+        adapter_path=str(adapter_dir),
+        manifest_sha256=manifest_sha,
+        final_loss=callback.last_loss,
+        steps=trainer.state.global_step,
+        elapsed_s=time.monotonic() - t0,
+    )
+    events.emit(done)
+    return done
+
+
+# --- the steps, in the order run() takes them --------------------------------------------------
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Expand `~`; a path-like name that does not exist is an error now, not a hub lookup later."""
+    expanded = os.path.expanduser(name_or_path)
+    looks_like_path = expanded.startswith(("/", "./", "../")) or name_or_path.startswith("~")
+    if looks_like_path and not Path(expanded).exists():
+        raise ModelNotFound(
+            f"model folder {expanded} does not exist on the instance",
+            hint="set model.name_or_path to a folder on the instance (e.g. under /root/autodl-tmp) or a hub id",
+        )
+    return expanded
+
+
+def load_tokenizer(model_path: str, spec: JobSpec):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_path, revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code
+        )
+    except OSError as exc:
+        raise ModelNotFound(
+            f"cannot load the tokenizer of {model_path}: {exc}",
+            hint="check model.name_or_path; for a hub id without a proxy set instance.hf_endpoint "
+            '(e.g. "https://hf-mirror.com")',
+        ) from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_path: str, spec: JobSpec, machine: Probe):
+    quantization = None
+    if spec.quant.bits == 4:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=machine.torch_dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path,
+        revision=spec.model.revision,
+        trust_remote_code=spec.model.trust_remote_code,
+        dtype=machine.torch_dtype,
+        quantization_config=quantization,
+        device_map={"": machine.device},
+        attn_implementation=machine.attention,
+    )
+    model.config.use_cache = False  # a cache disables the packed-sequence mask (see the docstring)
+    if spec.quant.bits == 4 and machine.device == "cpu":
+        # In eval mode bnb repacks 4-bit weights for CPU inference and never unpacks them for
+        # training (anchors §5); an evaluation between steps would do that. Keep the training layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def use_gradient_checkpointing(setting: str, device: str, params: int) -> bool:
+    if setting == "auto":
+        return device == "cuda" and params >= AUTO_CHECKPOINTING_PARAMS
+    return setting == "on"
+
+
+def lora_config(spec: JobSpec) -> LoraConfig:
+    return LoraConfig(
+        r=spec.lora.r,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=spec.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+
+
+def training_arguments(spec: JobSpec, job_dir: Path, machine: Probe, grad_accum: int, has_eval: bool):
+    t = spec.train
+    return TrainingArguments(
+        output_dir=str(job_dir / "output" / "checkpoints"),
+        per_device_train_batch_size=1,  # an item is a whole micro-batch already
+        per_device_eval_batch_size=1,
+        gradient_accumulation_steps=grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps > 0 else -1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        bf16=machine.dtype == "bfloat16",
+        fp16=machine.dtype == "float16",
+        use_cpu=machine.device == "cpu",
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_strategy="steps" if t.save_steps else "no",  # the callback adds the timer's saves
+        save_steps=t.save_steps or 500,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=(t.save_steps or EVAL_EVERY) if has_eval else None,
+        prediction_loss_only=True,  # never keep the logits of a whole eval set
+        remove_unused_columns=False,
+        # Tokens seen: attention_mask.sum() for padded rows; for packed rows, ids != pad id
+        # (a real token equal to the pad token, e.g. a base model's EOS, is not counted).
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=machine.device == "cuda",
+        disable_tqdm=True,
+        report_to=[],
+    )
+
+
+def _evaluated_at(trainer: Trainer, step: int) -> bool:
+    return any("eval_loss" in log and log.get("step") == step for log in trainer.state.log_history)
+
+
+def save_adapter(model, tokenizer, adapter_dir: Path) -> str:
+    """Write the adapter (and tokenizer) to a temp folder, add the manifest, rename into place."""
+    tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    sha = write_manifest(tmp)
+    if adapter_dir.exists():  # a rerun of the same job: replace the old one
+        old = adapter_dir.with_name(adapter_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        adapter_dir.rename(old)
+        shutil.rmtree(old)
+    tmp.rename(adapter_dir)
+    return sha

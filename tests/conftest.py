@@ -1,0 +1,103 @@
+"""Shared fixtures.
+
+- `autodl_home` (autouse): $AUTODL_RUN_HOME in a tmp folder; no ssh agent, not inside tmux.
+- `local_home`: $HOME in a tmp folder (for LocalTransport tests: `~` and the login shell).
+- `sshd`: a real OpenSSH server on 127.0.0.1 (tests/sshd.py), one per session, restarted
+  if a test killed it. Attributes: host, port, user, identity_file, host_key, authorized_keys,
+  home (the sessions' $HOME, a tmp folder);
+  `.instance(**overrides)` -> InstanceSpec; `.kill()` cuts every connection, `.start()` brings the
+  same server back on the same port; `.log()`.
+- `sshd_factory`: `sshd_factory()` starts another, independent server (stopped at session end).
+- `ssh_transport`: an SshTransport to `sshd` pinning host keys in this test's known_hosts.
+- `tmux_socket`: a `tmux -L` socket name of this test's own; its server is killed afterwards.
+
+SSH tests are marked `@pytest.mark.ssh`; they skip, with the reason, where sshd, ssh,
+ssh-keygen or rsync is missing (CI installs them, so there they run).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sshd import Sshd, missing_tools
+
+from client.transport.ssh import SshTransport
+
+
+@pytest.fixture(autouse=True)
+def autodl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "autodl-home"
+    home.mkdir()
+    monkeypatch.setenv("AUTODL_RUN_HOME", str(home))
+    for var in ("SSH_AUTH_SOCK", "TMUX", "TMUX_PANE"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
+@pytest.fixture
+def local_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """$HOME in a tmp folder, so `~` and the login shell of LocalTransport stay inside the test.
+
+    (Also keeps the test machine's own ~/.profile out: it may be slow, and a timeout test must
+    not kill it half-way, e.g. while it holds a lock.)
+    """
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def sshd_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], Sshd]]:
+    reason = missing_tools()
+    started: list[Sshd] = []
+
+    def start() -> Sshd:
+        if reason:
+            pytest.skip(reason)
+        server = Sshd.create(tmp_path_factory.mktemp("sshd"))
+        started.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def _session_sshd(sshd_factory: Callable[[], Sshd]) -> Sshd:
+    return sshd_factory()
+
+
+@pytest.fixture
+def sshd(_session_sshd: Sshd) -> Sshd:
+    if not _session_sshd.running:  # an earlier test killed it
+        _session_sshd.start()
+    return _session_sshd
+
+
+@pytest.fixture
+def ssh_transport(sshd: Sshd, autodl_home: Path) -> Iterator[SshTransport]:
+    t = SshTransport.from_instance(sshd.instance(), known_hosts=autodl_home / "known_hosts")
+    t.backoff = 0.05  # rsync retries, fast in tests
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+@pytest.fixture
+def tmux_socket() -> Iterator[str]:
+    name = f"autodl-test-{uuid.uuid4().hex[:10]}"
+    try:
+        yield name
+    finally:
+        if shutil.which("tmux"):
+            subprocess.run(["tmux", "-L", name, "kill-server"], capture_output=True)
