@@ -9,7 +9,9 @@ Subcommands (each runs in its own process; `suite` starts the others as subproce
   recipe   --name seed|reference|trl|unsloth|ours  one recipe, one process: all-linear, then q,v (and extras)
   sweep    --dir DIR --base '{...}' --variants '[{...}, ...]'   ours-style variants in one process (manual loop)
   quality  --dir DIR --name reference|ours ...     loss curve on a learnable synthetic task (small model)
-  suite    --phase A|B|all --out $OUT               the whole bench in one device call (time-boxed)
+  suite    --phase A|B|C|all --out $OUT             the bench, time-boxed to one device call a phase:
+           A = env, model, ours, reference, ours sweep, TRL; B = seed, quality guard; C = Unsloth, bf16 base,
+           TRL q,v, Liger off, no expandable_segments, torch.compile
 
 Every measurement prints a line `RESULT {json}` and is appended to --results (jsonl).
 Throughput = non-pad tokens / wall seconds over the timed optimizer steps (warm-up steps excluded),
@@ -18,7 +20,6 @@ with torch.cuda.synchronize() at each step boundary.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import inspect
 import json
@@ -446,7 +447,6 @@ class TokenCounter:
 
 
 def make_timing_callback(counter, warmup):
-    import torch
     from transformers import TrainerCallback
 
     class Timing(TrainerCallback):
@@ -511,7 +511,8 @@ def base_info(args, model_dir):
     arch = arch_of(model_dir)
     n = param_count(arch)
     return dict(gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", n_params=n, arch=args_arch_name(arch),
-                peak_tflops=float(os.environ.get("PEAK_TFLOPS", PEAK_TFLOPS_DEFAULT)))
+                peak_tflops=float(os.environ.get("PEAK_TFLOPS", PEAK_TFLOPS_DEFAULT)),
+                alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
 
 
 def args_arch_name(arch):
@@ -696,7 +697,6 @@ def apply_liger():
 def build_ours(model_dir, opts):
     """Our candidate: nf4+dq (or bf16 base), bf16 non-quantized params (no fp32 upcast), Liger kernels, varlen
     flash attention over packed sequences, fused LoRA, non-reentrant checkpointing, dropout 0."""
-    import torch
     from peft import get_peft_model
     if opts.get("liger", True):
         apply_liger()
@@ -761,7 +761,6 @@ def retarget(model, targets, dropout):
 
 
 def cmd_recipe(a):
-    import torch
     info = base_info(a, a.dir)
     arch = arch_of(a.dir)
     V = arch["vocab_size"]
@@ -852,8 +851,14 @@ def run_sft(a, name, info, common, ntargets, V, steps, warm, extra):
     import torch
     if name == "unsloth":
         os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-        import unsloth  # noqa: F401  (must come before transformers/trl/peft)
-        from unsloth import FastLanguageModel
+        try:
+            import unsloth  # noqa: F401  (must come before transformers/trl/peft)
+            from unsloth import FastLanguageModel
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            emit(finish(dict(common, targets=ntargets[0], error=f"import unsloth: {type(e).__name__}: {e}"[:600]), info),
+                 a.results)
+            return
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -914,7 +919,6 @@ def run_sft(a, name, info, common, ntargets, V, steps, warm, extra):
 # ------------------------------------------------------------------------------------------ sweep
 def cmd_sweep(a):
     """Load our candidate once; measure variants (in-process toggles) with a manual loop."""
-    import torch
     info = base_info(a, a.dir)
     V = arch_of(a.dir)["vocab_size"]
     base = json.loads(a.base or "{}")
@@ -1033,7 +1037,6 @@ def cmd_make(a):
 
 
 def cmd_env(a):
-    import importlib
     import torch
     info = dict(date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), python=sys.version.split()[0], torch=torch.__version__,
                 cuda=torch.version.cuda)
@@ -1138,13 +1141,16 @@ def cmd_suite(a):
         for name, seed, label, opts in (("reference", 42, "reference (dropout 0.05)", {"dropout": 0.05}),
                                         ("ours", 42, "ours", {}),
                                         ("reference", 42, "reference, dropout 0", {"dropout": 0.0}),
-                                        ("ours", 43, "ours, LoRA seed 43", {})):
+                                        ("ours", 43, "ours, LoRA seed 43", {}),
+                                        ("reference", 43, "reference, dropout 0, LoRA seed 43", {"dropout": 0.0})):
             plan += [(["quality", "--name", name, "--dir", small, "--seed", str(seed), "--label", label,
-                       "--steps", str(a.q_steps), "--lr", "1e-3", "--results", res, "--opts", json.dumps(opts)], 120,
+                       "--steps", str(a.q_steps), "--lr", "1e-3", "--results", res, "--opts", json.dumps(opts)], 180,
                       ours_env if name == "ours" else None)]
+    if ph in ("C", "all"):  # the 2026-11-28 device budget ran out before these
         plan += [
+            make7,
             (["recipe", "--name", "unsloth", "--dir", model, "--targets", "all", "--steps", S, "--warmup", W,
-              "--results", res], 200, uns_env),
+              "--results", res], 240, uns_env),
             (["sweep", "--dir", model, "--steps", "3", "--warmup", "2", "--results", res, "--budget_s", "100",
               "--base", json.dumps({"tokens": 16384, "base": "bf16"}),
               "--variants", json.dumps([{}, {"tokens": 32768}, {"ckpt": False, "tokens": 8192}])], 170, ours_env),
@@ -1153,6 +1159,8 @@ def cmd_suite(a):
             (["sweep", "--dir", model, "--steps", "3", "--warmup", "2", "--results", res, "--budget_s", "90",
               "--base", json.dumps({"tokens": 16384, "liger": False}),
               "--variants", json.dumps([{}, {"fused": False}])], 150, ours_env),
+            (["sweep", "--dir", model, "--steps", "3", "--warmup", "2", "--results", res, "--budget_s", "60",
+              "--base", json.dumps({"tokens": 16384}), "--variants", json.dumps([{}])], 120, None),  # no expandable_segments
             (["sweep", "--dir", model, "--steps", "3", "--warmup", "3", "--results", res, "--budget_s", "150",
               "--base", json.dumps({"tokens": 16384}), "--variants", json.dumps([{"compile": True}])], 200, ours_env),
         ]
@@ -1225,7 +1233,7 @@ def main():
     q.add_argument("--opts", default="{}")
     q.add_argument("--results")
     u = sp.add_parser("suite")
-    u.add_argument("--phase", default="all", choices=["A", "B", "Q", "all"])
+    u.add_argument("--phase", default="all", choices=["A", "B", "C", "all"])
     u.add_argument("--out")
     u.add_argument("--model_dir", default="/tmp/qb_7b")
     u.add_argument("--arch", default="7b", choices=list(ARCH))

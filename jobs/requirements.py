@@ -6,7 +6,7 @@ The client checks these in one round trip before launching and installs what is 
 
 WORKER_REQUIREMENTS: dict[str, str] = {
     "torch": "torch>=2.4",
-    "transformers": "transformers>=4.56",
+    "transformers": "transformers>=5.0",
     "peft": "peft>=0.17",
     "accelerate": "accelerate>=1.0",
     "safetensors": "safetensors>=0.4",
