@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -43,6 +44,15 @@ class InstanceSpec(_Strict):
     install_deps: bool = Field(True, description="pip-install the worker's missing packages on the instance")
     pip_index_url: str | None = None
     hf_endpoint: str | None = Field(None, description="a Hugging Face mirror, e.g. https://hf-mirror.com")
+    network_turbo: bool = Field(False, description="source /etc/network_turbo (AutoDL's proxy) for downloads only")
+    # Deadlines and shutdown (never lose an adapter, never pay for an idle GPU).
+    expires_at: datetime | None = Field(None, description="when the instance goes away; the job stops in time to save and fetch")
+    max_hours: float | None = Field(None, gt=0, description="a hard limit on the job's run time: save and stop")
+    shutdown_after: Literal["fetched", "done", "never"] | None = Field(
+        None, description='what the guard does when the job ends; default "fetched" ("never" for host = "local")'
+    )
+    shutdown_command: str = Field("/usr/bin/shutdown", description="stops AutoDL billing when run on the instance")
+    idle_grace_minutes: float = Field(60, ge=0, description="how long the guard waits for the fetch before shutting down")
 
     @field_validator("remote_root")
     @classmethod
@@ -85,6 +95,12 @@ class InstanceSpec(_Strict):
     @property
     def is_local(self) -> bool:
         return self.host == LOCAL_HOST and self.profile is None
+
+    @property
+    def shutdown_policy(self) -> str:
+        if self.shutdown_after is not None:
+            return self.shutdown_after
+        return "never" if self.is_local else "fetched"
 
     def describe(self) -> str:
         if self.is_local:
@@ -211,6 +227,10 @@ class TrainSpec(_Strict):
     save_every_minutes: float = Field(15, ge=0)
     seed: int = 42
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    # Speed switches (docs/benchmarks.md measures each); "auto" uses a path only where it is installed and checked.
+    attention: Literal["auto", "flash_varlen", "flash_attention_2", "sdpa"] = "auto"
+    liger: Literal["auto", "on", "off"] = "auto"
+    fused_lora: bool = Field(True, description="fused LoRA forward/backward where supported (no dropout, no DoRA)")
 
 
 class FetchSpec(_Strict):
