@@ -3,13 +3,20 @@
 TRL SFTTrainer, Unsloth and our candidate recipe, side by side on the same random-weight model and
 the same synthetic token data. See bench/README.md.
 
+"ours" is the worker itself (remote_worker): `recipe --name ours` runs its entry point on a job.json over
+synthetic pre-tokenized data and reads tokens/s and memory from its events.jsonl; the sweep, the profile and
+the quality guard build the model, LoRA and micro-batches with the worker's own functions.
+
 Subcommands (each runs in its own process; `suite` starts the others as subprocesses):
   make     --arch 7b|0.5b|tiny --dir DIR          random-weight Qwen2.5-shaped model + tiny tokenizer
   env                                               card, versions, measured bf16 matmul rate
   recipe   --name seed|reference|trl|unsloth|ours  one recipe, one process: all-linear, then q,v (and extras)
   sweep    --dir DIR --base '{...}' --variants '[{...}, ...]'   ours-style variants in one process (manual loop)
   quality  --dir DIR --name reference|ours ...     loss curve on a learnable synthetic task (small model)
-  suite    --phase A|B|C|all --out $OUT             the bench, time-boxed to one device call a phase:
+  worker   --job JOB_JSON                           the worker's entry point in this process, + memory peaks
+  smoke    [--out DIR]                              CPU dry run on the tiny model of everything phase W runs
+  suite    --phase W|A|B|C|all --out $OUT           the bench, time-boxed to one device call a phase:
+           W = env, model, ours (the worker: all-linear, q,v, 2,048 tokens, an eval check), reference, ours sweep;
            A = env, model, ours, reference, ours sweep, TRL; B = seed, quality guard; C = Unsloth, bf16 base,
            TRL q,v, Liger off, no expandable_segments, torch.compile
 
@@ -29,6 +36,10 @@ import subprocess
 import sys
 import time
 import traceback
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # the worker (remote_worker, jobs) is imported from this checkout
+    sys.path.insert(0, REPO)
 
 ARCH = {
     # Qwen2.5-7B: 7.62 B parameters, untied embeddings
@@ -169,111 +180,43 @@ def collate_one(feats):
     return feats[0]
 
 
-# ------------------------------------------------------------------------------- attention: varlen
-_VARLEN = {"impl": None, "mode": "unset"}
+# --------------------------------------------------------------- ours = the worker's own code
+# Our candidate is remote_worker itself. `recipe --name ours` runs the worker's entry point
+# (remote_worker.__main__.main) on a job.json over synthetic pre-tokenized data and reads
+# events.jsonl; the sweep, the profile and the quality guard build the model, the LoRA and the
+# micro-batches with the worker's own functions (remote_worker.recipe / .fast / .data). Nothing of
+# the candidate (varlen attention, fused LoRA, Liger, model preparation) is implemented here.
+OURS_TARGETS = {"all": "all-linear", "qv": ["q_proj", "v_proj"]}
 
 
-def _sdpa_loop(q, k, v, cu):
-    """Reference/fallback: one causal SDPA call per packed sequence. q: (T, H, D)."""
-    import torch
-    import torch.nn.functional as F
-    outs = []
-    bounds = cu.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
-        o = F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None],
-                                           v[s:e].transpose(0, 1)[None], is_causal=True,
-                                           enable_gqa=k.shape[1] != q.shape[1])
-        outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs, 0)
-
-
-def _make_varlen_impl():
-    """Flash-attention varlen through PyTorch itself (torch.nn.attention.varlen, torch >= 2.9): no flash-attn
-    package needed. The signature moved between torch versions, so adapt to what is there."""
-    from torch.nn.attention.varlen import varlen_attn
-    sig = inspect.signature(varlen_attn).parameters
-
-    def impl(q, k, v, cu, max_len):
-        kw = {}
-        if "is_causal" in sig:
-            kw["is_causal"] = True
-        elif "window_size" in sig:
-            kw["window_size"] = (-1, 0)
-        if k.shape[1] != q.shape[1]:
-            if "enable_gqa" in sig:
-                kw["enable_gqa"] = True
-            else:
-                rep = q.shape[1] // k.shape[1]
-                k = k.repeat_interleave(rep, 1)
-                v = v.repeat_interleave(rep, 1)
-        return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
-
-    return impl
-
-
-def setup_varlen(device=None):
-    """Pick the varlen implementation and check it against per-sequence SDPA (forward and gradients)."""
-    import torch
-    if _VARLEN["mode"] != "unset":
-        return _VARLEN["mode"]
-    device = device or dev()
-    mode, impl = "sdpa_loop", None
-    if device == "cuda":
-        try:
-            impl = _make_varlen_impl()
-            torch.manual_seed(0)
-            lens = [5, 130, 37, 300]
-            cu = torch.tensor([0] + lens, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
-            T, H, Hk, D = sum(lens), 28, 4, 128
-            q = torch.randn(T, H, D, device=device, dtype=torch.bfloat16, requires_grad=True)
-            k = torch.randn(T, Hk, D, device=device, dtype=torch.bfloat16, requires_grad=True)
-            v = torch.randn(T, Hk, D, device=device, dtype=torch.bfloat16, requires_grad=True)
-            go = torch.randn(T, H, D, device=device, dtype=torch.bfloat16)
-            o1 = impl(q, k, v, cu, max(lens))
-            g1 = torch.autograd.grad(o1, (q, k, v), go)
-            o2 = _sdpa_loop(q.float(), k.float(), v.float(), cu)
-            g2 = torch.autograd.grad(o2, (q, k, v), go.float())
-            errs = [((a.float() - b.float()).norm() / b.float().norm()).item() for a, b in zip((o1, *g1), (o2, *g2))]
-            log(f"varlen check rel.err out/dq/dk/dv = {[round(e, 5) for e in errs]}")
-            if max(errs) < 2e-2:
-                mode = "torch_varlen_flash"
-            else:
-                impl = None
-        except Exception as e:  # noqa: BLE001
-            log(f"varlen flash unavailable ({type(e).__name__}: {e}); falling back to per-sequence SDPA")
-            impl = None
-    _VARLEN.update(impl=impl, mode=mode)
-    return mode
-
-
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                             sliding_window=None, **kwargs):
-    """transformers AttentionInterface function: (B=1, H, S, D) in, (B, S, H, D) out."""
-    import torch.nn.functional as F
-    cu = kwargs.get("cu_seq_lens_q")
-    B, H, S, D = query.shape
-    if cu is None or B != 1:
-        o = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
-                                           enable_gqa=key.shape[1] != H)
-        return o.transpose(1, 2), None
-    q = query.transpose(1, 2).reshape(S, H, D)
-    k = key.transpose(1, 2).reshape(S, key.shape[1], D)
-    v = value.transpose(1, 2).reshape(S, value.shape[1], D)
-    if _VARLEN["impl"] is not None:
-        o = _VARLEN["impl"](q, k, v, cu, int(kwargs.get("max_length_q")))
-    else:
-        o = _sdpa_loop(q, k, v, cu)
-    return o.view(1, S, H, D), None
-
-
-def register_varlen():
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    AttentionInterface.register("qlora_varlen", varlen_attention_forward)
+def worker_modules():
+    """(remote_worker.data, remote_worker.fast, remote_worker.recipe); imported late (torch, pydantic)."""
     try:
-        AttentionMaskInterface.register("qlora_varlen", lambda *a, **k: None)
-    except Exception:  # noqa: BLE001
-        ALL_MASK_ATTENTION_FUNCTIONS._global_mapping["qlora_varlen"] = lambda *a, **k: None
+        import pydantic  # noqa: F401
+    except ImportError as e:
+        raise SystemExit("the worker needs pydantic: extract .whl/worker_deps.tgz into PYTHONPATH "
+                         "(bench/README.md)") from e
+    from remote_worker import data as wdata
+    from remote_worker import fast
+    from remote_worker import recipe as wrecipe
+    return wdata, fast, wrecipe
+
+
+def ours_spec(model_dir, opts, *, targets="all", steps=7, tokens=16384, max_length=2048, name="bench-ours"):
+    """The JobSpec of our candidate. opts: attn varlen|sdpa|flash_attention_2, liger, fused, dropout, ckpt,
+    base nf4|bf16, seed, lr. Unset keys are the worker's defaults (attention/liger auto, fused LoRA on)."""
+    from jobs.spec import JobSpec
+    attn = {"varlen": "auto", "sdpa": "sdpa", "flash_varlen": "flash_varlen",
+            "flash_attention_2": "flash_attention_2"}[opts.get("attn", "varlen")]
+    train = dict(max_steps=max(1, int(steps)), learning_rate=float(opts.get("lr", 2e-4)), lr_scheduler="constant",
+                 warmup_ratio=0.0, micro_batch_tokens=int(tokens), logging_steps=1, save_every_minutes=0,
+                 seed=int(opts.get("seed", 42)), attention=attn, liger="auto" if opts.get("liger", True) else "off",
+                 fused_lora=bool(opts.get("fused", True)),
+                 gradient_checkpointing={True: "on", False: "off"}.get(opts.get("ckpt"), "auto"))
+    lora = dict(r=16, alpha=32, dropout=float(opts.get("dropout", 0.0)), target_modules=OURS_TARGETS[targets])
+    return JobSpec.model_validate(dict(
+        name=name, model={"name_or_path": model_dir}, data={"train": "train.jsonl", "max_length": max_length},
+        lora=lora, quant={"bits": 16 if opts.get("base") == "bf16" else 4}, train=train))
 
 
 def set_attn(model, name):
@@ -286,96 +229,201 @@ def set_attn(model, name):
         base.config._attn_implementation_internal = name
 
 
-# ------------------------------------------------------------------------------------ fused LoRA
-_FUSED = {"on": False, "patched": False, "calls": 0}
+def write_dataset(data_dir, model_dir, vocab, train_tokens, eval_tokens=0, seed=0, task="random", max_len=2048):
+    """A canonical prepared dataset (jobs.layout) of synthetic pre-tokenized sequences: the worker uses the
+    ids because the manifest's tokenizer fingerprint is its tokenizer's. Every token is trained."""
+    from jobs import tokenize
+    _, _, wrecipe = worker_modules()
+    tok = wrecipe.load_tokenizer(model_dir, ours_spec(model_dir, {}))
+    os.makedirs(data_dir, exist_ok=True)
+    counts = {}
+    for split, n, s in (("train", train_tokens, seed), ("eval", eval_tokens, seed + 1)):
+        if not n:
+            continue
+        seqs = gen_sequences(n, vocab, s, task, max_len)
+        counts[split] = tokenize.write_tokenized(
+            data_dir, split, (tokenize.Encoded(x.tolist(), [1] * len(x)) for x in seqs))
+        with open(os.path.join(data_dir, f"{split}.jsonl"), "w") as f:  # present, never read (ids are used)
+            f.writelines('{"text": "synthetic pre-tokenized sequence"}\n' for _ in seqs)
+    with open(os.path.join(data_dir, "manifest.json"), "w") as f:
+        json.dump(dict(tokenizer_fingerprint=tokenize.tokenizer_fingerprint(tok), synthetic=counts, task=task), f)
+    return counts
 
 
-def _dequant(w, qs):
-    if qs is None:
-        return w
-    import bitsandbytes.functional as BF
-    return BF.dequantize_4bit(w, qs)
+def read_events(job_dir):
+    from jobs import events as ev
+    with open(os.path.join(job_dir, "events.jsonl")) as f:
+        return [ev.parse(x) for x in f if x.strip()]
 
 
-def _make_fused_fn():
-    import torch
+def worker_result(job_dir, warm):
+    """Throughput and memory of a worker run, from its events.jsonl (and the peaks `worker` wrote)."""
+    evs = read_events(job_dir)
+    res = {}
+    started = next((e for e in evs if e.type == "started"), None)
+    if started is not None:
+        s = started.model_dump()
+        res.update({k: s.get(k) for k in ("attention", "attention_note", "liger", "fused_lora", "micro_batch_tokens",
+                                          "grad_accum", "gradient_checkpointing", "train_tokens", "train_sequences",
+                                          "trainable_params", "total_steps", "device", "dtype", "quant")})
+    failed = [e for e in evs if e.type == "failed"]
+    if failed:
+        res["error"] = f"worker failed: {failed[-1].error_class}: {failed[-1].message}"[:600]
+    steps = [e for e in evs if e.type == "step"]
+    if len(steps) > warm:
+        t0, k0 = (steps[warm - 1].elapsed_s, steps[warm - 1].tokens) if warm else (0.0, 0)
+        last = steps[-1]
+        secs = last.elapsed_s - t0
+        ts = [t0] + [e.elapsed_s for e in steps[warm:]]
+        res.update(tokens=last.tokens - k0, seconds=round(secs, 3), tok_per_s=round((last.tokens - k0) / secs, 1),
+                   step_s=[round(b - a, 3) for a, b in zip(ts[:-1], ts[1:])], timed_steps=len(steps) - warm,
+                   last_loss=steps[-1].loss, losses=[round(e.loss, 4) for e in steps])
+        peaks = [e.peak_mem_gb for e in steps if e.peak_mem_gb is not None]
+        if peaks:
+            res["peak_alloc_gb"] = round(max(peaks), 2)
+    elif "error" not in res:
+        res["error"] = f"only {len(steps)} step events (warm-up {warm})"
+    evals = [e.eval_loss for e in evs if e.type == "eval"]
+    if evals:
+        res["eval_losses"] = [round(x, 4) for x in evals]
+    res["done"] = any(e.type == "done" for e in evs)
+    peaks_path = os.path.join(job_dir, "bench_peaks.json")
+    if os.path.exists(peaks_path):
+        with open(peaks_path) as f:
+            res.update(json.load(f))  # torch's peaks after the run: allocated and reserved
+    return res
 
-    class LoraLinearFn(torch.autograd.Function):
-        """y = x W^T (+ b) + s (x A^T) B^T with W dequantized on the fly (nf4) or used as is (bf16 base).
-        One LoRA add fused into the base GEMM's output (addmm, beta=1) instead of clone + mul + add;
-        backward: dX = dY W + s (dY B) A in one addmm; W is dequantized again, never stored."""
 
-        @staticmethod
-        def forward(ctx, x, w, qs, bias, A, B, s):
-            x2 = x.reshape(-1, x.shape[-1])
-            W = _dequant(w, qs)
-            xa = x2 @ A.t()
-            y = torch.addmm(bias, x2, W.t()) if bias is not None else x2 @ W.t()
-            y.addmm_(xa, B.t(), alpha=s)
-            ctx.save_for_backward(x, xa, A, B, w if qs is None else None)
-            ctx.qs, ctx.s, ctx.w4 = qs, s, (w if qs is not None else None)
-            return y.view(*x.shape[:-1], y.shape[-1])
-
-        @staticmethod
-        def backward(ctx, gy):
-            x, xa, A, B, wf = ctx.saved_tensors
-            s = ctx.s
-            W = _dequant(ctx.w4, ctx.qs) if ctx.qs is not None else wf
-            g2 = gy.reshape(-1, gy.shape[-1])
-            x2 = x.reshape(-1, x.shape[-1])
-            gb = g2 @ B  # (T, r)
-            dx = g2 @ W
-            dx.addmm_(gb, A, alpha=s)
-            dA = (gb.t() @ x2).mul_(s)
-            dB = (g2.t() @ xa).mul_(s)
-            return dx.view(*x.shape), None, None, None, dA, dB, None
-
-    return LoraLinearFn
-
-
-def patch_fused_lora():
-    """Replace PEFT's LoRA forward for bnb Linear4bit and plain Linear layers by the fused function when the
-    layer is plain LoRA (one adapter, no dropout, no DoRA/variants, no lora bias); otherwise PEFT's own path."""
-    if _FUSED["patched"]:
-        return
-    import torch
-    import torch.nn as nn
-    from peft.tuners.lora import layer as lora_layer
-    fn = _make_fused_fn()
-    classes = [lora_layer.Linear]
+def _die_with_parent():
+    """A worker started by a recipe process dies with it (the suite kills recipes at their time limit;
+    an orphaned worker would keep the GPU busy under the next measurement). Linux only."""
     try:
-        from peft.tuners.lora import bnb as lora_bnb
-        if hasattr(lora_bnb, "Linear4bit"):
-            classes.append(lora_bnb.Linear4bit)
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:  # noqa: BLE001
         pass
 
-    def make(orig):
-        def forward(self, x, *args, **kwargs):
-            if not _FUSED["on"] or self.disable_adapters or self.merged or args or kwargs:
-                return orig(self, x, *args, **kwargs)
-            act = self.active_adapters
-            if len(act) != 1 or act[0] not in self.lora_A or act[0] in getattr(self, "lora_variant", {}):
-                return orig(self, x, *args, **kwargs)
-            name = act[0]
-            if not isinstance(self.lora_dropout[name], nn.Identity) or self.lora_B[name].bias is not None:
-                return orig(self, x, *args, **kwargs)
-            base = self.base_layer
-            w = base.weight
-            qs = getattr(w, "quant_state", None)
-            dt = qs.dtype if qs is not None else w.dtype
-            if dt not in (torch.bfloat16, torch.float16) or w.requires_grad:
-                return orig(self, x, *args, **kwargs)
-            A = self.lora_A[name].weight.to(dt)
-            B = self.lora_B[name].weight.to(dt)
-            bias = base.bias.to(dt) if base.bias is not None else None
-            _FUSED["calls"] += 1
-            return fn.apply(x.to(dt), w.data if qs is not None else w, qs, bias, A, B, float(self.scaling[name]))
-        return forward
 
-    for c in classes:
-        c.forward = make(c.forward)
-    _FUSED["patched"] = True
+def run_worker_job(model_dir, root, *, targets, tokens, steps, warm, opts, vocab, timeout=300):
+    """Write data + job.json, run the worker on it (`worker` subcommand, a process of its own), read its events."""
+    from jobs.spec import WorkerJob
+    max_len = int(opts.get("max_len", 2048))
+    budget = tokens or (16384 if dev() == "cuda" else max_len)  # only to size the data: the worker decides
+    train_tokens = int(budget * (steps + warm + 1) * 1.1) + 4096
+    data_dir = os.path.join(root, f"data-{train_tokens}-{max_len}-{int(bool(opts.get('eval')))}")
+    if not os.path.exists(os.path.join(data_dir, "manifest.json")):
+        write_dataset(data_dir, model_dir, vocab, train_tokens, eval_tokens=budget if opts.get("eval") else 0,
+                      max_len=max_len)
+    job_id = f"ours-{targets}-{tokens}-{int(time.time() * 1000) % 10**9}"
+    job_dir = os.path.join(root, job_id)
+    spec = ours_spec(model_dir, opts, targets=targets, steps=steps + warm, tokens=tokens, max_length=max_len)
+    job = WorkerJob(job_id=job_id, spec=spec, data_dir=data_dir, job_dir=job_dir)
+    os.makedirs(job_dir, exist_ok=True)
+    job_json = os.path.join(job_dir, "job.json")
+    with open(job_json, "w") as f:
+        f.write(job.model_dump_json(indent=1))
+    log(f"worker job {job_json}")
+    try:
+        rc = subprocess.run([sys.executable, os.path.abspath(__file__), "worker", "--job", job_json],
+                            timeout=timeout, preexec_fn=_die_with_parent).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    res = worker_result(job_dir, warm) if os.path.exists(os.path.join(job_dir, "events.jsonl")) else {
+        "error": "the worker wrote no events"}
+    with open(os.path.join(data_dir, "manifest.json")) as f:
+        made = json.load(f)["synthetic"]["train"]["tokens"]
+    if res.get("train_tokens") is not None and res["train_tokens"] != made:  # it re-tokenized the jsonl
+        res["error"] = f"the worker trained on {res['train_tokens']} tokens, not the {made} synthetic ones"
+    res.update(worker_rc=rc, job_dir=job_dir)
+    if rc != 0 and "error" not in res:
+        res["error"] = f"worker exit code {rc}"
+    return res
+
+
+def cmd_worker(a):
+    """The worker's own entry point, in this process, then torch's memory peaks next to its events."""
+    from remote_worker.__main__ import main as worker_main
+    rc = worker_main([a.job])  # sets PYTORCH_CUDA_ALLOC_CONF before torch is imported, as on an instance
+    with open(a.job) as f:
+        job_dir = json.load(f)["job_dir"]
+    with open(os.path.join(job_dir, "bench_peaks.json"), "w") as f:
+        # reset by the worker's callback at train begin: the peaks of training (and evaluation)
+        json.dump(dict(mem_peaks(), alloc_conf_in_worker=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")), f)
+    raise SystemExit(rc)
+
+
+class Ours:
+    """Our candidate built in this process from the worker's functions, exactly as recipe.run does it
+    (fast.choose -> load_model -> prepare_for_training -> get_peft_model -> fused LoRA), for the sweep,
+    the profile and the quality guard."""
+
+    def __init__(self, model_dir, opts):
+        from peft import get_peft_model
+        from transformers import set_seed
+
+        from remote_worker.probe import probe
+        self.wdata, fast, self.wrecipe = worker_modules()
+        self.opts = dict(opts)
+        self.spec = ours_spec(model_dir, self.opts, targets=self.opts.get("targets", "all"))
+        self.machine = probe("auto")
+        self.paths = fast.choose(model_dir, self.spec, self.machine)
+        m = self.wrecipe.load_model(model_dir, self.spec, self.machine, self.paths)
+        self.ckpt = self.wrecipe.use_gradient_checkpointing(self.spec.train.gradient_checkpointing,
+                                                            self.machine.device, m.num_parameters())
+        m = self.wrecipe.prepare_for_training(m, self.spec, self.machine, self.ckpt)
+        set_seed(int(self.opts.get("seed", 42)))
+        m = get_peft_model(m, self.wrecipe.lora_config(self.spec))
+        self.paths.enable_fused_lora(m, self.spec)
+        m.train()
+        self.model = m
+        log(f"ours (worker functions): {self.status()}")
+
+    def status(self):
+        from remote_worker.fast import fused_lora
+        marked = sum(bool(getattr(x, fused_lora.FLAG, False)) for x in self.model.modules())
+        return dict(self.paths.started_fields(), gradient_checkpointing=self.ckpt, fused_layers_now=marked)
+
+    def batches(self, vocab, budget, n_micro, seed=0, task="random"):
+        """The bench's sequence stream, packed in order as before, each row made by remote_worker.data."""
+        import numpy as np
+        seqs = gen_sequences(int(budget * n_micro * 1.05) + 4096, vocab, seed, task)
+        groups = pack(seqs, budget)
+        while len(groups) < n_micro:
+            groups = groups + groups
+        seq = self.wdata.Seq
+        return [self.wdata.packed_row([seq(s.numpy(), np.ones(len(s), np.uint8)) for s in g],
+                                      varlen=self.paths.varlen_batches) for g in groups[:n_micro]]
+
+    def retarget(self, targets, dropout):
+        """Other LoRA targets on the same loaded base (adapters unloaded and re-added, fused LoRA again)."""
+        from peft import get_peft_model
+        base = self.model.unload()
+        del self.model
+        gc.collect()
+        self.opts.update(targets=targets, dropout=dropout)
+        self.spec = ours_spec(self.spec.model.name_or_path, self.opts, targets=targets)
+        m = get_peft_model(base, self.wrecipe.lora_config(self.spec))
+        self.paths.enable_fused_lora(m, self.spec)
+        self.model = m.train()
+        return self.model
+
+    def apply_variant(self, v):
+        """In-process toggles for the sweep (Liger and the base are fixed at load: use --base for them)."""
+        from remote_worker.fast import fused_lora
+        m = self.model
+        if "dropout" in v:
+            set_dropout(m, v["dropout"])  # a dropout layer leaves the fused path by itself
+        if "fused" in v:
+            fused_lora.set_enabled(m, bool(v["fused"]))
+        if "attn" in v:
+            set_attn(m, self.paths.attn_implementation if v["attn"] == "varlen" else v["attn"])
+        if "ckpt" in v:
+            base = m.get_base_model()
+            if v["ckpt"]:
+                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                base.gradient_checkpointing_disable()
 
 
 # --------------------------------------------------------------------------------------- loading
@@ -680,73 +728,6 @@ def profile_step(model, batch, opt, params, amp):
 # ------------------------------------------------------------------------------------ the recipes
 OURS_DEFAULTS = dict(tokens=16384, dropout=0.0, fused=True, attn="varlen", ckpt=True, optim="adamw_torch_fused",
                      liger=True, base="nf4")
-_STATUS = {}
-
-
-def apply_liger():
-    try:
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
-        apply_liger_kernel_to_qwen2(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-                                    fused_linear_cross_entropy=True)
-        _STATUS["liger"] = "on"
-    except Exception as e:  # noqa: BLE001
-        traceback.print_exc()
-        _STATUS["liger"] = f"failed: {type(e).__name__}: {e}"[:200]
-
-
-def build_ours(model_dir, opts):
-    """Our candidate: nf4+dq (or bf16 base), bf16 non-quantized params (no fp32 upcast), Liger kernels, varlen
-    flash attention over packed sequences, fused LoRA, non-reentrant checkpointing, dropout 0."""
-    from peft import get_peft_model
-    if opts.get("liger", True):
-        apply_liger()
-    else:
-        _STATUS["liger"] = "off"
-    try:
-        register_varlen()
-        vmode = setup_varlen()
-    except Exception as e:  # noqa: BLE001
-        traceback.print_exc()
-        vmode = f"failed: {e}"[:100]
-        opts = dict(opts, attn="sdpa")
-    m = load_model(model_dir, quant=opts.get("base", "nf4"), attn="sdpa")
-    if opts.get("attn", "varlen") != "sdpa":
-        set_attn(m, "qlora_varlen" if opts.get("attn", "varlen") == "varlen" else opts["attn"])
-    for p in m.parameters():
-        p.requires_grad_(False)
-    if opts.get("upcast"):
-        from peft import prepare_model_for_kbit_training
-        m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=False)
-    if opts.get("ckpt", True):
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    from transformers import set_seed
-    set_seed(int(opts.get("seed", 42)))
-    m = get_peft_model(m, lora_config(targets_of(opts.get("targets", "all")), opts.get("dropout", 0.0)))
-    try:
-        patch_fused_lora()
-        _FUSED["on"] = bool(opts.get("fused", True))
-    except Exception as e:  # noqa: BLE001
-        traceback.print_exc()
-        _STATUS["fused"] = f"failed: {e}"[:200]
-    m.train()
-    _STATUS["attention"] = vmode
-    return m, vmode
-
-
-def apply_variant(model, v):
-    """In-process toggles for the sweep."""
-    if "dropout" in v:
-        set_dropout(model, v["dropout"])
-    if "fused" in v:
-        _FUSED["on"] = bool(v["fused"])
-    if "attn" in v:
-        set_attn(model, "qlora_varlen" if v["attn"] == "varlen" else v["attn"])
-    if "ckpt" in v:
-        base = model.get_base_model()
-        if v["ckpt"]:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            base.gradient_checkpointing_disable()
 
 
 def retarget(model, targets, dropout):
@@ -819,32 +800,36 @@ def cmd_recipe(a):
         return
 
     if name == "ours":
-        opts = dict(extra)
-        tok = int(opts.get("tokens", 16384))
-        opts["targets"] = ntargets[0]
-        m, vmode = build_ours(a.dir, opts)
-        items = micro_batches(V, tok, steps + warm, varlen=True)
-        for j, t in enumerate(ntargets):
-            if j:
-                m = retarget(m, t, opts.get("dropout", 0.0))
-            res = run_trainer(m, items, steps=steps + warm, warmup=warm, optim=opts.get("optim", "adamw_torch_fused"))
-            record(t, res, micro_batch_tokens=tok, attention=vmode, opts=opts, fused_calls=_FUSED["calls"],
-                   status=dict(_STATUS), notes="Trainer; ours")
-        if opts.get("profile24"):
-            m = retarget(m, "all", opts.get("dropout", 0.0))
-            for tk in (2048,):
-                items2 = micro_batches(V, tk, steps + warm, varlen=True)
-                res = run_trainer(m, items2, steps=steps + warm, warmup=warm)
-                record("all", res, micro_batch_tokens=tk, kind="profile_24gb", attention=vmode, opts=opts)
-        if opts.get("profile"):
-            m = retarget(m, "all", opts.get("dropout", 0.0))
-            res = manual_run(m, items[:3], steps=1, warmup=1, profile=True)
-            record("all", res, micro_batch_tokens=tok, kind="profile", attention=vmode, opts=opts)
-        return
+        return run_ours(a, record, ntargets, V, steps, warm, extra)
 
     if name in ("trl", "unsloth"):
         return run_sft(a, name, info, common, ntargets, V, steps, warm, extra)
     raise SystemExit(f"unknown recipe {name}")
+
+
+def run_ours(a, record, ntargets, V, steps, warm, extra):
+    """Ours = the worker: one `python -m remote_worker`-equivalent run per target set (a process each, so the
+    memory peaks don't mix), timed from its events.jsonl. opts: tokens (0 = the worker's default: 16384 on CUDA),
+    profile24 (one more run at 2,048 tokens), profile (one step under torch.profiler, built in-process from the
+    worker's functions), eval (an eval split, to exercise evaluation), max_len, and ours_spec's switches."""
+    root = extra.get("root") or os.path.join(os.environ.get("OUT") or "/tmp", "qb_worker_jobs")
+    tokens = int(extra.get("tokens", 0))
+    runs = [(t, tokens, {}, {}) for t in ntargets]
+    if extra.get("profile24"):
+        runs.append(("all", 2048, {"kind": "profile_24gb"}, {}))
+    if extra.get("eval_check"):  # an eval split: with Liger on, eval must not build the logits (skip_logits)
+        runs.append(("all", tokens, {"kind": "eval_check"}, {"eval": True}))
+    for t, tok, kw, more in runs:
+        res = run_worker_job(a.dir, root, targets=t, tokens=tok, steps=steps, warm=warm, opts=dict(extra, **more),
+                             vocab=V)
+        record(t, res, opts=extra, notes="the worker itself: remote_worker.__main__.main(job.json) on synthetic "
+               "pre-tokenized data, Trainer; rows padded to the micro-batch on CUDA; non-pad tokens counted", **kw)
+    if extra.get("profile"):
+        ours = Ours(a.dir, dict(extra, targets="all"))
+        tok = tokens or 16384
+        res = manual_run(ours.model, ours.batches(V, tok, 3), steps=1, warmup=1, profile=True)
+        record("all", res, micro_batch_tokens=tok, kind="profile", status=ours.status(), opts=extra,
+               notes="one step under torch.profiler (manual loop), model built by the worker's functions")
 
 
 def run_sft(a, name, info, common, ntargets, V, steps, warm, extra):
@@ -923,7 +908,8 @@ def cmd_sweep(a):
     V = arch_of(a.dir)["vocab_size"]
     base = json.loads(a.base or "{}")
     variants = json.loads(a.variants)
-    m, vmode = build_ours(a.dir, base)
+    ours = Ours(a.dir, base)
+    m = ours.model
     cache = {}
     deadline = time.time() + a.budget_s
     for v in variants:
@@ -936,13 +922,13 @@ def cmd_sweep(a):
         tok = int(cfg["tokens"])
         if tok not in cache:
             cache.clear()
-            cache[tok] = micro_batches(V, tok, a.steps + a.warmup, varlen=True)
+            cache[tok] = ours.batches(V, tok, a.steps + a.warmup)
         try:
             if cfg.get("compile") and not getattr(m, "_qb_compiled", False):
                 for layer in m.get_base_model().model.layers:
                     layer.compile(dynamic=True)
                 m._qb_compiled = True
-            apply_variant(m, cfg)
+            ours.apply_variant(cfg)
             res = manual_run(m, cache[tok], steps=a.steps, warmup=a.warmup, optim=cfg.get("optim", "adamw_torch_fused"))
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
@@ -950,9 +936,10 @@ def cmd_sweep(a):
             if "out of memory" in str(e).lower():
                 res["oom"] = True
         mem_reset()
-        r = dict(recipe="ours-sweep", date=time.strftime("%Y-%m-%d %H:%M:%S"), variant=v, config=cfg, status=dict(_STATUS),
-                 micro_batch_tokens=tok, attention=vmode if cfg.get("attn", "varlen") == "varlen" else cfg.get("attn"),
-                 warmup_steps=a.warmup, loop="manual")
+        r = dict(recipe="ours-sweep", date=time.strftime("%Y-%m-%d %H:%M:%S"), variant=v, config=cfg,
+                 status=ours.status(), micro_batch_tokens=tok,
+                 attention=ours.paths.attention if cfg.get("attn", "varlen") == "varlen" else cfg.get("attn"),
+                 warmup_steps=a.warmup, loop="manual", built_by="remote_worker functions")
         r.update(res)
         emit(finish(r, info), a.results)
 
@@ -969,16 +956,17 @@ def cmd_quality(a):
     tok = int(opts.get("tokens", 4096))
     set_seed(a.seed)
     if a.name == "ours":
-        m, vmode = build_ours(a.dir, dict(opts, targets="all", seed=a.seed))
-        varlen = True
+        ours = Ours(a.dir, dict(opts, targets="all", seed=a.seed))
+        m, vmode = ours.model, ours.paths.attention
+        items = ours.batches(V, tok, a.steps, seed=7, task="pattern")
     else:
         m = load_model(a.dir, quant="nf4", attn="sdpa")
         m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
         set_seed(a.seed)
         m = get_peft_model(m, lora_config(ALL_LINEAR, float(opts.get("dropout", 0.05))))
-        vmode, varlen = "sdpa_packed_mask", False
-    items = micro_batches(V, tok, a.steps, seed=7, varlen=varlen, task="pattern")
+        vmode = "sdpa_packed_mask"
+        items = micro_batches(V, tok, a.steps, seed=7, varlen=False, task="pattern")
     params = [p for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=a.lr, fused=dev() == "cuda")
     losses = []
@@ -996,7 +984,7 @@ def cmd_quality(a):
         losses.append(round(float(out.loss), 5))
     r = dict(recipe=f"quality-{a.name}", label=a.label or a.name, seed=a.seed, lr=a.lr, tokens_per_step=tok,
              steps=a.steps, attention=vmode, opts=opts, arch=args_arch_name(arch), seconds=round(time.time() - t0, 1),
-             first_loss=losses[0], final_loss_mean10=round(sum(losses[-10:]) / 10, 4), losses=losses,
+             first_loss=losses[0], final_loss_mean10=round(sum(losses[-10:]) / len(losses[-10:]), 4), losses=losses,
              gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
     emit(r, a.results)
 
@@ -1064,7 +1052,10 @@ def cmd_env(a):
         e1.record()
         torch.cuda.synchronize()
         info["matmul_bf16_8192_tflops"] = round(2 * n**3 * 20 / (e0.elapsed_time(e1) / 1e3) / 1e12, 1)
-        info["varlen_attention"] = setup_varlen()
+        _, fast, _ = worker_modules()
+        problem = fast.varlen.self_check(28, 4, 128, torch.bfloat16, "cuda")  # Qwen2.5-7B's heads
+        info["varlen_attention"] = "flash_varlen" if problem is None else "sdpa"
+        info["varlen_check"] = fast.varlen.note()
         try:
             from torch.nn.attention.varlen import varlen_attn
             info["varlen_attn_signature"] = str(inspect.signature(varlen_attn))[:300]
@@ -1121,7 +1112,7 @@ def cmd_suite(a):
             (["env", "--results", res], 90, None),
             make7,
             (["recipe", "--name", "ours", "--dir", model, "--targets", "both", "--steps", S, "--warmup", W,
-              "--results", res, "--opts", json.dumps({"tokens": 16384, "profile24": True, "profile": True})], 200, ours_env),
+              "--results", res, "--opts", json.dumps({"tokens": 16384, "profile24": True, "profile": True})], 330, ours_env),
             (["recipe", "--name", "reference", "--dir", model, "--targets", "both", "--steps", S, "--warmup", W,
               "--results", res, "--opts", json.dumps({"tokens": 8192, "profile24": True, "profile": True})], 200, None),
             (["sweep", "--dir", model, "--steps", "3", "--warmup", "2", "--results", res, "--budget_s", "160",
@@ -1131,6 +1122,19 @@ def cmd_suite(a):
                                         {"ckpt": False, "tokens": 8192}])], 230, ours_env),
             (["recipe", "--name", "trl", "--dir", model, "--targets", "all", "--steps", S, "--warmup", W,
               "--results", res], 200, None),
+        ]
+    if ph == "W":  # the worker itself, with the reference on the same card (one device call)
+        plan += [
+            (["env", "--results", res], 90, None),
+            make7,
+            # no ours_env: the worker's own __main__ must set expandable_segments (recorded as alloc_conf_in_worker)
+            (["recipe", "--name", "ours", "--dir", model, "--targets", "both", "--steps", S, "--warmup", W,
+              "--results", res, "--opts", json.dumps({"tokens": 0, "profile24": True, "eval_check": True})], 360, None),
+            (["recipe", "--name", "reference", "--dir", model, "--targets", "all", "--steps", S, "--warmup", W,
+              "--results", res, "--opts", json.dumps({"tokens": 8192})], 150, None),
+            (["sweep", "--dir", model, "--steps", "3", "--warmup", "2", "--results", res, "--budget_s", "110",
+              "--base", json.dumps({"tokens": 16384}),
+              "--variants", json.dumps([{}, {"fused": False}, {"attn": "sdpa"}])], 190, ours_env),
         ]
     if ph in ("B", "all"):
         small = a.q_dir
@@ -1171,6 +1175,61 @@ def cmd_suite(a):
             continue
         _sub(args, lg, min(tmo, left - 10), env)
     summarize(res)
+
+
+def cmd_smoke(a):
+    """CPU dry run on the tiny model of what phase W runs on a GPU (and the quality guard), small and fast:
+    the worker on synthetic pre-tokenized data (both target sets, an eval split), ours built in-process and swept,
+    the reference and the seed recipes. Exit code 1 if any row has an error or is missing."""
+    import tempfile
+    out = a.out or tempfile.mkdtemp(prefix="qb_smoke_")
+    os.makedirs(out, exist_ok=True)
+    model, res, lg = os.path.join(out, "tiny"), os.path.join(out, "results.jsonl"), os.path.join(out, "log.txt")
+    env = {"OUT": out, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)}
+    small = {"tokens": 512, "max_len": 256}
+    plan = [
+        (["make", "--arch", "tiny", "--dir", model], 120),
+        (["recipe", "--name", "ours", "--dir", model, "--targets", "both", "--steps", "2", "--warmup", "1",
+          "--results", res, "--opts", json.dumps(dict(small, eval_check=True, profile=True))], 400),
+        (["sweep", "--dir", model, "--steps", "1", "--warmup", "1", "--results", res, "--budget_s", "200",
+          "--base", json.dumps({"tokens": 512}),
+          "--variants", json.dumps([{}, {"fused": False}, {"attn": "sdpa"}, {"dropout": 0.05}, {"ckpt": False}])], 300),
+        (["quality", "--name", "ours", "--dir", model, "--steps", "3", "--results", res,
+          "--opts", json.dumps({"tokens": 512})], 200),
+        (["quality", "--name", "reference", "--dir", model, "--steps", "3", "--results", res,
+          "--opts", json.dumps({"tokens": 512})], 200),
+        (["recipe", "--name", "reference", "--dir", model, "--targets", "all", "--steps", "2", "--warmup", "1",
+          "--results", res, "--opts", json.dumps({"tokens": 512})], 200),
+        (["recipe", "--name", "seed", "--dir", model, "--targets", "qv", "--steps", "1", "--warmup", "1",
+          "--results", res], 300),
+    ]
+    t_end = time.time() + a.budget_s
+    for args, tmo in plan:
+        _sub(args, lg, max(30, min(tmo, t_end - time.time())), env)
+    summarize(res)
+    rows = [json.loads(x) for x in open(res) if x.strip()] if os.path.exists(res) else []
+    expected = {("ours", "all", None): 1, ("ours", "qv", None): 1, ("ours", "all", "eval_check"): 1,
+                ("ours", "all", "profile"): 1, ("ours-sweep", "all", None): 5, ("quality-ours", None, None): 1,
+                ("quality-reference", None, None): 1, ("reference", "all", None): 1, ("seed", "qv", None): 1}
+    got = {}
+    for r in rows:
+        key = (r.get("recipe"), r.get("targets", "all" if r.get("recipe") == "ours-sweep" else None), r.get("kind"))
+        got[key] = got.get(key, 0) + 1
+    errors = [f"{r.get('recipe')} {r.get('targets')} {r.get('kind', '')}: {r['error']}" for r in rows if r.get("error")]
+    missing = [f"{k}: {got.get(k, 0)} of {n}" for k, n in expected.items() if got.get(k, 0) < n]
+    worker_rows = [r for r in rows if r.get("recipe") == "ours" and r.get("kind") != "profile"]
+    for r in worker_rows:
+        if not (r.get("done") and r.get("tok_per_s") and str(r.get("fused_lora", "")).startswith("on")):
+            errors.append(f"ours {r.get('targets')} {r.get('kind', '')}: done={r.get('done')} "
+                          f"tok/s={r.get('tok_per_s')} fused_lora={r.get('fused_lora')}")
+    log(f"\nsmoke: {len(rows)} rows in {res}")
+    for line in errors + [f"missing {m}" for m in missing]:
+        log("SMOKE FAIL " + line)
+    if errors or missing:
+        raise SystemExit(1)
+    log("SMOKE OK: every piece ran on the tiny model (CPU); worker paths: " + "; ".join(
+        f"{r['targets']}/{r.get('kind', 'train')}: attention {r.get('attention')}, liger {r.get('liger')}, "
+        f"fused_lora {r.get('fused_lora')}" for r in worker_rows))
 
 
 def summarize(path):
@@ -1233,7 +1292,7 @@ def main():
     q.add_argument("--opts", default="{}")
     q.add_argument("--results")
     u = sp.add_parser("suite")
-    u.add_argument("--phase", default="all", choices=["A", "B", "C", "all"])
+    u.add_argument("--phase", default="all", choices=["W", "A", "B", "C", "all"])
     u.add_argument("--out")
     u.add_argument("--model_dir", default="/tmp/qb_7b")
     u.add_argument("--arch", default="7b", choices=list(ARCH))
@@ -1243,9 +1302,14 @@ def main():
     u.add_argument("--warmup", type=int, default=2)
     u.add_argument("--q_steps", type=int, default=100)
     u.add_argument("--budget_s", type=float, default=560)
+    w = sp.add_parser("worker")
+    w.add_argument("--job", required=True)
+    k = sp.add_parser("smoke")
+    k.add_argument("--out")
+    k.add_argument("--budget_s", type=float, default=900)
     a = p.parse_args()
     {"make": cmd_make, "env": cmd_env, "recipe": cmd_recipe, "sweep": cmd_sweep, "quality": cmd_quality,
-     "suite": cmd_suite}[a.cmd](a)
+     "suite": cmd_suite, "worker": cmd_worker, "smoke": cmd_smoke}[a.cmd](a)
 
 
 if __name__ == "__main__":

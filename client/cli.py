@@ -42,6 +42,26 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 JobFile = Annotated[Path, typer.Argument(help="the job spec, e.g. job.toml", show_default=False)]
 JobId = Annotated[str | None, typer.Argument(help="job id or a unique prefix; default: the latest job")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print machine-readable JSON")]
+DeadlineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--deadline",
+        help="stop in time to save and fetch before this: a duration (90m, 3h, 1h30m), a time (18:30) or a "
+        "date and time (2026-12-01 18:00); the sooner of it and instance.expires_at counts",
+    ),
+]
+
+
+def _deadline(text: str | None) -> float | None:
+    from client.errors import SpecError
+    from client.submit import parse_deadline
+
+    if text is None:
+        return None
+    try:
+        return parse_deadline(text)
+    except ValueError as exc:
+        raise SpecError(f"--deadline: {exc}", []) from None
 
 
 def _print_json(obj: object) -> None:
@@ -104,13 +124,16 @@ def prepare(
 def submit(
     job_file: JobFile,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="then follow it like `tail`, exit with its outcome")] = False,
+    deadline: DeadlineOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check, prepare, upload and launch a job on its instance (under tmux); print the job id."""
+    """Check, prepare, upload and launch a job on its instance (under tmux); print the job id.
+
+    The same job submitted again while it runs is reattached to, not launched twice."""
     from client.submit import submit as do_submit
 
     ledger = Ledger()
-    result = do_submit(job_file, ledger=ledger, log=_log)
+    result = do_submit(job_file, ledger=ledger, log=_log, deadline_unix=_deadline(deadline))
     if as_json:
         _print_json(result.as_dict())
     else:
@@ -120,13 +143,14 @@ def submit(
         _tail(ledger, result.job_id, raw=False, as_json=False)
 
 
-def _tail(ledger: Ledger, job: str | None, raw: bool, as_json: bool) -> None:
+def _tail(ledger: Ledger, job: str | None, raw: bool, as_json: bool, fetch: bool = True) -> None:
     from client.tail import tail as do_tail
 
     record = ledger.get(job)
-    progress = do_tail(record, ledger, console, raw=raw, as_json=as_json)
+    progress = do_tail(record, ledger, console, raw=raw, as_json=as_json, fetch=fetch)
     if not as_json and not raw and progress.done:
-        _log(f"[green]✓[/] {record.id} done. Fetch the adapter with: autodl-run fetch {record.id}")
+        where = progress.laptop or f"on the instance; fetch it with: autodl-run fetch {record.id}"
+        _log(f"[green]✓[/] {record.id} done; {escape(where)}")
 
 
 @app.command()
@@ -134,9 +158,15 @@ def tail(
     job: JobId = None,
     raw: Annotated[bool, typer.Option("--raw", help="stream the worker's log instead of the progress view")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print the events as JSON lines")] = False,
+    no_fetch: Annotated[
+        bool, typer.Option("--no-fetch", help="do not fetch checkpoints' adapters nor the final adapter")
+    ] = False,
 ) -> None:
-    """Follow a job live: step, loss, lr, tokens/s, ETA, memory, spend. Reconnects by itself."""
-    _tail(Ledger(), job, raw, as_json)
+    """Follow a job live: step, loss, lr, tokens/s, ETA, memory, spend. Reconnects by itself.
+
+    Meanwhile each new checkpoint's adapter is fetched in the background, and the final adapter is
+    fetched and verified when the job ends (then the instance's guard may shut it down)."""
+    _tail(Ledger(), job, raw, as_json, fetch=not no_fetch)
 
 
 @app.command()
@@ -170,8 +200,12 @@ def status(job: JobId = None, as_json: JsonOpt = False) -> None:
         t.add_row("spend", f"{info['spent']:.2f} {info['currency']} (projected {info['projected']:.2f})")
     if info["error"]:
         t.add_row("error", escape(f"{info['error']['error_class']}: {info['error']['message']}"))
+    if info.get("checkpoint"):
+        t.add_row("checkpoint", escape(f"step {info['checkpoint']['step']}: {info['checkpoint']['path']}"))
     if info["fetched_to"]:
         t.add_row("fetched to", info["fetched_to"])
+    if info.get("guard"):
+        t.add_row("guard", escape(info["guard"]))
     console.print(t)
 
 
@@ -200,26 +234,36 @@ def list_jobs(as_json: JsonOpt = False) -> None:
 def fetch(
     job: JobId = None,
     to: Annotated[Path | None, typer.Option(help="folder to fetch into (default: the spec's fetch.to)")] = None,
+    checkpoints: Annotated[
+        bool,
+        typer.Option(
+            "--checkpoints", help="also the newest checkpoint, whole with its optimizer state (to resume elsewhere)"
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Pull the final LoRA adapter back and verify it against the worker's sha256 manifest."""
-    from client.fetch import LOAD_SNIPPET
-    from client.fetch import fetch as do_fetch
+    from client.fetch import LOAD_SNIPPET, fetch_all
 
     ledger = Ledger()
     record = ledger.get(job)
-    dest, digest = do_fetch(record, ledger, to)
+    result = fetch_all(record, ledger, to, checkpoints=checkpoints)
     if as_json:
-        _print_json({"job_id": record.id, "adapter": str(dest), "manifest_sha256": digest, "verified": True})
+        _print_json(result)
         return
-    console.print(f"[green]✓[/] adapter verified (manifest sha256 {digest[:16]}…) → {escape(str(dest))}")
-    console.print("Load it with:")
-    console.print(escape(LOAD_SNIPPET.format(base=record.spec.model.name_or_path, adapter=dest)))
+    if result["checkpoint"]:
+        c = result["checkpoint"]
+        console.print(f"[green]✓[/] checkpoint step-{c['step']} verified, whole → {escape(c['path'])}")
+    if result["adapter"]:
+        digest, dest = result["manifest_sha256"], result["adapter"]
+        console.print(f"[green]✓[/] adapter verified (manifest sha256 {digest[:16]}…) → {escape(dest)}")
+        console.print("Load it with:")
+        console.print(escape(LOAD_SNIPPET.format(base=record.spec.model.name_or_path, adapter=dest)))
 
 
 @app.command()
 def cancel(job: Annotated[str, typer.Argument(help="job id or a unique prefix")]) -> None:
-    """Stop a job on its instance (the worker saves nothing further; checkpoints stay)."""
+    """Stop a job on its instance: it saves a checkpoint first (`autodl-run resume` continues it)."""
     from client import launcher
     from client.submit import layout_for
     from client.transport import connect
@@ -230,12 +274,56 @@ def cancel(job: Annotated[str, typer.Argument(help="job id or a unique prefix")]
     try:
         launcher.cancel(
             transport, layout_for(record.spec).job(record.id), socket=record.spec.instance.tmux_socket,
-            session=record.id,
+            session=record.id, grace=120,  # SIGINT, then the worker finishes its step and saves a checkpoint
         )
     finally:
         transport.close()
     ledger.update(record.id, state="cancelled")
     console.print(f"cancelled {record.id}")
+
+
+@app.command()
+def resume(
+    job: Annotated[str, typer.Argument(help="job id or a unique prefix")],
+    instance_from: Annotated[
+        Path | None,
+        typer.Option(
+            "--instance-from",
+            help="continue on another instance: the [instance] table of this TOML file (a job.toml works)",
+        ),
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="continue on another instance: a host saved by `autodl-run login`")
+    ] = None,
+    deadline: DeadlineOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="then follow it like `tail`")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Continue a job from its last checkpoint: global step, LR schedule, data order and RNG continue.
+
+    On its own instance it restarts in place; on another one (--instance-from, --profile) the checkpoint
+    fetched last is uploaded there and the job continues under a new id. A running job is reattached to."""
+    from client.resume import instance_for_profile, instance_from_file
+    from client.resume import resume as do_resume
+
+    if instance_from and profile:
+        from client.errors import SpecError
+
+        raise SpecError("give --instance-from or --profile, not both", [])
+    ledger = Ledger()
+    record = ledger.get(job)
+    instance = None
+    if instance_from:
+        instance = instance_from_file(instance_from)
+    elif profile:
+        instance = instance_for_profile(record.spec.instance, profile)
+    result = do_resume(record, ledger, instance=instance, deadline_unix=_deadline(deadline), log=_log)
+    if as_json:
+        _print_json(result.as_dict())
+    else:
+        console.print(f"[bold]{result.job_id}[/]")
+    if follow:
+        _tail(ledger, result.job_id, raw=False, as_json=False)
 
 
 @app.command()
@@ -247,6 +335,84 @@ def init(
         raise AutodlRunError(f"{dest} already exists", hint="give another path")
     shutil.copy(Path(__file__).parent / "example_job.toml", dest)
     console.print(f"wrote {dest}; edit it, then `autodl-run check {dest}`")
+
+
+# -- instances: login, doctor, trust (client/login.py, client/doctor.py) --------------------------
+
+
+@app.command()
+def login(
+    command: Annotated[str, typer.Argument(metavar="COMMAND", help='the login command from the console, in quotes: "ssh -p PORT root@HOST"')],
+    name: Annotated[str | None, typer.Option("--name", help="the profile's name (default: from the host)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Log in once with the password (prompt, or $AUTODL_RUN_PASSWORD), install a key, save a host profile.
+
+    Then use it in a job as [instance] profile = "NAME". Run it again after a power cycle changed the
+    port or the password: the profile is updated and its jobs follow it.
+    """
+    from client.login import login as do_login
+
+    result = do_login(command, name, log=_log)
+    if as_json:
+        _print_json(result.as_dict())
+        return
+    p = result.profile
+    verb = "created" if result.created else "updated"
+    changed = "".join(f", {k} {old} → {new}" for k, (old, new) in result.changes.items())
+    console.print(f"[green]✓[/] profile [bold]{escape(p.name)}[/] {verb}: {escape(p.where)}{escape(changed)}")
+    console.print(f"  key {escape(p.identity_file)} {'installed' if result.key_added else 'already authorized'}"
+                  f"{' (the password was used once, not stored)' if result.used_password else ''}")  # fmt: skip
+    console.print(f"  host key {escape(result.host_key)} pinned in {escape(str(p.known_hosts))}")
+    console.print(escape(f'  use it in a job: [instance] profile = "{p.name}"; check it: autodl-run doctor {p.name}'))
+
+
+@app.command()
+def doctor(
+    target: Annotated[str | None, typer.Argument(metavar="TARGET", help="a profile name or a job.toml (default: the last profile)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check an instance in one round trip: python, torch/CUDA, GPU, disks, packages, tmux, rsync, mirrors, clock.
+
+    Exits 5 when a check failed; each failure comes with its fix.
+    """
+    from client.doctor import doctor as do_doctor
+    from client.doctor import render
+
+    report = do_doctor(target)
+    if as_json:
+        _print_json(report)
+    else:
+        render(report, console)
+    if not report["ok"]:
+        from client.errors import RemoteEnvError
+
+        failed = [c["name"] for c in report["checks"] if c["status"] == "fail"]
+        raise RemoteEnvError(f"{report['target']}: {len(failed)} check(s) failed: {', '.join(failed)}",
+                             hint="each one's fix is in the table (or the JSON's checks[].hint)")  # fmt: skip
+
+
+@app.command()
+def trust(
+    target: Annotated[str, typer.Argument(metavar="TARGET", help="a profile name, or a host")],
+    port: Annotated[int | None, typer.Option(help="the host's ssh port (for a host, not a profile)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pin the host key an instance presents now, replacing the one pinned before.
+
+    Only after a host-key error, and only if you know the instance was re-created behind the same address.
+    """
+    from client.login import trust as do_trust
+
+    info = do_trust(target, port)
+    if as_json:
+        _print_json(info)
+        return
+    was = ", ".join(info["old"]) or "nothing"
+    if info["changed"]:
+        console.print(f"[green]✓[/] {escape(target)} ({info['address']}): pinned {info['new']} (was: {escape(was)})")
+    else:
+        console.print(f"[green]✓[/] {escape(target)} ({info['address']}): unchanged, {info['new']}")
 
 
 def main() -> None:

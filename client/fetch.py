@@ -1,61 +1,347 @@
-"""`fetch`: pull the final adapter back and verify it against the worker's sha256 manifest.
+"""`fetch`: pull the final adapter (and checkpoints) back and verify them against the worker's manifests.
 
-The copy lands in `<dest>.partial` and is renamed into place only once every file matches,
-so a fetched adapter folder is always a verified one.
+On the laptop, under `<fetch.to>/<job id>/`:
+    adapter/                 the final adapter, verified
+    checkpoints/step-N/      the newest checkpoint: `adapter/` only (auto-fetch), or whole with the
+                             optimizer state (`fetch --checkpoints`, what resuming elsewhere needs)
+
+A copy lands in `<dest>.partial` and is renamed into place only once every file matches, so a
+fetched folder is always a verified one. What is already there seeds the copy: rsync sends only
+what differs.
+
+While it transfers, the client holds a lease on the instance (`fetching.<token>`, touched every
+LEASE_REFRESH_S), so the guard never shuts the instance down mid-fetch. Once the final adapter is
+verified, the client writes its acknowledgement (`fetched.json`: the manifest's sha256, where it
+went); the guard shuts the instance down only on an acknowledgement naming that very adapter.
+Each fetch also reports its speed (`transfer.json`): the worker sizes its deadline margin by it.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import secrets
 import shutil
+import socket
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from client.errors import JobError, VerifyError
+from client.errors import JobError, TransportError, VerifyError
 from client.ledger import JobRecord, Ledger
 from client.submit import layout_for
 from client.transport import connect
-from jobs.manifest import ManifestError, verify_manifest
+from client.transport.base import Transport
+from client.transport.paths import shell_path
+from jobs.layout import CHECKPOINT_ADAPTER, MANIFEST, JobPaths
+from jobs.manifest import ManifestError, read_manifest, verify_manifest
 
 LOAD_SNIPPET = """from peft import PeftModel
 from transformers import AutoModelForCausalLM
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{adapter}")"""
+LEASE_REFRESH_S = 15.0
+STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def job_root(record: JobRecord, to: Path | None = None) -> Path:
+    """`<fetch.to>/<job id>` on the laptop (fetch.to relative to the job file), or `<to>/<job id>`."""
+    if to is not None:
+        return (Path(to).expanduser() / record.id).resolve()
+    base = Path(record.spec.fetch.to).expanduser()
+    if not base.is_absolute():
+        base = Path(record.job_file).parent / base
+    return (base / record.id).resolve()
 
 
 def default_destination(record: JobRecord) -> Path:
-    to = Path(record.spec.fetch.to).expanduser()
-    if not to.is_absolute():
-        to = Path(record.job_file).parent / to
-    return to / record.id / "adapter"
+    return job_root(record) / "adapter"
 
 
-def fetch(record: JobRecord, ledger: Ledger, to: Path | None = None) -> tuple[Path, str]:
-    """Returns (the verified adapter folder, the manifest's sha256)."""
-    if record.state in ("failed", "cancelled", "lost"):
-        raise JobError(
-            f"job {record.id} ended as {record.state}: it has no final adapter",
-            hint=f"see why with `autodl-run tail {record.id} --raw`",
+# --- on the instance: lease, acknowledgement, speed ---------------------------------------------
+
+
+class Lease:
+    """`fetching.<token>` in the job folder, touched until the fetch ends: the guard waits meanwhile."""
+
+    def __init__(self, transport: Transport, paths: JobPaths, refresh_s: float = LEASE_REFRESH_S):
+        self.transport, self.refresh_s = transport, refresh_s
+        self.path = f"{paths.fetching}.{secrets.token_hex(4)}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _touch(self) -> None:
+        try:
+            self.transport.run(f"touch -- {shell_path(self.path)}", check=False, timeout=30)
+        except TransportError:
+            pass  # the fetch itself will report a dead link
+
+    def __enter__(self) -> Lease:
+        self._touch()
+        self._thread = threading.Thread(target=self._refresh, name="fetch-lease", daemon=True)
+        self._thread.start()
+        return self
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(self.refresh_s):
+            self._touch()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.refresh_s + 5)
+        try:
+            self.transport.run(f"rm -f -- {shell_path(self.path)}", check=False, timeout=30)
+        except TransportError:
+            pass  # left behind, it goes stale in a minute
+
+
+def _write_remote(transport: Transport, path: str, data: dict) -> None:
+    body = json.dumps(data, indent=1) + "\n"
+    q = shell_path(path)
+    transport.run(f"cat > {q}.tmp && mv -f -- {q}.tmp {q}", input=body)
+
+
+def acknowledge(transport: Transport, paths: JobPaths, *, manifest_sha256: str, dest: Path, what: str = "adapter",
+                step: int | None = None) -> dict:  # fmt: skip
+    """Tell the instance (and its guard) that the laptop holds this adapter, verified."""
+    ack = {
+        "what": what,
+        "manifest_sha256": manifest_sha256,
+        "step": step,
+        "to": str(dest),
+        "by": socket.gethostname(),
+        "at": time.time(),
+    }
+    _write_remote(transport, paths.fetched, ack)
+    return ack
+
+
+def report_speed(transport: Transport, paths: JobPaths, nbytes: int, seconds: float) -> float | None:
+    """Write the measured download speed for the worker's deadline margin; returns bytes/s."""
+    if nbytes <= 0 or seconds <= 0:
+        return None
+    bps = nbytes / seconds
+    try:
+        _write_remote(
+            transport,
+            paths.transfer,
+            {"bytes_per_s": bps, "bytes": nbytes, "seconds": seconds, "at": time.time()},
         )
-    dest = Path(to) / record.id / "adapter" if to else default_destination(record)
-    paths = layout_for(record.spec).job(record.id)
-    transport = connect(record.spec.instance)
+    except TransportError:
+        pass
+    return bps
+
+
+# --- pulling a verified folder ----------------------------------------------------------------------
+
+
+def pull_verified(
+    transport: Transport, remote: str, dest: Path, expected_sha256: str | None = None
+) -> tuple[str, int]:
+    """rsync `remote` into `dest` through `dest.partial`, verify it against its manifest; (sha256, bytes)."""
+    partial = dest.with_name(dest.name + ".partial")
+    if dest.is_dir() and not partial.exists():
+        dest.rename(partial)  # what is already here seeds the copy: rsync sends only what differs
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    transport.get(remote, partial)
     try:
-        if not transport.run(["test", "-f", paths.adapter + "/manifest.json"], check=False).ok:
-            raise JobError(
-                f"job {record.id} has no final adapter yet on {transport.where}",
-                hint=f"wait for it to finish (`autodl-run tail {record.id}`), then fetch again",
-            )
-        partial = dest.with_name(dest.name + ".partial")
-        transport.get(paths.adapter, partial)
-    finally:
-        transport.close()
-    try:
-        digest = verify_manifest(partial)
+        _drop_unlisted(partial)
+        digest = verify_manifest(partial, expected_sha256)
     except ManifestError as exc:
         raise VerifyError(
-            f"the fetched adapter in {partial} does not match the worker's manifest: {exc}",
-            hint=f"fetch again (`autodl-run fetch {record.id}`): only differing files are re-sent",
+            f"the fetched files in {partial} do not match the worker's manifest: {exc}",
+            hint="fetch again: only the differing files are sent again",
         ) from None
+    size = sum(int(e.get("size", 0)) for e in read_manifest(partial)["files"])
     if dest.exists():
         shutil.rmtree(dest)
     partial.rename(dest)
+    return digest, size
+
+
+def _drop_unlisted(folder: Path) -> None:
+    """Remove files a seeding copy had that the new manifest does not list (rsync adds, never deletes here)."""
+    listed = {e.get("path") for e in read_manifest(folder)["files"]} | {MANIFEST}
+    for p in sorted(folder.rglob("*"), reverse=True):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_file() and rel not in listed:
+            p.unlink()
+        elif p.is_dir() and not any(p.iterdir()):
+            p.rmdir()
+
+
+# --- the final adapter --------------------------------------------------------------------------------
+
+
+def fetch(
+    record: JobRecord,
+    ledger: Ledger,
+    to: Path | None = None,
+    *,
+    expected_sha256: str | None = None,
+    transport: Transport | None = None,
+) -> tuple[Path, str]:
+    """Pull and verify the final adapter, acknowledge it on the instance. Returns (folder, manifest sha256)."""
+    if record.state in ("failed", "cancelled", "lost"):
+        raise JobError(
+            f"job {record.id} ended as {record.state}: it has no final adapter",
+            hint=f"its newest checkpoint: `autodl-run fetch {record.id} --checkpoints`; "
+            f"continue it: `autodl-run resume {record.id}`",
+        )
+    dest = job_root(record, to) / "adapter"
+    paths = layout_for(record.spec).job(record.id)
+    own = transport is None
+    transport = transport or connect(record.spec.instance)
+    try:
+        if not transport.run(["test", "-f", paths.adapter + "/" + MANIFEST], check=False).ok:
+            raise JobError(
+                f"job {record.id} has no final adapter yet on {transport.where}",
+                hint=f"wait for it to finish (`autodl-run tail {record.id}`), or take its newest checkpoint: "
+                f"`autodl-run fetch {record.id} --checkpoints`",
+            )
+        with Lease(transport, paths):
+            t = time.monotonic()
+            digest, size = pull_verified(transport, paths.adapter, dest, expected_sha256)
+            seconds = time.monotonic() - t
+            acknowledge(transport, paths, manifest_sha256=digest, dest=dest)
+        report_speed(transport, paths, size, seconds)
+    finally:
+        if own:
+            transport.close()
     ledger.update(record.id, fetched_to=str(dest))
     return dest, digest
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FetchedCheckpoint:
+    step: int
+    path: Path  # checkpoints/step-N on the laptop (its adapter in path/adapter)
+    manifest_sha256: str  # of what was verified: the whole checkpoint (full) or its adapter
+    full: bool  # optimizer state included: enough to resume elsewhere
+    bytes: int
+    seconds: float
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / CHECKPOINT_ADAPTER
+
+    def as_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "path": str(self.path),
+            "adapter": str(self.adapter),
+            "manifest_sha256": self.manifest_sha256,
+            "full": self.full,
+            "bytes": self.bytes,
+        }
+
+
+def remote_steps(transport: Transport, paths: JobPaths) -> list[int]:
+    """The complete checkpoints (step numbers) on the instance, oldest first."""
+    res = transport.run(f"cd -- {shell_path(paths.checkpoints)} 2>/dev/null && ls -1", check=False)
+    steps = [int(m.group(1)) for ln in res.stdout.splitlines() if (m := STEP_RE.match(ln.strip()))]
+    return sorted(steps)
+
+
+def local_checkpoints(root: Path) -> list[tuple[int, Path, bool]]:
+    """(step, folder, full) for each checkpoint under `<job root>/checkpoints`, oldest first."""
+    found = []
+    folder = root / "checkpoints"
+    if folder.is_dir():
+        for p in folder.iterdir():
+            m = STEP_RE.match(p.name)
+            if (
+                m
+                and p.is_dir()
+                and ((p / MANIFEST).is_file() or (p / CHECKPOINT_ADAPTER / MANIFEST).is_file())
+            ):
+                found.append((int(m.group(1)), p, (p / MANIFEST).is_file()))
+    return sorted(found)
+
+
+def prune_local(root: Path) -> None:
+    """Keep the newest checkpoint, and the newest full one (to resume elsewhere); remove the rest."""
+    found = local_checkpoints(root)
+    keep = {found[-1][1]} if found else set()
+    full = [p for _, p, is_full in found if is_full]
+    if full:
+        keep.add(full[-1])
+    for _, p, _ in found:
+        if p not in keep:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def fetch_checkpoint(
+    record: JobRecord,
+    *,
+    to: Path | None = None,
+    full: bool = True,
+    step: int | None = None,
+    expected_sha256: str | None = None,
+    transport: Transport | None = None,
+) -> FetchedCheckpoint:
+    """Pull the newest (or a given) checkpoint: whole with `full`, else its adapter alone; verified."""
+    paths = layout_for(record.spec).job(record.id)
+    root = job_root(record, to)
+    own = transport is None
+    transport = transport or connect(record.spec.instance)
+    try:
+        for attempt in (1, 2):  # the worker may rotate a checkpoint away while we copy it: take the newer one
+            steps = remote_steps(transport, paths)
+            if step is None and not steps:
+                raise JobError(
+                    f"job {record.id} has no complete checkpoint on {transport.where}",
+                    hint="checkpoints are saved every train.save_every_minutes and train.save_steps",
+                )
+            n = step if step is not None else steps[-1]
+            remote = paths.checkpoint(n) if full else paths.checkpoint(n) + "/" + CHECKPOINT_ADAPTER
+            local = root / "checkpoints" / f"step-{n}"
+            dest = local if full else local / CHECKPOINT_ADAPTER
+            try:
+                with Lease(transport, paths):
+                    t = time.monotonic()
+                    digest, size = pull_verified(transport, remote, dest, expected_sha256)
+                    seconds = time.monotonic() - t
+                break
+            except (TransportError, VerifyError):
+                if attempt == 2 or step is not None or n in remote_steps(transport, paths):
+                    raise
+        prune_local(root)
+        return FetchedCheckpoint(n, local, digest, full, size, seconds)
+    finally:
+        if own:
+            transport.close()
+
+
+def fetch_all(
+    record: JobRecord, ledger: Ledger, to: Path | None = None, *, checkpoints: bool = False
+) -> dict:
+    """`autodl-run fetch`: the final adapter; with `checkpoints`, first the newest checkpoint, whole.
+
+    With `checkpoints`, a job without a final adapter (failed, stopped, still running) is no error.
+    """
+    out: dict = {
+        "job_id": record.id,
+        "adapter": None,
+        "manifest_sha256": None,
+        "verified": False,
+        "checkpoint": None,
+    }
+    if checkpoints:
+        try:
+            out["checkpoint"] = fetch_checkpoint(record, to=to, full=True).as_dict()
+        except JobError:
+            if record.state != "done":
+                raise
+    try:
+        dest, digest = fetch(record, ledger, to)
+    except JobError:
+        if out["checkpoint"] is None:
+            raise
+        return out
+    out.update(adapter=str(dest), manifest_sha256=digest, verified=True)
+    return out

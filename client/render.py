@@ -26,7 +26,11 @@ def fmt_duration(seconds: float | None) -> str:
 
 @dataclass
 class Progress:
-    """What the events so far say about the job; the view and `status` both read it."""
+    """What the events so far say about the job; the view and `status` both read it.
+
+    A job resumed on the same instance appends a new run to the same event file: each run starts
+    with its `setup` phase. Elapsed time (and so the spend) adds up the runs, not the gaps between.
+    """
 
     job_id: str
     price_per_hour: float | None = None
@@ -41,37 +45,63 @@ class Progress:
     failed: ev.Failed | None = None
     eval_loss: float | None = None
     checkpoints: int = 0
+    checkpoint: ev.Checkpoint | None = None  # the newest
+    runs: int = 0
+    laptop: str = ""  # what the laptop holds: set by auto-fetch and the final fetch
+    guard: str = ""  # what the instance's guard does (client.guard_launch.describe)
+    _prior_s: float = 0.0  # the runs before this one
+    _run_start: float | None = None
+    _run_last: float | None = None
+    _run_ended: bool = False
 
     def apply(self, e) -> None:
         self.first_event_at = self.first_event_at or e.t
+        new_run = (
+            self._run_start is None or self._run_ended or (isinstance(e, ev.Phase) and e.phase == "setup")
+        )
+        if new_run:
+            if self._run_start is not None and self._run_last is not None:
+                self._prior_s += max(0.0, self._run_last - self._run_start)
+            self._run_start, self._run_ended = e.t, False
+            self.runs += 1
+            if self.runs > 1:  # a resumed run: the outcome of the last one no longer stands
+                self.done = self.failed = None
+        self._run_last = e.t
         if isinstance(e, ev.Phase):
             self.phase = e.phase + (f": {e.message}" if e.message else "")
         elif isinstance(e, ev.Started):
             self.started, self.started_at, self.total_steps = e, e.t, e.total_steps
-            self.phase = "training"
+            self.phase = "training" + (
+                f" (resumed at step {e.resumed_from_step})" if e.resumed_from_step else ""
+            )
         elif isinstance(e, ev.Step):
             self.last, self.total_steps = e, e.total_steps
         elif isinstance(e, ev.Eval):
             self.eval_loss = e.eval_loss
         elif isinstance(e, ev.Checkpoint):
             self.checkpoints += 1
+            self.checkpoint = e
         elif isinstance(e, ev.Done):
-            self.done, self.phase = e, "done"
+            self.done, self.phase, self._run_ended = e, "done", True
+            if e.stopped:
+                self.phase = f"done early ({e.stopped}): {e.steps}/{e.total_steps or self.total_steps} steps, resumable"
         elif isinstance(e, ev.Failed):
-            self.failed, self.phase = e, "failed"
+            self.failed, self.phase, self._run_ended = e, "failed", True
 
     @property
     def eta_s(self) -> float | None:
         s = self.last
-        if not s or not s.step or s.elapsed_s <= 0:
+        resumed = self.started.resumed_from_step if self.started else 0
+        done_here = (s.step - resumed) if s else 0
+        if not s or done_here <= 0 or s.elapsed_s <= 0:
             return None
-        return s.elapsed_s / s.step * max(0, s.total_steps - s.step)
+        return s.elapsed_s / done_here * max(0, s.total_steps - s.step)
 
     def elapsed_s(self, now: float | None = None) -> float | None:
-        if self.first_event_at is None:
+        if self._run_start is None:
             return None
-        end = self.done.t if self.done else (self.failed.t if self.failed else (now or time.time()))
-        return max(0.0, end - self.first_event_at)
+        end = self._run_last if self._run_ended else (now or time.time())
+        return max(0.0, self._prior_s + (end or self._run_start) - self._run_start)
 
     def spend(self, now: float | None = None) -> tuple[float, float] | None:
         """(spent so far, projected total) at `instance.price_per_hour`; None when no price is set."""
@@ -100,6 +130,13 @@ class Progress:
             "currency": self.currency if spend else None,
             "error": self.failed.model_dump() if self.failed else None,
             "adapter": self.done.adapter_path if self.done else None,
+            "stopped": self.done.stopped if self.done else None,
+            "checkpoint": (
+                {"step": self.checkpoint.step, "path": self.checkpoint.path} if self.checkpoint else None
+            ),
+            "runs": self.runs,
+            "laptop": self.laptop or None,
+            "guard": self.guard or None,
         }
 
 
@@ -128,10 +165,19 @@ def event_line(e) -> str | None:
     if isinstance(e, ev.Eval):
         return f"eval at step {e.step}: loss {e.eval_loss:.4f}"
     if isinstance(e, ev.Checkpoint):
-        return f"checkpoint at step {e.step}: {e.path}"
+        why = f" ({e.reason})" if e.reason and e.reason not in ("steps", "timer") else ""
+        size = f", {e.bytes / 2**20:.1f} MiB in {e.save_s:.1f}s" if e.bytes else ""
+        return f"checkpoint at step {e.step}{why}: {e.path}{size}"
     if isinstance(e, ev.Done):
         loss = f", final loss {e.final_loss:.4f}" if e.final_loss is not None else ""
-        return f"done: {e.steps} steps in {fmt_duration(e.elapsed_s)}{loss}; adapter at {e.adapter_path}"
+        early = (
+            f" (stopped early: {e.stopped}, {e.steps} of {e.total_steps} steps; resumable)"
+            if e.stopped
+            else ""
+        )
+        return (
+            f"done: {e.steps} steps in {fmt_duration(e.elapsed_s)}{loss}{early}; adapter at {e.adapter_path}"
+        )
     if isinstance(e, ev.Failed):
         return f"FAILED: {e.error_class}: {e.message}" + (f"\n  hint: {e.hint}" if e.hint else "")
     return None
@@ -148,7 +194,9 @@ def panel(p: Progress, state: str, note: str = "", now: float | None = None) -> 
         bar = ProgressBar(total=p.total_steps, completed=step, width=40)
         table.add_row("step", Group(Text(f"{step}/{p.total_steps}"), bar))
     if s:
-        table.add_row("loss", f"{s.loss:.4f}" + (f"   eval {p.eval_loss:.4f}" if p.eval_loss is not None else ""))
+        table.add_row(
+            "loss", f"{s.loss:.4f}" + (f"   eval {p.eval_loss:.4f}" if p.eval_loss is not None else "")
+        )
         table.add_row("lr", f"{s.lr:.2e}")
         table.add_row("tokens/s", f"{s.tokens_per_s:,.0f}")
         if s.peak_mem_gb is not None:
@@ -158,6 +206,12 @@ def panel(p: Progress, state: str, note: str = "", now: float | None = None) -> 
     spend = p.spend(now)
     if spend:
         table.add_row("spend", f"{spend[0]:.2f} {p.currency} so far, ~{spend[1]:.2f} {p.currency} projected")
+    if p.checkpoint:
+        table.add_row("checkpoint", f"step {p.checkpoint.step}")
+    if p.laptop:
+        table.add_row("on the laptop", p.laptop)
+    if p.guard:
+        table.add_row("guard", p.guard)
     if note:
         table.add_row("", Text(note, style="yellow"))
     return Panel(table, title=escape(f"{p.job_id} [{state}]"), expand=False)

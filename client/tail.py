@@ -1,16 +1,25 @@
-"""`tail` and `status`: follow a job's events (or its raw log) and show its progress."""
+"""`tail` and `status`: follow a job's events (or its raw log) and show its progress.
+
+While `tail` follows, each new checkpoint's adapter is fetched in the background (client.autofetch);
+when the job is done, the final adapter is fetched, verified and acknowledged on the instance, so
+its guard can shut it down (client.fetch). Either way the last lines say where the adapter is and
+what the guard does. `fetch=False` (`tail --no-fetch`) leaves all fetching to `autodl-run fetch`.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.live import Live
 from rich.markup import escape
 
-from client.errors import JobError
+from client import guard_launch
+from client.autofetch import AutoFetcher
+from client.errors import AutodlRunError, JobError, TransportError
 from client.follow import Follower, JobState, Reconnecting, poll_once
 from client.ledger import JobRecord, Ledger
 from client.render import Progress, event_line, panel
@@ -22,7 +31,10 @@ from jobs import events as ev
 def _follower(record: JobRecord, filename: str, poll_s: float, reconnect_timeout_s: float) -> Follower:
     paths = layout_for(record.spec).job(record.id)
     return Follower(
-        lambda: connect(record.spec.instance), paths, filename, poll_s=poll_s,
+        lambda: connect(record.spec.instance),
+        paths,
+        filename,
+        poll_s=poll_s,
         reconnect_timeout_s=reconnect_timeout_s,
     )
 
@@ -33,17 +45,22 @@ def _finish(record: JobRecord, ledger: Ledger, state: JobState, progress: Progre
     if final == "done":
         return
     why = ""
+    log_hint = f"see the log with `autodl-run tail {record.id} --raw`"
     if progress and progress.failed:
         f = progress.failed
         why = f": {f.error_class}: {f.message}"
-        hint = f.hint or f"see the log with `autodl-run tail {record.id} --raw`"
+        hint = f.hint or log_hint
     elif final == "lost":
         why = ": the worker stopped without an outcome (instance restarted, or the process was killed)"
-        hint = f"see the log with `autodl-run tail {record.id} --raw`"
+        hint = log_hint
     else:
         if state.exit_code not in (None, 0):
             why = f" (exit code {state.exit_code})"
-        hint = f"see the log with `autodl-run tail {record.id} --raw`"
+        hint = log_hint
+    if progress and progress.checkpoint and "autodl-run resume" not in hint:
+        hint += (
+            f"; continue from checkpoint step-{progress.checkpoint.step} with `autodl-run resume {record.id}`"
+        )
     raise JobError(f"job {record.id} {final}{why}", hint=hint)
 
 
@@ -56,20 +73,33 @@ def tail(
     as_json: bool = False,
     poll_s: float = 1.0,
     reconnect_timeout_s: float = 900.0,
+    fetch: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> Progress:
-    """Follow until the job ends. Raises JobError when it did not end as `done`."""
+    """Follow until the job ends, fetching checkpoints and the final adapter (unless `fetch` is off).
+
+    Raises JobError when the job did not end as `done`.
+    """
     progress = Progress(record.id, record.spec.instance.price_per_hour, record.spec.instance.currency)
     follower = _follower(record, "worker.log" if raw else "events.jsonl", poll_s, reconnect_timeout_s)
     live = console.is_terminal and not raw and not as_json
     note = ""
-    view = Live(panel(progress, "running"), console=console, refresh_per_second=4, transient=False) if live else None
+    view = (
+        Live(panel(progress, "running"), console=console, refresh_per_second=4, transient=False)
+        if live
+        else None
+    )
+    say = _sayer(view, log)
+    fetcher = AutoFetcher(record, say) if fetch and not raw else None
     final: JobState | None = None
     try:
         if view:
             view.start()
         for item in follower:
             if isinstance(item, Reconnecting):
-                note = f"connection lost ({item.error}); reconnecting in {item.wait_s:.0f}s (try {item.attempt})"
+                note = (
+                    f"connection lost ({item.error}); reconnecting in {item.wait_s:.0f}s (try {item.attempt})"
+                )
                 if not view:
                     print(note, file=sys.stderr, flush=True)
             elif isinstance(item, JobState):
@@ -82,27 +112,139 @@ def tail(
                         continue
                     e = ev.parse(line)
                     progress.apply(e)
+                    if fetcher and isinstance(e, ev.Checkpoint):
+                        fetcher.offer(e)
                     if as_json:
                         sys.stdout.write(line.decode() + "\n")
                     elif not view and (text := event_line(e)):
                         console.print(escape(text), highlight=False)
                 if raw or as_json:
                     sys.stdout.flush()
+            if fetcher and fetcher.latest:
+                held = fetcher.latest
+                progress.laptop = f"checkpoint step-{held.step} adapter at {held.adapter}"
             if view:
                 view.update(panel(progress, final.state if final else "running", note))
+        assert final is not None
+        if fetcher:
+            held = fetcher.close(wait=True)
+            if held:
+                progress.laptop = f"checkpoint step-{held.step} adapter at {held.adapter}"
+        if raw and final.state != "done":
+            progress = status_progress(record)
+        if fetch and final.state == "done":
+            _fetch_final(record, ledger, progress, say)
+        _report_guard(record, progress, final, say)
+        if view:
+            view.update(panel(progress, final.state, ""))
     finally:
+        if fetcher:
+            fetcher.close(wait=False)
         if view:
             view.stop()
         follower.close()
-    assert final is not None
-    if raw and final.state != "done":
-        progress = status_progress(record)
     _finish(record, ledger, final, progress)
     return progress
 
 
+def _sayer(view: Live | None, log: Callable[[str], None] | None) -> Callable[[str], None]:
+    """Where notes go: the live panel's last rows, or `log` (default stderr: stdout may carry --json)."""
+
+    def say(msg: str) -> None:
+        if view is not None:
+            return  # the panel shows progress.laptop and progress.guard
+        if log is not None:
+            log(msg)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    return say
+
+
+def _fetch_final(record: JobRecord, ledger: Ledger, progress: Progress, say: Callable[[str], None]) -> None:
+    """The final adapter, verified and acknowledged. Stopped by its deadline (the instance is going away),
+    first the whole checkpoint too, so the job can be resumed elsewhere; before the acknowledgement, so
+    the guard does not shut down in between."""
+    from client.fetch import fetch as fetch_adapter
+    from client.fetch import fetch_checkpoint
+
+    expected = progress.done.manifest_sha256 if progress.done else None
+    if progress.done and progress.done.stopped == "deadline":
+        try:
+            got = fetch_checkpoint(record, full=True)
+            say(f"checkpoint step-{got.step} fetched whole (to resume elsewhere) -> {got.path}")
+        except AutodlRunError as exc:
+            say(f"could not fetch the whole checkpoint: {exc.message.splitlines()[0]}")
+    try:
+        dest, digest = fetch_adapter(record, ledger, expected_sha256=expected)
+    except AutodlRunError as exc:
+        exc.hint = (
+            exc.hint + "; " if exc.hint else ""
+        ) + f"the job is done: fetch again with `autodl-run fetch {record.id}`"
+        raise
+    record.fetched_to = str(dest)
+    progress.laptop = f"adapter at {dest} (verified, manifest sha256 {digest[:12]}…)"
+    say(f"adapter fetched and verified -> {dest}")
+
+
+GUARD_ACTED = ("shutting down", "shut down", "shutdown failed", "not shut down", "exited")
+
+
+def _report_guard(record: JobRecord, progress: Progress, final: JobState, say: Callable[[str], None]) -> None:
+    """Say what happens to the instance now: what the guard did, or, until it acts, what it will do."""
+    inst = record.spec.instance
+    policy = inst.shutdown_policy
+    acts_now = final.state == "done" and (policy == "done" or (policy == "fetched" and record.fetched_to))
+    status = None
+    if policy != "never":
+        status = _guard_status(record, wait_s=GUARD_WAIT_S if acts_now else 0.0)
+    if status and status.get("phase") in GUARD_ACTED:
+        text = guard_launch.describe(status)
+    elif policy == "never":
+        text = "the instance keeps running (shutdown_after = never): stop it when you are done"
+    elif acts_now and policy == "fetched":
+        text = "the guard shuts the instance down now: it saw the verified fetch"
+    elif acts_now:
+        text = "the guard copies the adapter to autodl-fs (when there is one) and shuts the instance down"
+    elif final.state == "done":
+        text = (
+            f"the guard waits {inst.idle_grace_minutes:g} min for `autodl-run fetch {record.id}`, then copies "
+            "the adapter to autodl-fs (when there is one) and shuts the instance down"
+        )
+    else:
+        text = (
+            f"the guard shuts the instance down after {inst.idle_grace_minutes:g} idle min, keeping the newest "
+            f"checkpoint (copied to autodl-fs when there is one), unless `autodl-run resume {record.id}` runs first"
+        )
+    if inst.is_local and policy == "never":
+        return  # the laptop itself: nothing to shut down
+    progress.guard = text
+    say(f"guard: {text}")
+
+
+GUARD_WAIT_S = 5.0  # the guard looks once a second
+
+
+def _guard_status(record: JobRecord, wait_s: float) -> dict | None:
+    """The guard's status; with `wait_s`, waits that long for it to act (it polls once a second)."""
+    paths = layout_for(record.spec).job(record.id)
+    deadline = time.monotonic() + wait_s
+    try:
+        transport = connect(record.spec.instance)
+        try:
+            while True:
+                status = guard_launch.guard_status(transport, paths)
+                if (status and status.get("phase") in GUARD_ACTED) or time.monotonic() >= deadline:
+                    return status
+                time.sleep(0.5)
+        finally:
+            transport.close()
+    except TransportError:
+        return None
+
+
 def status_progress(record: JobRecord) -> Progress:
-    """Replay the job's whole event file once (no following)."""
+    """Replay the job's whole event file once (no following), and read what its guard is doing."""
     progress = Progress(record.id, record.spec.instance.price_per_hour, record.spec.instance.currency)
     paths = layout_for(record.spec).job(record.id)
     transport = connect(record.spec.instance)
@@ -114,8 +256,12 @@ def status_progress(record: JobRecord) -> Progress:
                 progress.apply(ev.parse(line))
             if not poll.more:
                 break
+        if record.spec.instance.shutdown_policy != "never":
+            progress.guard = guard_launch.describe(guard_launch.guard_status(transport, paths))
     finally:
         transport.close()
+    if record.fetched_to:
+        progress.laptop = f"adapter at {record.fetched_to}"
     progress.state = poll.state  # type: ignore[attr-defined]
     return progress
 

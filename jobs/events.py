@@ -7,10 +7,11 @@ reconnecting lossless: no event is repeated or missed.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
-from typing import IO, Annotated, Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -66,10 +67,18 @@ class Eval(_Event):
 
 
 class Checkpoint(_Event):
+    """A complete checkpoint `step-N` (jobs.layout): written, given its manifests, then renamed into place."""
+
     type: Literal["checkpoint"] = "checkpoint"
     step: int
     path: str
-    adapter_sha256: str = ""
+    adapter_sha256: str = Field("", description="sha256 of the checkpoint's manifest.json (every file)")
+    adapter_path: str = Field("", description="step-N/adapter: the adapter alone, what auto-fetch pulls")
+    adapter_manifest_sha256: str = Field("", description="sha256 of step-N/adapter/manifest.json")
+    bytes: int = Field(0, description="the whole checkpoint, optimizer state included")
+    adapter_bytes: int = 0
+    save_s: float = Field(0.0, description="how long writing it took")
+    reason: str = Field("", description='why it was saved: "steps", "timer", "deadline", "max_hours", "signal"')
 
 
 class Done(_Event):
@@ -79,6 +88,8 @@ class Done(_Event):
     final_loss: float | None = None
     steps: int = 0
     elapsed_s: float = 0.0
+    total_steps: int = 0
+    stopped: str = Field("", description='"" = ran to the end; "deadline" or "max_hours" = stopped early, resumable')
 
 
 class Failed(_Event):
@@ -86,6 +97,7 @@ class Failed(_Event):
     error_class: str
     message: str
     hint: str = ""
+    checkpoint: str = Field("", description="the newest complete checkpoint left behind (resume starts there)")
 
 
 Event = Annotated[Phase | Started | Step | Eval | Checkpoint | Done | Failed, Field(discriminator="type")]
@@ -102,18 +114,37 @@ def dumps(event: _Event) -> str:
 
 
 class EventWriter:
-    """Appends events to a file, one flushed and fsynced line each."""
+    """Appends events to a file, one fsynced line each, written whole or not at all.
+
+    A line goes out in one write(2) on an O_APPEND descriptor. If it fails half-way (the disk
+    is full), the file is cut back to where it was, so readers never see a torn line and the
+    next event starts on a line of its own.
+    """
 
     def __init__(self, path: str | os.PathLike[str]):
-        self._f: IO[str] = open(path, "a", encoding="utf-8")
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def emit(self, event: _Event) -> None:
-        self._f.write(dumps(event) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        if self._fd is None:
+            raise ValueError("the event file is closed")
+        data = (dumps(event) + "\n").encode()
+        before = os.fstat(self._fd).st_size
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"wrote {written} of {len(data)} bytes of an event")
+            os.fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, before)
+            except OSError:
+                pass
+            raise
 
     def close(self) -> None:
-        self._f.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def split_complete(buffer: bytes) -> tuple[list[bytes], bytes]:

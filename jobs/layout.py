@@ -11,7 +11,17 @@
         exit_code                  written by the launcher when the worker process ends
         pid                        the worker's process id
         output/adapter/            the final LoRA adapter + manifest.json (sha256 of every file)
-        output/checkpoints/step-N/ checkpoints, each complete or absent (written, then renamed)
+        output/checkpoints/step-N/ checkpoints, each complete or absent (written, then renamed):
+            manifest.json          sha256 of every file below, adapter/ included
+            adapter/               the adapter alone (hard links) + its own manifest.json: what auto-fetch pulls
+            optimizer.pt scheduler.pt rng_state.pth trainer_state.json ...   what resuming needs
+        .reserve                   ballast the worker frees when the disk fills, to report it and stop cleanly
+        transfer.json              the client's measured download speed (the worker sizes its deadline margin by it)
+        fetching.<token>           a lease: a client touches it while its fetch runs (the guard waits for it)
+        fetched.json               the client's acknowledgement: which adapter it holds, verified (sha256)
+        guard/                     the guard process (remote_worker.guard), launched like a job:
+            run.sh pid state exit_code worker.log   (client.launcher)
+            status.json            what the guard is doing or did: waiting, copied, shut down
     {root}/hf/                     HF_HOME on the data disk
 
 Any laptop can reattach to a job from this layout alone.
@@ -23,6 +33,7 @@ import posixpath
 from dataclasses import dataclass
 
 MANIFEST = "manifest.json"
+CHECKPOINT_ADAPTER = "adapter"  # step-N/adapter/: the adapter alone, with its own manifest
 
 
 @dataclass(frozen=True)
@@ -84,3 +95,31 @@ class JobPaths:
     @property
     def checkpoints(self) -> str:
         return self._p("output", "checkpoints")
+
+    def checkpoint(self, step: int) -> str:
+        return self._p("output", "checkpoints", f"step-{step}")
+
+    @property
+    def reserve(self) -> str:
+        return self._p(".reserve")
+
+    @property
+    def transfer(self) -> str:
+        return self._p("transfer.json")
+
+    @property
+    def fetching(self) -> str:
+        return self._p("fetching")
+
+    @property
+    def fetched(self) -> str:
+        return self._p("fetched.json")
+
+    @property
+    def guard(self) -> JobPaths:
+        """The guard's own folder, laid out like a job's (the launcher starts it the same way)."""
+        return JobPaths(self._p("guard"))
+
+    @property
+    def guard_status(self) -> str:
+        return self._p("guard", "status.json")

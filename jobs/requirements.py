@@ -17,5 +17,18 @@ WORKER_REQUIREMENTS: dict[str, str] = {
 QLORA_REQUIREMENTS: dict[str, str] = {"bitsandbytes": "bitsandbytes>=0.45"}
 
 
+# Optional, CUDA only: installed when possible, never required. A failed install or import only
+# turns its speed path off (remote_worker.fast reports which paths are on in the `started` event).
+# liger-kernel: Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) used by
+# train.liger = "auto"; it pulls Triton, which CUDA builds of torch already ship.
+OPTIONAL_CUDA_REQUIREMENTS: dict[str, str] = {"liger_kernel": "liger-kernel>=0.8.5"}  # the version measured
+
+
 def requirements_for(bits: int) -> dict[str, str]:
+    """What the worker cannot run without (the optional extras are not in it)."""
     return {**WORKER_REQUIREMENTS, **(QLORA_REQUIREMENTS if bits == 4 else {})}
+
+
+def optional_requirements_for(liger: str = "auto") -> dict[str, str]:
+    """The extras worth trying to install for a job (train.liger = "off" needs none)."""
+    return {} if liger == "off" else dict(OPTIONAL_CUDA_REQUIREMENTS)

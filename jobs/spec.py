@@ -223,7 +223,7 @@ class TrainSpec(_Strict):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     micro_batch_tokens: int = Field(
-        0, ge=0, description="tokens in one packed micro-batch; 0 = max(max_length, 4096) on GPU, max_length on CPU"
+        0, ge=0, description="tokens in one packed micro-batch; 0 = max(max_length, 16384) on GPU, max_length on CPU"
     )
     global_batch_tokens: int = Field(0, ge=0, description="tokens per optimizer step; 0 = one micro-batch")
     packing: bool = Field(True, description="padding-free packing with per-sequence position_ids")

@@ -1,16 +1,20 @@
 """`python -m remote_worker JOB_JSON`: run one job, leaving `state` and a terminal event behind.
 
 `state` in the job folder goes running -> done | failed (| cancelled on SIGTERM/SIGINT). Every
-failure becomes a `failed` event with the error class, the message and, for the failures we
-know, a hint naming what to change; the traceback goes to stdout (worker.log). Exit code 0 on
-success, 1 on failure, 2 on a bad command line.
+failure becomes a `failed` event with the error class, the message, the newest complete
+checkpoint and, for the failures we know, a hint naming what to change; the traceback goes to
+stdout (worker.log). Exit code 0 on success, 1 on failure, 2 on a bad command line.
+
+SIGTERM/SIGINT during training: the step finishes, a checkpoint is saved, then the job stops as
+`cancelled` (resumable). A second signal, or one before training started, stops it at once
+(remote_worker.stopping). A full disk: the worker's ballast file is freed first, so the failure
+can still be written down.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import signal
 import sys
 import traceback
 from pathlib import Path
@@ -18,6 +22,7 @@ from pathlib import Path
 from jobs.events import EventWriter, Failed
 from jobs.requirements import QLORA_REQUIREMENTS, WORKER_REQUIREMENTS
 from jobs.spec import WorkerJob
+from remote_worker import checkpoints, stopping
 
 USAGE = "usage: python -m remote_worker JOB_JSON"
 PIP_NAMES = {**WORKER_REQUIREMENTS, **QLORA_REQUIREMENTS, "flash_attn": "flash-attn"}
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     job_dir.mkdir(parents=True, exist_ok=True)
     _set_environment(job)
     write_state(job_dir, "running")
-    signal.signal(signal.SIGTERM, _interrupt)
+    stopping.install_signal_handlers()
     events = EventWriter(job_dir / "events.jsonl")
     try:
         # Imported only now: transformers and huggingface_hub read HF_HOME when first imported.
@@ -48,12 +53,23 @@ def main(argv: list[str] | None = None) -> int:
 
         recipe.run(job, events)
     except BaseException as exc:  # KeyboardInterrupt too: `state` must never stay "running"
-        traceback.print_exc()
-        return _fail(job_dir, exc, hint_for(exc, job), events)
+        checkpoints.release_reserve(job_dir)  # on a full disk, the room to write the failure down
+        code = _fail(job_dir, exc, hint_for(exc, job), events)
+        _print_traceback()
+        return code
     finally:
         events.close()
+        checkpoints.release_reserve(job_dir)
     write_state(job_dir, "done")
     return 0
+
+
+def _print_traceback() -> None:
+    try:
+        traceback.print_exc()
+        sys.stdout.flush()
+    except OSError:  # worker.log sits on the disk that may be full
+        pass
 
 
 def _set_environment(job: WorkerJob) -> None:
@@ -65,13 +81,15 @@ def _set_environment(job: WorkerJob) -> None:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
-
-
 def _fail(job_dir: Path, exc: BaseException, hint: str, events: EventWriter | None = None) -> int:
     cancelled = isinstance(exc, KeyboardInterrupt)
-    event = Failed(error_class=type(exc).__name__, message=str(exc) or repr(exc), hint=hint)
+    good = checkpoints.complete(job_dir / "output" / "checkpoints")
+    event = Failed(
+        error_class=type(exc).__name__,
+        message=str(exc) or repr(exc),
+        hint=hint,
+        checkpoint=str(good[-1]) if good else "",
+    )
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
         writer = events or EventWriter(job_dir / "events.jsonl")
@@ -81,9 +99,13 @@ def _fail(job_dir: Path, exc: BaseException, hint: str, events: EventWriter | No
         write_state(job_dir, "cancelled" if cancelled else "failed")
     except OSError as io_exc:  # nowhere to report: the exit code and worker.log still tell
         print(f"cannot write the failure to {job_dir}: {io_exc}", file=sys.stderr)
-    print(
-        f"failed: {event.error_class}: {event.message}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr
-    )
+    try:
+        print(
+            f"failed: {event.error_class}: {event.message}" + (f"\nhint: {hint}" if hint else ""),
+            file=sys.stderr,
+        )
+    except OSError:
+        pass
     return 1
 
 
@@ -109,8 +131,17 @@ def hint_for(exc: BaseException, job: WorkerJob) -> str:
         if isinstance(e, ImportError):
             return import_hint(e)
         if isinstance(e, KeyboardInterrupt):
-            return "the job was stopped before it finished; its last checkpoint is under output/checkpoints"
+            return resume_hint(job)
+        if checkpoints.is_disk_full(e, Path(job.job_dir)):
+            return f"free space on the instance (df -h {job.job_dir}), then `autodl-run resume {job.job_id}`"
     return ""
+
+
+def resume_hint(job: WorkerJob) -> str:
+    good = checkpoints.complete(Path(job.job_dir) / "output" / "checkpoints")
+    if not good:
+        return "the job was stopped before its first checkpoint; submit it again"
+    return f"the job was stopped; continue it from {good[-1].name} with `autodl-run resume {job.job_id}`"
 
 
 def _chain(exc: BaseException):
@@ -128,7 +159,7 @@ def _is_cuda_oom(exc: BaseException) -> bool:
 
 def oom_hint(job: WorkerJob) -> str:
     t, d = job.spec.train, job.spec.data
-    now = t.micro_batch_tokens or f"0 = auto, max({d.max_length}, 4096)"
+    now = t.micro_batch_tokens or f"0 = auto, max({d.max_length}, 16384)"
     knobs = [f"lower train.micro_batch_tokens (now {now})", f"data.max_length (now {d.max_length})"]
     if t.gradient_checkpointing != "on":
         knobs.append('set train.gradient_checkpointing = "on"')

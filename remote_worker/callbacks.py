@@ -1,13 +1,14 @@
 """A TrainerCallback that turns the Trainer's progress into events (jobs.events) in events.jsonl.
 
-It also asks the Trainer for a checkpoint every `save_every_minutes`, stops it cleanly at the
-job's deadline, and renames each finished `checkpoint-N` to `step-N` (jobs.layout: a
-`step-N` folder is always complete), with a sha256 manifest, keeping the newest few.
+It also decides when to save and when to stop:
+- a checkpoint every `save_every_minutes` (on top of the Trainer's `save_steps`);
+- a checkpoint and a stop when a signal, the deadline or max_hours says so (remote_worker.stopping);
+- each finished `checkpoint-N` becomes a complete `step-N` with its adapter folder and manifests
+  (remote_worker.checkpoints), announced by a `checkpoint` event; the newest two are kept.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -15,10 +16,10 @@ import torch
 from transformers import TrainerCallback
 
 from jobs.events import Checkpoint, Eval, EventWriter, Phase, Started, Step
-from jobs.manifest import write_manifest
+from remote_worker import checkpoints
+from remote_worker.stopping import Stopper
 
-KEEP_CHECKPOINTS = 2
-DEADLINE_MARGIN_S = 120  # stop this long before the deadline, to leave time to save
+KEEP_CHECKPOINTS = checkpoints.KEEP
 
 
 class EventCallback(TrainerCallback):
@@ -28,24 +29,35 @@ class EventCallback(TrainerCallback):
         started: dict,
         save_every_minutes: float = 0,
         deadline_unix: float | None = None,
+        stopper: Stopper | None = None,
     ):
         self.events = events
         self.started = started  # the Started fields the Trainer does not know
         self.save_every_s = save_every_minutes * 60
-        self.deadline_unix = deadline_unix
+        self.stopper = stopper or Stopper(deadline_unix=deadline_unix)
         self.cuda = False
         self.last_loss: float | None = None
-        self.stopped_at_deadline = False
+        self.stop_reason: str | None = None  # "signal", "deadline", "max_hours": stopped before the end
+        self.resumed_from_step = 0
+        self.last_checkpoint: checkpoints.Finalized | None = None
+        self._timer_save = False
+
+    @property
+    def stopped_at_deadline(self) -> bool:
+        return self.stop_reason == "deadline"
 
     # -- the run --------------------------------------------------------------------------------
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.t0 = self.last_save = self.last_t = time.monotonic()
+        self.t0 = self.last_save = self.last_t = self.last_step_end = self.save_from = time.monotonic()
         self.last_tokens = state.num_input_tokens_seen
+        self.resumed_from_step = state.global_step  # the Trainer restored its state before this call
         self.cuda = args.device.type == "cuda"
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
-        self.events.emit(Started(total_steps=state.max_steps, **self.started))
+        self.events.emit(
+            Started(total_steps=state.max_steps, resumed_from_step=state.global_step, **self.started)
+        )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not logs or "loss" not in logs:  # eval metrics and the final summary come here too
@@ -71,31 +83,53 @@ class EventCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.monotonic()
-        if self.save_every_s and now - self.last_save >= self.save_every_s:
-            control.should_save = True
-        late = self.deadline_unix and time.time() >= self.deadline_unix - DEADLINE_MARGIN_S
-        if late and not self.stopped_at_deadline:
-            self.stopped_at_deadline = True
-            control.should_training_stop = True
-            self.events.emit(Phase(phase="training", message=f"deadline reached at step {state.global_step}"))
+        self.stopper.note_step(now - self.last_step_end)
+        self.last_step_end = self.save_from = now
+        self._timer_save = False
+        if self.save_every_s and now - self.last_save >= self.save_every_s and not control.should_save:
+            control.should_save = self._timer_save = True
+        if self.stop_reason is None and state.global_step < state.max_steps:
+            reason = self.stopper.check()
+            if reason:
+                self.stop_reason = reason
+                control.should_save = True  # a checkpoint to resume from
+                control.should_training_stop = True
+                self.events.emit(
+                    Phase(phase="stopping", message=self.stopper.describe(reason, state.global_step))
+                )
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.save_from = time.monotonic()  # a save right after an evaluation is timed from here
         if metrics and "eval_loss" in metrics:
             self.events.emit(Eval(step=state.global_step, eval_loss=float(metrics["eval_loss"])))
 
     # -- checkpoints ----------------------------------------------------------------------------
 
     def on_save(self, args, state, control, **kwargs):
-        self.last_save = time.monotonic()
         root = Path(args.output_dir)
         written = root / f"checkpoint-{state.global_step}"
         if not written.is_dir():
             return
-        final = root / f"step-{state.global_step}"
-        shutil.rmtree(final, ignore_errors=True)
-        sha = write_manifest(written)
-        written.rename(final)  # a step-N folder exists only once it is complete
-        self.events.emit(Checkpoint(step=state.global_step, path=str(final), adapter_sha256=sha))
-        old = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-KEEP_CHECKPOINTS]
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
+        done = checkpoints.finalize(written, state.global_step)
+        self.last_save = now = time.monotonic()
+        save_s = now - self.save_from
+        self.stopper.note_save(done.bytes, done.adapter_bytes, save_s)
+        self.last_checkpoint = done
+        if self.stop_reason:
+            reason = self.stop_reason
+        else:
+            reason = "timer" if self._timer_save else "steps"
+        self.events.emit(
+            Checkpoint(
+                step=done.step,
+                path=str(done.path),
+                adapter_sha256=done.manifest_sha256,
+                adapter_path=str(done.adapter_path),
+                adapter_manifest_sha256=done.adapter_manifest_sha256,
+                bytes=done.bytes,
+                adapter_bytes=done.adapter_bytes,
+                save_s=round(save_s, 3),
+                reason=reason,
+            )
+        )
+        checkpoints.rotate(root, KEEP_CHECKPOINTS)

@@ -15,6 +15,21 @@ step takes a steady 1.75 s against 1.9-2.1 s plus 4 s outliers. Memory use is al
 from the first step, so an OOM shows at once, not hours in. The cost: the filler's compute
 (a few % with next-fit packing; the epoch's last, part-filled micro-batch pays a full step).
 
+With `varlen` (the recipe sets it when attention is flash_varlen or flash_attention_2,
+remote_worker.fast), a packed row also carries the sequence boundaries the flash kernels take:
+`cu_seq_lens_q/k` (int32: 0, the end of each sequence, the filler's end) and
+`max_length_q/k` (the longest sequence, a Python int). transformers passes them through to
+the attention function. SDPA does not need them, and they are left out then, as a precaution:
+a model's own code (trust_remote_code) may reject keywords it does not know.
+
+Micro-batch size: `train.micro_batch_tokens`, or when 0, max(max_length, 16384) tokens on CUDA.
+Measured on an H100 with the fast paths on (random Qwen2.5-7B, nf4, all-linear r=16;
+docs/benchmarks.md): 16,384 tokens ran 11,658 tokens/s at 12.1 GB allocated, 8,192 ran
+10,979 at 8.9 GB, 32,768 gave no more (11,270 at 18.3 GB). That 12.1 GB relies on Liger's
+fused cross-entropy (remote_worker.fast.liger). Without it the logits of 16k tokens come back:
+by their size (not measured) 4.9 GB in bf16 plus 9.8 GB upcast for the loss, so on a 24 GB
+card without liger-kernel set a smaller micro_batch_tokens.
+
 Packing off: one sequence a row, rows right-padded to the longest, with an attention_mask.
 
 Order: sequences are shuffled once with train.seed, then cut into micro-batches in that order
@@ -40,7 +55,7 @@ from jobs.spec import TrainSpec
 from remote_worker import DataError
 
 IGNORE = -100  # the label the loss skips
-GPU_MIN_MICRO_BATCH_TOKENS = 4096  # larger packed micro-batches win under QLoRA (shared/anchors.md §1)
+GPU_MIN_MICRO_BATCH_TOKENS = 16384  # the measured best packed micro-batch on an H100 (docstring)
 
 
 class Seq(NamedTuple):
@@ -63,7 +78,7 @@ class Split:
 def batch_shape(train: TrainSpec, max_length: int, device: str) -> tuple[int, int]:
     """(micro_batch_tokens, gradient accumulation steps) from the spec.
 
-    micro_batch_tokens = train.micro_batch_tokens, or when 0: max(max_length, 4096) on CUDA,
+    micro_batch_tokens = train.micro_batch_tokens, or when 0: max(max_length, 16384) on CUDA,
     max_length on the CPU. grad_accum = global_batch_tokens / micro_batch_tokens rounded
     (at least 1), or 1 when global_batch_tokens is 0.
     """
@@ -165,10 +180,11 @@ def group(lengths: Sequence[int], budget: int, padded: bool = False) -> list[lis
     return groups
 
 
-def packed_row(seqs: Sequence[Seq], pad_to: int = 0, pad_id: int = 0) -> dict[str, torch.Tensor]:
+def packed_row(seqs: Sequence[Seq], pad_to: int = 0, pad_id: int = 0, varlen: bool = False) -> dict:
     """Sequences end to end in one row, position_ids restarting at each, labels masked at each start.
 
     With pad_to, the row is filled up to pad_to tokens by an untrained sequence of pad_id.
+    With varlen, it also carries cu_seq_lens_q/k (int32) and max_length_q/k (int) for flash attention.
     """
     fill = max(0, pad_to - sum(len(s.ids) for s in seqs))
     if fill:
@@ -179,11 +195,16 @@ def packed_row(seqs: Sequence[Seq], pad_to: int = 0, pad_id: int = 0) -> dict[st
     starts = np.cumsum([0] + [len(s.ids) for s in seqs[:-1]])
     labels[starts] = IGNORE  # nothing is predicted across a boundary
     positions = np.concatenate([np.arange(len(s.ids)) for s in seqs])
-    return {
+    row = {
         "input_ids": torch.from_numpy(ids)[None],
         "labels": torch.from_numpy(labels)[None],
         "position_ids": torch.from_numpy(positions)[None],
     }
+    if varlen:
+        lengths = [len(s.ids) for s in seqs]
+        cu = torch.from_numpy(np.cumsum([0, *lengths]).astype(np.int32))
+        row.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
+    return row
 
 
 def padded_rows(seqs: Sequence[Seq], pad_id: int) -> dict[str, torch.Tensor]:
@@ -205,7 +226,12 @@ def padded_rows(seqs: Sequence[Seq], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class MicroBatches(torch.utils.data.Dataset):
-    """A dataset whose items are whole micro-batches, built when asked for (memory stays flat)."""
+    """A dataset whose items are whole micro-batches, built when asked for (memory stays flat).
+
+    `varlen` (packed rows: add the flash-attention boundaries) and `extra` (keys added to every
+    item, e.g. Liger's skip_logits for evaluation) are set after the model is chosen
+    (remote_worker.fast.FastPaths.configure); items are built lazily, so they take effect at once.
+    """
 
     def __init__(
         self,
@@ -222,6 +248,8 @@ class MicroBatches(torch.utils.data.Dataset):
         self.packing = packing
         self.pad_id = pad_id
         self.pad_to = pad_to  # packed rows only: fill each up to this many tokens
+        self.varlen = False  # packed rows only: add cu_seq_lens_q/k and max_length_q/k
+        self.extra: dict = {}  # added to every item as is
         lengths = [len(s.ids) for s in self.sequences]
         self.groups = group(lengths, micro_batch_tokens, padded=not packing)
         self.tokens = sum(lengths)  # non-pad tokens in one pass over the data
@@ -232,8 +260,10 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         seqs = [self.sequences[j] for j in self.groups[i]]
         if self.packing:
-            return packed_row(seqs, self.pad_to, self.pad_id)
-        return padded_rows(seqs, self.pad_id)
+            item = packed_row(seqs, self.pad_to, self.pad_id, varlen=self.varlen)
+        else:
+            item = padded_rows(seqs, self.pad_id)
+        return {**item, **self.extra} if self.extra else item
 
 
 def first(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

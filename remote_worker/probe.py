@@ -22,6 +22,8 @@ PACKAGES = (
     "safetensors",
     "numpy",
     "flash-attn",
+    "liger-kernel",
+    "triton",
 )
 
 
@@ -31,8 +33,11 @@ class Probe:
     device_name: str  # e.g. "NVIDIA H100 80GB HBM3", or "cpu"
     bf16: bool  # the GPU computes in bfloat16
     dtype: str  # the training dtype: "bfloat16", "float16" (GPUs without bf16) or "float32" (CPU)
-    attention: str  # "flash_attention_2" when flash_attn imports, else "sdpa"
+    attention: str  # "flash_attention_2" when flash_attn imports, else "sdpa" (before train.attention)
     versions: dict[str, str | None]
+    # torch has the flash varlen kernel and this is a 16-bit CUDA machine. Whether the recipe uses it
+    # is decided per model, after a self-check (remote_worker.fast.choose; the `started` event says).
+    flash_varlen: bool = False
 
     @property
     def torch_dtype(self):
@@ -86,8 +91,11 @@ def probe(device: str = "auto") -> Probe:
         return Probe("cpu", "cpu", False, "float32", "sdpa", versions())
     bf16 = torch.cuda.is_bf16_supported()
     dtype = "bfloat16" if bf16 else "float16"
+    from remote_worker.fast import varlen
+
     return Probe(
-        "cuda", torch.cuda.get_device_name(), bf16, dtype, attention_implementation("cuda", dtype), versions()
+        "cuda", torch.cuda.get_device_name(), bf16, dtype, attention_implementation("cuda", dtype), versions(),
+        flash_varlen=varlen.available() is None,
     )
 
 

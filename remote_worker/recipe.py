@@ -17,6 +17,16 @@ Choices, each from a measurement (shared/anchors.md):
   evaluation between training steps cannot leave the 4-bit weights in that layout (anchors
   §5: training then learns nothing; measured here with Qwen2's biases: it raised).
 - LoRA dropout 0 by default: dropout costs about 20% of the speed.
+
+Never losing the work (remote_worker.checkpoints, remote_worker.stopping):
+- a run resumes from the newest complete, verified checkpoint in its job folder, if any (the
+  client puts one there for `autodl-run resume`): global step, optimizer, LR schedule, data
+  order (the Trainer skips the batches already seen) and RNG states continue;
+- a checkpoint on `save_steps` and every `save_every_minutes`; on SIGTERM/SIGINT a checkpoint,
+  then the job stops (resumable); before the deadline or max_hours, a checkpoint and the final
+  adapter, then `done` with `stopped` set;
+- a full disk: the half-written checkpoint is removed, the ballast freed, and the job fails
+  with `DiskFull`, naming the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -27,12 +37,19 @@ import time
 from pathlib import Path
 
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
 
 from jobs.events import Done, EventWriter, Phase
 from jobs.manifest import write_manifest
 from jobs.spec import JobSpec, WorkerJob
-from remote_worker import DataError, ModelNotFound, data
+from remote_worker import DataError, ModelNotFound, checkpoints, data, fast, stopping
 from remote_worker.callbacks import EventCallback
 from remote_worker.probe import Probe, probe
 
@@ -43,14 +60,24 @@ EVAL_EVERY = 0.2  # without save_steps, evaluate every fifth of the run (a Train
 def run(job: WorkerJob, events: EventWriter) -> Done:
     spec = job.spec
     job_dir = Path(job.job_dir)
-    t0 = time.monotonic()
+    t0, started_unix = time.monotonic(), time.time()
 
     def phase(name: str, message: str = "") -> None:
         events.emit(Phase(phase=name, message=message))
 
+    # 0. What an earlier run of this job left: half-written checkpoints go; the newest complete one is resumed.
+    set_seed(spec.train.seed)  # LoRA's initial weights too: every run of a job starts the same
+    checkpoint_root = job_dir / "output" / "checkpoints"
+    checkpoints.remove_partials(checkpoint_root)
+    damaged: list[str] = []
+    resume_from = checkpoints.latest_verified(checkpoint_root, log=damaged.append)
+    checkpoints.make_reserve(job_dir)
+
     # 1. Where we run.
     machine = probe(spec.train.device)
-    phase("setup", f"{machine.device_name}, {machine.dtype}, attention {machine.attention}")
+    phase("setup", f"{machine.device_name}, {machine.dtype}, attention {machine.attention}")  # a run's first event
+    for note in damaged:
+        phase("resuming", note)
 
     # 2. Tokenizer, then the data: a bad dataset fails before minutes go into loading the model.
     phase("loading tokenizer")
@@ -84,25 +111,29 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
 
     # 3. The model, quantized or not, with LoRA adapters on top.
     phase("loading model", spec.model.name_or_path)
-    model = load_model(model_path, spec, machine)
+    paths = fast.choose(model_path, spec, machine)  # attention self-check, Liger patches: before loading
+    phase("loading model", paths.describe())
+    model = load_model(model_path, spec, machine, paths)
     total_params = model.num_parameters()
     checkpointing = use_gradient_checkpointing(
         spec.train.gradient_checkpointing, machine.device, total_params
     )
-    if spec.quant.bits == 4:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
-    elif checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = prepare_for_training(model, spec, machine, checkpointing)
     model = get_peft_model(model, lora_config(spec))
+    paths.enable_fused_lora(model, spec)
+    paths.configure(train_set, eval_set)
     model.train()  # before any forward: bnb 4-bit run in eval mode first trains nothing (anchors §5)
     trainable_params, all_params = model.get_nb_trainable_parameters()
 
     # 4. The Trainer, fed our micro-batches one at a time.
     args = training_arguments(spec, job_dir, machine, grad_accum, has_eval=eval_set is not None)
+    stopper = stopping.Stopper(
+        deadline_unix=job.deadline_unix,
+        max_hours=spec.instance.max_hours,
+        started_unix=started_unix,
+        job_dir=job_dir,
+        adapter_bytes=sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+    )
     callback = EventCallback(
         events,
         started={
@@ -117,9 +148,10 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
             "micro_batch_tokens": micro_batch_tokens,
             "grad_accum": grad_accum,
             "gradient_checkpointing": checkpointing,
+            **paths.started_fields(),  # attention as resolved, liger, fused_lora
         },
         save_every_minutes=spec.train.save_every_minutes,
-        deadline_unix=job.deadline_unix,
+        stopper=stopper,
     )
     trainer = Trainer(
         model=model,
@@ -130,21 +162,47 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
         processing_class=tokenizer,
         callbacks=[callback],
     )
+    if resume_from is not None:
+        phase(
+            "resuming",
+            f"from {resume_from.name}: the global step, optimizer, LR schedule, data order and RNG continue",
+        )
     phase("training")
-    trainer.train()
-    if eval_set is not None and not _evaluated_at(trainer, trainer.state.global_step):
-        trainer.evaluate()
-
-    # 5. The adapter, complete or absent, with a sha256 of every file.
-    phase("saving")
     adapter_dir = job_dir / "output" / "adapter"
-    manifest_sha = save_adapter(model, tokenizer, adapter_dir)
+    try:
+        stopping.arm()  # from here a first SIGTERM/SIGINT saves a checkpoint and stops
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
+        stopping.disarm()
+        if callback.stop_reason == "signal":
+            saved = callback.last_checkpoint
+            raise stopping.Interrupted(
+                stopper.describe("signal", trainer.state.global_step)
+                + (f"; checkpoint {saved.path.name} saved" if saved else "")
+            )
+        if (
+            eval_set is not None
+            and callback.stop_reason is None
+            and not _evaluated_at(trainer, trainer.state.global_step)
+        ):
+            trainer.evaluate()
+
+        # 5. The adapter, complete or absent, with a sha256 of every file.
+        phase("saving")
+        manifest_sha = save_adapter(model, tokenizer, adapter_dir)
+    except Exception as exc:
+        if checkpoints.is_disk_full(exc, job_dir):
+            raise checkpoints.disk_full_error(job_dir, job.job_id, checkpoint_root) from exc
+        raise
+    finally:
+        stopping.disarm()
     done = Done(
         adapter_path=str(adapter_dir),
         manifest_sha256=manifest_sha,
         final_loss=callback.last_loss,
         steps=trainer.state.global_step,
         elapsed_s=time.monotonic() - t0,
+        total_steps=trainer.state.max_steps,
+        stopped=callback.stop_reason or "",
     )
     events.emit(done)
     return done
@@ -181,7 +239,11 @@ def load_tokenizer(model_path: str, spec: JobSpec):
     return tokenizer
 
 
-def load_model(model_path: str, spec: JobSpec, machine: Probe):
+def load_model(model_path: str, spec: JobSpec, machine: Probe, paths: fast.FastPaths | None = None):
+    """The base model, quantized or not, with the attention of `paths` (fast.choose decides it and
+    applies Liger's patches, which must come before the model is built; chosen here if not given)."""
+    if paths is None:
+        paths = fast.choose(model_path, spec, machine)
     quantization = None
     if spec.quant.bits == 4:
         quantization = BitsAndBytesConfig(
@@ -197,7 +259,7 @@ def load_model(model_path: str, spec: JobSpec, machine: Probe):
         dtype=machine.torch_dtype,
         quantization_config=quantization,
         device_map={"": machine.device},
-        attn_implementation=machine.attention,
+        attn_implementation=paths.attn_implementation,
     )
     model.config.use_cache = False  # a cache disables the packed-sequence mask (see the docstring)
     if spec.quant.bits == 4 and machine.device == "cpu":
@@ -206,6 +268,31 @@ def load_model(model_path: str, spec: JobSpec, machine: Probe):
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def prepare_for_training(model, spec: JobSpec, machine: Probe, checkpointing: bool):
+    """Freeze the base and set up checkpointing, before the LoRA adapters are added.
+
+    CUDA: no `prepare_model_for_kbit_training`. It upcasts the embeddings, norms and lm_head to
+    fp32; in the reference stack's H100 profile the resulting fp32 copies and adds were one of
+    four items of "other" kernel time, 854 ms of an 1,800 ms step (docs/benchmarks.md; not
+    isolated). The measured recipe "ours" kept them in bf16. Here: every base parameter frozen,
+    non-reentrant checkpointing with input grads, train mode. CPU (fp32, nothing to upcast):
+    peft's function, as before.
+    """
+    if spec.quant.bits == 4 and machine.device != "cuda":
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
     return model
 
 
@@ -244,8 +331,10 @@ def training_arguments(spec: JobSpec, job_dir: Path, machine: Probe, grad_accum:
         seed=t.seed,
         data_seed=t.seed,
         logging_steps=t.logging_steps,
-        save_strategy="steps" if t.save_steps else "no",  # the callback adds the timer's saves
+        save_strategy="steps" if t.save_steps else "no",  # the callback adds the timer's, deadline's and signal's
         save_steps=t.save_steps or 500,
+        save_total_limit=None,  # the callback keeps the newest complete ones (remote_worker.checkpoints)
+        ignore_data_skip=False,  # on resume, skip the batches already trained on: the data order continues
         eval_strategy="steps" if has_eval else "no",
         eval_steps=(t.save_steps or EVAL_EVERY) if has_eval else None,
         prediction_loss_only=True,  # never keep the logits of a whole eval set
@@ -267,9 +356,13 @@ def save_adapter(model, tokenizer, adapter_dir: Path) -> str:
     """Write the adapter (and tokenizer) to a temp folder, add the manifest, rename into place."""
     tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    sha = write_manifest(tmp)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        sha = write_manifest(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave half an adapter (a full disk needs the room)
+        raise
     if adapter_dir.exists():  # a rerun of the same job: replace the old one
         old = adapter_dir.with_name(adapter_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)

@@ -191,8 +191,8 @@ def test_micro_batches_are_deterministic_and_cover_everything(sequences):
 
 
 def test_batch_shape_defaults():
-    assert data.batch_shape(TrainSpec(), 2048, "cuda") == (4096, 1)
-    assert data.batch_shape(TrainSpec(), 8192, "cuda") == (8192, 1)
+    assert data.batch_shape(TrainSpec(), 2048, "cuda") == (16384, 1)
+    assert data.batch_shape(TrainSpec(), 32768, "cuda") == (32768, 1)
     assert data.batch_shape(TrainSpec(), 2048, "cpu") == (2048, 1)
     four_k = TrainSpec(micro_batch_tokens=4096, global_batch_tokens=16384)
     assert data.batch_shape(four_k, 2048, "cuda") == (4096, 4)

@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover
 FORMAT_VERSION = 1
 DATA_FIELDS = ("format", "columns", "system_prompt", "max_length", "overlong", "on_error", "eval_fraction",
                "seed", "dedupe")
-GPU_MICRO_BATCH = 4096  # the worker's smallest micro-batch on a GPU (remote_worker/data.py)
+GPU_MICRO_BATCH = 16384  # the worker's smallest micro-batch on a GPU (remote_worker/data.py)
 
 
 @dataclass

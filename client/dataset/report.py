@@ -17,6 +17,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from client.dataset.prepare import GPU_MICRO_BATCH
 from jobs import tokenize
 
 TRAINED, PROMPT = "bold green", "dim"
@@ -53,7 +54,7 @@ def render_report(report: dict, console: Console) -> None:
         if tok.get("packing_efficiency") is not None:
             gpu = tok.get("packing_efficiency_gpu")
             t.add_row("packing", f"{tok['packing_efficiency']:.1%} at {ov['max_length']:,} tokens"
-                                 + (f", {gpu:.1%} at {max(ov['max_length'], 4096):,} (GPU)" if gpu else ""))
+                                 + (f", {gpu:.1%} at {max(ov['max_length'], GPU_MICRO_BATCH):,} (GPU)" if gpu else ""))
         tz = report.get("tokenizer") or {}
         t.add_row("tokenizer", Text(f"{tz.get('name')} ({tz.get('source')}, {str(tz.get('fingerprint'))[:12]})"))
     else:

@@ -1,7 +1,9 @@
 """Reach an instance: `connect(instance)` gives the transport for it (see base.Transport).
 
-- `host = "local"`  -> LocalTransport (subprocesses on this machine);
-- anything else    -> SshTransport (paramiko for commands, rsync over ssh for files).
+- `host = "local"`          -> LocalTransport (subprocesses on this machine);
+- `profile = "NAME"`        -> SshTransport to the host profile NAME saved by `autodl-run login`
+                               (its host, port, user and key; its own pinned host key);
+- anything else (host/ssh)  -> SshTransport (paramiko for commands, rsync over ssh for files).
 
 Connections open lazily, on the first command or transfer.
 """
@@ -29,7 +31,14 @@ __all__ = [
 
 
 def connect(instance: InstanceSpec, *, known_hosts: Path | None = None) -> Transport:
-    """The transport for `instance`; SSH host keys are pinned in `known_hosts` (default $AUTODL_RUN_HOME/known_hosts)."""
+    """The transport for `instance`; SSH host keys are pinned in `known_hosts` (default $AUTODL_RUN_HOME/known_hosts),
+    or, for a profile, in the profile's own file."""
     if instance.is_local:
         return LocalTransport()
+    if instance.profile:
+        from client import profiles
+
+        return SshTransport.from_profile(
+            profiles.get(instance.profile), connect_timeout=instance.connect_timeout
+        )
     return SshTransport.from_instance(instance, known_hosts=known_hosts)

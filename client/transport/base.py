@@ -2,7 +2,8 @@
 
 Two implementations share this protocol and the `Result` type:
 - `LocalTransport` (client.transport.local) for `host = "local"`: subprocesses on this machine;
-- `SshTransport` (client.transport.ssh): paramiko/fabric for commands, the system rsync for files.
+- `SshTransport` (client.transport.ssh): paramiko for commands, the system rsync for files (SFTP when
+  either side lacks rsync); a host profile from `autodl-run login` (client.profiles) picks host, key and pin.
 
 Commands are argv lists; implementations quote them (shlex) and run them through
 `bash -lc` so conda's python is on PATH on AutoDL images. A job name can never inject shell.

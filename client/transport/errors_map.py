@@ -34,10 +34,19 @@ class SshTarget:
     identity_file: str | None
     known_hosts: Path
     connect_timeout: float
+    profile: str | None = None  # the host profile this target came from (client.profiles)
+    host_key_alias: str | None = None  # the name its host key is pinned under, for a profile
 
     @property
     def where(self) -> str:
         return f"{self.user}@{self.host}:{self.port}"
+
+    @property
+    def trust_command(self) -> str:
+        """The explicit command that re-pins this target's host key."""
+        if self.profile:
+            return f"autodl-run trust {self.profile}"
+        return f"autodl-run trust {self.host}" + (f" --port {self.port}" if self.port != 22 else "")
 
     @property
     def known_hosts_name(self) -> str:
@@ -46,16 +55,31 @@ class SshTarget:
 
 
 def connect_error(t: SshTarget, cause: str) -> ConnectError:
+    where = f"profile {t.profile}: " if t.profile else ""
+    if t.profile:
+        fix = f'log in again with it: autodl-run login "ssh -p PORT {t.user}@{t.host}" --name {t.profile}'
+    else:
+        fix = "copy the current ssh command from the console into [instance] ssh"
     return ConnectError(
-        f"cannot reach {t.host} port {t.port} (within the {t.connect_timeout:g} s connect timeout): {cause}",
+        f"{where}cannot reach {t.host} port {t.port} (within the {t.connect_timeout:g} s connect timeout): {cause}",
         hint=(
             "is the instance powered on? AutoDL may change the port (and password) when an instance "
-            "restarts: copy the current ssh command from the console into [instance] ssh"
+            f"restarts: {fix}"
         ),
     )
 
 
 def auth_error(t: SshTarget, cause: str = "") -> AuthError:
+    if t.profile:
+        detail = f" ({cause})" if cause else ""
+        return AuthError(
+            f"profile {t.profile}: {t.where} refused the key {t.identity_file}{detail}",
+            hint=(
+                "the key is no longer authorized there (a re-created instance, or authorized_keys was "
+                f'edited): log in again, with the password: autodl-run login "ssh -p {t.port} '
+                f'{t.user}@{t.host}" --name {t.profile}'
+            ),
+        )
     if t.identity_file:
         tried = f"the key {t.identity_file}"
         how = (
@@ -73,13 +97,22 @@ def auth_error(t: SshTarget, cause: str = "") -> AuthError:
 
 
 def host_key_error(t: SshTarget, detail: str = "") -> HostKeyError:
+    if t.profile:
+        what = f"profile {t.profile} ({t.where})"
+        redo = (
+            f"`{t.trust_command}`, then log in again "
+            f'(autodl-run login "ssh -p PORT {t.user}@{t.host}" --name {t.profile}) to authorize the key there'
+        )
+    else:
+        what = t.known_hosts_name
+        redo = f"`{t.trust_command}` (or: ssh-keygen -R '{t.known_hosts_name}' -f {t.known_hosts})"
     return HostKeyError(
-        f"the host key of {t.known_hosts_name} changed since it was pinned in {t.known_hosts}"
-        + (f": {detail}" if detail else ""),
+        f"the host key of {what} changed since it was pinned in {t.known_hosts}"
+        + (f": {detail}" if detail else "")
+        + ". Nothing was run there.",
         hint=(
-            "if the instance was re-created or re-imaged this is expected: re-trust it with "
-            f"`autodl-run trust {t.host}` (or: ssh-keygen -R '{t.known_hosts_name}' -f {t.known_hosts}); "
-            "otherwise someone may be intercepting the connection"
+            "either the instance was re-created behind the same address (AutoDL re-uses host names and "
+            f"ports), or someone is intercepting the connection. Only if you know it was re-created: {redo}"
         ),
     )
 

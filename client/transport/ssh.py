@@ -2,8 +2,13 @@
 
 Host keys are trusted on first use and pinned in one known_hosts file (default
 `$AUTODL_RUN_HOME/known_hosts`), which paramiko and rsync's ssh both read and write; a changed
-key raises HostKeyError. Keys: `identity_file` only when given, else the ssh agent and the
-default keys. The connection opens on first use and reopens after it drops.
+key raises HostKeyError. For a host profile (client.profiles) the key is filed under the profile's
+alias in its own file, so it stays pinned when the port changes. Keys: `identity_file` only when
+given, else the ssh agent and the default keys; a password only for `autodl-run login`. The
+connection opens on first use and reopens after it drops.
+
+Files go with rsync; when the instance (or this machine) has no rsync, over SFTP on the same
+connection, each file checked against its sha256 afterwards (client.transport.sftp).
 """
 
 from __future__ import annotations
@@ -13,20 +18,25 @@ import math
 import os
 import select
 import shlex
+import shutil
 import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import paramiko
 
-from client.errors import ConnectError, TransferError, TransportError
-from client.transport import rsync
+from client.errors import AuthError, ConnectError, RemoteEnvError, TransferError, TransportError
+from client.transport import hostkeys, rsync, sftp
 from client.transport.base import Command, Result, check_result, to_shell
 from client.transport.errors_map import SshTarget, auth_error, from_exception, from_ssh_stderr
 from client.transport.paths import expand_home, split_home
 from jobs.spec import InstanceSpec
+
+if TYPE_CHECKING:
+    from client.profiles import Profile
 
 # paramiko logs failed handshakes with tracebacks; we raise a clear error instead. A NullHandler
 # keeps Python's last-resort handler from printing them; an application can still add its own.
@@ -73,11 +83,17 @@ class SshTransport:
         keepalive: int = 15,
         attempts: int = 3,
         backoff: float = 1.0,
+        profile: str | None = None,
+        host_key_alias: str | None = None,
+        password: Callable[[], str] | None = None,
     ):
+        """profile / host_key_alias: the key is pinned under the alias (a profile's own known_hosts).
+        password: called at most once, only if the key is refused (`autodl-run login`); never stored."""
         identity = os.path.expanduser(str(identity_file)) if identity_file else None
         self.target = SshTarget(
-            host, int(port), user, identity, Path(known_hosts or default_known_hosts()), connect_timeout
-        )
+            host, int(port), user, identity, Path(known_hosts or default_known_hosts()), connect_timeout,
+            profile=profile, host_key_alias=host_key_alias,
+        )  # fmt: skip
         self.where = self.target.where
         self.keepalive = keepalive
         self.attempts, self.backoff = attempts, backoff  # rsync retries
@@ -85,6 +101,11 @@ class SshTransport:
         self._home: str | None = None
         self._mkpath = rsync.supports_mkpath()
         self._lock = threading.Lock()
+        self._password = password
+        self.used_password = False  # set when the key was refused and the password got us in
+        # "rsync" until rsync turns out to be missing on either side, then "sftp" for good
+        local_tools = rsync.rsync_version() is not None and shutil.which("ssh") is not None
+        self.file_method = "rsync" if local_tools else "sftp"
 
     @classmethod
     def from_instance(cls, instance: InstanceSpec, *, known_hosts: Path | None = None) -> SshTransport:
@@ -97,6 +118,20 @@ class SshTransport:
             identity_file=instance.identity_file,
             known_hosts=known_hosts,
             connect_timeout=instance.connect_timeout,
+        )
+
+    @classmethod
+    def from_profile(cls, profile: Profile, *, connect_timeout: float = 15.0) -> SshTransport:
+        """Reach a saved host profile with its key, checking the host key pinned for it."""
+        return cls(
+            profile.host,
+            profile.port,
+            profile.user,
+            identity_file=profile.identity_file or None,
+            known_hosts=profile.known_hosts,
+            connect_timeout=connect_timeout,
+            profile=profile.name,
+            host_key_alias=profile.host_key_alias,
         )
 
     # -- commands ---------------------------------------------------------------------------
@@ -169,15 +204,43 @@ class SshTransport:
         dest = self.expand(remote).rstrip("/") or "/"
         target_dir = dest if local.is_dir() else (os.path.dirname(dest) or "/")
         src, dst = (f"{local}/", f"{dest}/") if local.is_dir() else (str(local), dest)
-        self._rsync(src, self._spec(dst), delete, lambda: self.run(["mkdir", "-p", target_dir]))
+        if self.file_method == "rsync":
+            try:
+                self._rsync(src, self._spec(dst), delete, lambda: self.run(["mkdir", "-p", target_dir]))
+                return
+            except RemoteEnvError:  # no rsync on the instance: SFTP from now on
+                self.file_method = "sftp"
+        sftp.put(self, local, dest, delete=delete)
 
     def get(self, remote: str, local: Path) -> None:
         src_path = self.expand(remote).rstrip("/") or "/"
         local = Path(local).absolute()
-        is_dir = self.run(["test", "-d", src_path], check=False).ok
-        src, dst = (f"{src_path}/", f"{local}/") if is_dir else (src_path, str(local))
-        target_dir = local if is_dir else local.parent
-        self._rsync(self._spec(src), dst, False, lambda: target_dir.mkdir(parents=True, exist_ok=True))
+        if self.file_method == "rsync":
+            is_dir = self.run(["test", "-d", src_path], check=False).ok
+            src, dst = (f"{src_path}/", f"{local}/") if is_dir else (src_path, str(local))
+            target_dir = local if is_dir else local.parent
+            try:
+                self._rsync(
+                    self._spec(src), dst, False, lambda: target_dir.mkdir(parents=True, exist_ok=True)
+                )
+                return
+            except RemoteEnvError:
+                self.file_method = "sftp"
+        sftp.get(self, src_path, local)
+
+    def open_sftp(self) -> paramiko.SFTPClient:
+        """An SFTP session on this connection (the caller closes it)."""
+        transport = self._connect()
+        try:
+            client = paramiko.SFTPClient.from_transport(transport)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            raise TransferError(
+                f"{self.where} offers neither rsync nor SFTP ({exc})",
+                hint="install rsync there (apt-get install -y rsync), or enable the sftp subsystem of its sshd",
+            ) from exc
+        if client is None:
+            raise TransferError(f"cannot open an SFTP session on {self.where}")
+        return client
 
     def _rsync(self, src: str, dst: str, delete: bool, make_dirs: Callable[[], object]) -> None:
         self._connect()  # pins the host key and reports connect/auth errors clearly before rsync runs
@@ -207,6 +270,8 @@ class SshTransport:
         argv = ["ssh", "-p", str(t.port)]
         if t.identity_file:
             argv += ["-i", t.identity_file, "-o", "IdentitiesOnly=yes"]  # only that key, as paramiko does
+        if t.host_key_alias:
+            argv += ["-o", f"HostKeyAlias={t.host_key_alias}"]  # the key pinned for the profile, any port
         argv += [
             "-o", "BatchMode=yes",  # never prompt for a password or passphrase: fail instead
             "-o", "StrictHostKeyChecking=accept-new",  # pin an unknown host key, refuse a changed one
@@ -234,6 +299,15 @@ class SshTransport:
 
     # -- the connection ------------------------------------------------------------------------
 
+    def open(self) -> None:
+        """Connect now (authenticate, check the host key) instead of at the first command."""
+        self._connect()
+
+    def host_key(self) -> paramiko.PKey | None:
+        """The host key of the open connection."""
+        transport = self._client.get_transport() if self._client else None
+        return transport.get_remote_server_key() if transport is not None else None
+
     def _connect(self) -> paramiko.Transport:
         with self._lock:
             transport = self._client.get_transport() if self._client else None
@@ -245,26 +319,30 @@ class SshTransport:
             t.known_hosts.touch(mode=0o600, exist_ok=True)
             if t.identity_file and not os.path.isfile(t.identity_file):
                 raise auth_error(t, "the key file does not exist")
-            client = paramiko.SSHClient()
-            # pinned keys; a key seen for the first time is saved back to this file
-            client.load_host_keys(str(t.known_hosts))
-            # trust on first use; a key that differs from the pinned one raises BadHostKeyException
-            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
             try:
-                client.connect(
-                    t.host,
-                    port=t.port,
-                    username=t.user,
-                    key_filename=t.identity_file,
-                    allow_agent=t.identity_file is None,  # the agent only when no key is named
-                    look_for_keys=t.identity_file is None,  # ~/.ssh/id_* only when no key is named
-                    timeout=t.connect_timeout,  # TCP connect
-                    banner_timeout=t.connect_timeout,  # a port forward that accepts but never speaks SSH
-                    auth_timeout=t.connect_timeout,  # a server that never answers the auth request
-                    channel_timeout=t.connect_timeout,  # opening a session channel
-                )
+                client = self._client_connect()
+            except paramiko.PasswordRequiredException as exc:
+                raise from_exception(exc, t) from exc  # our key needs a passphrase: no password will help
+            except paramiko.AuthenticationException as exc:
+                if self._password is None:
+                    raise from_exception(exc, t) from exc
+                # the key was refused: the password, once (autodl-run login), on a new connection
+                password = self._password()
+                self._password = None
+                try:
+                    client = self._client_connect(password)
+                except paramiko.AuthenticationException:
+                    raise AuthError(
+                        f"{t.where} refused the password (and the key {t.identity_file})",
+                        hint="copy the password again from the console (AutoDL changes it when the instance "
+                        "restarts); scripts can pass it in AUTODL_RUN_PASSWORD",
+                    ) from None  # never chain: nothing may hold on to the password
+                except Exception as exc2:
+                    raise from_exception(exc2, t) from None
+                finally:
+                    del password
+                self.used_password = True
             except Exception as exc:
-                client.close()
                 raise from_exception(exc, t) from exc
             transport = client.get_transport()
             assert transport is not None
@@ -273,6 +351,40 @@ class SshTransport:
             _tcp_keepalive(transport.sock, self.keepalive)
             self._client = client
             return transport
+
+    def _client_connect(self, password: str | None = None) -> paramiko.SSHClient:
+        t = self.target
+        client = paramiko.SSHClient()
+        if t.host_key_alias:
+            # a profile: the keys pinned under its alias count for whatever host:port it has now
+            name = t.known_hosts_name
+            for key in hostkeys.pinned(t.known_hosts, t.host_key_alias):
+                client.get_host_keys().add(name, key.get_name(), key)
+            client.set_missing_host_key_policy(hostkeys.PinPolicy(t.known_hosts, t.host_key_alias))
+        else:
+            # pinned keys; a key seen for the first time is saved back to this file
+            client.load_host_keys(str(t.known_hosts))
+            # trust on first use; a key that differs from the pinned one raises BadHostKeyException
+            client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+        use_key = password is None
+        try:
+            client.connect(
+                t.host,
+                port=t.port,
+                username=t.user,
+                password=password,
+                key_filename=t.identity_file if use_key else None,
+                allow_agent=use_key and t.identity_file is None,  # the agent only when no key is named
+                look_for_keys=use_key and t.identity_file is None,  # ~/.ssh/id_* only when no key is named
+                timeout=t.connect_timeout,  # TCP connect
+                banner_timeout=t.connect_timeout,  # a port forward that accepts but never speaks SSH
+                auth_timeout=t.connect_timeout,  # a server that never answers the auth request
+                channel_timeout=t.connect_timeout,  # opening a session channel
+            )
+        except BaseException:
+            client.close()
+            raise
+        return client
 
     def _open_channel(self) -> paramiko.Channel:
         for attempt in (1, 2):

@@ -1,0 +1,465 @@
+"""`autodl-run doctor [PROFILE | JOB.toml] [--json]`: is this instance ready to train? One round trip.
+
+A single remote script (`_SCRIPT`) prints, in sections: the clock, the OS, the python the login
+shell finds (conda's included) and what it has (torch, CUDA, the worker's packages), the GPUs and
+the driver (nvidia-smi), free space and inodes of the system disk, the data disk and
+/root/autodl-fs, tmux and rsync, and whether the pip index and the Hugging Face endpoint answer
+(each with a short timeout, in parallel, and again through /etc/network_turbo when it exists).
+`checks()` turns that into rows of ok / warn / fail, each failure with the fix; `render` draws the
+table, `--json` prints the whole report. A job file says which python, index and endpoint to
+check; a profile alone checks what the instance itself is configured with.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from client import profiles
+from client.transport import connect
+from jobs.requirements import QLORA_REQUIREMENTS, WORKER_REQUIREMENTS
+from jobs.spec import InstanceSpec
+
+NET_TIMEOUT_S = 5
+DATA_DISK = "/root/autodl-tmp"
+AUTODL_FS = "/root/autodl-fs"
+GB = 1e9
+MIRRORS = {
+    "pip": "https://pypi.tuna.tsinghua.edu.cn/simple",
+    "hf": "https://hf-mirror.com",
+}
+
+_PY = r"""
+import importlib.metadata as md, importlib.util, json, sys
+out = {"version": sys.version.split()[0], "executable": sys.executable, "packages": {}}
+for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "flash-attn"):
+    try:
+        out["packages"][name] = md.version(name)
+    except Exception:
+        out["packages"][name] = None
+out["flash_attn_importable"] = importlib.util.find_spec("flash_attn") is not None
+try:
+    import torch
+    out["torch"] = torch.__version__
+    out["torch_cuda"] = torch.version.cuda
+    out["cuda_available"] = bool(torch.cuda.is_available())
+    out["gpus"] = [
+        {"name": torch.cuda.get_device_name(i), "memory_gb": round(torch.cuda.get_device_properties(i).total_memory / 1e9, 1)}
+        for i in range(torch.cuda.device_count())
+    ] if out["cuda_available"] else []
+except Exception as exc:
+    out["torch"] = None
+    out["torch_error"] = f"{type(exc).__name__}: {exc}"[:300]
+print(json.dumps(out))
+"""
+
+_SCRIPT = r"""
+echo "@@clock $(date +%s.%N)"
+echo "@@os"
+( . /etc/os-release 2>/dev/null && echo "$PRETTY_NAME" ) || echo unknown
+uname -srm
+py={py}
+p=$(command -v "$py" 2>/dev/null)
+echo "@@python"
+echo "path=$p"
+echo "conda_prefix=${{CONDA_PREFIX:-}}"
+echo "conda_env=${{CONDA_DEFAULT_ENV:-}}"
+echo "conda=$(command -v conda 2>/dev/null)"
+for c in /root/miniconda3/bin/python /root/anaconda3/bin/python /opt/conda/bin/python; do [ -x "$c" ] && echo "candidate=$c"; done
+echo "@@pyinfo"
+[ -n "$p" ] && timeout 120 "$py" -c {pyprobe} 2>/dev/null | tail -n 1
+echo "@@gpu"
+command -v nvidia-smi >/dev/null 2>&1 && timeout 30 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader,nounits 2>&1
+echo "@@disks"
+for d in / {data_disk} {autodl_fs} {extra}; do
+  [ -d "$d" ] || continue
+  echo "$d|$(df -Pk "$d" 2>/dev/null | tail -n 1)|$(df -Pi "$d" 2>/dev/null | tail -n 1)"
+done
+echo "@@tools"
+for t in tmux rsync; do echo "$t=$(command -v $t 2>/dev/null)|$($t -V 2>/dev/null | head -n 1)"; done
+turbo=0; [ -r {turbo} ] && turbo=1
+echo "@@turbo $turbo"
+pip_url={pip_url}
+[ -z "$pip_url" ] && [ -n "$p" ] && pip_url=$(timeout 20 "$py" -m pip config get global.index-url 2>/dev/null | tail -n 1)
+[ -z "$pip_url" ] && pip_url=${{PIP_INDEX_URL:-https://pypi.org/simple}}
+hf_url={hf_url}
+[ -z "$hf_url" ] && hf_url=${{HF_ENDPOINT:-https://huggingface.co}}
+echo "@@urls"
+echo "pip=$pip_url"
+echo "hf=$hf_url"
+tmp=$(mktemp -d)
+probe() {{  # URL, 1 = through /etc/network_turbo -> "HTTP-CODE SECONDS"
+  (
+    if [ "$2" = 1 ]; then . {turbo} >/dev/null 2>&1; fi
+    if command -v curl >/dev/null 2>&1; then
+      curl -s -o /dev/null -m {timeout} -w '%{{http_code}} %{{time_total}}' "$1"
+    elif [ -n "$p" ]; then
+      "$py" -c 'import sys, time, urllib.request, urllib.error
+t = time.time()
+try:
+    code = urllib.request.urlopen(sys.argv[1], timeout={timeout}).status
+except urllib.error.HTTPError as e:
+    code = e.code
+except Exception:
+    code = 0
+print(code, round(time.time() - t, 3))' "$1"
+    else
+      echo "000 0"
+    fi
+  ) 2>/dev/null
+}}
+probe "${{pip_url%/}}/pip/" {use_turbo} > "$tmp/pip" &
+probe "$hf_url" {use_turbo} > "$tmp/hf" &
+if [ $turbo = 1 ] && [ {use_turbo} = 0 ]; then
+  probe "${{pip_url%/}}/pip/" 1 > "$tmp/pip_turbo" &
+  probe "$hf_url" 1 > "$tmp/hf_turbo" &
+fi
+wait
+echo "@@net"
+for f in pip hf pip_turbo hf_turbo; do [ -f "$tmp/$f" ] && echo "$f=$(cat "$tmp/$f")"; done
+rm -rf "$tmp"
+"""
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # ok | warn | fail | info
+    detail: str
+    hint: str = ""
+
+
+def resolve_target(target: str | None) -> tuple[str, InstanceSpec]:
+    """(a label, the instance) for a profile name, a job.toml, or nothing (the last profile logged into)."""
+    if target and (target.endswith(".toml") or Path(target).is_file()):
+        from client.specfile import load_spec
+
+        return target, load_spec(target).instance
+    profile = profiles.find(target)
+    return profile.name, InstanceSpec(profile=profile.name)
+
+
+def doctor(target: str | None = None) -> dict:
+    label, instance = resolve_target(target)
+    transport = connect(instance)
+    try:
+        opener = getattr(transport, "open", None)
+        if opener:
+            opener()  # connect first, so the clock below is not off by the handshake
+        t0 = time.time()
+        res = transport.run(_script(instance), check=False, timeout=300)
+        t1 = time.time()
+    finally:
+        transport.close()
+    report = parse(res.stdout, t0, t1)
+    report["target"] = label
+    report["where"] = transport.where
+    report["python_setting"] = instance.python
+    report["network_turbo_setting"] = instance.network_turbo
+    rows = checks(report, instance)
+    report["checks"] = [asdict(c) for c in rows]
+    report["ok"] = not any(c.status == "fail" for c in rows)
+    return report
+
+
+def _script(instance: InstanceSpec) -> str:
+    extra = ""
+    if instance.remote_root and not instance.remote_root.startswith("~"):
+        extra = shlex.quote(instance.remote_root)
+    return _SCRIPT.format(
+        py=shlex.quote(instance.python or "python3"),
+        pyprobe=shlex.quote(_PY),
+        data_disk=DATA_DISK,
+        autodl_fs=AUTODL_FS,
+        extra=extra,
+        turbo="/etc/network_turbo",
+        pip_url=shlex.quote(instance.pip_index_url or ""),
+        hf_url=shlex.quote(instance.hf_endpoint or ""),
+        use_turbo=int(instance.network_turbo),
+        timeout=NET_TIMEOUT_S,
+    )
+
+
+def _sections(stdout: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in stdout.splitlines():
+        if line.startswith("@@"):
+            head, _, rest = line[2:].partition(" ")
+            current = out.setdefault(head, [])
+            if rest:
+                current.append(rest)
+        elif current is not None:
+            current.append(line)
+    return out
+
+
+def _kv(lines: list[str]) -> dict[str, str]:
+    return dict(ln.split("=", 1) for ln in lines if "=" in ln)
+
+
+def parse(stdout: str, t0: float, t1: float) -> dict:
+    s = _sections(stdout)
+    clock = float(s["clock"][0]) if s.get("clock") and _is_float(s["clock"][0]) else None
+    os_lines = s.get("os", [])
+    py = _kv(s.get("python", []))
+    pyinfo: dict = {}
+    for line in reversed(s.get("pyinfo", [])):
+        if line.startswith("{"):
+            pyinfo = json.loads(line)
+            break
+    gpus, driver = [], None
+    for line in s.get("gpu", []):
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4 and parts[1].isdigit():
+            gpus.append({"name": parts[0], "memory_mib": int(parts[1]), "memory_used_mib": int(parts[2])})
+            driver = parts[3]
+    disks = {}
+    for line in s.get("disks", []):
+        path, space, inodes = (line.split("|") + ["", ""])[:3]
+        sp, ino = space.split(), inodes.split()
+        if len(sp) >= 4 and sp[1].isdigit():
+            disks[path] = {
+                "total_bytes": int(sp[1]) * 1024,
+                "free_bytes": int(sp[3]) * 1024,
+                "mount": sp[-1],
+                "inodes_total": int(ino[1]) if len(ino) >= 4 and ino[1].isdigit() else None,
+                "inodes_free": int(ino[3]) if len(ino) >= 4 and ino[3].isdigit() else None,
+            }
+    tools = {}
+    for k, v in _kv(s.get("tools", [])).items():
+        path, _, version = v.partition("|")
+        tools[k] = {"path": path or None, "version": version.strip() or None}
+    urls = _kv(s.get("urls", []))
+    net = {}
+    for k, v in _kv(s.get("net", [])).items():
+        code, _, secs = v.partition(" ")
+        code_i = int(code) if code.isdigit() else 0
+        net[k] = {
+            "http_code": code_i,
+            "seconds": float(secs) if _is_float(secs) else None,
+            "reachable": 0 < code_i < 500,
+        }
+    conda = py.get("conda_prefix") or None
+    path = py.get("path") or None
+    return {
+        "os": {"name": os_lines[0] if os_lines else None, "kernel": os_lines[1] if len(os_lines) > 1 else None},
+        "python": {
+            "path": path,
+            "version": pyinfo.get("version"),
+            "executable": pyinfo.get("executable"),
+            "conda": bool(conda and path and path.startswith(conda)) or bool(path and "conda" in path),
+            "conda_prefix": conda,
+            "conda_env": py.get("conda_env") or None,
+            "candidates": [v for k, v in (ln.split("=", 1) for ln in s.get("python", []) if "=" in ln) if k == "candidate"],
+        },
+        "torch": {
+            "version": pyinfo.get("torch"),
+            "cuda": pyinfo.get("torch_cuda"),
+            "cuda_available": pyinfo.get("cuda_available", False),
+            "error": pyinfo.get("torch_error"),
+        },
+        "gpu": {"count": len(gpus), "gpus": gpus, "driver": driver, "torch_gpus": pyinfo.get("gpus", [])},
+        "packages": {k: v for k, v in pyinfo.get("packages", {}).items() if k != "torch"},
+        "flash_attn": bool(pyinfo.get("packages", {}).get("flash-attn") or pyinfo.get("flash_attn_importable")),
+        "disks": disks,
+        "tools": tools,
+        "network_turbo_available": (s.get("turbo") or ["0"])[0] == "1",
+        "pip_index": {"url": urls.get("pip"), **net.get("pip", {"reachable": False}),
+                      "through_turbo": net.get("pip_turbo")},
+        "hf_endpoint": {"url": urls.get("hf"), **net.get("hf", {"reachable": False}),
+                        "through_turbo": net.get("hf_turbo")},
+        "clock": {
+            "skew_s": None if clock is None else round(clock - t0, 2),
+            "round_trip_s": round(t1 - t0, 2),
+        },
+    }  # fmt: skip
+
+
+def _is_float(x: str) -> bool:
+    try:
+        float(x)
+    except ValueError:
+        return False
+    return True
+
+
+def _gb(n: float | None) -> str:
+    return "?" if n is None else f"{n / GB:.1f} GB"
+
+
+def checks(r: dict, instance: InstanceSpec) -> list[Check]:
+    """The report as rows: ok, warn (works, with a cost), fail (fix it first), info."""
+    return [
+        Check("os", "ok" if r["os"]["name"] else "info", f"{r['os']['name']} ({r['os']['kernel']})"),
+        *_python_checks(r, instance),
+        *_gpu_checks(r),
+        *_disk_checks(r["disks"]),
+        *_package_checks(r),
+        *_tool_checks(r["tools"]),
+        _net_check("pip index", r["pip_index"], "pip_index_url", MIRRORS["pip"], instance),
+        _net_check("hf endpoint", r["hf_endpoint"], "hf_endpoint", MIRRORS["hf"], instance),
+        *_clock_check(r["clock"]["skew_s"]),
+    ]
+
+
+def _python_checks(r: dict, instance: InstanceSpec) -> list[Check]:
+    py, t = r["python"], r["torch"]
+    if not py["version"]:
+        first = py["candidates"][0] if py["candidates"] else None
+        hint = (
+            f"set instance.python = {json.dumps(first)}"
+            if first
+            else "install Python 3.10+, or set instance.python"
+        )
+        return [Check("python", "fail", f"`{instance.python}` not found in a login shell", hint)]
+    conda = f", conda env {py['conda_env'] or py['conda_prefix']}" if py["conda"] else ""
+    out = [Check("python", "ok", f"{py['path']} (Python {py['version']}{conda}, found by bash -lc)")]
+    if t["version"]:
+        cuda = f" (CUDA {t['cuda']})" if t["cuda"] else " (no CUDA build)"
+        out.append(Check("torch", "ok", t["version"] + cuda))
+    else:
+        hint = "pick an image with PyTorch (autodl-run never installs torch: it must match the driver)"
+        out.append(Check("torch", "fail", t["error"] or "not installed", hint))
+    return out
+
+
+def _gpu_checks(r: dict) -> list[Check]:
+    gpu, t = r["gpu"], r["torch"]
+    if gpu["gpus"]:
+        names = ", ".join(f"{g['name']} {g['memory_mib'] / 1024:.0f} GiB" for g in gpu["gpus"])
+        out = [Check("gpu", "ok", f"{names}; driver {gpu['driver']}")]
+    else:
+        hint = "on AutoDL, power the instance on with a GPU (not 无卡模式); elsewhere, install the driver"
+        out = [Check("gpu", "fail", "no NVIDIA GPU visible (nvidia-smi)", hint)]
+    if not t["version"]:
+        return out
+    if t["cuda_available"]:
+        out.append(Check("cuda", "ok", "torch can use the GPU"))
+    elif gpu["gpus"]:
+        hint = f"torch {t['version']} cannot use the GPU (driver {gpu['driver']}): pick an image whose PyTorch matches it"
+        out.append(Check("cuda", "fail", "torch.cuda.is_available() is False", hint))
+    else:
+        out.append(
+            Check(
+                "cuda", "fail", "torch.cuda.is_available() is False", "no GPU: training would run on the CPU"
+            )
+        )
+    return out
+
+
+def _package_checks(r: dict) -> list[Check]:
+    reqs = {**WORKER_REQUIREMENTS, **QLORA_REQUIREMENTS}
+    out = []
+    for name in ("transformers", "peft", "bitsandbytes", "accelerate"):
+        version = r["packages"].get(name)
+        if version:
+            out.append(Check(name, "ok", version))
+        elif r["python"]["version"]:
+            out.append(Check(name, "warn", "not installed", f"submit installs it ({reqs[name]}) with pip"))
+    if r["flash_attn"]:
+        out.append(Check("flash-attn", "ok", r["packages"].get("flash-attn") or "installed"))
+    else:
+        out.append(Check("flash-attn", "info", "not installed: SDPA attention is used"))
+    return out
+
+
+def _tool_checks(tools: dict) -> list[Check]:
+    fallbacks = {
+        "tmux": "submit installs it with apt-get when it can, else jobs run under setsid nohup",
+        "rsync": "files go over SFTP instead (slower for big data): apt-get install -y rsync",
+    }
+    out = []
+    for name, hint in fallbacks.items():
+        found = tools.get(name, {})
+        if found.get("path"):
+            out.append(Check(name, "ok", found["version"] or found["path"]))
+        else:
+            out.append(Check(name, "warn", "not installed", hint))
+    return out
+
+
+def _clock_check(skew: float | None) -> list[Check]:
+    if skew is None:
+        return []
+    status = "ok" if abs(skew) < 5 else "warn" if abs(skew) < 300 else "fail"
+    hint = (
+        "" if status == "ok" else "elapsed times, ETA and spend will be off: sync the clock (chrony/ntpdate)"
+    )
+    return [Check("clock", status, f"{skew:+.1f} s against this machine", hint)]
+
+
+def _disk_checks(disks: dict) -> list[Check]:
+    roles = {"/": "system disk", DATA_DISK: "data disk", AUTODL_FS: "autodl-fs"}
+    out, seen = [], set()
+    for path, d in disks.items():
+        role = roles.get(path, "remote_root")
+        if role == "remote_root" and d["mount"] in seen:
+            continue  # the job folder's disk is one of the above
+        seen.add(d["mount"])
+        out.append(_disk_check(path, role, d))
+    if DATA_DISK not in disks:
+        hint = "set instance.remote_root to a folder on a disk with room"
+        out.append(Check("data disk", "info", f"no {DATA_DISK} (not an AutoDL instance?)", hint))
+    return out
+
+
+def _disk_check(path: str, role: str, d: dict) -> Check:
+    free, ino_free, ino_total = d["free_bytes"], d["inodes_free"], d["inodes_total"]
+    detail = f"{path}: {_gb(free)} free of {_gb(d['total_bytes'])}"
+    if ino_total:
+        detail += f", {ino_free:,} of {ino_total:,} inodes free"
+    low, very_low = (5 * GB, 1 * GB) if role == "system disk" else (20 * GB, 2 * GB)
+    status, hints = "ok", []
+    if free < very_low:
+        status = "fail"
+        hints.append(f"free space on {path} (du -sh {path.rstrip('/')}/* | sort -h)")
+    elif free < low:
+        status = "warn"
+        hints.append(f"little space on {path}: a 7B model with checkpoints needs about 20 GB")
+    if ino_total and ino_free is not None and ino_free < max(10_000, ino_total // 20):
+        status = "fail" if ino_free < 1000 else ("warn" if status == "ok" else status)
+        hints.append(f"few inodes left on {path}: remove small files (pip caches, old runs)")
+    if role == "system disk" and status != "ok":
+        hints.append("AutoDL: keep models and data on /root/autodl-tmp, not /")
+    return Check(role, status, detail, "; ".join(hints))
+
+
+def _net_check(name: str, r: dict, field: str, mirror: str, instance: InstanceSpec) -> Check:
+    url = r.get("url")
+    via = " (through /etc/network_turbo)" if instance.network_turbo else ""
+    if r.get("reachable"):
+        return Check(name, "ok", f"{url}{via}: HTTP {r['http_code']} in {r.get('seconds') or 0:.2f} s")
+    turbo = r.get("through_turbo") or {}
+    if turbo.get("reachable"):
+        hint = f'it answers through /etc/network_turbo: set instance.network_turbo = true (or instance.{field} = "{mirror}")'
+    else:
+        hint = f'set instance.{field} = "{mirror}" (a mirror reachable from China)'
+    code = r.get("http_code") or "none"
+    return Check(name, "fail", f"{url}{via}: unreachable (HTTP {code}; timeout {NET_TIMEOUT_S} s)", hint)
+
+
+_MARKS = {"ok": "[green]✓[/]", "warn": "[yellow]![/]", "fail": "[red]✗[/]", "info": "[dim]–[/]"}
+
+
+def render(report: dict, console: Console) -> None:
+    table = Table(title=f"{report['target']} ({report['where']})", title_justify="left", show_lines=False)
+    table.add_column("", no_wrap=True)
+    table.add_column("check", no_wrap=True)
+    table.add_column("found")
+    table.add_column("fix")
+    for c in report["checks"]:
+        table.add_row(_MARKS[c["status"]], c["name"], escape(c["detail"]), escape(c["hint"]))
+    console.print(table)
+    fails = sum(c["status"] == "fail" for c in report["checks"])
+    if fails:
+        console.print(f"[red]{fails} problem{'s' if fails > 1 else ''}[/]: see the fix column")
+    else:
+        console.print("[green]ready to train[/]")

@@ -1,0 +1,255 @@
+"""Files over SFTP, for an instance without rsync (or a laptop without it): the same results as rsync.
+
+What `rsync -a --partial --mkpath [--delete]` gives, and how SFTP gives it here:
+- a folder's contents land in the destination, missing parents are created (`mkdir -p`);
+- only what differs is sent: one remote round trip lists every file with its sha256 first;
+- each file is written under a temporary name and renamed into place, so a cut transfer
+  never leaves a half file under the real name (a rerun sends what is still missing);
+- modes and modification times are kept, symlinks stay symlinks;
+- `delete` removes what the source does not have;
+- verification: afterwards every file is hashed again on the far side and compared with the
+  source's sha256, as rsync checks each file it moves with a whole-file checksum.
+
+Paths with a newline in them are not supported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from client.errors import TransferError
+
+if TYPE_CHECKING:
+    from client.transport.ssh import SshTransport
+
+PART = ".autodl-part"  # suffix of a file being written
+
+_LIST = r"""
+if [ -f "$1" ]; then echo '@@file'; sha256sum -- "$1"; exit 0; fi
+cd -- "$1" 2>/dev/null || { echo '@@none'; exit 0; }
+echo '@@dirs'; find . -mindepth 1 -type d -print
+echo '@@links'; find . -mindepth 1 -type l -print
+echo '@@files'; find . -type f -exec sha256sum -- {} +
+"""
+
+
+@dataclass
+class Listing:
+    """What is at a path: nothing, one file, or a folder's dirs, symlinks and files (relative paths)."""
+
+    kind: str  # "none" | "file" | "dir"
+    dirs: set[str] = field(default_factory=set)
+    links: set[str] = field(default_factory=set)
+    files: dict[str, str] = field(default_factory=dict)  # path -> sha256
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def remote_listing(t: SshTransport, path: str) -> Listing:
+    res = t.run(["bash", "-c", _LIST, "_", path])
+    listing, section = Listing("none"), ""
+    for line in res.stdout.splitlines():
+        if line.startswith("@@"):
+            section = line[2:]
+            if section in ("file", "dirs"):
+                listing.kind = "file" if section == "file" else "dir"
+            continue
+        if not line:
+            continue
+        if section == "dirs":
+            listing.dirs.add(_rel(line))
+        elif section == "links":
+            listing.links.add(_rel(line))
+        elif section in ("files", "file"):
+            digest, name = _sha_line(line)
+            listing.files[_rel(name) if section == "files" else name] = digest
+    return listing
+
+
+def local_listing(root: Path) -> Listing:
+    if root.is_file():
+        return Listing("file", files={str(root): sha256_file(root)})
+    listing = Listing("dir")
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        for d in list(dirnames):
+            p = base / d
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                listing.links.add(rel)
+                dirnames.remove(d)
+            else:
+                listing.dirs.add(rel)
+        for name in filenames:
+            p = base / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                listing.links.add(rel)
+            else:
+                listing.files[rel] = sha256_file(p)
+    return listing
+
+
+def put(t: SshTransport, local: Path, dest: str, *, delete: bool = False) -> None:
+    """Send a file (to exactly `dest`) or a folder's contents (into `dest`), then verify."""
+    if local.is_file():
+        _put_file(t, local, dest)
+        return
+    mine = local_listing(local)
+    theirs = remote_listing(t, dest)
+    if theirs.kind == "file":
+        t.run(["rm", "-f", "--", dest])
+        theirs = Listing("none")
+    t.run(["mkdir", "-p", "--", dest, *(posixpath.join(dest, d) for d in sorted(mine.dirs - theirs.dirs))])
+    sent = 0
+    with t.open_sftp() as client:
+        for rel, digest in sorted(mine.files.items()):
+            if theirs.files.get(rel) != digest:
+                _send(client, local / rel, posixpath.join(dest, rel))
+                sent += 1
+        for rel in sorted(mine.links):
+            remote = posixpath.join(dest, rel)
+            _remove_quietly(client, remote)
+            client.symlink(os.readlink(local / rel), remote)
+    if delete:
+        extra = [
+            rel
+            for rel in theirs.files.keys() | theirs.links
+            if rel not in mine.files and rel not in mine.links
+        ]
+        extra += [d for d in theirs.dirs - mine.dirs if posixpath.dirname(d) in mine.dirs | {""}]
+        if extra:
+            t.run(["rm", "-rf", "--", *(posixpath.join(dest, rel) for rel in sorted(extra))])
+    _verify(t, dest, mine, f"{local} -> {t.where}:{dest}")
+
+
+def get(t: SshTransport, src: str, local: Path) -> None:
+    """Fetch a file (to exactly `local`) or a folder's contents (into `local`), each file verified."""
+    theirs = remote_listing(t, src)
+    if theirs.kind == "none":
+        raise TransferError(f"cannot fetch {t.where}:{src}: no such file or folder", hint="check the path")
+    with t.open_sftp() as client:
+        if theirs.kind == "file":
+            _fetch(client, src, local, theirs.files[src])
+            return
+        local.mkdir(parents=True, exist_ok=True)
+        for d in sorted(theirs.dirs):
+            (local / d).mkdir(parents=True, exist_ok=True)
+        for rel, digest in sorted(theirs.files.items()):
+            target = local / rel
+            if target.is_file() and not target.is_symlink() and sha256_file(target) == digest:
+                continue
+            _fetch(client, posixpath.join(src, rel), target, digest)
+        for rel in sorted(theirs.links):
+            target = local / rel
+            if target.is_symlink() or target.is_file():
+                target.unlink()
+            os.symlink(client.readlink(posixpath.join(src, rel)), target)
+
+
+# -- one file -------------------------------------------------------------------------------------
+
+
+def _put_file(t: SshTransport, local: Path, dest: str) -> None:
+    digest = sha256_file(local)
+    if remote_listing(t, dest).files.get(dest) == digest:
+        return
+    t.run(["mkdir", "-p", "--", posixpath.dirname(dest) or "/"])
+    with t.open_sftp() as client:
+        _send(client, local, dest)
+    got = remote_listing(t, dest).files.get(dest)
+    if got != digest:
+        raise _mismatch(f"{local} -> {t.where}:{dest}", [posixpath.basename(dest)])
+
+
+def _send(client, local: Path, remote: str) -> None:
+    part = _part_name(remote)
+    st = local.stat()
+    try:
+        client.put(str(local), part, confirm=True)  # confirm: the size is checked after the copy
+        client.chmod(part, stat.S_IMODE(st.st_mode))
+        client.utime(part, (st.st_atime, st.st_mtime))
+        _rename(client, part, remote)
+    except OSError as exc:
+        _remove_quietly(client, part)
+        raise TransferError(
+            f"SFTP upload {local} -> {remote} failed: {exc}",
+            hint="the disk there may be full (df -h); run the command again to send what is missing",
+        ) from exc
+
+
+def _fetch(client, remote: str, local: Path, digest: str) -> None:
+    local.parent.mkdir(parents=True, exist_ok=True)
+    part = local.with_name(local.name + PART)
+    try:
+        client.get(remote, str(part))
+        got = sha256_file(part)
+        if got != digest:
+            raise _mismatch(f"{remote} -> {local}", [local.name])
+        os.replace(part, local)
+    except OSError as exc:
+        raise TransferError(f"SFTP download {remote} -> {local} failed: {exc}", hint="run it again") from exc
+    finally:
+        part.unlink(missing_ok=True)
+
+
+def _verify(t: SshTransport, dest: str, mine: Listing, what: str) -> None:
+    theirs = remote_listing(t, dest)
+    bad = [rel for rel, digest in mine.files.items() if theirs.files.get(rel) != digest]
+    if bad:
+        raise _mismatch(what, bad)
+
+
+def _mismatch(what: str, names: list[str]) -> TransferError:
+    shown = ", ".join(sorted(names)[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return TransferError(
+        f"verification failed after the SFTP copy {what}: sha256 differs for {shown}",
+        hint="the connection or a disk corrupted the copy: run the command again",
+    )
+
+
+def _part_name(remote: str) -> str:
+    head, tail = posixpath.split(remote)
+    return posixpath.join(head, f".{tail}{PART}")
+
+
+def _rename(client, src: str, dst: str) -> None:
+    try:
+        client.posix_rename(src, dst)  # replaces dst atomically (OpenSSH's extension)
+    except OSError:
+        _remove_quietly(client, dst)
+        client.rename(src, dst)
+
+
+def _remove_quietly(client, path: str) -> None:
+    try:
+        client.remove(path)
+    except OSError:
+        pass
+
+
+def _rel(name: str) -> str:
+    return name[2:] if name.startswith("./") else name
+
+
+def _sha_line(line: str) -> tuple[str, str]:
+    """`HASH  NAME` from sha256sum; a leading backslash means the name is escaped (\\\\, \\n)."""
+    escaped = line.startswith("\\")
+    if escaped:
+        line = line[1:]
+    digest, name = line[:64], line[66:]
+    if escaped:
+        name = name.replace("\\\\", "\0").replace("\\n", "\n").replace("\\r", "\r").replace("\0", "\\")
+    return digest, name

@@ -1,0 +1,203 @@
+"""Checkpoints on the instance: complete or absent, verified before a resume, and a full disk handled.
+
+The Trainer writes `checkpoint-N/`; `finalize` turns it into `step-N/` (jobs.layout):
+    1. `adapter/` gets hard links to the adapter's files (no extra space) and its own manifest,
+       so the client can pull the adapter alone;
+    2. `manifest.json` lists every file with its sha256;
+    3. the folder is renamed to `step-N`: a `step-N` folder exists only once it is complete;
+    4. the oldest beyond KEEP are removed, only after the new one is in place.
+A crash at any point leaves a stray `checkpoint-N` (removed on the next start) and the older,
+complete `step-*` folders untouched.
+
+Standard library only (no torch).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.layout import CHECKPOINT_ADAPTER, MANIFEST
+from jobs.manifest import ManifestError, verify_manifest, write_manifest
+from remote_worker import WorkerError
+
+KEEP = 2
+RESERVE_BYTES = 256 * 1024  # ballast freed when the disk fills: room to report it and stop cleanly
+# What the Trainer writes next to the adapter to resume; everything else goes into adapter/.
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin")
+
+
+class DiskFull(WorkerError):
+    """The disk holding the job folder is full."""
+
+
+@dataclass(frozen=True)
+class Finalized:
+    step: int
+    path: Path
+    manifest_sha256: str
+    adapter_path: Path
+    adapter_manifest_sha256: str
+    bytes: int
+    adapter_bytes: int
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.split("-", 1)[1])
+
+
+def complete(root: Path) -> list[Path]:
+    """The `step-N` folders under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=step_of)
+
+
+def _is_training_state(name: str) -> bool:
+    return name in TRAINING_STATE or (name.startswith("rng_state") and name.endswith(".pth"))
+
+
+def finalize(written: Path, step: int) -> Finalized:
+    """Give the Trainer's `checkpoint-N` its adapter folder and manifests, then rename it to `step-N`."""
+    adapter = written / CHECKPOINT_ADAPTER
+    shutil.rmtree(adapter, ignore_errors=True)
+    adapter.mkdir()
+    for f in sorted(written.iterdir()):
+        if f.is_file() and f.name != MANIFEST and not _is_training_state(f.name):
+            try:
+                os.link(f, adapter / f.name)
+            except OSError:  # a filesystem without hard links
+                shutil.copy2(f, adapter / f.name)
+    adapter_sha = write_manifest(adapter)
+    sha = write_manifest(written)
+    _fsync_dir(written)
+    final = written.with_name(f"step-{step}")
+    old = None
+    if final.exists():  # saved again at the same step (a resumed run stopped at once)
+        old = final.with_name(f".step-{step}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    written.rename(final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    top = [f for f in final.iterdir() if f.is_file()]
+    size = sum(f.stat().st_size for f in top)
+    adapter_size = sum(f.stat().st_size for f in (final / CHECKPOINT_ADAPTER).iterdir() if f.is_file())
+    return Finalized(step, final, sha, final / CHECKPOINT_ADAPTER, adapter_sha, size, adapter_size)
+
+
+def rotate(root: Path, keep: int = KEEP) -> None:
+    for p in complete(root)[:-keep]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def remove_partials(root: Path) -> list[str]:
+    """Remove what an interrupted save left: `checkpoint-N` (never finalized) and `.step-N.old`."""
+    removed = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and (p.name.startswith("checkpoint-") or p.name.startswith(".step-")):
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p.name)
+    return removed
+
+
+def latest_verified(root: Path, log=lambda msg: None) -> Path | None:
+    """The newest `step-N` whose files match its manifest; a damaged one is reported and skipped."""
+    for path in reversed(complete(root)):
+        try:
+            verify_manifest(path)
+            return path
+        except ManifestError as exc:
+            log(f"{path.name} is damaged ({exc}); trying an older checkpoint")
+    return None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- a full disk ---------------------------------------------------------------------------------
+
+
+def make_reserve(job_dir: Path, size: int = RESERVE_BYTES) -> None:
+    """Write the ballast file (real blocks, not a sparse file). Skipped silently where it does not fit."""
+    path = job_dir / ".reserve"
+    if path.is_file() and path.stat().st_size >= size:
+        return
+    try:
+        with open(path, "wb") as f:
+            f.write(b"\0" * size)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        path.unlink(missing_ok=True)
+
+
+def release_reserve(job_dir: Path) -> None:
+    try:
+        (job_dir / ".reserve").unlink()
+    except OSError:
+        pass
+
+
+def free_bytes(path: Path) -> int | None:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+FULL_BELOW = 16 * 2**20  # free bytes under which a failed write is put down to a full disk
+# How writes fail without ENOSPC: torch.save ("[enforce fail at inline_container.cc:...] unexpected pos",
+# "PytorchStreamWriter failed writing file"), safetensors, and the like.
+IO_WORDS = ("write", "enforce fail", "inline_container", "stream", "i/o", "file", "serializ")
+
+
+def is_disk_full(exc: BaseException, path: Path) -> bool:
+    """ENOSPC anywhere in the chain, or an I/O-looking failure while the disk holding `path` is full."""
+    seen = set()
+    e: BaseException | None = exc
+    io_like = False
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e).lower()
+        if "no space left" in text or "disk quota" in text:
+            return True
+        io_like = io_like or isinstance(e, OSError) or any(w in text for w in IO_WORDS)
+        e = e.__cause__ or e.__context__
+    free = free_bytes(path)
+    return io_like and free is not None and free < FULL_BELOW
+
+
+def disk_full_error(job_dir: Path, job_id: str, root: Path) -> DiskFull:
+    """Free what a failed save left (partial checkpoint, ballast), and say what is intact and what to do."""
+    removed = remove_partials(root)
+    release_reserve(job_dir)
+    good = complete(root)
+    kept = f"the last good checkpoint {good[-1].name} is intact" if good else "no checkpoint was complete yet"
+    free = free_bytes(job_dir)
+    free_s = f" ({free / 2**20:.1f} MiB free now)" if free is not None else ""
+    note = f"; removed the half-written {', '.join(removed)}" if removed else ""
+    return DiskFull(
+        f"the disk holding {job_dir} is full{free_s}: {kept}{note}",
+        hint=f"free space on the instance (`df -h {job_dir}`, `du -sh {job_dir.parent}/*`), "
+        f"then continue with `autodl-run resume {job_id}`",
+    )
