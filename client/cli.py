@@ -22,7 +22,7 @@ from client import __version__
 from client.errors import AutodlRunError
 from client.ledger import Ledger
 
-EXIT_CODES = """Exit codes: 0 ok, 1 unexpected error, 2 bad job spec, 3 bad dataset, 4 cannot reach or talk
+EXIT_CODES = """Exit codes: 0 ok, 1 unexpected error, 2 bad job spec or usage, 3 bad dataset, 4 cannot reach or talk
 to the instance, 5 the instance lacks something, 6 the job failed or is unknown, 7 a fetched file failed
 verification, 130 interrupted."""
 
@@ -426,13 +426,13 @@ def main() -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+    except Exception as exc:
+        # Usage errors (unknown option, missing argument) and Ctrl-C at a prompt. typer vendors its own
+        # click, so match by shape rather than by click's classes.
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if type(exc).__name__ == "Abort":
             sys.exit(130)
         raise
 

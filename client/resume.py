@@ -30,7 +30,8 @@ from client.bundle import stage_bundle
 from client.errors import JobError, Problem, SpecError, VerifyError
 from client.fetch import fetch_checkpoint, job_root, local_checkpoints, remote_steps
 from client.ledger import JobRecord, Ledger, home
-from client.setup import ensure_worker_deps, prefetch_model
+from client.prefetch import prefetch_model
+from client.setup import ensure_worker_deps
 from client.submit import deadline_for, launch_job, layout_for, new_job_id, resolve_remote_root
 from client.sync import remote_exists, sync_dir
 from client.tail import status_progress

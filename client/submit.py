@@ -24,7 +24,8 @@ from client import dataset, guard_launch, launcher
 from client.bundle import stage_bundle
 from client.errors import JobError, Problem, SpecError
 from client.ledger import Ledger, home
-from client.setup import ensure_worker_deps, prefetch_model
+from client.prefetch import prefetch_model
+from client.setup import ensure_worker_deps
 from client.specfile import load_spec
 from client.sync import sync_dir
 from client.transport import connect

@@ -23,7 +23,8 @@ from netns import _make_instance, _netns_ok, _serve, build_wheel, hub, login, pi
 from tinymodel import make_model
 
 from client.errors import RemoteEnvError
-from client.setup import deps_key, ensure_worker_deps, prefetch_model, remote_root
+from client.prefetch import prefetch_model
+from client.setup import deps_key, ensure_worker_deps, remote_root
 from client.transport import connect
 from jobs import events as ev
 from jobs.layout import RemoteLayout
