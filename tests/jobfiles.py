@@ -3,7 +3,32 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+CLI = [sys.executable, "-m", "client.cli"]
+
+
+def cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `autodl-run ARGS` as a user would, in a subprocess; with check, a non-zero exit fails the test."""
+    res = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    if check and res.returncode != 0:
+        raise AssertionError(f"autodl-run {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Translate to Chinese: hello.", "你好。"),
+    ("Write a haiku about GPUs.", "The quick brown fox jumps over the lazy dog."),
+    ("question", "answer 0123456789"),
+]
+
+
+def chat(q: str, a: str) -> dict:
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
 
 
 def _toml_value(v: object) -> str:

@@ -7,7 +7,6 @@ bundle the instance would get.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -15,22 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
-from jobfiles import write_job
+from jobfiles import CLI, cli, write_job
 from tinymodel import make_model
 
 from jobs import events as ev
 
-CLI = [sys.executable, "-m", "client.cli"]
 pytestmark = pytest.mark.slow
-
-
-def cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    res = subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
-    )
-    if check and res.returncode != 0:
-        raise AssertionError(f"autodl-run {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
-    return res
 
 
 @pytest.fixture(scope="module")

@@ -24,23 +24,13 @@ import time
 from pathlib import Path
 
 import pytest
-from jobfiles import write_job, write_toml
+from jobfiles import CLI, cli, write_job, write_toml
 from tinymodel import make_model
 
 from jobs import events as ev
 from jobs.manifest import sha256_file, verify_manifest
 
-CLI = [sys.executable, "-m", "client.cli"]
 pytestmark = [pytest.mark.slow, pytest.mark.ssh]
-
-
-def cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    res = subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
-    )
-    if check and res.returncode != 0:
-        raise AssertionError(f"autodl-run {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
-    return res
 
 
 def first_json(out: str) -> dict:
@@ -291,18 +281,8 @@ def test_a_worker_killed_mid_epoch_resumes_from_its_last_checkpoint(
 
 
 @pytest.fixture
-def small_disk(tmp_path: Path):
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True, text=True
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+def small_disk(tmpfs) -> Path:
+    return tmpfs("8m")
 
 
 def used_bytes(folder: Path) -> int:

@@ -22,6 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from jobfiles import PAIRS, chat  # noqa: E402
 from tinymodel import make_model  # noqa: E402
 
 from jobs import events as ev  # noqa: E402
@@ -31,16 +32,6 @@ from jobs.spec import JobSpec, WorkerJob  # noqa: E402
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 40
-PAIRS = [
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("Translate to Chinese: hello.", "你好。"),
-    ("Write a haiku about GPUs.", "The quick brown fox jumps over the lazy dog."),
-    ("question", "answer 0123456789"),
-]
-
-
-def chat(q: str, a: str) -> dict:
-    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
 
 
 @pytest.fixture(scope="module", autouse=True)
