@@ -19,6 +19,22 @@ def cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.Comp
     return res
 
 
+def ssh_instance(sshd, root: Path, tmux_socket: str, **extra) -> dict:
+    """[instance] fields reaching the test sshd, state under `root`. The guard never shuts this machine down."""
+    return {
+        "host": sshd.host,
+        "port": sshd.port,
+        "user": sshd.user,
+        "identity_file": str(sshd.identity_file),
+        "connect_timeout": 5.0,
+        "remote_root": str(root),
+        "tmux_socket": tmux_socket,
+        "python": sys.executable,
+        "shutdown_after": "never",
+        **extra,
+    }
+
+
 PAIRS = [
     ("What is the capital of France?", "The capital of France is Paris."),
     ("Translate to Chinese: hello.", "你好。"),

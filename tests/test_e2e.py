@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jobfiles import CLI, cli, write_job
+from jobfiles import CLI, cli, ssh_instance, write_job
 from tinymodel import make_model
 
 from jobs import events as ev
@@ -25,20 +25,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model(tmp_path_factory.mktemp("model") / "tiny-qwen2")
-
-
-def ssh_instance(sshd, tmp_path: Path, tmux_socket: str, **extra) -> dict:
-    return {
-        "host": sshd.host,
-        "port": sshd.port,
-        "user": sshd.user,
-        "identity_file": str(sshd.identity_file),
-        "connect_timeout": 5.0,
-        "remote_root": str(tmp_path / "remote"),
-        "tmux_socket": tmux_socket,
-        "python": sys.executable,
-        **extra,
-    }
 
 
 def lora_weights_moved(adapter: Path, base: Path) -> float:
@@ -54,7 +40,7 @@ def lora_weights_moved(adapter: Path, base: Path) -> float:
 
 @pytest.mark.ssh
 def test_submit_follow_fetch_over_ssh(sshd, tmp_path: Path, tmux_socket: str, tiny_model: Path) -> None:
-    job = write_job(tmp_path / "job", model=tiny_model, instance=ssh_instance(sshd, tmp_path, tmux_socket))
+    job = write_job(tmp_path / "job", model=tiny_model, instance=ssh_instance(sshd, tmp_path / "remote", tmux_socket))
     sub = cli("submit", str(job), "--follow", "--json")
     info = json.loads(sub.stdout[: sub.stdout.index("\n}") + 2])
     job_id = info["job_id"]
@@ -101,7 +87,7 @@ def test_tail_survives_a_cut_connection(sshd, tmp_path: Path, tmux_socket: str, 
     job = write_job(
         tmp_path / "job",
         model=tiny_model,
-        instance=ssh_instance(sshd, tmp_path, tmux_socket),
+        instance=ssh_instance(sshd, tmp_path / "remote", tmux_socket),
         train={"max_steps": 1000},  # ~10 s of training here: long enough to be cut mid-run
         rows=64,
     )
@@ -180,7 +166,7 @@ def test_remote_python_lacking_a_package_is_named(
     py = tmp_path / "python-without-peft"
     py.write_text(f'#!/bin/sh\nPYTHONPATH={hide} exec {sys.executable} "$@"\n')
     py.chmod(0o755)
-    inst = ssh_instance(sshd, tmp_path, tmux_socket, python=str(py), install_deps=False)
+    inst = ssh_instance(sshd, tmp_path / "remote", tmux_socket, python=str(py), install_deps=False)
     job = write_job(tmp_path / "job", model=tiny_model, instance=inst)
     res = cli("submit", str(job), check=False)
     assert res.returncode == 5, res.stderr

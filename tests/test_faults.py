@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jobfiles import CLI, cli, write_job, write_toml
+from jobfiles import CLI, cli, ssh_instance, write_job, write_toml
 from tinymodel import make_model
 
 from jobs import events as ev
@@ -54,18 +54,7 @@ def worker_python(folder: Path, **env: str) -> str:
 
 
 def instance(sshd, root: Path, tmux_socket: str, **extra) -> dict:
-    return {
-        "host": sshd.host,
-        "port": sshd.port,
-        "user": sshd.user,
-        "identity_file": str(sshd.identity_file),
-        "connect_timeout": 5.0,
-        "remote_root": str(root),
-        "tmux_socket": tmux_socket,
-        "python": worker_python(root.parent / "bin"),
-        "shutdown_after": "never",
-        **extra,
-    }
+    return ssh_instance(sshd, root, tmux_socket, **{"python": worker_python(root.parent / "bin"), **extra})
 
 
 def events_of(job_dir: Path) -> list:
