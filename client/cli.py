@@ -16,7 +16,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+from rich.table import Column, Table
 
 from client import __version__
 from client.errors import AutodlRunError
@@ -221,7 +221,9 @@ def list_jobs(as_json: JsonOpt = False) -> None:
     if not records:
         console.print("no jobs yet; submit one with `autodl-run submit job.toml`")
         return
-    t = Table("job", "instance", "state", "submitted", "fetched")
+    t = Table("instance", "state", "submitted", "fetched")
+    # The id is what people copy into the next command: never cut it short.
+    t.columns.insert(0, Column("job", no_wrap=True, overflow="fold", min_width=max(len(r.id) for r in records)))
     for r in records:
         t.add_row(
             r.id, r.spec.instance.describe(), r.state,
