@@ -111,3 +111,16 @@ def write_job(
             "fetch": {"to": "runs"},
         },
     )
+
+
+def run_in_process(job):
+    """Run the worker's recipe for a WorkerJob in this process; events go to job_dir/events.jsonl."""
+    from jobs import events as ev
+    from remote_worker import recipe
+
+    Path(job.job_dir).mkdir(parents=True, exist_ok=True)
+    writer = ev.EventWriter(Path(job.job_dir) / "events.jsonl")
+    try:
+        return recipe.run(job, writer)
+    finally:
+        writer.close()

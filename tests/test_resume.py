@@ -22,7 +22,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from jobfiles import PAIRS, chat  # noqa: E402
+from jobfiles import PAIRS, chat, run_in_process  # noqa: E402
 from tinymodel import make_model  # noqa: E402
 
 from jobs import events as ev  # noqa: E402
@@ -90,17 +90,6 @@ def make_job(folder: Path, model_dir: Path, data_dir: Path, **train) -> WorkerJo
 
 def read_events(job_dir: str | Path) -> list:
     return [ev.parse(ln) for ln in (Path(job_dir) / "events.jsonl").read_text().splitlines() if ln.strip()]
-
-
-def run_in_process(job: WorkerJob):
-    from remote_worker import recipe
-
-    Path(job.job_dir).mkdir(parents=True, exist_ok=True)
-    writer = ev.EventWriter(Path(job.job_dir) / "events.jsonl")
-    try:
-        return recipe.run(job, writer)
-    finally:
-        writer.close()
 
 
 def losses(events: list) -> dict[int, float]:

@@ -16,6 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from jobfiles import run_in_process  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from tinymodel import make_model  # noqa: E402
 
@@ -314,12 +315,7 @@ def test_the_started_event_names_the_paths(tmp_path, model_dir):
     (data_dir / "train.jsonl").write_text((json.dumps(record) + "\n") * 4)
     spec = spec_for(model_dir, max_steps=2, micro_batch_tokens=64, save_every_minutes=0)
     job = WorkerJob(job_id="t", spec=spec, data_dir=str(data_dir), job_dir=str(tmp_path / "job"))
-    Path(job.job_dir).mkdir()
-    writer = ev.EventWriter(Path(job.job_dir) / "events.jsonl")
-    try:
-        recipe.run(job, writer)
-    finally:
-        writer.close()
+    run_in_process(job)
     events = [ev.parse(x) for x in (Path(job.job_dir) / "events.jsonl").read_text().splitlines()]
     started = next(e for e in events if e.type == "started")
     extra = started.model_extra
@@ -359,12 +355,7 @@ def _run_worker(tmp_path, model_dir, name) -> list:
     (data_dir / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
     spec = spec_for(model_dir, max_steps=4, micro_batch_tokens=96, save_every_minutes=0, learning_rate=1e-2)
     job = WorkerJob(job_id=name, spec=spec, data_dir=str(data_dir), job_dir=str(tmp_path / f"job-{name}"))
-    Path(job.job_dir).mkdir()
-    writer = ev.EventWriter(Path(job.job_dir) / "events.jsonl")
-    try:
-        recipe.run(job, writer)
-    finally:
-        writer.close()
+    run_in_process(job)
     return [ev.parse(x) for x in (Path(job.job_dir) / "events.jsonl").read_text().splitlines()]
 
 

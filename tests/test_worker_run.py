@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from jobfiles import PAIRS, chat  # noqa: E402
+from jobfiles import PAIRS, chat, run_in_process  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from tinymodel import make_model  # noqa: E402
 
@@ -86,17 +86,6 @@ def read_events(job_dir: str | Path) -> list:
 def lora_weights(adapter_dir: str | Path, kind: str) -> dict[str, torch.Tensor]:
     weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     return {k: v for k, v in weights.items() if kind in k}
-
-
-def run_in_process(job: WorkerJob):
-    from remote_worker import recipe
-
-    Path(job.job_dir).mkdir()
-    writer = ev.EventWriter(Path(job.job_dir) / "events.jsonl")
-    try:
-        return recipe.run(job, writer)
-    finally:
-        writer.close()
 
 
 @pytest.mark.slow
