@@ -15,8 +15,11 @@ Subcommands (each runs in its own process; `suite` starts the others as subproce
   quality  --dir DIR --name reference|ours ...     loss curve on a learnable synthetic task (small model)
   worker   --job JOB_JSON                           the worker's entry point in this process, + memory peaks
   smoke    [--out DIR]                              CPU dry run on the tiny model of everything phase W runs
-  suite    --phase W|A|B|C|all --out $OUT           the bench, time-boxed to one device call a phase:
-           W = env, model, ours (the worker: all-linear, q,v, 2,048 tokens, an eval check), reference, ours sweep;
+  suite    --phase W|Q|K|A|B|C|all --out $OUT           the bench, time-boxed to one device call a phase:
+           W = env, model, ours (the worker: all-linear, q,v, 2,048 tokens, an eval check), reference, ours sweep
+               (+ Unsloth with --unsloth); Q = quality guard: ours and reference (dropout 0), seeds 42 and 43,
+               ours with Liger, fused LoRA or varlen attention off; K = the worker's calibrated micro-batch and
+               checkpointing on this card, and capped to 80 GB and 24 GB (AUTODL_RUN_GPU_MEMORY_GB);
            A = env, model, ours, reference, ours sweep, TRL; B = seed, quality guard; C = Unsloth, bf16 base,
            TRL q,v, Liger off, no expandable_segments, torch.compile
 
@@ -265,7 +268,11 @@ def worker_result(job_dir, warm):
         s = started.model_dump()
         res.update({k: s.get(k) for k in ("attention", "attention_note", "liger", "fused_lora", "micro_batch_tokens",
                                           "grad_accum", "gradient_checkpointing", "train_tokens", "train_sequences",
-                                          "trainable_params", "total_steps", "device", "dtype", "quant")})
+                                          "trainable_params", "total_steps", "device", "dtype", "quant",
+                                          "calibration")})
+    cal = [e for e in evs if e.type == "phase" and e.phase == "calibrating"]
+    if len(cal) >= 2:
+        res["calibration_s"] = round(cal[-1].t - cal[0].t, 1)
     failed = [e for e in evs if e.type == "failed"]
     if failed:
         res["error"] = f"worker failed: {failed[-1].error_class}: {failed[-1].message}"[:600]
@@ -324,9 +331,12 @@ def run_worker_job(model_dir, root, *, targets, tokens, steps, warm, opts, vocab
     with open(job_json, "w") as f:
         f.write(job.model_dump_json(indent=1))
     log(f"worker job {job_json}")
+    env = dict(os.environ)
+    if opts.get("gpu_gb"):  # the memory of a smaller card, enforced by torch (remote_worker.calibrate)
+        env["AUTODL_RUN_GPU_MEMORY_GB"] = str(opts["gpu_gb"])
     try:
         rc = subprocess.run([sys.executable, os.path.abspath(__file__), "worker", "--job", job_json],
-                            timeout=timeout, preexec_fn=_die_with_parent).returncode
+                            timeout=timeout, preexec_fn=_die_with_parent, env=env).returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
     res = worker_result(job_dir, warm) if os.path.exists(os.path.join(job_dir, "events.jsonl")) else {
@@ -815,6 +825,8 @@ def run_ours(a, record, ntargets, V, steps, warm, extra):
     root = extra.get("root") or os.path.join(os.environ.get("OUT") or "/tmp", "qb_worker_jobs")
     tokens = int(extra.get("tokens", 0))
     runs = [(t, tokens, {}, {}) for t in ntargets]
+    for cap in extra.get("caps", []):  # the worker's own choice (tokens 0, checkpointing auto) on a card of cap GB
+        runs.append(("all", 0, {"kind": f"card_{cap}gb"}, {"gpu_gb": cap}))
     if extra.get("profile24"):
         runs.append(("all", 2048, {"kind": "profile_24gb"}, {}))
     if extra.get("eval_check"):  # an eval split: with Liger on, eval must not build the logits (skip_logits)
@@ -1136,6 +1148,26 @@ def cmd_suite(a):
               "--base", json.dumps({"tokens": 16384}),
               "--variants", json.dumps([{}, {"fused": False}, {"attn": "sdpa"}])], 190, ours_env),
         ]
+    if ph == "W" and a.unsloth:  # whatever budget phase W leaves
+        plan += [(["recipe", "--name", "unsloth", "--dir", model, "--targets", "all", "--steps", S, "--warmup", W,
+                   "--results", res], 240, uns_env)]
+    if ph == "Q":  # the quality guard again, like for like (dropout 0), two seeds, and ours with one piece off
+        small = a.q_dir
+        plan += [(["make", "--arch", a.q_arch, "--dir", small], 120, None)]
+        for name, seed, label, opts in (("ours", 42, "ours", {}),
+                                        ("reference", 42, "reference, dropout 0", {"dropout": 0.0}),
+                                        ("ours", 43, "ours, LoRA seed 43", {}),
+                                        ("reference", 43, "reference, dropout 0, LoRA seed 43", {"dropout": 0.0}),
+                                        ("ours", 42, "ours, Liger off", {"liger": False}),
+                                        ("ours", 42, "ours, fused LoRA off", {"fused": False}),
+                                        ("ours", 42, "ours, SDPA packed mask", {"attn": "sdpa"})):
+            plan += [(["quality", "--name", name, "--dir", small, "--seed", str(seed), "--label", label,
+                       "--steps", str(a.q_steps), "--lr", "1e-3", "--results", res, "--opts", json.dumps(opts)], 150,
+                      ours_env if name == "ours" else None)]
+    if ph == "K":  # the worker's calibrated shape on this card and on 80 GB and 24 GB of it
+        plan += [make7,
+                 (["recipe", "--name", "ours", "--dir", model, "--targets", "all", "--steps", S, "--warmup", W,
+                   "--results", res, "--opts", json.dumps({"tokens": 0, "caps": [80, 24]})], 330, None)]
     if ph in ("B", "all"):
         small = a.q_dir
         plan += [make7,
@@ -1292,7 +1324,8 @@ def main():
     q.add_argument("--opts", default="{}")
     q.add_argument("--results")
     u = sp.add_parser("suite")
-    u.add_argument("--phase", default="all", choices=["W", "A", "B", "C", "all"])
+    u.add_argument("--phase", default="all", choices=["W", "Q", "K", "A", "B", "C", "all"])
+    u.add_argument("--unsloth", action="store_true", help="phase W: try Unsloth with the budget left")
     u.add_argument("--out")
     u.add_argument("--model_dir", default="/tmp/qb_7b")
     u.add_argument("--arch", default="7b", choices=list(ARCH))

@@ -159,7 +159,8 @@ def event_line(e) -> str | None:
             f"started: {e.total_steps} steps on {e.device} ({e.dtype}, {e.quant}, attention {e.attention}), "
             f"{e.trainable_params:,} trainable of {e.total_params:,} params, "
             f"{e.train_sequences:,} sequences / {e.train_tokens:,} tokens, "
-            f"micro-batch {e.micro_batch_tokens} tokens x {e.grad_accum}"
+            f"micro-batch {e.micro_batch_tokens} tokens x {e.grad_accum}, "
+            f"checkpointing {'on' if e.gradient_checkpointing else 'off'}"
             + (f", resumed at step {e.resumed_from_step}" if e.resumed_from_step else "")
         )
     if isinstance(e, ev.Eval):

@@ -223,11 +223,16 @@ class TrainSpec(_Strict):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     micro_batch_tokens: int = Field(
-        0, ge=0, description="tokens in one packed micro-batch; 0 = max(max_length, 16384) on GPU, max_length on CPU"
+        0,
+        ge=0,
+        description="tokens in one packed micro-batch; 0 = measured on the GPU before training "
+        "(the fastest of 16384/8192/4096 that fits), max_length on CPU",
     )
     global_batch_tokens: int = Field(0, ge=0, description="tokens per optimizer step; 0 = one micro-batch")
     packing: bool = Field(True, description="padding-free packing with per-sequence position_ids")
-    gradient_checkpointing: Literal["auto", "on", "off"] = "auto"
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description='"auto" = measured on the GPU with the micro-batch (off where it fits and is faster); off on CPU'
+    )
     logging_steps: int = Field(1, ge=1)
     save_steps: int = Field(0, ge=0, description="checkpoint every N steps; 0 = only on the timer and at the end")
     save_every_minutes: float = Field(15, ge=0)

@@ -30,11 +30,13 @@ class EventCallback(TrainerCallback):
         save_every_minutes: float = 0,
         deadline_unix: float | None = None,
         stopper: Stopper | None = None,
+        batch_shape: tuple[int, bool] | None = None,
     ):
         self.events = events
         self.started = started  # the Started fields the Trainer does not know
         self.save_every_s = save_every_minutes * 60
         self.stopper = stopper or Stopper(deadline_unix=deadline_unix)
+        self.batch_shape = batch_shape  # (micro_batch_tokens, checkpointing), saved with every checkpoint
         self.cuda = False
         self.last_loss: float | None = None
         self.stop_reason: str | None = None  # "signal", "deadline", "max_hours": stopped before the end
@@ -110,6 +112,8 @@ class EventCallback(TrainerCallback):
         written = root / f"checkpoint-{state.global_step}"
         if not written.is_dir():
             return
+        if self.batch_shape is not None:
+            checkpoints.write_batch_shape(written, *self.batch_shape)
         done = checkpoints.finalize(written, state.global_step)
         self.last_save = now = time.monotonic()
         save_s = now - self.save_from

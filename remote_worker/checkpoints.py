@@ -15,6 +15,7 @@ Standard library only (no torch).
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from remote_worker import WorkerError
 KEEP = 2
 RESERVE_BYTES = 256 * 1024  # ballast freed when the disk fills: room to report it and stop cleanly
 # What the Trainer writes next to the adapter to resume; everything else goes into adapter/.
-TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin")
+BATCH_SHAPE = "batch_shape.json"  # the micro-batch shape the run chose: a resume keeps it, and so its data order
+TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", BATCH_SHAPE)
 
 
 class DiskFull(WorkerError):
@@ -43,6 +45,21 @@ class Finalized:
     adapter_manifest_sha256: str
     bytes: int
     adapter_bytes: int
+
+
+def write_batch_shape(checkpoint: Path, micro_batch_tokens: int, checkpointing: bool) -> None:
+    (checkpoint / BATCH_SHAPE).write_text(
+        json.dumps({"micro_batch_tokens": micro_batch_tokens, "gradient_checkpointing": checkpointing}) + "\n"
+    )
+
+
+def read_batch_shape(checkpoint: Path) -> tuple[int, bool] | None:
+    """(micro_batch_tokens, gradient checkpointing) saved with a checkpoint; None for older checkpoints."""
+    try:
+        saved = json.loads((checkpoint / BATCH_SHAPE).read_text())
+        return int(saved["micro_batch_tokens"]), bool(saved["gradient_checkpointing"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def step_of(path: Path) -> int:

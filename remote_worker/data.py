@@ -22,13 +22,14 @@ remote_worker.fast), a packed row also carries the sequence boundaries the flash
 the attention function. SDPA does not need them, and they are left out then, as a precaution:
 a model's own code (trust_remote_code) may reject keywords it does not know.
 
-Micro-batch size: `train.micro_batch_tokens`, or when 0, max(max_length, 16384) tokens on CUDA.
-Measured on an H100 with the fast paths on (random Qwen2.5-7B, nf4, all-linear r=16;
-docs/benchmarks.md): 16,384 tokens ran 11,658 tokens/s at 12.1 GB allocated, 8,192 ran
-10,979 at 8.9 GB, 32,768 gave no more (11,270 at 18.3 GB). That 12.1 GB relies on Liger's
-fused cross-entropy (remote_worker.fast.liger). Without it the logits of 16k tokens come back:
-by their size (not measured) 4.9 GB in bf16 plus 9.8 GB upcast for the loss, so on a 24 GB
-card without liger-kernel set a smaller micro_batch_tokens.
+Micro-batch size: `train.micro_batch_tokens`, or when 0, measured on CUDA before training
+(remote_worker.calibrate: 16,384, 8,192 or 4,096 tokens, with or without checkpointing, the
+fastest that fits) and max_length on the CPU. For reference, on an H100 with the fast paths on
+(random Qwen2.5-7B, nf4, all-linear r=16, checkpointing on; docs/benchmarks.md): 16,384 tokens
+ran 11,658 tokens/s at 12.1 GB allocated, 8,192 ran 10,979 at 8.9 GB, 32,768 gave no more
+(11,270 at 18.3 GB). That 12.1 GB relies on Liger's fused cross-entropy
+(remote_worker.fast.liger); without it the logits of 16k tokens come back, which the
+calibration sees as memory.
 
 Packing off: one sequence a row, rows right-padded to the longest, with an attention_mask.
 
@@ -76,17 +77,23 @@ class Split:
 
 
 def batch_shape(train: TrainSpec, max_length: int, device: str) -> tuple[int, int]:
-    """(micro_batch_tokens, gradient accumulation steps) from the spec.
+    """(micro_batch_tokens, gradient accumulation steps) without measuring: the CPU's shape, and
+    the one a checkpoint saved before shapes were saved with it was trained with.
 
     micro_batch_tokens = train.micro_batch_tokens, or when 0: max(max_length, 16384) on CUDA,
-    max_length on the CPU. grad_accum = global_batch_tokens / micro_batch_tokens rounded
-    (at least 1), or 1 when global_batch_tokens is 0.
+    max_length on the CPU. grad_accum: see `grad_accum`.
     """
     micro = train.micro_batch_tokens
     if micro == 0:
         micro = max(max_length, GPU_MIN_MICRO_BATCH_TOKENS) if device == "cuda" else max_length
-    accum = max(1, round(train.global_batch_tokens / micro)) if train.global_batch_tokens else 1
-    return micro, accum
+    return micro, grad_accum(train, micro)
+
+
+def grad_accum(train: TrainSpec, micro_batch_tokens: int) -> int:
+    """Micro-batches per optimizer step: global_batch_tokens / micro_batch_tokens rounded, at least 1."""
+    if not train.global_batch_tokens:
+        return 1
+    return max(1, round(train.global_batch_tokens / micro_batch_tokens))
 
 
 # --- loading -------------------------------------------------------------------------------

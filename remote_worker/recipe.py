@@ -6,8 +6,10 @@ Choices, each from a measurement (shared/anchors.md):
 - CUDA, quant.bits = 4: nf4 with double quantization, computing in the training dtype
   (bf16 where the GPU has it, else fp16). CPU: fp32, and bits = 4 still goes through
   bitsandbytes, which runs nf4 on the CPU. bits = 16: plain LoRA on the unquantized model.
-- Gradient checkpointing (non-reentrant): train.gradient_checkpointing = "on"/"off", or
-  "auto" = on for CUDA when the model has >= 1B parameters, off on the CPU.
+- The micro-batch size and gradient checkpointing (non-reentrant): on CUDA, what the spec leaves
+  open (micro_batch_tokens = 0, gradient_checkpointing = "auto") is measured on the card before
+  training, and the fastest shape that fits is used (remote_worker.calibrate). On the CPU:
+  max_length tokens, and "auto" checkpointing is off.
 - Padding-free packing (remote_worker.data) with `use_cache` off: a KV cache, which the model
   makes by default even in training, turns off the packed-sequence mask in transformers 5 and
   lets packed sequences attend to each other (measured; tests/test_worker_data.py).
@@ -49,7 +51,7 @@ from transformers import (
 from jobs.events import Done, EventWriter, Phase
 from jobs.manifest import write_manifest
 from jobs.spec import JobSpec, WorkerJob
-from remote_worker import DataError, ModelNotFound, checkpoints, data, fast, stopping
+from remote_worker import DataError, ModelNotFound, calibrate, checkpoints, data, fast, stopping
 from remote_worker.callbacks import EventCallback
 from remote_worker.probe import Probe, probe
 
@@ -85,7 +87,6 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
     tokenizer = load_tokenizer(model_path, spec)
 
     phase("tokenizing")
-    micro_batch_tokens, grad_accum = data.batch_shape(spec.train, spec.data.max_length, machine.device)
     train_split = data.load_split(job.data_dir, "train", tokenizer, spec.data.max_length, spec.data.overlong)
     eval_split = data.load_split(job.data_dir, "eval", tokenizer, spec.data.max_length, spec.data.overlong)
     if not train_split.sequences:
@@ -93,19 +94,9 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
             f"no trainable sequences in {job.data_dir}/train.jsonl",
             hint="every record was empty, over data.max_length, or had no assistant tokens; check the dataset",
         )
-    # On CUDA, packed rows are filled to a constant length: same-shape steps run faster (data.py).
-    pad_to = micro_batch_tokens if machine.device == "cuda" else 0
-    batching = dict(micro_batch_tokens=micro_batch_tokens, packing=spec.train.packing, pad_to=pad_to)
-    train_set = data.MicroBatches(
-        train_split.sequences, pad_id=tokenizer.pad_token_id, seed=spec.train.seed, **batching
-    )
-    eval_set = None
-    if eval_split.sequences:
-        eval_set = data.MicroBatches(eval_split.sequences, pad_id=tokenizer.pad_token_id, **batching)
     phase(
         "tokenizing",
-        f"{len(train_split.sequences):,} train sequences ({train_split.source}, {train_split.tokens:,} tokens) "
-        f"in {len(train_set):,} micro-batches of <= {micro_batch_tokens:,} tokens; "
+        f"{len(train_split.sequences):,} train sequences ({train_split.source}, {train_split.tokens:,} tokens); "
         f"{len(eval_split.sequences):,} eval; {train_split.dropped:,} dropped (over max_length or nothing to train)",
     )
 
@@ -121,11 +112,30 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
     model = prepare_for_training(model, spec, machine, checkpointing)
     model = get_peft_model(model, lora_config(spec))
     paths.enable_fused_lora(model, spec)
-    paths.configure(train_set, eval_set)
     model.train()  # before any forward: bnb 4-bit run in eval mode first trains nothing (anchors §5)
     trainable_params, all_params = model.get_nb_trainable_parameters()
 
-    # 4. The Trainer, fed our micro-batches one at a time.
+    # 4. The micro-batch shape: measured on the GPU (remote_worker.calibrate), kept on a resume.
+    pad_id = tokenizer.pad_token_id
+    micro_batch_tokens, checkpointing, calibration = choose_batch_shape(
+        model, spec, machine, checkpointing, train_split.sequences, resume_from, paths, pad_id, phase
+    )
+    grad_accum = data.grad_accum(spec.train, micro_batch_tokens)
+    # On CUDA, packed rows are filled to a constant length: same-shape steps run faster (data.py).
+    pad_to = micro_batch_tokens if machine.device == "cuda" else 0
+    batching = dict(micro_batch_tokens=micro_batch_tokens, packing=spec.train.packing, pad_to=pad_to)
+    train_set = data.MicroBatches(train_split.sequences, pad_id=pad_id, seed=spec.train.seed, **batching)
+    eval_set = None
+    if eval_split.sequences:
+        eval_set = data.MicroBatches(eval_split.sequences, pad_id=pad_id, **batching)
+    paths.configure(train_set, eval_set)
+    phase(
+        "batching",
+        f"{len(train_set):,} micro-batches of <= {micro_batch_tokens:,} tokens x {grad_accum} a step, "
+        f"gradient checkpointing {'on' if checkpointing else 'off'}",
+    )
+
+    # 5. The Trainer, fed our micro-batches one at a time.
     args = training_arguments(spec, job_dir, machine, grad_accum, has_eval=eval_set is not None)
     stopper = stopping.Stopper(
         deadline_unix=job.deadline_unix,
@@ -148,10 +158,12 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
             "micro_batch_tokens": micro_batch_tokens,
             "grad_accum": grad_accum,
             "gradient_checkpointing": checkpointing,
+            "calibration": calibration,
             **paths.started_fields(),  # attention as resolved, liger, fused_lora
         },
         save_every_minutes=spec.train.save_every_minutes,
         stopper=stopper,
+        batch_shape=(micro_batch_tokens, checkpointing),
     )
     trainer = Trainer(
         model=model,
@@ -186,7 +198,7 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
         ):
             trainer.evaluate()
 
-        # 5. The adapter, complete or absent, with a sha256 of every file.
+        # 6. The adapter, complete or absent, with a sha256 of every file.
         phase("saving")
         manifest_sha = save_adapter(model, tokenizer, adapter_dir)
     except Exception as exc:
@@ -290,10 +302,41 @@ def prepare_for_training(model, spec: JobSpec, machine: Probe, checkpointing: bo
     for param in model.parameters():
         param.requires_grad_(False)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        calibrate.set_checkpointing(model, True)
     model.train()
     return model
+
+
+def choose_batch_shape(model, spec: JobSpec, machine: Probe, checkpointing: bool, sequences, resume_from, paths,
+                       pad_id: int, phase) -> tuple[int, bool, str]:
+    """(micro_batch_tokens, gradient checkpointing, how it was chosen), and the model set up for it.
+
+    A resumed run keeps the shape of its checkpoint, so the data order goes on where it stopped.
+    On CUDA the shape is measured (remote_worker.calibrate); on the CPU it is the spec's, or
+    max_length tokens, with checkpointing by the `auto` rule.
+    """
+    saved = checkpoints.read_batch_shape(resume_from) if resume_from is not None else None
+    if saved is None and resume_from is not None:  # a checkpoint from before shapes were saved
+        micro, _ = data.batch_shape(spec.train, spec.data.max_length, machine.device)
+        saved = (micro, checkpointing)
+    if saved is not None:
+        if saved[1] != checkpointing:
+            calibrate.set_checkpointing(model, saved[1])
+        return saved[0], saved[1], f"kept from {resume_from.name}"
+    if machine.device != "cuda":
+        micro, _ = data.batch_shape(spec.train, spec.data.max_length, machine.device)
+        return micro, checkpointing, "not measured on the CPU"
+    shapes = calibrate.candidates(spec.train, spec.data.max_length)
+    phase("calibrating", f"measuring {len(shapes)} micro-batch shape(s) on the GPU: memory and speed")
+
+    def build_row(seqs, tokens):
+        if spec.train.packing:
+            return data.packed_row(seqs, pad_to=tokens, pad_id=pad_id, varlen=paths.varlen_batches)
+        return data.padded_rows(seqs, pad_id)
+
+    choice = calibrate.calibrate(model, spec.train, spec.data.max_length, sequences, build_row, machine.torch_dtype)
+    phase("calibrating", choice.note)
+    return choice.shape.micro_batch_tokens, choice.shape.checkpointing, choice.note
 
 
 def use_gradient_checkpointing(setting: str, device: str, params: int) -> bool:
