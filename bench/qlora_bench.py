@@ -316,7 +316,7 @@ def run_worker_job(model_dir, root, *, targets, tokens, steps, warm, opts, vocab
     """Write data + job.json, run the worker on it (`worker` subcommand, a process of its own), read its events."""
     from jobs.spec import WorkerJob
     max_len = int(opts.get("max_len", 2048))
-    budget = tokens or (16384 if dev() == "cuda" else max_len)  # only to size the data: the worker decides
+    budget = tokens or (16384 if dev() == "cuda" else max_len)  # only to size the data (the largest shape tried)
     train_tokens = int(budget * (steps + warm + 1) * 1.1) + 4096
     data_dir = os.path.join(root, f"data-{train_tokens}-{max_len}-{int(bool(opts.get('eval')))}")
     if not os.path.exists(os.path.join(data_dir, "manifest.json")):
@@ -819,7 +819,8 @@ def cmd_recipe(a):
 
 def run_ours(a, record, ntargets, V, steps, warm, extra):
     """Ours = the worker: one `python -m remote_worker`-equivalent run per target set (a process each, so the
-    memory peaks don't mix), timed from its events.jsonl. opts: tokens (0 = the worker's default: 16384 on CUDA),
+    memory peaks don't mix), timed from its events.jsonl. opts: tokens (0 = the worker's default: measured on CUDA), caps (more runs with
+    AUTODL_RUN_GPU_MEMORY_GB at each value),
     profile24 (one more run at 2,048 tokens), profile (one step under torch.profiler, built in-process from the
     worker's functions), eval (an eval split, to exercise evaluation), max_len, and ours_spec's switches."""
     root = extra.get("root") or os.path.join(os.environ.get("OUT") or "/tmp", "qb_worker_jobs")

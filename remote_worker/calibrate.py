@@ -106,8 +106,12 @@ def choose(
     for shape in shapes:
         if fitting and clock() - t0 > budget_s:
             break
-        if any(not f.shape.checkpointing and shape.checkpointing and f.shape.micro_batch_tokens >= shape.micro_batch_tokens
-               for f in fitting):
+        if any(
+            not f.shape.checkpointing
+            and shape.checkpointing
+            and f.shape.micro_batch_tokens >= shape.micro_batch_tokens
+            for f in fitting
+        ):
             continue
         trial = measure(shape, not only)
         trials.append(trial)
@@ -139,15 +143,19 @@ def _note(best: Trial, trials: list[Trial], usable: int | None, state_bytes: int
 
 def _nothing_fits(shapes, trials, usable, state_bytes) -> str:
     tried = "; ".join(_trial_text(t, state_bytes) for t in trials) or "nothing"
-    what = f"{shapes[0].label()} does not fit" if len(shapes) == 1 else f"none of the {len(shapes)} micro-batch shapes fits"
+    what = (
+        f"{shapes[0].label()} does not fit"
+        if len(shapes) == 1
+        else f"none of the {len(shapes)} micro-batch shapes fits"
+    )
     return f"{what} in the GPU's memory ({_gb(usable)} usable). Measured: {tried}"
 
 
 def _hint(shapes: Sequence[Shape]) -> str:
     if len(shapes) == 1:
         return (
-            "set train.micro_batch_tokens = 0 and train.gradient_checkpointing = \"auto\" to let the worker "
-            "choose, or a smaller micro_batch_tokens, or gradient_checkpointing = \"on\""
+            'set train.micro_batch_tokens = 0 and train.gradient_checkpointing = "auto" to let the worker '
+            'choose, or a smaller micro_batch_tokens, or gradient_checkpointing = "on"'
         )
     return "lower data.max_length or lora.r, target fewer modules, or rent a GPU with more memory"
 
@@ -229,7 +237,9 @@ def measurer(model, sequences, build_row: Callable, dtype) -> Callable[[Shape, b
 
     def measure(shape: Shape, timed: bool) -> Trial:
         set_checkpointing(model, shape.checkpointing)
-        row, real = worst_row(sequences, shape.micro_batch_tokens, lambda seqs: build_row(seqs, shape.micro_batch_tokens))
+        row, real = worst_row(
+            sequences, shape.micro_batch_tokens, lambda seqs: build_row(seqs, shape.micro_batch_tokens)
+        )
         row = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in row.items()}
         trial = Trial(shape, tokens=real)
         if cuda:

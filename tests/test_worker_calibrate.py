@@ -16,7 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from jobfiles import run_in_process  # noqa: E402
-from test_worker_fast import CPU, lora_model, sequences, spec_for  # noqa: E402
+from test_worker_fast import lora_model, sequences, spec_for  # noqa: E402
 from tinymodel import make_model  # noqa: E402
 
 from jobs import events as ev  # noqa: E402
@@ -50,8 +50,14 @@ def table(rows: dict[Shape, tuple[float | None, float]]):
 OFF16, OFF8, OFF4 = Shape(16384, False), Shape(8192, False), Shape(4096, False)
 ON16, ON8, ON4 = Shape(16384, True), Shape(8192, True), Shape(4096, True)
 # An H100's numbers for a 7B, nf4, all-linear r=16 (docs/benchmarks.md); 16k without checkpointing: over 80 GB.
-H100 = {OFF16: (None, 0), OFF8: (42.7, 15824), OFF4: (24.0, 13000), ON16: (12.1, 11658), ON8: (8.9, 10979),
-        ON4: (7.0, 8000)}
+H100 = {
+    OFF16: (None, 0),
+    OFF8: (42.7, 15824),
+    OFF4: (24.0, 13000),
+    ON16: (12.1, 11658),
+    ON8: (8.9, 10979),
+    ON4: (7.0, 8000),
+}
 
 
 def test_candidates_follow_the_spec():
@@ -59,7 +65,10 @@ def test_candidates_follow_the_spec():
     assert calibrate.candidates(TrainSpec(), 8192) == [OFF16, OFF8, ON16, ON8]  # a whole sequence must fit
     assert calibrate.candidates(TrainSpec(), 32768) == [Shape(32768, False), Shape(32768, True)]
     assert calibrate.candidates(TrainSpec(gradient_checkpointing="on"), 2048) == [ON16, ON8, ON4]
-    assert calibrate.candidates(TrainSpec(micro_batch_tokens=6000), 2048) == [Shape(6000, False), Shape(6000, True)]
+    assert calibrate.candidates(TrainSpec(micro_batch_tokens=6000), 2048) == [
+        Shape(6000, False),
+        Shape(6000, True),
+    ]
     fixed = TrainSpec(micro_batch_tokens=6000, gradient_checkpointing="off")
     assert calibrate.candidates(fixed, 2048) == [Shape(6000, False)]
 
@@ -100,7 +109,9 @@ def test_a_fixed_shape_that_does_not_fit_fails_before_training_with_what_to_chan
     fixed = TrainSpec(micro_batch_tokens=16384, gradient_checkpointing="off")
     with pytest.raises(DoesNotFit) as err:
         calibrate.choose(calibrate.candidates(fixed, 2048), measure, usable_bytes=80 * GB)
-    assert str(err.value).startswith("16,384 tokens, checkpointing off does not fit in the GPU's memory (80.0 GB")
+    assert str(err.value).startswith(
+        "16,384 tokens, checkpointing off does not fit in the GPU's memory (80.0 GB"
+    )
     assert "out of memory" in str(err.value)
     assert "train.micro_batch_tokens = 0" in err.value.hint and "gradient_checkpointing" in err.value.hint
 
@@ -116,8 +127,13 @@ def test_when_nothing_fits_the_error_says_so_and_what_to_try():
 def test_measuring_stops_after_the_time_budget_once_a_shape_fits():
     measure, asked = table(H100)
     ticks = iter(range(0, 1000, 100))  # each look at the clock: 100 s later
-    choice = calibrate.choose(calibrate.candidates(TrainSpec(), 2048), measure, usable_bytes=80 * GB,
-                              budget_s=60, clock=lambda: next(ticks))
+    choice = calibrate.choose(
+        calibrate.candidates(TrainSpec(), 2048),
+        measure,
+        usable_bytes=80 * GB,
+        budget_s=60,
+        clock=lambda: next(ticks),
+    )
     assert [s for s, _ in asked] == [OFF16, OFF8]  # 100 s had passed before the third
     assert choice.shape == OFF8
 
@@ -166,7 +182,9 @@ def test_the_worst_row_takes_the_longest_sequences_that_fit():
     assert row == [70, 30] and real == 100
     row, real = calibrate.worst_row(seqs, 40, lambda chosen: [len(s.ids) for s in chosen])
     assert row == [30, 10] and real == 40
-    row, real = calibrate.worst_row(sequences(lengths=(90, 80)), 40, lambda chosen: [len(s.ids) for s in chosen])
+    row, real = calibrate.worst_row(
+        sequences(lengths=(90, 80)), 40, lambda chosen: [len(s.ids) for s in chosen]
+    )
     assert row == [80] and real == 80  # longer than the micro-batch: it gets one of its own
 
 
@@ -178,7 +196,12 @@ def _job(tmp_path, model_dir, name, **train) -> WorkerJob:
     if not data_dir.exists():
         data_dir.mkdir()
         records = [
-            {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": "answer " * i}]}
+            {
+                "messages": [
+                    {"role": "user", "content": f"question {i}"},
+                    {"role": "assistant", "content": "answer " * i},
+                ]
+            }
             for i in range(1, 13)
         ]
         (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -214,6 +237,8 @@ def test_on_the_cpu_the_shape_is_the_specs_and_not_measured(tmp_path, model_dir)
     run_in_process(job)
     events = [ev.parse(x) for x in (Path(job.job_dir) / "events.jsonl").read_text().splitlines()]
     started = next(e for e in events if e.type == "started")
-    assert started.micro_batch_tokens == 256 and started.model_extra["calibration"] == "not measured on the CPU"
+    assert (
+        started.micro_batch_tokens == 256 and started.model_extra["calibration"] == "not measured on the CPU"
+    )
     assert not any(e.type == "phase" and e.phase == "calibrating" for e in events)
     assert recipe.use_gradient_checkpointing("auto", "cpu", 10**10) is False
