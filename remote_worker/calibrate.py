@@ -204,17 +204,18 @@ def set_checkpointing(model, on: bool) -> None:
 
 
 def worst_row(sequences, tokens: int, build_row: Callable) -> tuple[dict, int]:
-    """A row of `tokens` tokens from the longest sequences, filled like every training row."""
+    """The costliest row training will see: `tokens` tokens of the longest sequences, filled like
+    every training row, or the longest sequence alone when it is longer (it gets a row of its own)."""
+    ordered = sorted(sequences, key=lambda s: len(s.ids), reverse=True)
+    if len(ordered[0].ids) >= tokens:
+        return build_row(ordered[:1]), len(ordered[0].ids)
     chosen, used = [], 0
-    for s in sorted(sequences, key=lambda s: len(s.ids), reverse=True):
+    for s in ordered:
         if used + len(s.ids) <= tokens:
             chosen.append(s)
             used += len(s.ids)
         if used == tokens:
             break
-    if not chosen:  # every sequence is longer than the micro-batch: the trainer will see it alone
-        chosen = [min(sequences, key=lambda s: len(s.ids))]
-        used = len(chosen[0].ids)
     return build_row(chosen), used
 
 

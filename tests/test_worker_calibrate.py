@@ -177,15 +177,14 @@ def test_checkpointing_can_be_turned_off_and_on_again(model_dir):
 
 
 def test_the_worst_row_takes_the_longest_sequences_that_fit():
+    def lengths(chosen):
+        return [len(s.ids) for s in chosen]
+
     seqs = sequences(lengths=(10, 50, 30, 20, 70))
-    row, real = calibrate.worst_row(seqs, 100, lambda chosen: [len(s.ids) for s in chosen])
-    assert row == [70, 30] and real == 100
-    row, real = calibrate.worst_row(seqs, 40, lambda chosen: [len(s.ids) for s in chosen])
-    assert row == [30, 10] and real == 40
-    row, real = calibrate.worst_row(
-        sequences(lengths=(90, 80)), 40, lambda chosen: [len(s.ids) for s in chosen]
-    )
-    assert row == [80] and real == 80  # longer than the micro-batch: it gets one of its own
+    assert calibrate.worst_row(seqs, 100, lengths) == ([70, 30], 100)
+    assert calibrate.worst_row(sequences(lengths=(10, 50, 30, 20, 45)), 60, lengths) == ([50, 10], 60)
+    # A sequence longer than a fixed micro-batch gets a row of its own: that row is the costliest.
+    assert calibrate.worst_row(seqs, 40, lengths) == ([70], 70)
 
 
 # --- the shape travels with the checkpoints ----------------------------------------------------
