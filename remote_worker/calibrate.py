@@ -68,8 +68,7 @@ class Trial:
 class Choice:
     shape: Shape
     trials: list[Trial]
-    usable_bytes: int | None
-    note: str
+    note: str  # what was measured and chosen, for the `calibrating` event
 
 
 def candidates(train: TrainSpec, max_length: int) -> list[Shape]:
@@ -122,7 +121,7 @@ def choose(
     if not fitting:
         raise DoesNotFit(_nothing_fits(shapes, trials, usable_bytes, state_bytes), hint=_hint(shapes))
     best = fitting[0] if only else max(fitting, key=lambda t: t.tokens_per_s)
-    return Choice(best.shape, trials, usable_bytes, _note(best, trials, usable_bytes, state_bytes))
+    return Choice(best.shape, trials, _note(best, trials, usable_bytes, state_bytes))
 
 
 def _gb(n: int | None) -> str:
@@ -178,8 +177,13 @@ def usable_memory() -> int | None:
     return usable
 
 
+def _base(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def is_checkpointing(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     return any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
 
 
@@ -188,7 +192,7 @@ def set_checkpointing(model, on: bool) -> None:
 
     transformers >= 5.2x names it activation checkpointing and warns on the old names.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     kwargs = {"use_reentrant": False}
     if on:
         if hasattr(base, "activation_checkpointing_enable"):

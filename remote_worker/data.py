@@ -232,6 +232,13 @@ def padded_rows(seqs: Sequence[Seq], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
+def micro_batch(seqs: Sequence[Seq], packing: bool, pad_id: int, pad_to: int = 0, varlen: bool = False) -> dict:
+    """One micro-batch of these sequences: a packed row (`packed_row`) or padded rows (`padded_rows`)."""
+    if packing:
+        return packed_row(seqs, pad_to, pad_id, varlen=varlen)
+    return padded_rows(seqs, pad_id)
+
+
 class MicroBatches(torch.utils.data.Dataset):
     """A dataset whose items are whole micro-batches, built when asked for (memory stays flat).
 
@@ -266,10 +273,7 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         seqs = [self.sequences[j] for j in self.groups[i]]
-        if self.packing:
-            item = packed_row(seqs, self.pad_to, self.pad_id, varlen=self.varlen)
-        else:
-            item = padded_rows(seqs, self.pad_id)
+        item = micro_batch(seqs, self.packing, self.pad_id, self.pad_to, self.varlen)
         return {**item, **self.extra} if self.extra else item
 
 

@@ -315,24 +315,20 @@ def choose_batch_shape(model, spec: JobSpec, machine: Probe, checkpointing: bool
     On CUDA the shape is measured (remote_worker.calibrate); on the CPU it is the spec's, or
     max_length tokens, with checkpointing by the `auto` rule.
     """
-    saved = checkpoints.read_batch_shape(resume_from) if resume_from is not None else None
-    if saved is None and resume_from is not None:  # a checkpoint from before shapes were saved
-        micro, _ = data.batch_shape(spec.train, spec.data.max_length, machine.device)
-        saved = (micro, checkpointing)
-    if saved is not None:
-        if saved[1] != checkpointing:
-            calibrate.set_checkpointing(model, saved[1])
-        return saved[0], saved[1], f"kept from {resume_from.name}"
+    unmeasured, _ = data.batch_shape(spec.train, spec.data.max_length, machine.device)
+    if resume_from is not None:
+        # A checkpoint from before shapes were saved with it was trained with the unmeasured shape.
+        micro, on = checkpoints.read_batch_shape(resume_from) or (unmeasured, checkpointing)
+        if on != checkpointing:
+            calibrate.set_checkpointing(model, on)
+        return micro, on, f"kept from {resume_from.name}"
     if machine.device != "cuda":
-        micro, _ = data.batch_shape(spec.train, spec.data.max_length, machine.device)
-        return micro, checkpointing, "not measured on the CPU"
+        return unmeasured, checkpointing, "not measured on the CPU"
     shapes = calibrate.candidates(spec.train, spec.data.max_length)
     phase("calibrating", f"measuring {len(shapes)} micro-batch shape(s) on the GPU: memory and speed")
 
-    def build_row(seqs, tokens):
-        if spec.train.packing:
-            return data.packed_row(seqs, pad_to=tokens, pad_id=pad_id, varlen=paths.varlen_batches)
-        return data.padded_rows(seqs, pad_id)
+    def build_row(seqs, tokens):  # as the training rows are built on CUDA: filled to the micro-batch
+        return data.micro_batch(seqs, spec.train.packing, pad_id, pad_to=tokens, varlen=paths.varlen_batches)
 
     choice = calibrate.calibrate(model, spec.train, spec.data.max_length, sequences, build_row, machine.torch_dtype)
     phase("calibrating", choice.note)
