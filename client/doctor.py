@@ -23,7 +23,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from client import profiles
+from client.setup import NETWORK_TURBO, PYTHON_CANDIDATES
 from client.transport import connect
+from client.transport.base import sections
 from jobs.requirements import QLORA_REQUIREMENTS, WORKER_REQUIREMENTS
 from jobs.spec import InstanceSpec
 
@@ -72,7 +74,7 @@ echo "path=$p"
 echo "conda_prefix=${{CONDA_PREFIX:-}}"
 echo "conda_env=${{CONDA_DEFAULT_ENV:-}}"
 echo "conda=$(command -v conda 2>/dev/null)"
-for c in /root/miniconda3/bin/python /root/anaconda3/bin/python /opt/conda/bin/python; do [ -x "$c" ] && echo "candidate=$c"; done
+for c in {candidates}; do [ -x "$c" ] && echo "candidate=$c"; done
 echo "@@pyinfo"
 [ -n "$p" ] && timeout 120 "$py" -c {pyprobe} 2>/dev/null | tail -n 1
 echo "@@gpu"
@@ -179,7 +181,8 @@ def _script(instance: InstanceSpec) -> str:
         data_disk=DATA_DISK,
         autodl_fs=AUTODL_FS,
         extra=extra,
-        turbo="/etc/network_turbo",
+        turbo=NETWORK_TURBO,
+        candidates=" ".join(PYTHON_CANDIDATES),
         pip_url=shlex.quote(instance.pip_index_url or ""),
         hf_url=shlex.quote(instance.hf_endpoint or ""),
         use_turbo=int(instance.network_turbo),
@@ -187,26 +190,12 @@ def _script(instance: InstanceSpec) -> str:
     )
 
 
-def _sections(stdout: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    current = None
-    for line in stdout.splitlines():
-        if line.startswith("@@"):
-            head, _, rest = line[2:].partition(" ")
-            current = out.setdefault(head, [])
-            if rest:
-                current.append(rest)
-        elif current is not None:
-            current.append(line)
-    return out
-
-
 def _kv(lines: list[str]) -> dict[str, str]:
     return dict(ln.split("=", 1) for ln in lines if "=" in ln)
 
 
 def parse(stdout: str, t0: float, t1: float) -> dict:
-    s = _sections(stdout)
+    s = sections(stdout)
     clock = float(s["clock"][0]) if s.get("clock") and _is_float(s["clock"][0]) else None
     os_lines = s.get("os", [])
     py = _kv(s.get("python", []))

@@ -28,7 +28,8 @@ from pathlib import Path
 from client import keys, profiles
 from client.errors import AuthError, HostKeyError, SpecError
 from client.transport import hostkeys
-from client.transport.ssh import SshTransport
+from client.transport.errors_map import SshTarget
+from client.transport.ssh import SshTransport, default_known_hosts
 from jobs.spec import parse_ssh_command
 
 PASSWORD_ENV = "AUTODL_RUN_PASSWORD"
@@ -181,9 +182,6 @@ def trust(target: str, port: int | None = None, *, connect_timeout: float = 15.0
 
     The explicit step after a HostKeyError, when the instance is known to have been re-created.
     """
-    from client.transport.errors_map import SshTarget
-    from client.transport.ssh import default_known_hosts
-
     saved = profiles.load_all()
     if target in saved and port is None:
         p = saved[target]
@@ -201,8 +199,8 @@ def trust(target: str, port: int | None = None, *, connect_timeout: float = 15.0
                     hint=f"say which: autodl-run trust {target} --port PORT",
                 )
             port = ports[0] if ports else 22
-        name = target if port == 22 else f"[{target}]:{port}"
         t = SshTarget(target, port, "root", None, file, connect_timeout)
+        name = t.known_hosts_name
     old = [keys.fingerprint(k) for k in hostkeys.pinned(file, name)]
     key = hostkeys.fetch(t)
     new = keys.fingerprint(key)

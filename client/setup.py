@@ -26,14 +26,17 @@ from collections.abc import Callable
 from urllib.parse import urlparse
 
 from client.errors import RemoteEnvError, TransportError
-from client.transport.base import Transport
+from client.transport.base import Transport, sections
 from client.transport.paths import shell_path
 from jobs.requirements import requirements_for
 from jobs.spec import AUTODL_DATA_DISK_ROOT, JobSpec
 
 Log = Callable[[str], None]
 NETWORK_TURBO = "/etc/network_turbo"
+# Where AutoDL images keep the python that has torch, when `python3` on PATH is another one.
+PYTHON_CANDIDATES = ("/root/miniconda3/bin/python", "/root/anaconda3/bin/python", "/opt/conda/bin/python")
 SETUP_DIR = ".setup"
+APT_FAILED = "apt-tmux-failed"  # written when apt-get could not install tmux: never tried again
 PIP_TIMEOUT_S = 1800
 APT_TIMEOUT_S = 180
 
@@ -90,7 +93,7 @@ echo @@probe
 rc=$?
 if [ $rc -ne 0 ]; then
   echo @@candidates
-  for p in /root/miniconda3/bin/python /root/anaconda3/bin/python /opt/conda/bin/python; do [ -x "$p" ] && echo "$p"; done
+  for p in {candidates}; do [ -x "$p" ] && echo "$p"; done
 fi
 exit $rc
 """
@@ -107,6 +110,15 @@ def remote_root(spec: JobSpec) -> str:
     return AUTODL_DATA_DISK_ROOT
 
 
+def _setup_path(spec: JobSpec, *names: str) -> str:
+    """`{remote_root}/.setup[/name]`: set-up's own files on the instance."""
+    return posixpath.join(remote_root(spec), SETUP_DIR, *names)
+
+
+def _marker_path(spec: JobSpec) -> str:
+    return _setup_path(spec, f"deps-{deps_key(spec)}.json")
+
+
 def deps_key(spec: JobSpec) -> str:
     """The marker's key: the requirements and the python that must satisfy them."""
     reqs = sorted(requirements_for(spec.quant.bits).values())
@@ -114,32 +126,19 @@ def deps_key(spec: JobSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _sections(stdout: str) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    current = ""
-    for line in stdout.splitlines():
-        if line.startswith("@@"):
-            head, _, rest = line[2:].partition(" ")
-            current = head
-            out[current] = [rest] if rest else []
-        elif current:
-            out[current].append(line)
-    return out
-
-
 def probe(transport: Transport, spec: JobSpec) -> dict:
     """Tools, and either the marker's record or a fresh probe of the python. One round trip."""
     py = spec.instance.python
-    setup_dir = posixpath.join(remote_root(spec), SETUP_DIR)
     cmd = _SETUP_PROBE.format(
-        apt_failed=shell_path(posixpath.join(setup_dir, "apt-tmux-failed")),
-        marker=shell_path(posixpath.join(setup_dir, f"deps-{deps_key(spec)}.json")),
+        apt_failed=shell_path(_setup_path(spec, APT_FAILED)),
+        marker=shell_path(_marker_path(spec)),
         python=shell_path(py),
+        candidates=" ".join(PYTHON_CANDIDATES),
         probe=shlex.quote(_PROBE_PY),
         reqs=shlex.quote(json.dumps(requirements_for(spec.quant.bits))),
     )
     res = transport.run(cmd, check=False, timeout=120)
-    parts = _sections(res.stdout)
+    parts = sections(res.stdout)
     if "tools" not in parts:
         raise RemoteEnvError(f"the setup probe printed nothing on {transport.where}: {res.tail(3)}")
     t, r, a, f, uid = (parts["tools"][0].split() + ["0"] * 5)[:5]
@@ -151,7 +150,7 @@ def probe(transport: Transport, spec: JobSpec) -> dict:
         hint = (
             f"set `instance.python` to the interpreter that has torch, e.g. {found[0]}"
             if found
-            else "set `instance.python` to the interpreter that has torch, e.g. /root/miniconda3/bin/python"
+            else f"set `instance.python` to the interpreter that has torch, e.g. {PYTHON_CANDIDATES[0]}"
         )
         raise RemoteEnvError(
             f"cannot run `{py}` on {transport.where} (exit {res.exited}): {res.tail(3)}", hint=hint
@@ -267,7 +266,7 @@ def _write_marker(transport: Transport, spec: JobSpec, info: dict) -> None:
         "requirements": sorted(requirements_for(spec.quant.bits).values()),
         "checked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    path = posixpath.join(remote_root(spec), SETUP_DIR, f"deps-{deps_key(spec)}.json")
+    path = _marker_path(spec)
     transport.run(
         f"mkdir -p {shell_path(posixpath.dirname(path))} && cat > {shell_path(path)}",
         input=json.dumps(record) + "\n",
@@ -285,8 +284,8 @@ def _ensure_tmux(transport: Transport, spec: JobSpec, tools: dict, log: Log) -> 
         log(f"  no tmux (apt-get could not install it before): {fallback}")
         return
     log("  no tmux on the instance: apt-get install tmux")
-    setup_dir = posixpath.join(remote_root(spec), SETUP_DIR)
-    apt_log = shell_path(posixpath.join(setup_dir, "apt.log"))
+    setup_dir = _setup_path(spec)
+    apt_log = shell_path(_setup_path(spec, "apt.log"))
     cmd = (
         f"mkdir -p {shell_path(setup_dir)} && export DEBIAN_FRONTEND=noninteractive\n"
         f"apt-get install -y -q --no-install-recommends tmux >{apt_log} 2>&1 || "
@@ -302,7 +301,7 @@ def _ensure_tmux(transport: Transport, spec: JobSpec, tools: dict, log: Log) -> 
     if res is not None and res.ok:
         log("  tmux installed")
         return
-    failed = posixpath.join(setup_dir, "apt-tmux-failed")
+    failed = _setup_path(spec, APT_FAILED)
     transport.run(f"mkdir -p {shell_path(setup_dir)} && date > {shell_path(failed)}", check=False)
     why = res.tail(1) if res is not None else "timed out"
     log(f"  apt-get could not install tmux ({why}): {fallback}")

@@ -25,13 +25,13 @@ from client.bundle import stage_bundle
 from client.errors import JobError, Problem, SpecError
 from client.ledger import Ledger, home
 from client.prefetch import prefetch_model
-from client.setup import ensure_worker_deps
+from client.setup import ensure_worker_deps, remote_root
 from client.specfile import load_spec
 from client.sync import sync_dir
 from client.transport import connect
 from client.transport.base import Transport
 from jobs.layout import MANIFEST, JobPaths, RemoteLayout
-from jobs.spec import AUTODL_DATA_DISK_ROOT, JobSpec, WorkerJob
+from jobs.spec import JobSpec, WorkerJob
 
 Log = Callable[[str], None]
 
@@ -78,9 +78,7 @@ def new_job_id(name: str) -> str:
 
 
 def resolve_remote_root(spec: JobSpec, transport: Transport) -> str:
-    root = spec.instance.remote_root
-    if root is None:
-        root = str(home() / "local") if spec.instance.is_local else AUTODL_DATA_DISK_ROOT
+    root = remote_root(spec)
     if root.startswith("~"):
         remote_home = transport.run(["bash", "-c", 'printf %s "$HOME"']).stdout.strip()
         root = remote_home + root[1:]

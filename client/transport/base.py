@@ -38,6 +38,21 @@ class Result:
 Command = str | Sequence[str]
 
 
+def sections(stdout: str) -> dict[str, list[str]]:
+    """A probe script's output cut at its `@@NAME [first line]` headers: NAME -> the lines under it."""
+    out: dict[str, list[str]] = {}
+    current = None
+    for line in stdout.splitlines():
+        if line.startswith("@@"):
+            head, _, rest = line[2:].partition(" ")
+            current = out.setdefault(head, [])
+            if rest:
+                current.append(rest)
+        elif current is not None:
+            current.append(line)
+    return out
+
+
 def to_shell(cmd: Command) -> str:
     """argv list -> one safely quoted shell string; a str is taken as already-built shell."""
     return cmd if isinstance(cmd, str) else shlex.join(str(c) for c in cmd)

@@ -52,18 +52,6 @@ def pin(path: Path, name: str, key: paramiko.PKey) -> None:
     _save(keys, path)
 
 
-def unpin(path: Path, names: list[str]) -> list[str]:
-    """Forget the keys pinned for each of `names`; returns the names that had one."""
-    if not path.is_file():
-        return []
-    keys = paramiko.HostKeys()
-    keys.load(str(path))
-    gone = [n for n in names if _drop(keys, n)]
-    if gone:
-        _save(keys, path)
-    return gone
-
-
 def names_for_host(path: Path, host: str) -> list[str]:
     """Every name in `path` that pins a key for `host`, on any port (`host` and `[host]:PORT`)."""
     if not path.is_file():
@@ -90,14 +78,12 @@ def fetch(t: SshTarget) -> paramiko.PKey:
         transport.close()
 
 
-def _drop(keys: paramiko.HostKeys, name: str) -> bool:
-    dropped = False
+def _drop(keys: paramiko.HostKeys, name: str) -> None:
     while True:
         try:
             del keys[name]  # one entry a call (hashed names match too)
         except KeyError:
-            return dropped
-        dropped = True
+            return
 
 
 def _save(keys: paramiko.HostKeys, path: Path) -> None:

@@ -15,7 +15,6 @@ Paths with a newline in them are not supported.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import posixpath
 import stat
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from client.errors import TransferError
+from jobs.manifest import sha256_file
 
 if TYPE_CHECKING:
     from client.transport.ssh import SshTransport
@@ -47,14 +47,6 @@ class Listing:
     dirs: set[str] = field(default_factory=set)
     links: set[str] = field(default_factory=set)
     files: dict[str, str] = field(default_factory=dict)  # path -> sha256
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def remote_listing(t: SshTransport, path: str) -> Listing:
