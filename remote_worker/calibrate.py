@@ -193,18 +193,21 @@ def set_checkpointing(model, on: bool) -> None:
     transformers >= 5.2x names it activation checkpointing and warns on the old names.
     """
     base = _base(model)
-    kwargs = {"use_reentrant": False}
-    if on:
-        if hasattr(base, "activation_checkpointing_enable"):
-            base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-        base.enable_input_require_grads()
-        return
-    if is_checkpointing(base):
-        (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
+    # transformers keeps the handles of the latest input-grad hooks only, and some of its enable paths
+    # add them too: drop the current ones first, so switching back and forth never stacks hooks.
     if getattr(base, "_require_grads_hook", None) is not None:
         base.disable_input_require_grads()
+    if not on:
+        if is_checkpointing(base):
+            (getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable)()
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if getattr(base, "_require_grads_hook", None) is None:
+        base.enable_input_require_grads()
 
 
 def worst_row(sequences, tokens: int, build_row: Callable) -> tuple[dict, int]:

@@ -168,6 +168,13 @@ def test_checkpointing_can_be_turned_off_and_on_again(model_dir):
     assert calibrate.is_checkpointing(base) and base._require_grads_hook is not None
     calibrate.set_checkpointing(model, False)
     assert not calibrate.is_checkpointing(base) and getattr(base, "_require_grads_hook", None) is None
+    # On again twice, then off: no input-grad hook is left behind on the embeddings.
+    calibrate.set_checkpointing(model, True)
+    calibrate.set_checkpointing(model, True)
+    assert len(base.get_input_embeddings()._forward_hooks) == 1
+    calibrate.set_checkpointing(model, False)
+    assert not base.get_input_embeddings()._forward_hooks
+    assert not base.get_input_embeddings()(torch.tensor([[1, 2]])).requires_grad
     batch = data.packed_row(sequences(), pad_id=0)
     for on in (True, False):
         calibrate.set_checkpointing(model, on)
