@@ -379,9 +379,9 @@ class Ours:
         self.machine = probe("auto")
         self.paths = fast.choose(model_dir, self.spec, self.machine)
         m = self.wrecipe.load_model(model_dir, self.spec, self.machine, self.paths)
-        self.ckpt = self.wrecipe.use_gradient_checkpointing(self.spec.train.gradient_checkpointing,
-                                                            self.machine.device, m.num_parameters())
-        m = self.wrecipe.prepare_for_training(m, self.spec, self.machine, self.ckpt)
+        ckpt = self.wrecipe.use_gradient_checkpointing(self.spec.train.gradient_checkpointing,
+                                                       self.machine.device, m.num_parameters())
+        m = self.wrecipe.prepare_for_training(m, self.spec, self.machine, ckpt)
         set_seed(int(self.opts.get("seed", 42)))
         m = get_peft_model(m, self.wrecipe.lora_config(self.spec))
         self.paths.enable_fused_lora(m, self.spec)
@@ -390,9 +390,11 @@ class Ours:
         log(f"ours (worker functions): {self.status()}")
 
     def status(self):
+        from remote_worker import calibrate
         from remote_worker.fast import fused_lora
         marked = sum(bool(getattr(x, fused_lora.FLAG, False)) for x in self.model.modules())
-        return dict(self.paths.started_fields(), gradient_checkpointing=self.ckpt, fused_layers_now=marked)
+        return dict(self.paths.started_fields(), gradient_checkpointing=calibrate.is_checkpointing(self.model),
+                    fused_layers_now=marked)
 
     def batches(self, vocab, budget, n_micro, seed=0, task="random"):
         """The bench's sequence stream, packed in order as before, each row made by remote_worker.data."""
@@ -405,19 +407,6 @@ class Ours:
         return [self.wdata.packed_row([seq(s.numpy(), np.ones(len(s), np.uint8)) for s in g],
                                       varlen=self.paths.varlen_batches) for g in groups[:n_micro]]
 
-    def retarget(self, targets, dropout):
-        """Other LoRA targets on the same loaded base (adapters unloaded and re-added, fused LoRA again)."""
-        from peft import get_peft_model
-        base = self.model.unload()
-        del self.model
-        gc.collect()
-        self.opts.update(targets=targets, dropout=dropout)
-        self.spec = ours_spec(self.spec.model.name_or_path, self.opts, targets=targets)
-        m = get_peft_model(base, self.wrecipe.lora_config(self.spec))
-        self.paths.enable_fused_lora(m, self.spec)
-        self.model = m.train()
-        return self.model
-
     def apply_variant(self, v):
         """In-process toggles for the sweep (Liger and the base are fixed at load: use --base for them)."""
         from remote_worker.fast import fused_lora
@@ -429,11 +418,8 @@ class Ours:
         if "attn" in v:
             set_attn(m, self.paths.attn_implementation if v["attn"] == "varlen" else v["attn"])
         if "ckpt" in v:
-            base = m.get_base_model()
-            if v["ckpt"]:
-                base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                base.gradient_checkpointing_disable()
+            from remote_worker import calibrate
+            calibrate.set_checkpointing(m, bool(v["ckpt"]))
 
 
 # --------------------------------------------------------------------------------------- loading

@@ -33,7 +33,7 @@ def is_hub_id(name: str) -> bool:
     return not name.startswith(_PATHLIKE) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
 
 
-KEEP_CHECKPOINTS = 2  # remote_worker.callbacks keeps this many; one more is being written at times
+KEEP_CHECKPOINTS = 2  # remote_worker.checkpoints.KEEP: the worker keeps this many; one more is being written at times
 BYTES_PER_LORA_PARAM = 16  # a checkpoint: the adapter (4) + AdamW's two moments (8) + slack
 MARGIN_BYTES = 1 << 30  # logs, tokenized data, the final adapter's copy
 

@@ -232,6 +232,9 @@ def measurer(model, sequences, build_row: Callable, dtype) -> Callable[[Shape, b
 
     device = next(p.device for p in model.parameters())
     cuda = device.type == "cuda"
+    ordered = sorted(
+        sequences, key=lambda s: len(s.ids), reverse=True
+    )  # once: worst_row's sort is then linear
 
     def sync() -> None:
         if cuda:
@@ -246,7 +249,7 @@ def measurer(model, sequences, build_row: Callable, dtype) -> Callable[[Shape, b
     def measure(shape: Shape, timed: bool) -> Trial:
         set_checkpointing(model, shape.checkpointing)
         row, real = worst_row(
-            sequences, shape.micro_batch_tokens, lambda seqs: build_row(seqs, shape.micro_batch_tokens)
+            ordered, shape.micro_batch_tokens, lambda seqs: build_row(seqs, shape.micro_batch_tokens)
         )
         row = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in row.items()}
         trial = Trial(shape, tokens=real)
@@ -285,7 +288,7 @@ def optimizer_state_bytes(model) -> int:
     return sum(2 * 4 * p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def calibrate(model, train: TrainSpec, max_length: int, sequences, build_row: Callable, dtype) -> Choice:
+def calibrate(model, shapes: Sequence[Shape], sequences, build_row: Callable, dtype) -> Choice:
     """Measure the shapes the spec leaves open, leave the model set up for the best one.
 
     On the GPU memory and speed decide; elsewhere (tests) memory is not known and speed alone does.
@@ -296,7 +299,7 @@ def calibrate(model, train: TrainSpec, max_length: int, sequences, build_row: Ca
     was_training = model.training
     model.train()
     choice = choose(
-        candidates(train, max_length),
+        shapes,
         measurer(model, sequences, build_row, dtype),
         usable_memory() if cuda else None,
         optimizer_state_bytes(model),

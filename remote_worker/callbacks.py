@@ -19,23 +19,20 @@ from jobs.events import Checkpoint, Eval, EventWriter, Phase, Started, Step
 from remote_worker import checkpoints
 from remote_worker.stopping import Stopper
 
-KEEP_CHECKPOINTS = checkpoints.KEEP
-
 
 class EventCallback(TrainerCallback):
     def __init__(
         self,
         events: EventWriter,
         started: dict,
+        stopper: Stopper,
         save_every_minutes: float = 0,
-        deadline_unix: float | None = None,
-        stopper: Stopper | None = None,
         batch_shape: tuple[int, bool] | None = None,
     ):
         self.events = events
         self.started = started  # the Started fields the Trainer does not know
         self.save_every_s = save_every_minutes * 60
-        self.stopper = stopper or Stopper(deadline_unix=deadline_unix)
+        self.stopper = stopper
         self.batch_shape = batch_shape  # (micro_batch_tokens, checkpointing), saved with every checkpoint
         self.cuda = False
         self.last_loss: float | None = None
@@ -43,10 +40,6 @@ class EventCallback(TrainerCallback):
         self.resumed_from_step = 0
         self.last_checkpoint: checkpoints.Finalized | None = None
         self._timer_save = False
-
-    @property
-    def stopped_at_deadline(self) -> bool:
-        return self.stop_reason == "deadline"
 
     # -- the run --------------------------------------------------------------------------------
 
@@ -136,4 +129,4 @@ class EventCallback(TrainerCallback):
                 reason=reason,
             )
         )
-        checkpoints.rotate(root, KEEP_CHECKPOINTS)
+        checkpoints.rotate(root)

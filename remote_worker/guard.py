@@ -45,6 +45,7 @@ from pathlib import Path
 from jobs.layout import MANIFEST, JobPaths
 from jobs.manifest import ManifestError, verify_manifest
 from jobs.spec import InstanceSpec, WorkerJob
+from remote_worker import checkpoints
 
 USAGE = "usage: python -m remote_worker.guard JOB_JSON"
 LEASE_S = 60.0  # a `fetching` lease older than this is stale (the client refreshes it every 15 s)
@@ -130,8 +131,9 @@ class Guard:
         return alive(self.dir)
 
     def outcome(self) -> str:
-        state = (self.dir / "state").read_text().strip() if (self.dir / "state").is_file() else ""
-        if state == "done" and (self.dir / "output" / "adapter" / MANIFEST).is_file():
+        state_file = Path(self.paths.state)
+        state = state_file.read_text().strip() if state_file.is_file() else ""
+        if state == "done" and (Path(self.paths.adapter) / MANIFEST).is_file():
             return "done"
         return state if state in ("failed", "cancelled") else "lost"
 
@@ -141,7 +143,7 @@ class Guard:
             ack = json.loads(Path(self.paths.fetched).read_text())
         except (OSError, ValueError):
             return None
-        want = sha256_of(self.dir / "output" / "adapter" / MANIFEST)
+        want = sha256_of(Path(self.paths.adapter) / MANIFEST)
         if isinstance(ack, dict) and want and ack.get("manifest_sha256") == want:
             return ack
         return None
@@ -193,14 +195,11 @@ class Guard:
         root = fs_root()
         if root is None:
             return None
-        adapter = self.dir / "output" / "adapter"
+        adapter = Path(self.paths.adapter)
         if (adapter / MANIFEST).is_file():
             src, dest = adapter, root / "autodl-run" / self.job.job_id / "adapter"
         else:
-            steps = sorted(
-                (p for p in (self.dir / "output" / "checkpoints").glob("step-*") if p.name[5:].isdigit()),
-                key=lambda p: int(p.name[5:]),
-            )
+            steps = checkpoints.complete(Path(self.paths.checkpoints))
             if not steps:
                 return None
             src, dest = steps[-1], root / "autodl-run" / self.job.job_id / "checkpoints" / steps[-1].name

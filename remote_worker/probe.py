@@ -69,12 +69,9 @@ def attention_implementation(device: str, dtype: str) -> str:
     """
     if device != "cuda" or dtype == "float32":
         return "sdpa"
-    try:
-        importlib.import_module("flash_attn")
-        from transformers.utils import is_flash_attn_2_available
-    except Exception:  # a broken build raises more than ImportError
-        return "sdpa"
-    return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
+    from remote_worker.fast import flash_attn_importable
+
+    return "flash_attention_2" if flash_attn_importable() else "sdpa"
 
 
 def probe(device: str = "auto") -> Probe:

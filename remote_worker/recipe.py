@@ -149,7 +149,6 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
         started={
             "device": machine.device_name,
             "dtype": machine.dtype,
-            "attention": machine.attention,
             "quant": "nf4" if spec.quant.bits == 4 else "none",
             "trainable_params": trainable_params,
             "total_params": all_params,
@@ -330,7 +329,7 @@ def choose_batch_shape(model, spec: JobSpec, machine: Probe, checkpointing: bool
     def build_row(seqs, tokens):  # as the training rows are built on CUDA: filled to the micro-batch
         return data.micro_batch(seqs, spec.train.packing, pad_id, pad_to=tokens, varlen=paths.varlen_batches)
 
-    choice = calibrate.calibrate(model, spec.train, spec.data.max_length, sequences, build_row, machine.torch_dtype)
+    choice = calibrate.calibrate(model, shapes, sequences, build_row, machine.torch_dtype)
     phase("calibrating", choice.note)
     return choice.shape.micro_batch_tokens, choice.shape.checkpointing, choice.note
 

@@ -150,7 +150,7 @@ def test_measuring_learns_nothing_and_leaves_the_chosen_checkpointing(model_dir)
         return data.packed_row(chosen, pad_to=tokens, pad_id=0)
 
     train = TrainSpec(micro_batch_tokens=128, gradient_checkpointing="auto")
-    choice = calibrate.calibrate(model, train, 64, seqs, build_row, torch.float32)
+    choice = calibrate.calibrate(model, calibrate.candidates(train, 64), seqs, build_row, torch.float32)
     # Checkpointing off fits (memory is not known here), so on, slower at the same size, is not run.
     (trial,) = choice.trials
     assert trial.shape == choice.shape == Shape(128, False)
