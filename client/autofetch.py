@@ -20,11 +20,10 @@ from pathlib import Path
 from client.errors import AutodlRunError
 from client.fetch import FetchedCheckpoint, fetch_checkpoint, job_root, report_speed
 from client.ledger import JobRecord
-from client.submit import layout_for
 from client.transport import connect
 from client.transport.base import Transport
 from jobs import events as ev
-from jobs.layout import CHECKPOINT_ADAPTER, MANIFEST
+from jobs.layout import CHECKPOINT_ADAPTER, MANIFEST, layout_for
 from jobs.manifest import sha256_file
 
 ATTEMPTS = 3
@@ -35,7 +34,6 @@ class AutoFetcher:
     def __init__(self, record: JobRecord, log: Callable[[str], None], to: Path | None = None):
         self.record, self.log, self.to = record, log, to
         self.latest: FetchedCheckpoint | None = None
-        self.failures: list[str] = []
         self._want: ev.Checkpoint | None = None
         self._cond = threading.Condition()
         self._closing = False
@@ -81,7 +79,6 @@ class AutoFetcher:
                 self._fetch(event)
             except Exception as exc:  # never let the view die of a background fetch
                 message = exc.message if isinstance(exc, AutodlRunError) else repr(exc)
-                self.failures.append(f"step-{event.step}: {message}")
                 if self._transport is not None:
                     self._transport.close()
                     self._transport = None

@@ -267,8 +267,8 @@ def fetch(
 def cancel(job: Annotated[str, typer.Argument(help="job id or a unique prefix")]) -> None:
     """Stop a job on its instance: it saves a checkpoint first (`autodl-run resume` continues it)."""
     from client import launcher
-    from client.submit import layout_for
     from client.transport import connect
+    from jobs.layout import layout_for
 
     ledger = Ledger()
     record = ledger.get(job)

@@ -30,11 +30,10 @@ from pathlib import Path
 
 from client.errors import JobError, TransportError, VerifyError
 from client.ledger import JobRecord, Ledger
-from client.submit import layout_for
 from client.transport import connect
 from client.transport.base import Transport
 from client.transport.paths import shell_path
-from jobs.layout import CHECKPOINT_ADAPTER, MANIFEST, JobPaths
+from jobs.layout import CHECKPOINT_ADAPTER, MANIFEST, JobPaths, layout_for
 from jobs.manifest import ManifestError, read_manifest, verify_manifest
 
 LOAD_SNIPPET = """from peft import PeftModel
@@ -52,10 +51,6 @@ def job_root(record: JobRecord, to: Path | None = None) -> Path:
     if not base.is_absolute():
         base = Path(record.job_file).parent / base
     return (base / record.id).resolve()
-
-
-def default_destination(record: JobRecord) -> Path:
-    return job_root(record) / "adapter"
 
 
 # --- on the instance: lease, acknowledgement, speed ---------------------------------------------
@@ -291,7 +286,7 @@ def fetch_checkpoint(
     transport = transport or connect(record.spec.instance)
     try:
         for attempt in (1, 2):  # the worker may rotate a checkpoint away while we copy it: take the newer one
-            steps = remote_steps(transport, paths)
+            steps = remote_steps(transport, paths) if step is None else []  # a given step needs no listing
             if step is None and not steps:
                 raise JobError(
                     f"job {record.id} has no complete checkpoint on {transport.where}",
@@ -331,17 +326,22 @@ def fetch_all(
         "verified": False,
         "checkpoint": None,
     }
-    if checkpoints:
-        try:
-            out["checkpoint"] = fetch_checkpoint(record, to=to, full=True).as_dict()
-        except JobError:
-            if record.state != "done":
-                raise
+    transport = connect(record.spec.instance) if checkpoints else None  # one connection for both pulls
     try:
-        dest, digest = fetch(record, ledger, to)
-    except JobError:
-        if out["checkpoint"] is None:
-            raise
-        return out
+        if checkpoints:
+            try:
+                out["checkpoint"] = fetch_checkpoint(record, to=to, full=True, transport=transport).as_dict()
+            except JobError:
+                if record.state != "done":
+                    raise
+        try:
+            dest, digest = fetch(record, ledger, to, transport=transport)
+        except JobError:
+            if out["checkpoint"] is None:
+                raise
+            return out
+    finally:
+        if transport is not None:
+            transport.close()
     out.update(adapter=str(dest), manifest_sha256=digest, verified=True)
     return out

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from client.errors import JobError, RemoteCommandError, TransportError
 from client.transport.base import Transport
+from jobs.events import split_complete
 from jobs.layout import JobPaths
 
 CHUNK = 1 << 20  # at most this many bytes a poll, so a long backlog streams in pieces
@@ -69,9 +70,8 @@ def poll_once(transport: Transport, paths: JobPaths, filename: str, offset: int)
     state, code, alive = head
     exit_code = int(code) if code.strip().lstrip("-").isdigit() else None
     raw = body.encode("utf-8", errors="surrogateescape")
-    *complete, _rest = raw.split(b"\n")
-    consumed = sum(len(ln) + 1 for ln in complete)
-    lines = [ln for ln in complete if ln.strip()]
+    lines, rest = split_complete(raw)
+    consumed = len(raw) - len(rest)
     js = JobState(_resolve_state(state, exit_code, alive == "1", offset + consumed > 0), exit_code, alive == "1")
     return Poll(js, lines, more=len(raw) >= CHUNK), offset + consumed
 
@@ -112,7 +112,6 @@ class Follower:
         self.reconnect_timeout_s = reconnect_timeout_s
         self._sleep = sleep
         self._transport: Transport | None = None
-        self.reconnects = 0
 
     def _poll(self) -> Poll:
         if self._transport is None:
@@ -144,7 +143,6 @@ class Follower:
                 self._sleep(wait)
                 continue
             if down_since is not None:
-                self.reconnects += 1
                 down_since, attempt = None, 0
             if poll.lines:
                 yield poll.lines

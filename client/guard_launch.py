@@ -26,10 +26,9 @@ def start_guard(
     transport: Transport, spec: JobSpec, paths: JobPaths, job_id: str, env: dict[str, str]
 ) -> dict | None:
     """Launch the job's guard (stopping an earlier one of the same job first). None when the policy is "never"."""
+    stop_guard(transport, spec, paths, job_id)  # also for a resumed job whose policy changed to "never"
     if spec.instance.shutdown_policy == "never":
-        stop_guard(transport, spec, paths, job_id)  # a resumed job whose policy changed to "never"
         return None
-    stop_guard(transport, spec, paths, job_id)
     argv = [spec.instance.python, "-m", "remote_worker.guard", paths.spec]
     return launcher.launch(
         transport, paths.guard, argv, socket=spec.instance.tmux_socket, session=session(job_id), env=env
@@ -67,8 +66,6 @@ def describe(status: dict | None, now: float | None = None) -> str:
         at = status.get("shutdown_at")
         when = f" (shuts down in {max(0, at - now) / 60:.0f} min without it)" if at else ""
         return f"{status.get('message', 'waiting')}{when}"
-    if phase in ("shutting down", "shut down"):
-        return f"{phase}: {status.get('message', '')}{copied}"
     if phase == "not shut down":
         return f"{status.get('message', '')}{copied}"
     if phase == "shutdown failed":

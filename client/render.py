@@ -36,15 +36,12 @@ class Progress:
     price_per_hour: float | None = None
     currency: str = "CNY"
     phase: str = "waiting for the worker"
-    started_at: float | None = None
-    first_event_at: float | None = None
     last: ev.Step | None = None
     total_steps: int = 0
     started: ev.Started | None = None
     done: ev.Done | None = None
     failed: ev.Failed | None = None
     eval_loss: float | None = None
-    checkpoints: int = 0
     checkpoint: ev.Checkpoint | None = None  # the newest
     runs: int = 0
     laptop: str = ""  # what the laptop holds: set by auto-fetch and the final fetch
@@ -55,7 +52,6 @@ class Progress:
     _run_ended: bool = False
 
     def apply(self, e) -> None:
-        self.first_event_at = self.first_event_at or e.t
         new_run = (
             self._run_start is None or self._run_ended or (isinstance(e, ev.Phase) and e.phase == "setup")
         )
@@ -70,7 +66,7 @@ class Progress:
         if isinstance(e, ev.Phase):
             self.phase = e.phase + (f": {e.message}" if e.message else "")
         elif isinstance(e, ev.Started):
-            self.started, self.started_at, self.total_steps = e, e.t, e.total_steps
+            self.started, self.total_steps = e, e.total_steps
             self.phase = "training" + (
                 f" (resumed at step {e.resumed_from_step})" if e.resumed_from_step else ""
             )
@@ -79,7 +75,6 @@ class Progress:
         elif isinstance(e, ev.Eval):
             self.eval_loss = e.eval_loss
         elif isinstance(e, ev.Checkpoint):
-            self.checkpoints += 1
             self.checkpoint = e
         elif isinstance(e, ev.Done):
             self.done, self.phase, self._run_ended = e, "done", True

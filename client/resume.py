@@ -26,18 +26,17 @@ import tomllib
 from pydantic import ValidationError
 
 from client import dataset, launcher
-from client.bundle import stage_bundle
 from client.errors import JobError, Problem, SpecError, VerifyError
 from client.fetch import fetch_checkpoint, job_root, local_checkpoints, remote_steps
 from client.ledger import JobRecord, Ledger, home
 from client.prefetch import prefetch_model
 from client.setup import ensure_worker_deps
-from client.submit import deadline_for, launch_job, layout_for, new_job_id, resolve_remote_root
+from client.submit import deadline_for, launch_job, new_job_id, resolve_remote_root, sync_bundle
 from client.sync import remote_exists, sync_dir
 from client.tail import status_progress
 from client.transport import connect
 from client.transport.base import Transport
-from jobs.layout import MANIFEST, RemoteLayout
+from jobs.layout import MANIFEST, RemoteLayout, layout_for
 from jobs.manifest import ManifestError, verify_manifest
 from jobs.spec import InstanceSpec, JobSpec
 
@@ -145,7 +144,7 @@ def _in_place(record: JobRecord, ledger: Ledger, deadline_unix: float | None, lo
             log(f"the job folder is gone from {where}: uploading the checkpoint fetched last")
             step = _upload_local_checkpoint(record, transport, layout, record.id, log)
         else:
-            _refuse_if_finished(record)
+            _refuse_if_finished(record, transport)
             steps = remote_steps(transport, paths)
             step = steps[-1] if steps else None
         deadline = deadline_for(spec, Path(record.job_file), deadline_unix)
@@ -182,8 +181,8 @@ def _elsewhere(
 # --- the pieces -------------------------------------------------------------------------------------------
 
 
-def _refuse_if_finished(record: JobRecord) -> None:
-    progress = status_progress(record)
+def _refuse_if_finished(record: JobRecord, transport: Transport) -> None:
+    progress, _ = status_progress(record, transport)
     done = progress.done
     if done is not None and not done.stopped:
         raise JobError(
@@ -252,9 +251,8 @@ def _prepare_and_launch(
             )
         sync_dir(transport, prepared.dir, layout.data_dir(digest), marker=MANIFEST)
         log("  data uploaded")
-    bundle = stage_bundle(home() / "bundles")
-    sync_dir(transport, bundle.dir, layout.bundle_dir(bundle.digest), marker="remote_worker/__init__.py")
+    bundle_digest, _ = sync_bundle(transport, layout)
     ensure_worker_deps(transport, spec, log=log)
-    prefetch_model(transport, spec, layout.job(job_id), layout.bundle_dir(bundle.digest), log=log)
-    launch_job(transport, spec, job_id, layout, digest, bundle.digest, deadline)
-    return bundle.digest
+    prefetch_model(transport, spec, layout.job(job_id), layout.bundle_dir(bundle_digest), log=log)
+    launch_job(transport, spec, job_id, layout, digest, bundle_digest, deadline)
+    return bundle_digest

@@ -30,7 +30,7 @@ from client.specfile import load_spec
 from client.sync import sync_dir
 from client.transport import connect
 from client.transport.base import Transport
-from jobs.layout import MANIFEST, JobPaths, RemoteLayout
+from jobs.layout import MANIFEST, JobPaths, RemoteLayout, layout_for
 from jobs.spec import JobSpec, WorkerJob
 
 Log = Callable[[str], None]
@@ -83,11 +83,6 @@ def resolve_remote_root(spec: JobSpec, transport: Transport) -> str:
         remote_home = transport.run(["bash", "-c", 'printf %s "$HOME"']).stdout.strip()
         root = remote_home + root[1:]
     return root
-
-
-def layout_for(spec: JobSpec) -> RemoteLayout:
-    assert spec.instance.remote_root, "the remote root is resolved at submit time"
-    return RemoteLayout(spec.instance.remote_root)
 
 
 def worker_env(spec: JobSpec, layout: RemoteLayout, bundle_dir: str) -> dict[str, str]:
@@ -211,6 +206,13 @@ def submit(
                      deadline_unix=deadline, guard=guard)  # fmt: skip
 
 
+def sync_bundle(transport: Transport, layout: RemoteLayout) -> tuple[str, bool]:
+    """Stage the worker bundle here and send it unless the instance has it: (its digest, sent)."""
+    bundle = stage_bundle(home() / "bundles")
+    sent = sync_dir(transport, bundle.dir, layout.bundle_dir(bundle.digest), marker="remote_worker/__init__.py")
+    return bundle.digest, sent
+
+
 def sync_worker(
     transport: Transport, layout: RemoteLayout, data_dir: Path, digest: str, log: Log
 ) -> tuple[bool, str, bool]:
@@ -219,15 +221,12 @@ def sync_worker(
     Returns (data sent, bundle digest, bundle sent).
     """
     data_sent = sync_dir(transport, data_dir, layout.data_dir(digest), marker=MANIFEST)
-    bundle = stage_bundle(home() / "bundles")
-    bundle_sent = sync_dir(
-        transport, bundle.dir, layout.bundle_dir(bundle.digest), marker="remote_worker/__init__.py"
-    )
+    bundle_digest, bundle_sent = sync_bundle(transport, layout)
     log(
         f"  data {'uploaded' if data_sent else 'already on the instance'}, "
         f"worker {'uploaded' if bundle_sent else 'already on the instance'}"
     )
-    return data_sent, bundle.digest, bundle_sent
+    return data_sent, bundle_digest, bundle_sent
 
 
 def launch_job(

@@ -8,7 +8,6 @@ what the guard does. `fetch=False` (`tail --no-fetch`) leaves all fetching to `a
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -23,9 +22,10 @@ from client.errors import AutodlRunError, JobError, TransportError
 from client.follow import Follower, JobState, Reconnecting, poll_once
 from client.ledger import JobRecord, Ledger
 from client.render import Progress, event_line, panel
-from client.submit import layout_for
 from client.transport import connect
+from client.transport.base import Transport
 from jobs import events as ev
+from jobs.layout import layout_for
 
 
 def _follower(record: JobRecord, filename: str, poll_s: float, reconnect_timeout_s: float) -> Follower:
@@ -131,7 +131,7 @@ def tail(
             if held:
                 progress.laptop = f"checkpoint step-{held.step} adapter at {held.adapter}"
         if raw and final.state != "done":
-            progress = status_progress(record)
+            progress, _ = status_progress(record)
         if fetch and final.state == "done":
             _fetch_final(record, ledger, progress, say)
         _report_guard(record, progress, final, say)
@@ -243,11 +243,14 @@ def _guard_status(record: JobRecord, wait_s: float) -> dict | None:
         return None
 
 
-def status_progress(record: JobRecord) -> Progress:
-    """Replay the job's whole event file once (no following), and read what its guard is doing."""
+def status_progress(record: JobRecord, transport: Transport | None = None) -> tuple[Progress, JobState]:
+    """Replay the job's whole event file once (no following), and read what its guard is doing.
+
+    Uses `transport` when given (left open), else a connection of its own."""
     progress = Progress(record.id, record.spec.instance.price_per_hour, record.spec.instance.currency)
     paths = layout_for(record.spec).job(record.id)
-    transport = connect(record.spec.instance)
+    own = transport is None
+    transport = transport or connect(record.spec.instance)
     try:
         offset = 0
         while True:
@@ -259,20 +262,16 @@ def status_progress(record: JobRecord) -> Progress:
         if record.spec.instance.shutdown_policy != "never":
             progress.guard = guard_launch.describe(guard_launch.guard_status(transport, paths))
     finally:
-        transport.close()
+        if own:
+            transport.close()
     if record.fetched_to:
         progress.laptop = f"adapter at {record.fetched_to}"
-    progress.state = poll.state  # type: ignore[attr-defined]
-    return progress
+    return progress, poll.state
 
 
 def status(record: JobRecord, ledger: Ledger) -> dict:
-    progress = status_progress(record)
-    state: JobState = progress.state  # type: ignore[attr-defined]
+    progress, state = status_progress(record)
     if state.finished and record.state == "running":
         ledger.update(record.id, state=state.state, finished_at=time.time())
     return {**record.as_dict(), "state": state.state, "exit_code": state.exit_code, **progress.as_dict()}
 
-
-def dumps(obj: object) -> str:
-    return json.dumps(obj, indent=2, default=str)

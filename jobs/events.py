@@ -8,7 +8,6 @@ reconnecting lossless: no event is repeated or missed.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import time
 from typing import Annotated, Any, Literal
@@ -102,7 +101,6 @@ class Failed(_Event):
 
 Event = Annotated[Phase | Started | Step | Eval | Checkpoint | Done | Failed, Field(discriminator="type")]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
-TERMINAL = ("done", "failed")
 
 
 def parse(line: str | bytes) -> Phase | Started | Step | Eval | Checkpoint | Done | Failed:
@@ -153,11 +151,7 @@ def split_complete(buffer: bytes) -> tuple[list[bytes], bytes]:
     return [ln for ln in lines if ln.strip()], rest
 
 
-def loads_many(lines: list[bytes]) -> list[Any]:
-    return [parse(ln) for ln in lines]
-
-
 __all__ = [
     "Phase", "Started", "Step", "Eval", "Checkpoint", "Done", "Failed", "Event",
-    "EventWriter", "parse", "dumps", "split_complete", "loads_many", "TERMINAL", "json",
+    "EventWriter", "parse", "dumps", "split_complete",
 ]

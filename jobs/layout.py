@@ -31,9 +31,19 @@ from __future__ import annotations
 
 import posixpath
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jobs.spec import JobSpec
 
 MANIFEST = "manifest.json"
 CHECKPOINT_ADAPTER = "adapter"  # step-N/adapter/: the adapter alone, with its own manifest
+
+
+def layout_for(spec: JobSpec) -> RemoteLayout:
+    """The layout of a submitted job: its spec's remote_root was resolved at submit time."""
+    assert spec.instance.remote_root, "the remote root is resolved at submit time"
+    return RemoteLayout(spec.instance.remote_root)
 
 
 @dataclass(frozen=True)
