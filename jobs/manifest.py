@@ -13,7 +13,8 @@ import hashlib
 import json
 from pathlib import Path
 
-MANIFEST_NAME = "manifest.json"
+from jobs.layout import MANIFEST as MANIFEST_NAME  # one name for the file, kept in jobs.layout
+
 _CHUNK = 1 << 20
 
 

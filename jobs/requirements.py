@@ -17,8 +17,9 @@ WORKER_REQUIREMENTS: dict[str, str] = {
 QLORA_REQUIREMENTS: dict[str, str] = {"bitsandbytes": "bitsandbytes>=0.45"}
 
 
-# Optional, CUDA only: installed when possible, never required. A failed install or import only
-# turns its speed path off (remote_worker.fast reports which paths are on in the `started` event).
+# Optional, CUDA only, never required: set-up does not install it (pip install it on the instance to
+# use it). Where it is missing or fails to import, its speed path is off (remote_worker.fast reports
+# which paths are on in the `started` event).
 # liger-kernel: Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) used by
 # train.liger = "auto"; it pulls Triton, which CUDA builds of torch already ship.
 OPTIONAL_CUDA_REQUIREMENTS: dict[str, str] = {"liger_kernel": "liger-kernel>=0.8.5"}  # the version measured

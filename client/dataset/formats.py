@@ -16,11 +16,12 @@ An alpaca instruction and its input are joined with a newline (as LLaMA-Factory 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from client.dataset.validate import RecordError, as_list, conversation, text, type_name
+from jobs.spec import DataFormat
 
-FORMATS = ("alpaca", "sharegpt", "messages", "prompt_completion", "text")
+FORMATS = get_args(DataFormat)[1:]  # all but "auto"
 _TURN_KEYS = {"role", "content", "from", "value"}
 _EXPECTED = "messages, conversations, instruction+output, prompt+completion or text"
 

@@ -43,9 +43,9 @@ except ImportError:  # pragma: no cover
     from json import loads as _loads
 
 FORMAT_VERSION = 1
-DATA_FIELDS = ("format", "columns", "system_prompt", "max_length", "overlong", "on_error", "eval_fraction",
-               "seed", "dedupe")
-GPU_MICRO_BATCH = 16384  # the worker's smallest micro-batch on a GPU (remote_worker/data.py)
+# What prepared data depends on besides its input files: every data.* setting.
+DATA_FIELDS = tuple(k for k in DataSpec.model_fields if k not in ("train", "eval"))
+GPU_MICRO_BATCH = 16384  # the largest micro-batch the worker tries on a GPU (remote_worker/calibrate.py)
 
 
 @dataclass
@@ -258,7 +258,7 @@ def _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts
     over = {"count": 0, "action": data.overlong, "max_length": data.max_length, "estimated": False,
             "dropped": 0, "truncated": 0}
     problems: list[Problem] = []
-    trained = prompt = 0
+    first_trained = 0  # train records whose first token is masked in: it is never predicted, so not trained
     try:
         with open(tmp / "all.jsonl", "rb") as again:
             records = (_loads(line) for line in again)
@@ -282,9 +282,7 @@ def _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts
                 counts[split] += 1
                 writers[split].add(enc)
                 if split == "train":
-                    t = sum(enc.mask[1:])  # the first token is never predicted
-                    trained += t
-                    prompt += len(enc.mask) - t
+                    first_trained += enc.mask[0] if len(enc.mask) else 0
                     train_lengths.append(len(enc.input_ids))
     except tokenize.TemplateError as exc:
         where = _where(scan, exc.index or 0, str(exc))
@@ -298,8 +296,10 @@ def _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts
             problems, hint='raise data.max_length, or set data.overlong = "drop" (the default) or "truncate"',
         )
     tokens = stats.percentiles(lengths)
+    total = files["train"]["tokens"]  # the writer counted them, and every masked-in token
+    trained = files["train"]["trained"] - first_trained
     tokens.update(
-        total=int(sum(train_lengths)), trained_total=trained, prompt_total=prompt,
+        total=total, trained_total=trained, prompt_total=total - trained,
         packing_efficiency=stats.packing_efficiency(train_lengths, data.max_length, data.seed),
         packing_efficiency_gpu=stats.packing_efficiency(
             train_lengths, max(data.max_length, GPU_MICRO_BATCH), data.seed),

@@ -8,6 +8,7 @@ origin, its content length in characters and its canonical size in bytes.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 from array import array
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ def sources(data: DataSpec, base: Path) -> list[Source]:
     for split, patterns in (("train", data.train_list()), ("eval", data.eval_list())):
         files, missing = resolve(patterns, base)
         for pat, full in missing:
-            what = "no file matches the pattern" if any(c in pat for c in "*?[") else "no such file"
+            what = "no file matches the pattern" if glob.has_magic(pat) else "no such file"
             problems.append(Problem(pat, None, f"data.{split}", f"{what} (resolved to {full})"))
         out += [Source(f, _shown(f, base), split) for f in files]
     if problems:
