@@ -1,9 +1,11 @@
 """Where things live on the instance, under `instance.remote_root` (the persistent data disk).
 
     {root}/data/{sha256}/          a prepared dataset, content-addressed (never re-sent)
-        train.jsonl eval.jsonl manifest.json [tokens/...]
+        train.jsonl eval.jsonl dataset.json [tokens/...]   (dataset.json: jobs.protocol.DatasetManifest)
     {root}/bundles/{sha256}/       the worker code (remote_worker + jobs), content-addressed
     {root}/jobs/{job_id}/          one job
+        launch.json                the job's identity, written by the client before it launches
+                                   (jobs.protocol.LaunchRecord): a rerun of submit finds the job by it
         job.json                   the resolved spec the worker runs
         events.jsonl               the event stream (see jobs.events)
         worker.log                 stdout+stderr of the worker
@@ -22,22 +24,57 @@
         guard/                     the guard process (remote_worker.guard), launched like a job:
             run.sh pid state exit_code worker.log   (client.launcher)
             status.json            what the guard is doing or did: waiting, copied, shut down
+        prefetch/                  the model download, launched like a job; result.json (ModelDownload)
+    {root}/submissions/{key}       which job a submission (spec + data) became: one launch per key
+    {root}/.setup/                 set-up's markers (deps-KEY.json: SetupMarker; apt-tmux-failed)
     {root}/hf/                     HF_HOME on the data disk
 
-Any laptop can reattach to a job from this layout alone.
+Any laptop can reattach to a job from this layout alone. This module is the only place a remote
+file name is spelled (tests/test_contract.py checks it); what each file holds is jobs.protocol.
 """
 
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from jobs.spec import JobSpec
 
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # jobs.protocol.FolderManifest, beside an adapter or a checkpoint
+DATASET_MANIFEST = "dataset.json"  # jobs.protocol.DatasetManifest, in a prepared dataset folder
+BATCH_SHAPE = "batch_shape.json"  # jobs.protocol.BatchShape, in a checkpoint
 CHECKPOINT_ADAPTER = "adapter"  # step-N/adapter/: the adapter alone, with its own manifest
+LEASE_PREFIX = "fetching."  # fetching.<token>: a client's lease while it fetches
+WRAPPER = "run.sh"  # the launcher's wrapper script in a job (or guard, prefetch) folder
+WRAPPER_PATH = ".path"  # the PATH the launching shell had
+SETUP_DIR = ".setup"
+APT_FAILED = "apt-tmux-failed"  # in .setup/: apt-get could not install tmux; never tried again
+# The file names of a job folder, for the shell scripts that work inside one (client.launcher,
+# client.follow): they get these from here, never spell them.
+JOB_FILES = {
+    "state": "state",
+    "exit_code": "exit_code",
+    "pid": "pid",
+    "log": "worker.log",
+    "events": "events.jsonl",
+    "launch": "launch.json",
+    "wrapper": WRAPPER,
+    "wrapper_path": WRAPPER_PATH,
+}
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step}"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint folder's name (`step-N`), or None for anything else."""
+    m = _STEP_RE.match(name)
+    return int(m.group(1)) if m else None
 
 
 def layout_for(spec: JobSpec) -> RemoteLayout:
@@ -59,8 +96,19 @@ class RemoteLayout:
     def hf_home(self) -> str:
         return posixpath.join(self.root, "hf")
 
+    @property
+    def jobs_dir(self) -> str:
+        return posixpath.join(self.root, "jobs")
+
     def job(self, job_id: str) -> JobPaths:
         return JobPaths(posixpath.join(self.root, "jobs", job_id))
+
+    def submission(self, key: str) -> str:
+        """`submissions/<key>`: the job id a submission became (one launch per key)."""
+        return posixpath.join(self.root, "submissions", key)
+
+    def setup_file(self, *names: str) -> str:
+        return posixpath.join(self.root, SETUP_DIR, *names)
 
 
 @dataclass(frozen=True)
@@ -70,29 +118,55 @@ class JobPaths:
     def _p(self, *parts: str) -> str:
         return posixpath.join(self.dir, *parts)
 
+    # -- written by the client ------------------------------------------------------------------
     @property
     def spec(self) -> str:
         return self._p("job.json")
 
     @property
+    def launch(self) -> str:
+        return self._p(JOB_FILES["launch"])
+
+    @property
+    def transfer(self) -> str:
+        return self._p("transfer.json")
+
+    @property
+    def fetching(self) -> str:
+        """The lease prefix: the client adds a token of its own (`fetching.<token>`)."""
+        return self._p(LEASE_PREFIX.rstrip("."))
+
+    def lease(self, token: str) -> str:
+        return self._p(LEASE_PREFIX + token)
+
+    @property
+    def fetched(self) -> str:
+        return self._p("fetched.json")
+
+    # -- written by the launcher's wrapper and the worker --------------------------------------
+    @property
+    def wrapper(self) -> str:
+        return self._p(JOB_FILES["wrapper"])
+
+    @property
     def events(self) -> str:
-        return self._p("events.jsonl")
+        return self._p(JOB_FILES["events"])
 
     @property
     def log(self) -> str:
-        return self._p("worker.log")
+        return self._p(JOB_FILES["log"])
 
     @property
     def state(self) -> str:
-        return self._p("state")
+        return self._p(JOB_FILES["state"])
 
     @property
     def exit_code(self) -> str:
-        return self._p("exit_code")
+        return self._p(JOB_FILES["exit_code"])
 
     @property
     def pid(self) -> str:
-        return self._p("pid")
+        return self._p(JOB_FILES["pid"])
 
     @property
     def output(self) -> str:
@@ -107,24 +181,13 @@ class JobPaths:
         return self._p("output", "checkpoints")
 
     def checkpoint(self, step: int) -> str:
-        return self._p("output", "checkpoints", f"step-{step}")
+        return self._p("output", "checkpoints", checkpoint_name(step))
 
     @property
     def reserve(self) -> str:
         return self._p(".reserve")
 
-    @property
-    def transfer(self) -> str:
-        return self._p("transfer.json")
-
-    @property
-    def fetching(self) -> str:
-        return self._p("fetching")
-
-    @property
-    def fetched(self) -> str:
-        return self._p("fetched.json")
-
+    # -- processes launched beside the job, each in a folder laid out like a job's ----------------
     @property
     def guard(self) -> JobPaths:
         """The guard's own folder, laid out like a job's (the launcher starts it the same way)."""
@@ -133,3 +196,12 @@ class JobPaths:
     @property
     def guard_status(self) -> str:
         return self._p("guard", "status.json")
+
+    @property
+    def prefetch(self) -> JobPaths:
+        """The model download's folder, laid out like a job's."""
+        return JobPaths(self._p("prefetch"))
+
+    @property
+    def prefetch_result(self) -> str:
+        return self._p("prefetch", "result.json")

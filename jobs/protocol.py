@@ -1,0 +1,253 @@
+"""Every file that crosses between the laptop and the instance, as a typed model (besides the spec,
+`jobs.spec`, and the event stream, `jobs.events`).
+
+One side writes, the other reads; both go through these models, so a field renamed on one side
+fails the round-trip test (tests/test_protocol.py) instead of a job on a paid GPU. Where a file
+lives is `jobs.layout`'s business; what it holds is this module's.
+
+    file (jobs.layout)          model               written by              read by
+    state                       JobState (text)     worker, wrapper         client, guard (jobs.jobstate)
+    exit_code, pid              int (text)          wrapper                 client, guard
+    launch.json                 LaunchRecord        client (before launch)  client (another laptop, a rerun)
+    fetched.json                FetchAck            client (after verify)   guard
+    fetching.<token>            (mtime only)        client (a lease)        guard
+    transfer.json               TransferSpeed       client                  worker (deadline margin)
+    guard/status.json           GuardStatus         guard                   client
+    checkpoints/step-N/batch_shape.json  BatchShape worker                  worker (on resume)
+    prefetch/result.json        ModelDownload       worker (download)       client
+    .setup/deps-KEY.json        SetupMarker         client                  client (next submit)
+    data/DIGEST/dataset.json    DatasetManifest     client (prepare)        worker
+    .../manifest.json           FolderManifest      worker                  client (jobs.manifest)
+
+Enums, not free strings, for what a program branches on: `JobState`, `GuardPhase`, `StopReason`,
+`CheckpointReason`. Everything the instance writes is untrusted on the laptop: parse it with
+`read_model`, which turns any malformed file into `ProtocolError` instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import Enum
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from jobs.safepath import check_relpath
+
+
+class JobState(str, Enum):
+    """What a job is doing, from `jobs.jobstate.resolve` (the one rule shared by launcher, follower and guard)."""
+
+    LAUNCHING = "launching"  # the laptop wrote launch.json and is starting it
+    STARTING = "starting"  # launched, the worker has not written `running` yet
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    LOST = "lost"  # no outcome and no process: the instance restarted, or the process was killed
+    MISSING = "missing"  # no job folder on the instance
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+    @property
+    def finished(self) -> bool:
+        """Nothing more will happen without a resume: terminal, lost or missing."""
+        return self in _TERMINAL or self in (JobState.LOST, JobState.MISSING)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_TERMINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
+OUTCOMES = tuple(s.value for s in _TERMINAL)  # what the `state` file may end as
+
+
+class StopReason(str, Enum):
+    """Why a `done` job stopped: it ran to the end, or a limit stopped it early (resumable)."""
+
+    COMPLETED = ""
+    DEADLINE = "deadline"
+    MAX_HOURS = "max_hours"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class CheckpointReason(str, Enum):
+    STEPS = "steps"
+    TIMER = "timer"
+    DEADLINE = "deadline"
+    MAX_HOURS = "max_hours"
+    SIGNAL = "signal"
+    UNKNOWN = ""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class GuardPhase(str, Enum):
+    """What the guard (remote_worker.guard) is doing; `guard/status.json` says it."""
+
+    WATCHING = "watching"  # the job runs
+    WAITING = "waiting"  # the job ended: waiting for a fetch, a resume or the grace period
+    EXITED = "exited"  # nothing to do (policy "never"); another job's guard decides
+    SHUTTING_DOWN = "shutting down"
+    SHUT_DOWN = "shut down"
+    SHUTDOWN_FAILED = "shutdown failed"
+    NOT_SHUT_DOWN = "not shut down"  # the default command is unsafe on a host that is not AutoDL
+
+    @property
+    def acted(self) -> bool:
+        """The guard is done deciding: the laptop can report what it did."""
+        return self not in (GuardPhase.WATCHING, GuardPhase.WAITING)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class _File(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=False)
+
+
+class LaunchRecord(_File):
+    """`launch.json`: written by the client before it starts the worker; the instance's own record of
+    the job's identity, so a rerun of `submit` (from any laptop) finds it instead of launching twice."""
+
+    job_id: str
+    name: str
+    submit_key: str = Field(description="sha256 of the spec and the data digest: the same submission")
+    data_digest: str
+    bundle_digest: str
+    job_file: str = ""
+    spec_json: str = Field("", description="the resolved spec, to rebuild a laptop ledger from the instance")
+    at: float = Field(default_factory=time.time)
+
+
+class FetchAck(_File):
+    """`fetched.json`: the laptop holds this adapter, verified. Says nothing about the laptop itself."""
+
+    what: Literal["adapter", "checkpoint"] = "adapter"
+    manifest_sha256: str
+    step: int | None = None
+    at: float = Field(default_factory=time.time)
+
+
+class TransferSpeed(_File):
+    """`transfer.json`: how fast the laptop downloads from this instance (the worker's deadline margin)."""
+
+    bytes_per_s: float = Field(gt=0)
+    bytes: int = 0
+    seconds: float = 0.0
+    at: float = Field(default_factory=time.time)
+
+
+class GuardStatus(_File):
+    """`guard/status.json`."""
+
+    phase: GuardPhase
+    policy: str
+    reason: str = ""
+    message: str = ""
+    shutdown_at: float | None = Field(None, description="unix time it shuts down unless a fetch comes first")
+    copied_to: str | None = None
+    command: str | None = None
+    command_rc: int | None = None
+    t: float = Field(default_factory=time.time)
+
+
+class BatchShape(_File):
+    """`batch_shape.json` in a checkpoint: the micro-batch the run chose (a resume keeps it)."""
+
+    micro_batch_tokens: int = Field(gt=0)
+    gradient_checkpointing: bool
+
+
+class ModelDownload(_File):
+    """`prefetch/result.json`: what the model download on the instance did."""
+
+    ok: bool
+    kind: str = ""  # on failure: "disk", "auth", "network", ...
+    message: str = ""
+    hint: str = ""
+    path: str = ""
+    bytes: int = 0
+    seconds: float = 0.0
+    revision: str = ""
+
+
+class SetupMarker(_File):
+    """`.setup/deps-KEY.json`: this python had the worker's requirements when last checked."""
+
+    python: str
+    executable: str | None = None
+    torch: str | None = None
+    requirements: list[str] = Field(default_factory=list)
+    checked_at: str = ""
+
+
+class ManifestEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("path")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        return check_relpath(v)
+
+
+class FolderManifest(BaseModel):
+    """`manifest.json` beside an adapter or a checkpoint: every other file, sha256 (jobs.manifest)."""
+
+    model_config = ConfigDict(extra="ignore")
+    version: int = 1
+    files: list[ManifestEntry]
+
+
+class DatasetManifest(_File):
+    """`dataset.json` in a prepared dataset folder (client.dataset writes it, remote_worker.data reads it)."""
+
+    format_version: int
+    digest: str
+    created_unix: float = 0.0
+    counts: dict[str, int] = Field(default_factory=dict)
+    max_length: int | None = None
+    overlong: str = ""
+    overlong_applied: bool = False
+    tokenizer_fingerprint: str | None = None
+    tokenizer: dict[str, Any] | None = None
+    tokens: dict[str, Any] = Field(default_factory=dict)
+    report: dict[str, Any] = Field(default_factory=dict)
+
+
+class ProtocolError(ValueError):
+    """A crossing file did not match its model: says which file and what was wrong."""
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_model(model: type[M], text: str | bytes, where: str = "") -> M:
+    """Parse one crossing file; ProtocolError (naming `where`) for anything malformed."""
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": str(exc)}
+        loc = ".".join(str(p) for p in first.get("loc", ())) or "(the whole file)"
+        raise ProtocolError(f"{where or model.__name__}: {loc}: {first.get('msg')}") from None
+
+
+def dump_model(obj: BaseModel) -> str:
+    """The one way a crossing file is written: JSON, one object, newline-terminated."""
+    return json.dumps(obj.model_dump(mode="json"), indent=1, ensure_ascii=False) + "\n"
+
+
+__all__ = [
+    "BatchShape", "CheckpointReason", "DatasetManifest", "FetchAck", "FolderManifest", "GuardPhase",
+    "GuardStatus", "JobState", "LaunchRecord", "ManifestEntry", "ModelDownload", "OUTCOMES", "ProtocolError",
+    "SetupMarker", "StopReason", "TransferSpeed", "dump_model", "read_model",
+]
