@@ -162,7 +162,7 @@ def login(
             os.replace(known_hosts, hostkeys_file)
 
     profile = existing or profiles.Profile(name=name, host=host)
-    changes = {}
+    changes: dict[str, tuple[object, object]] = {}
     for attr, value in (("host", host), ("port", port), ("user", user), ("identity_file", str(key_path))):
         if existing and getattr(existing, attr) != value:
             changes[attr] = (getattr(existing, attr), value)

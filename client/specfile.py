@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import tomllib
 from pydantic import ValidationError
@@ -58,7 +59,7 @@ def load_spec(path: str | Path) -> JobSpec:
 _UNION_TAGS = {"str", "list[str]", "literal['all-linear']", "int", "float", "bool"}
 
 
-def _message(err: dict) -> str:
+def _message(err: Any) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown key (typo? see the example job files for valid keys)"
     if err["type"] == "missing":

@@ -220,7 +220,7 @@ class DatasetManifest(_File):
     overlong_applied: bool = False
     tokenizer_fingerprint: str | None = None
     tokenizer: dict[str, Any] | None = None
-    tokens: dict[str, Any] = Field(default_factory=dict)
+    tokens: dict[str, Any] | None = Field(None, description="the pre-tokenized files, when the laptop had the tokenizer")
     report: dict[str, Any] = Field(default_factory=dict)
 
 

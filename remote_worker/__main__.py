@@ -17,9 +17,11 @@ import os
 import re
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 from jobs.events import EventWriter, Failed
+from jobs.layout import JobPaths
 from jobs.requirements import QLORA_REQUIREMENTS, WORKER_REQUIREMENTS
 from jobs.spec import WorkerJob
 from remote_worker import checkpoints, stopping
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     _set_environment(job)
     write_state(job_dir, "running")
     stopping.install_signal_handlers()
-    events = EventWriter(job_dir / "events.jsonl")
+    events = EventWriter(JobPaths(str(job_dir)).events)
     try:
         # Imported only now: transformers and huggingface_hub read HF_HOME when first imported.
         from remote_worker import recipe
@@ -83,7 +85,7 @@ def _set_environment(job: WorkerJob) -> None:
 
 def _fail(job_dir: Path, exc: BaseException, hint: str, events: EventWriter | None = None) -> int:
     cancelled = isinstance(exc, KeyboardInterrupt)
-    good = checkpoints.complete(job_dir / "output" / "checkpoints")
+    good = checkpoints.complete(Path(JobPaths(str(job_dir)).checkpoints))
     event = Failed(
         error_class=type(exc).__name__,
         message=str(exc) or repr(exc),
@@ -92,7 +94,7 @@ def _fail(job_dir: Path, exc: BaseException, hint: str, events: EventWriter | No
     )
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
-        writer = events or EventWriter(job_dir / "events.jsonl")
+        writer = events or EventWriter(JobPaths(str(job_dir)).events)
         writer.emit(event)
         if events is None:
             writer.close()
@@ -111,7 +113,7 @@ def _fail(job_dir: Path, exc: BaseException, hint: str, events: EventWriter | No
 
 def write_state(job_dir: Path, state: str) -> None:
     """Replace `state` atomically; a `cancelled` written by the launcher is kept."""
-    path = job_dir / "state"
+    path = Path(JobPaths(str(job_dir)).state)
     if state != "running" and path.is_file() and path.read_text().strip() == "cancelled":
         return
     tmp = path.with_name(".state.tmp")
@@ -124,8 +126,8 @@ def write_state(job_dir: Path, state: str) -> None:
 
 def hint_for(exc: BaseException, job: WorkerJob) -> str:
     for e in _chain(exc):
-        if getattr(e, "hint", ""):
-            return e.hint
+        if hint := getattr(e, "hint", ""):
+            return str(hint)
         if _is_cuda_oom(e):
             return oom_hint(job)
         if isinstance(e, ImportError):
@@ -138,18 +140,19 @@ def hint_for(exc: BaseException, job: WorkerJob) -> str:
 
 
 def resume_hint(job: WorkerJob) -> str:
-    good = checkpoints.complete(Path(job.job_dir) / "output" / "checkpoints")
+    good = checkpoints.complete(Path(JobPaths(job.job_dir).checkpoints))
     if not good:
         return "the job was stopped before its first checkpoint; submit it again"
     return f"the job was stopped; continue it from {good[-1].name} with `autodl-run resume {job.job_id}`"
 
 
-def _chain(exc: BaseException):
+def _chain(exc: BaseException) -> Iterator[BaseException]:
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 def _is_cuda_oom(exc: BaseException) -> bool:

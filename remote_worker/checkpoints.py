@@ -15,20 +15,19 @@ Standard library only (no torch).
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobs.layout import CHECKPOINT_ADAPTER, MANIFEST
+from jobs.layout import BATCH_SHAPE, CHECKPOINT_ADAPTER, MANIFEST, JobPaths, checkpoint_name, checkpoint_step
 from jobs.manifest import ManifestError, verify_manifest, write_manifest
+from jobs.protocol import BatchShape, ProtocolError, dump_model, read_model
 from remote_worker import WorkerError
 
 KEEP = 2
 RESERVE_BYTES = 256 * 1024  # ballast freed when the disk fills: room to report it and stop cleanly
 # What the Trainer writes next to the adapter to resume; everything else goes into adapter/.
-BATCH_SHAPE = "batch_shape.json"  # the micro-batch shape the run chose: a resume keeps it, and so its data order
 TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", BATCH_SHAPE)
 
 
@@ -48,29 +47,31 @@ class Finalized:
 
 
 def write_batch_shape(checkpoint: Path, micro_batch_tokens: int, checkpointing: bool) -> None:
-    (checkpoint / BATCH_SHAPE).write_text(
-        json.dumps({"micro_batch_tokens": micro_batch_tokens, "gradient_checkpointing": checkpointing}) + "\n"
-    )
+    shape = BatchShape(micro_batch_tokens=micro_batch_tokens, gradient_checkpointing=checkpointing)
+    (checkpoint / BATCH_SHAPE).write_text(dump_model(shape))
 
 
 def read_batch_shape(checkpoint: Path) -> tuple[int, bool] | None:
     """(micro_batch_tokens, gradient checkpointing) saved with a checkpoint; None for older checkpoints."""
     try:
-        saved = json.loads((checkpoint / BATCH_SHAPE).read_text())
-        return int(saved["micro_batch_tokens"]), bool(saved["gradient_checkpointing"])
-    except (OSError, ValueError, KeyError, TypeError):
+        saved = read_model(BatchShape, (checkpoint / BATCH_SHAPE).read_bytes(), str(checkpoint / BATCH_SHAPE))
+    except (OSError, ProtocolError):
         return None
+    return saved.micro_batch_tokens, saved.gradient_checkpointing
 
 
 def step_of(path: Path) -> int:
-    return int(path.name.split("-", 1)[1])
+    step = checkpoint_step(path.name)
+    if step is None:
+        raise ValueError(f"{path} is not a checkpoint folder")
+    return step
 
 
 def complete(root: Path) -> list[Path]:
     """The `step-N` folders under `root`, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    found = [p for p in root.iterdir() if p.is_dir() and checkpoint_step(p.name) is not None]
     return sorted(found, key=step_of)
 
 
@@ -92,10 +93,10 @@ def finalize(written: Path, step: int) -> Finalized:
     adapter_sha = write_manifest(adapter)
     sha = write_manifest(written)
     _fsync_dir(written)
-    final = written.with_name(f"step-{step}")
+    final = written.with_name(checkpoint_name(step))
     old = None
     if final.exists():  # saved again at the same step (a resumed run stopped at once)
-        old = final.with_name(f".step-{step}.old")
+        old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     written.rename(final)
@@ -153,7 +154,7 @@ def _fsync_dir(path: Path) -> None:
 
 def make_reserve(job_dir: Path, size: int = RESERVE_BYTES) -> None:
     """Write the ballast file (real blocks, not a sparse file). Skipped silently where it does not fit."""
-    path = job_dir / ".reserve"
+    path = Path(JobPaths(str(job_dir)).reserve)
     if path.is_file() and path.stat().st_size >= size:
         return
     try:
@@ -167,7 +168,7 @@ def make_reserve(job_dir: Path, size: int = RESERVE_BYTES) -> None:
 
 def release_reserve(job_dir: Path) -> None:
     try:
-        (job_dir / ".reserve").unlink()
+        (Path(JobPaths(str(job_dir)).reserve)).unlink()
     except OSError:
         pass
 

@@ -51,7 +51,8 @@ import numpy as np
 import torch
 
 from jobs import tokenize
-from jobs.layout import MANIFEST
+from jobs.layout import DATASET_MANIFEST
+from jobs.protocol import DatasetManifest, ProtocolError, read_model
 from jobs.spec import TrainSpec
 from remote_worker import DataError
 
@@ -115,10 +116,13 @@ def read_records(path: Path) -> list[dict]:
 
 def _pretokenized(data_dir: Path, split: str, tokenizer, max_length: int) -> list[Seq] | None:
     """The prepared ids, when they were made by this very tokenizer and fit max_length."""
-    manifest_path = data_dir / MANIFEST
+    manifest_path = data_dir / DATASET_MANIFEST
     if not manifest_path.is_file():
         return None
-    wanted = json.loads(manifest_path.read_text(encoding="utf-8")).get("tokenizer_fingerprint")
+    try:
+        wanted = read_model(DatasetManifest, manifest_path.read_bytes(), str(manifest_path)).tokenizer_fingerprint
+    except ProtocolError:
+        return None  # tokenize again: the ids may not be what they say
     if not wanted or wanted != tokenize.tokenizer_fingerprint(tokenizer):
         return None
     ids, offsets, mask = tokenize.load_tokenized(data_dir, split)
@@ -217,9 +221,9 @@ def packed_row(seqs: Sequence[Seq], pad_to: int = 0, pad_id: int = 0, varlen: bo
 def padded_rows(seqs: Sequence[Seq], pad_id: int) -> dict[str, torch.Tensor]:
     """One sequence a row, right-padded to the longest, with attention_mask and -100 labels on pads."""
     width = max(len(s.ids) for s in seqs)
-    ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    labels = np.full((len(seqs), width), IGNORE, dtype=np.int64)
-    attention = np.zeros((len(seqs), width), dtype=np.int64)
+    ids: np.ndarray = np.full((len(seqs), width), pad_id, dtype=np.int64)
+    labels: np.ndarray = np.full((len(seqs), width), IGNORE, dtype=np.int64)
+    attention: np.ndarray = np.zeros((len(seqs), width), dtype=np.int64)
     for row, s in enumerate(seqs):
         n = len(s.ids)
         ids[row, :n] = s.ids

@@ -33,6 +33,7 @@ Never losing the work (remote_worker.checkpoints, remote_worker.stopping):
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import time
@@ -49,6 +50,7 @@ from transformers import (
 )
 
 from jobs.events import Done, EventWriter, Phase
+from jobs.layout import JobPaths
 from jobs.manifest import write_manifest
 from jobs.spec import JobSpec, WorkerJob
 from remote_worker import DataError, ModelNotFound, calibrate, checkpoints, data, fast, stopping
@@ -69,7 +71,7 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
 
     # 0. What an earlier run of this job left: half-written checkpoints go; the newest complete one is resumed.
     set_seed(spec.train.seed)  # LoRA's initial weights too: every run of a job starts the same
-    checkpoint_root = job_dir / "output" / "checkpoints"
+    checkpoint_root = Path(JobPaths(str(job_dir)).checkpoints)
     checkpoints.remove_partials(checkpoint_root)
     damaged: list[str] = []
     resume_from = checkpoints.latest_verified(checkpoint_root, log=damaged.append)
@@ -123,11 +125,13 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
     grad_accum = data.grad_accum(spec.train, micro_batch_tokens)
     # On CUDA, packed rows are filled to a constant length: same-shape steps run faster (data.py).
     pad_to = micro_batch_tokens if machine.device == "cuda" else 0
-    batching = dict(micro_batch_tokens=micro_batch_tokens, packing=spec.train.packing, pad_to=pad_to)
-    train_set = data.MicroBatches(train_split.sequences, pad_id=pad_id, seed=spec.train.seed, **batching)
+    batching = functools.partial(
+        data.MicroBatches, micro_batch_tokens=micro_batch_tokens, packing=spec.train.packing, pad_to=pad_to
+    )
+    train_set = batching(train_split.sequences, pad_id=pad_id, seed=spec.train.seed)
     eval_set = None
     if eval_split.sequences:
-        eval_set = data.MicroBatches(eval_split.sequences, pad_id=pad_id, **batching)
+        eval_set = batching(eval_split.sequences, pad_id=pad_id)
     paths.configure(train_set, eval_set)
     phase(
         "batching",
@@ -179,7 +183,7 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
             f"from {resume_from.name}: the global step, optimizer, LR schedule, data order and RNG continue",
         )
     phase("training")
-    adapter_dir = job_dir / "output" / "adapter"
+    adapter_dir = Path(JobPaths(str(job_dir)).adapter)
     try:
         stopping.arm()  # from here a first SIGTERM/SIGINT saves a checkpoint and stops
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from is not None else None)
@@ -353,7 +357,7 @@ def lora_config(spec: JobSpec) -> LoraConfig:
 def training_arguments(spec: JobSpec, job_dir: Path, machine: Probe, grad_accum: int, has_eval: bool):
     t = spec.train
     return TrainingArguments(
-        output_dir=str(job_dir / "output" / "checkpoints"),
+        output_dir=JobPaths(str(job_dir)).checkpoints,
         per_device_train_batch_size=1,  # an item is a whole micro-batch already
         per_device_eval_batch_size=1,
         gradient_accumulation_steps=grad_accum,

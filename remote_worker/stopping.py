@@ -17,12 +17,14 @@ Standard library only (no torch), so it is easy to test.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from jobs.layout import JobPaths
+from jobs.protocol import ProtocolError, TransferSpeed, read_model
 
 # Kept free on top of the estimate; AUTODL_RUN_DEADLINE_SAFETY_S overrides it (tests use a few seconds).
 SAFETY_S = 60.0
@@ -112,10 +114,9 @@ class Stopper:
         if self.job_dir is not None and now - self._bps_read_at >= TRANSFER_REREAD_S:
             self._bps_read_at = now
             try:
-                bps = float(json.loads((self.job_dir / "transfer.json").read_text())["bytes_per_s"])
-                if bps > 0:
-                    self._bps = bps
-            except (OSError, ValueError, KeyError, TypeError):
+                path = JobPaths(str(self.job_dir)).transfer
+                self._bps = read_model(TransferSpeed, Path(path).read_bytes(), path).bytes_per_s
+            except (OSError, ProtocolError):
                 pass
         return self._bps or DEFAULT_TRANSFER_BPS
 

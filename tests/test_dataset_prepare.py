@@ -13,6 +13,7 @@ from rich.console import Console
 
 from client.dataset import check, prepare, render_examples, render_report
 from client.errors import DatasetError
+from jobs.layout import DATASET_MANIFEST
 from jobs.tokenize import encode, load_tokenized, tokenizer_fingerprint
 
 REPORT_KEYS = {
@@ -109,7 +110,7 @@ def test_content_address_and_reuse(tmp_path):
         {first.digest, other.digest}
     )
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp")]
-    manifest = json.loads((first.dir / "manifest.json").read_text())
+    manifest = json.loads((first.dir / DATASET_MANIFEST).read_text())
     assert manifest["digest"] == first.digest and manifest["counts"] == {"train": 2, "eval": 0}
     assert manifest["tokenizer_fingerprint"] is None
 
@@ -138,7 +139,7 @@ def test_report_with_tokenizer(tmp_path, tok):
         e.input_ids for e in encs
     ]
     assert mask.tolist() == [m for e in encs for m in e.mask]
-    manifest = json.loads((p.dir / "manifest.json").read_text())
+    manifest = json.loads((p.dir / DATASET_MANIFEST).read_text())
     assert manifest["tokenizer_fingerprint"] == tokenizer_fingerprint(tok)
     assert manifest["tokens"]["train"]["sequences"] == 3
 

@@ -13,6 +13,8 @@ pytest.importorskip("peft")
 from tinymodel import load_tokenizer, make_model  # noqa: E402
 
 from jobs import tokenize  # noqa: E402
+from jobs.layout import DATASET_MANIFEST  # noqa: E402
+from jobs.protocol import DatasetManifest, dump_model  # noqa: E402
 from jobs.spec import JobSpec, TrainSpec  # noqa: E402
 from remote_worker import data, recipe  # noqa: E402
 from remote_worker.probe import Probe  # noqa: E402
@@ -209,15 +211,18 @@ def _write_split(tmp_path, records):
 def test_pretokenized_ids_are_used_only_for_the_same_tokenizer(tmp_path, tokenizer, sequences):
     _write_split(tmp_path, RECORDS)
     tokenize.write_tokenized(tmp_path, "train", (tokenize.encode(tokenizer, r, 256, "drop") for r in RECORDS))
-    manifest = {"tokenizer_fingerprint": tokenize.tokenizer_fingerprint(tokenizer)}
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    manifest = DatasetManifest(
+        format_version=1, digest="d", tokenizer_fingerprint=tokenize.tokenizer_fingerprint(tokenizer)
+    )
+    (tmp_path / DATASET_MANIFEST).write_text(dump_model(manifest))
 
     pre = data.load_split(tmp_path, "train", tokenizer, 256, "drop")
     assert pre.source == "pre-tokenized"
     assert [s.ids.tolist() for s in pre.sequences] == [s.ids.tolist() for s in sequences]
     assert [s.mask.tolist() for s in pre.sequences] == [s.mask.tolist() for s in sequences]
 
-    (tmp_path / "manifest.json").write_text(json.dumps({"tokenizer_fingerprint": "another tokenizer"}))
+    manifest.tokenizer_fingerprint = "another tokenizer"
+    (tmp_path / DATASET_MANIFEST).write_text(dump_model(manifest))
     again = data.load_split(tmp_path, "train", tokenizer, 256, "drop")
     assert again.source == "tokenized"
     assert [s.ids.tolist() for s in again.sequences] == [s.ids.tolist() for s in sequences]

@@ -2,7 +2,7 @@
 
     resolve files -> find the tokenizer -> input key (reuse?) -> pass 1: read, validate,
     normalize, dedupe into a temporary all.jsonl -> choose the eval split -> pass 2: tokenize,
-    apply data.overlong, write train.jsonl / eval.jsonl / tokens/* -> digest -> manifest.json
+    apply data.overlong, write train.jsonl / eval.jsonl / tokens/* -> digest -> dataset.json
     -> rename the temporary folder to out_root/{digest}
 
 The folder name is the sha256 of its content (train and eval lines, max_length, overlong and
@@ -34,13 +34,14 @@ from client.dataset.scan import Scan, Source, sources
 from client.dataset.tokens import find_tokenizer
 from client.errors import DatasetError, Problem
 from jobs import tokenize
-from jobs.layout import MANIFEST
+from jobs.layout import DATASET_MANIFEST
+from jobs.protocol import DatasetManifest, ProtocolError, dump_model, read_model
 from jobs.spec import DataSpec, JobSpec
 
 try:
     from orjson import loads as _loads
 except ImportError:  # pragma: no cover
-    from json import loads as _loads
+    from json import loads as _loads  # type: ignore[assignment]
 
 FORMAT_VERSION = 1
 # What prepared data depends on besides its input files: every data.* setting.
@@ -114,13 +115,13 @@ def prepare(spec: JobSpec, job_file: Path, out_root: Path, *, tokenizer: Any = "
             output=str(final / "train.jsonl"), dir=str(final), digest=digest, reused=False,
             seconds={"read": round(t1 - t0, 3), "write": round(time.perf_counter() - t1, 3)},
         )
-        manifest = {
-            "format_version": FORMAT_VERSION, "digest": digest, "created_unix": time.time(),
-            "counts": out["counts"], "max_length": spec.data.max_length, "overlong": spec.data.overlong,
-            "overlong_applied": tok is not None, "tokenizer_fingerprint": fingerprint,
-            "tokenizer": report["tokenizer"], "tokens": out["token_files"], "report": report,
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False), encoding="utf-8")
+        manifest = DatasetManifest(
+            format_version=FORMAT_VERSION, digest=digest, created_unix=time.time(),
+            counts=out["counts"], max_length=spec.data.max_length, overlong=spec.data.overlong,
+            overlong_applied=tok is not None, tokenizer_fingerprint=fingerprint,
+            tokenizer=report["tokenizer"], tokens=out["token_files"], report=report,
+        )  # fmt: skip
+        (tmp / DATASET_MANIFEST).write_text(dump_model(manifest), encoding="utf-8")
         _publish(tmp, final)
         _remember(out_root, key, digest)
         return Prepared(final, digest, report, False, tok)
@@ -155,10 +156,11 @@ def input_key(srcs: list[Source], data: DataSpec, fingerprint: str | None) -> st
 def _reuse(out_root: Path, key: str, tok: Any, tinfo: dict) -> Prepared | None:
     try:
         digest = (out_root / ".inputs" / key).read_text().strip()
-        manifest = json.loads((out_root / digest / MANIFEST).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        path = out_root / digest / DATASET_MANIFEST
+        manifest = read_model(DatasetManifest, path.read_bytes(), str(path))
+    except (OSError, ProtocolError):
         return None
-    report = manifest["report"]
+    report = manifest.report
     report["reused"] = True
     if tok is not None:
         report["tokenizer"] = tinfo  # the same identity, perhaps found another way this time
@@ -174,14 +176,14 @@ def _remember(out_root: Path, key: str, digest: str) -> None:
 
 
 def _publish(tmp: Path, final: Path) -> None:
-    if (final / MANIFEST).exists():
+    if (final / DATASET_MANIFEST).exists():
         return  # the same content is there already (the caller removes tmp)
     if final.exists():
         shutil.rmtree(final)  # a leftover without a manifest is not trusted
     try:
         os.rename(tmp, final)
     except OSError:
-        if not (final / MANIFEST).exists():
+        if not (final / DATASET_MANIFEST).exists():
             raise
 
 
@@ -264,6 +266,7 @@ def _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts
             records = (_loads(line) for line in again)
             encoded = tokenize.encode_many(tok, records, data.max_length, "keep", workers)
             for i, (line, enc) in enumerate(zip(lines, encoded, strict=True)):
+                assert enc is not None  # "keep" never drops a record
                 lengths.append(enc.full_length)
                 if enc.overlong:
                     over["count"] += 1
@@ -271,10 +274,11 @@ def _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts
                         problems.append(_where(scan, i, f"{enc.full_length} tokens, over data.max_length = "
                                                         f"{data.max_length}"))
                         continue
-                    enc = tokenize.apply_overlong(enc, data.max_length, data.overlong)
-                    if enc is None:
+                    limited = tokenize.apply_overlong(enc, data.max_length, data.overlong)
+                    if limited is None:
                         over["dropped"] += 1
                         continue
+                    enc = limited
                     over["truncated"] += 1
                 split = names[flags[i]]
                 outs[split].write(line)

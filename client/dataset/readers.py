@@ -12,17 +12,17 @@ from __future__ import annotations
 import csv
 import glob
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 try:
     import orjson
 
-    _loads = orjson.loads
+    _loads: Callable[[str | bytes], Any] = orjson.loads
     _JSONError: tuple[type[Exception], ...] = (orjson.JSONDecodeError, ValueError)
 except ImportError:  # pragma: no cover - orjson is optional
-    orjson = None
+    orjson = None  # type: ignore[assignment]
     _loads = json.loads
     _JSONError = (ValueError,)
 

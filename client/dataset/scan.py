@@ -13,7 +13,7 @@ import hashlib
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from client.dataset import formats
 from client.dataset.readers import FileError, read_rows, resolve
@@ -104,7 +104,7 @@ class Scan:
 
     def _file(self, index: int, src: Source, sink: IO[bytes] | None, seen: set[bytes]) -> dict:
         data = self.data
-        info = {"file": src.shown, "split": src.split, "type": None, "format": None,
+        info: dict[str, Any] = {"file": src.shown, "split": src.split, "type": None, "format": None,
                 "rows": 0, "invalid": 0, "duplicates": 0, "records": 0}
         try:
             info["type"] = src.path.suffix.lower().lstrip(".")

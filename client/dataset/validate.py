@@ -10,7 +10,7 @@ which is dropped.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal, overload
 
 ROLES = {
     "system": "system",
@@ -37,6 +37,10 @@ def type_name(value: Any) -> str:
     )
 
 
+@overload
+def text(obj: dict, key: str, shown: str, required: Literal[True] = ...) -> str: ...
+@overload
+def text(obj: dict, key: str, shown: str, required: bool) -> str | None: ...
 def text(obj: dict, key: str, shown: str, required: bool = True) -> str | None:
     """A string field, trailing whitespace trimmed. None when optional and absent/empty."""
     value = obj.get(key)

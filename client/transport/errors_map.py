@@ -134,7 +134,7 @@ def from_exception(exc: BaseException, t: SshTarget) -> TransportError:
     if isinstance(exc, paramiko.AuthenticationException):
         return auth_error(t, str(exc))
     if isinstance(exc, NoValidConnectionsError):
-        causes = sorted({e.strerror or str(e) for e in exc.errors.values()})
+        causes = sorted({getattr(e, "strerror", None) or str(e) for e in exc.errors.values()})
         return connect_error(t, "; ".join(causes))
     if isinstance(exc, socket.gaierror):
         return connect_error(t, f"cannot resolve the host name ({exc.strerror or exc})")
