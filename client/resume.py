@@ -36,7 +36,7 @@ from client.sync import remote_exists, sync_dir
 from client.tail import status_progress
 from client.transport import connect
 from client.transport.base import Transport
-from jobs.layout import MANIFEST, RemoteLayout, layout_for
+from jobs.layout import DATASET_MANIFEST, MANIFEST, RemoteLayout, layout_for
 from jobs.manifest import ManifestError, verify_manifest
 from jobs.spec import InstanceSpec, JobSpec
 
@@ -242,14 +242,14 @@ def _prepare_and_launch(
     Returns the worker bundle's digest.
     """
     digest = record.data_digest
-    if not remote_exists(transport, layout.data_dir(digest) + "/" + MANIFEST):
+    if not remote_exists(transport, layout.data_dir(digest) + "/" + DATASET_MANIFEST):
         prepared = dataset.prepare(spec, Path(record.job_file), home() / "prepared")
         if prepared.digest != digest:
             raise JobError(
                 f"the dataset of {record.id} changed since it was submitted ({digest[:12]} -> {prepared.digest[:12]})",
                 hint="resuming needs the same data; submit the job again to train on the new data",
             )
-        sync_dir(transport, prepared.dir, layout.data_dir(digest), marker=MANIFEST)
+        sync_dir(transport, prepared.dir, layout.data_dir(digest), marker=DATASET_MANIFEST)
         log("  data uploaded")
     bundle_digest, _ = sync_bundle(transport, layout)
     ensure_worker_deps(transport, spec, log=log)

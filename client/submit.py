@@ -30,7 +30,7 @@ from client.specfile import load_spec
 from client.sync import sync_dir
 from client.transport import connect
 from client.transport.base import Transport
-from jobs.layout import MANIFEST, JobPaths, RemoteLayout, layout_for
+from jobs.layout import DATASET_MANIFEST, JobPaths, RemoteLayout, layout_for
 from jobs.spec import JobSpec, WorkerJob
 
 Log = Callable[[str], None]
@@ -220,7 +220,7 @@ def sync_worker(
 
     Returns (data sent, bundle digest, bundle sent).
     """
-    data_sent = sync_dir(transport, data_dir, layout.data_dir(digest), marker=MANIFEST)
+    data_sent = sync_dir(transport, data_dir, layout.data_dir(digest), marker=DATASET_MANIFEST)
     bundle_digest, bundle_sent = sync_bundle(transport, layout)
     log(
         f"  data {'uploaded' if data_sent else 'already on the instance'}, "
