@@ -174,6 +174,7 @@ def status(job: JobId = None, as_json: JsonOpt = False) -> None:
     """Show where a job stands (asks the instance once)."""
     from client.render import fmt_duration
     from client.tail import status as do_status
+    from client.untrusted_text import shown  # what the instance wrote: no control characters, no markup
 
     ledger = Ledger()
     info = do_status(ledger.get(job), ledger)
@@ -186,7 +187,7 @@ def status(job: JobId = None, as_json: JsonOpt = False) -> None:
     t.add_row("job", info["id"])
     t.add_row("instance", info["instance"])
     t.add_row("state", info["state"])
-    t.add_row("phase", info["phase"])
+    t.add_row("phase", escape(shown(info["phase"])))
     if info["total_steps"]:
         t.add_row("step", f"{info['step']}/{info['total_steps']}")
     if info["loss"] is not None:
@@ -199,13 +200,15 @@ def status(job: JobId = None, as_json: JsonOpt = False) -> None:
     if info["spent"] is not None:
         t.add_row("spend", f"{info['spent']:.2f} {info['currency']} (projected {info['projected']:.2f})")
     if info["error"]:
-        t.add_row("error", escape(f"{info['error']['error_class']}: {info['error']['message']}"))
+        t.add_row("error", escape(shown(f"{info['error']['error_class']}: {info['error']['message']}")))
     if info.get("checkpoint"):
-        t.add_row("checkpoint", escape(f"step {info['checkpoint']['step']}: {info['checkpoint']['path']}"))
+        t.add_row("checkpoint", escape(shown(f"step {info['checkpoint']['step']}: {info['checkpoint']['path']}")))
     if info["fetched_to"]:
         t.add_row("fetched to", info["fetched_to"])
     if info.get("guard"):
-        t.add_row("guard", escape(info["guard"]))
+        t.add_row("guard", escape(shown(info["guard"])))
+    if info.get("warning"):
+        t.add_row("warning", escape(shown(info["warning"])))
     console.print(t)
 
 

@@ -8,6 +8,7 @@
     │   ├── AuthError              authentication refused
     │   ├── HostKeyError           the instance's host key changed since it was pinned
     │   ├── RemoteCommandError     a command exited non-zero (command, exit code, last lines of stderr)
+    │   ├── CommandTimedOut        a command ran past its timeout (carries its partial output)
     │   └── TransferError          rsync/sftp failed
     ├── RemoteEnvError             the instance lacks something (a Python package, disk space, tmux)
     ├── JobError                   a job is unknown, failed, or in the wrong state
@@ -92,6 +93,17 @@ class RemoteCommandError(TransportError):
         if tail:
             msg += "\n" + "\n".join("  | " + ln for ln in tail.splitlines())
         super().__init__(msg, hint)
+
+
+class CommandTimedOut(TransportError):
+    """A command ran past its timeout and was stopped; `result` (a client.transport.base.Result with
+    exited = -1) holds what it printed until then."""
+
+    def __init__(self, result, timeout: float, where: str = "", hint: str = ""):
+        self.result = result
+        self.command, self.stdout, self.stderr = result.command, result.stdout, result.stderr
+        self.timeout = timeout
+        super().__init__(f"command timed out after {timeout:g} s{' on ' + where if where else ''}: {result.command}", hint)
 
 
 class TransferError(TransportError):

@@ -1,86 +1,123 @@
 """Follow a job on its instance: read new bytes of a file from an offset, plus the job's state.
 
-Each poll is one remote round trip that prints the state, the exit code, whether the worker is
-alive, and then the file's bytes from `offset`. Only complete lines are consumed, and the
-offset only moves past them, so a dropped connection loses or repeats nothing: the follower
-reconnects with backoff and asks again from the same byte.
+Each poll is one remote round trip that prints the job folder's facts (for jobs.jobstate.resolve)
+and then the file's bytes from `offset`. Only complete lines are consumed, and the offset moves by
+exactly their bytes, so a dropped connection loses or repeats nothing: the follower reconnects with
+backoff and asks again from the same byte.
+
+What the instance wrote is data, not trusted: a line longer than jobs.events.MAX_LINE is skipped
+whole (across as many polls as it takes) and counted, a file that is not a regular file (a FIFO
+would block the read forever) is not read, and every read has a timeout, which counts as a dropped
+connection.
 """
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from client.errors import JobError, RemoteCommandError, TransportError
 from client.transport.base import Transport
-from jobs.events import split_complete
-from jobs.layout import JobPaths
+from jobs.events import MAX_LINE, split_complete
+from jobs.jobstate import parse_exit_code, resolve
+from jobs.layout import JOB_FILES, JobPaths
+from jobs.protocol import JobState
 
-CHUNK = 1 << 20  # at most this many bytes a poll, so a long backlog streams in pieces
-TERMINAL_STATES = ("done", "failed", "cancelled")
+CHUNK = MAX_LINE + 1  # at most this many bytes a poll (the longest line and its newline)
+POLL_TIMEOUT_S = 60.0  # one poll reads at most CHUNK bytes; a slower read counts as a dropped link
+NOT_REGULAR = "not a regular file"
 
+# Header lines: the folder exists, first line of state, exit_code, a pid is recorded, it runs,
+# launch.json exists, what the file to read is; then the file's bytes. Every read is of a regular
+# file and bounded, so no file on the instance can make it hang or flood the header.
 _POLL = r"""
-cd "$1" 2>/dev/null || { printf 'missing\n\n0\n'; exit 0; }
-s=$(cat state 2>/dev/null); e=$(cat exit_code 2>/dev/null); a=1
-# alive unless a recorded pid is gone (no pid file yet: still starting)
-p=$(cat pid 2>/dev/null) && [ -n "$p" ] && ! kill -0 "$p" 2>/dev/null && a=0
-printf '%s\n%s\n%s\n' "$s" "$e" "$a"
-tail -c +"$2" "$3" 2>/dev/null | head -c "$4"
+first() { [ -f "$1" ] && head -c 64 -- "$1" 2>/dev/null | head -n 1 | tr -d '\r\000'; }
+cd "$1" 2>/dev/null || { printf '0\n\n\n0\n0\n0\nabsent\n'; exit 0; }
+s=$(first @state@); e=$(first @exit_code@); p=$(first @pid@); a=0; hp=0; l=0; f=absent
+[ -n "$p" ] && hp=1 && kill -0 "$p" 2>/dev/null && a=1
+[ -f @launch@ ] && l=1
+if [ -f "$3" ]; then f=file; elif [ -e "$3" ]; then f=other; fi
+printf '1\n%s\n%s\n%s\n%s\n%s\n%s\n' "$s" "$e" "$hp" "$a" "$l" "$f"
+[ "$f" = file ] && tail -c +"$2" -- "$3" 2>/dev/null | head -c "$4"
+exit 0
 """
+for _key, _name in JOB_FILES.items():
+    _POLL = _POLL.replace(f"@{_key}@", shlex.quote(_name))
+_HEADER_LINES = 7
 
 
 @dataclass
-class JobState:
-    state: str  # running | done | failed | cancelled | lost | missing
+class JobStatus:
+    state: JobState  # jobs.jobstate.resolve
     exit_code: int | None
     alive: bool
 
     @property
     def finished(self) -> bool:
-        return self.state in TERMINAL_STATES or self.state in ("lost", "missing")
-
-
-def _resolve_state(state: str, exit_code: int | None, alive: bool, started: bool) -> str:
-    if state in TERMINAL_STATES or state == "missing":
-        return state
-    if exit_code is not None:
-        # The process ended without the worker recording an outcome: a crash (OOM killer, SIGKILL).
-        return "done" if exit_code == 0 and state == "done" else "failed"
-    if not alive and started and state == "running":
-        return "lost"
-    return state or "starting"
+        return self.state.finished
 
 
 @dataclass
 class Poll:
-    state: JobState
+    state: JobStatus
     lines: list[bytes] = field(default_factory=list)
     more: bool = False  # the file had more bytes than one chunk
+    skipping: bool = False  # inside a line over MAX_LINE bytes: the next poll goes on skipping it
+    skipped: int = 0  # lines over MAX_LINE bytes this poll started to skip
+    problem: str = ""  # why the file was not read (it is not a regular file)
 
 
-def poll_once(transport: Transport, paths: JobPaths, filename: str, offset: int) -> tuple[Poll, int]:
-    """One round trip: the job's state and the complete lines of `filename` after `offset`."""
+def poll_once(
+    transport: Transport,
+    paths: JobPaths,
+    filename: str,
+    offset: int,
+    *,
+    skipping: bool = False,
+    timeout: float = POLL_TIMEOUT_S,
+) -> tuple[Poll, int]:
+    """One round trip: the job's state and the complete lines of `filename` after `offset`.
+
+    `skipping`: the bytes at `offset` continue a too-long line (the last Poll's `skipping`)."""
     res = transport.run(
-        ["bash", "-c", _POLL, "_", paths.dir, str(offset + 1), filename, str(CHUNK)], check=False
+        ["bash", "-c", _POLL, "_", paths.dir, str(offset + 1), filename, str(CHUNK)],
+        check=False,
+        timeout=timeout,
     )
     if not res.ok:
         raise RemoteCommandError(res.command, res.exited, res.stdout, res.stderr, transport.where)
-    head, _, body = _split_header(res.stdout)
-    state, code, alive = head
-    exit_code = int(code) if code.strip().lstrip("-").isdigit() else None
-    raw = body.encode("utf-8", errors="surrogateescape")
-    lines, rest = split_complete(raw)
-    consumed = len(raw) - len(rest)
-    js = JobState(_resolve_state(state, exit_code, alive == "1", offset + consumed > 0), exit_code, alive == "1")
-    return Poll(js, lines, more=len(raw) >= CHUNK), offset + consumed
-
-
-def _split_header(out: str) -> tuple[tuple[str, str, str], str, str]:
-    parts = out.split("\n", 3)
-    while len(parts) < 4:
-        parts.append("")
-    return (parts[0], parts[1], parts[2]), "", parts[3]
+    parts = res.stdout_bytes.split(b"\n", _HEADER_LINES)
+    parts += [b""] * (_HEADER_LINES + 1 - len(parts))
+    exists, state, code, has_pid, alive, launching, kind = (p.decode(errors="replace") for p in parts[:-1])
+    body = parts[-1]
+    exit_code = parse_exit_code(code)
+    status = JobStatus(
+        resolve(
+            state, exit_code, alive == "1", exists=exists == "1", has_pid=has_pid == "1", launching=launching == "1"
+        ),
+        exit_code,
+        alive == "1",
+    )
+    poll = Poll(status, more=len(body) >= CHUNK)
+    if kind == "other":
+        poll.problem = f"{filename} in {paths.dir} on {transport.where} is {NOT_REGULAR}: not read"
+        return poll, offset
+    consumed = 0
+    if skipping:
+        end = body.find(b"\n")
+        if end < 0:  # the long line goes on past this chunk
+            poll.skipping = True
+            return poll, offset + len(body)
+        consumed = end + 1
+    lines, rest = split_complete(body[consumed:])
+    consumed = len(body) - len(rest)
+    if len(rest) > MAX_LINE:  # a whole chunk without a newline: too long to be a line, skip it
+        poll.skipping, poll.skipped = True, 1
+        consumed = len(body)
+    poll.lines = lines
+    return poll, offset + consumed
 
 
 @dataclass
@@ -90,8 +127,16 @@ class Reconnecting:
     wait_s: float
 
 
+@dataclass
+class Skipped:
+    """Lines the follower dropped unread: longer than jobs.events.MAX_LINE bytes, or the file not readable."""
+
+    lines: int = 0
+    problem: str = ""
+
+
 class Follower:
-    """Yields lists of new lines, `Reconnecting` notices, and finally the terminal `JobState`."""
+    """Yields lists of new lines, `Reconnecting` and `Skipped` notices, and finally the terminal `JobStatus`."""
 
     def __init__(
         self,
@@ -102,34 +147,42 @@ class Follower:
         offset: int = 0,
         poll_s: float = 1.0,
         reconnect_timeout_s: float = 900.0,
+        poll_timeout_s: float = POLL_TIMEOUT_S,
         sleep: Callable[[float], None] = time.sleep,
     ):
         self._connect = connect
         self.paths = paths
         self.filename = filename
         self.offset = offset
+        self.skipping = False
         self.poll_s = poll_s
         self.reconnect_timeout_s = reconnect_timeout_s
+        self.poll_timeout_s = poll_timeout_s
         self._sleep = sleep
         self._transport: Transport | None = None
 
     def _poll(self) -> Poll:
         if self._transport is None:
             self._transport = self._connect()
-        poll, self.offset = poll_once(self._transport, self.paths, self.filename, self.offset)
+        poll, self.offset = poll_once(
+            self._transport, self.paths, self.filename, self.offset,
+            skipping=self.skipping, timeout=self.poll_timeout_s,
+        )  # fmt: skip
+        self.skipping = poll.skipping
         return poll
 
-    def __iter__(self) -> Iterator[list[bytes] | Reconnecting | JobState]:
+    def __iter__(self) -> Iterator[list[bytes] | Reconnecting | Skipped | JobStatus]:
         down_since: float | None = None
         attempt = 0
         suspect_lost = False
+        problem = ""
         while True:
             try:
                 poll = self._poll()
             except TransportError as exc:
                 if isinstance(exc, RemoteCommandError) and exc.exited != -1:
                     raise
-                self._drop()
+                self._drop()  # a timed-out read (CommandTimedOut) too: the link may be wedged
                 now = time.monotonic()
                 down_since = down_since or now
                 if now - down_since > self.reconnect_timeout_s:
@@ -144,13 +197,16 @@ class Follower:
                 continue
             if down_since is not None:
                 down_since, attempt = None, 0
+            if poll.skipped or (poll.problem and poll.problem != problem):
+                problem = poll.problem
+                yield Skipped(poll.skipped, poll.problem)
             if poll.lines:
                 yield poll.lines
             if poll.more:
                 continue
             if poll.state.finished:
                 # The pid can vanish a moment before the launcher writes the exit code: confirm `lost`.
-                if poll.state.state != "lost" or suspect_lost:
+                if poll.state.state is not JobState.LOST or suspect_lost:
                     yield poll.state
                     return
                 suspect_lost = True

@@ -1,7 +1,12 @@
-"""Turn the event stream into what a person reads: a live panel on a terminal, plain lines otherwise."""
+"""Turn the event stream into what a person reads: a live panel on a terminal, plain lines otherwise.
+
+Every string an event carries came from the instance: it goes through client.untrusted_text.shown
+and into the panel as rich `Text`, so no escape sequence reaches the terminal and no markup renders.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -12,11 +17,12 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from client.untrusted_text import shown
 from jobs import events as ev
 
 
 def fmt_duration(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds < 0:
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return "-"
     s = int(seconds)
     h, rem = divmod(s, 3600)
@@ -50,6 +56,26 @@ class Progress:
     _run_start: float | None = None
     _run_last: float | None = None
     _run_ended: bool = False
+    skipped: int = 0  # event lines that were not events (unreadable, unknown, too long)
+    problem: str = ""  # why the event file could not be read at all
+
+    def feed(self, line: bytes) -> ev.Event | None:
+        """Apply one line of the event file; a line that is not an event is counted, not raised."""
+        e = ev.parse_or_none(line)
+        if e is None:
+            self.skipped += 1
+        else:
+            self.apply(e)
+        return e
+
+    @property
+    def warning(self) -> str:
+        """What could not be read, for a person (empty when everything could)."""
+        notes = [self.problem] if self.problem else []
+        if self.skipped:
+            n = self.skipped
+            notes.append(f"skipped {n} unreadable event line{'s' if n != 1 else ''}")
+        return "; ".join(notes)
 
     def apply(self, e) -> None:
         new_run = (
@@ -132,6 +158,8 @@ class Progress:
             "runs": self.runs,
             "laptop": self.laptop or None,
             "guard": self.guard or None,
+            "skipped_lines": self.skipped,
+            "warning": self.warning or None,
         }
 
 
@@ -144,14 +172,16 @@ def step_line(e: ev.Step) -> str:
 
 
 def event_line(e) -> str | None:
-    """One plain line per event (for pipes, logs and CI)."""
+    """One plain line per event (for pipes, logs and CI); the event's strings with their control
+    characters escaped (client.untrusted_text). Print it as text, not markup."""
     if isinstance(e, ev.Step):
         return step_line(e)
     if isinstance(e, ev.Phase):
-        return f"[{e.phase}] {e.message}".rstrip()
+        return f"[{shown(e.phase)}] {shown(e.message)}".rstrip()
     if isinstance(e, ev.Started):
         return (
-            f"started: {e.total_steps} steps on {e.device} ({e.dtype}, {e.quant}, attention {e.attention}), "
+            f"started: {e.total_steps} steps on {shown(e.device)} ({shown(e.dtype)}, {shown(e.quant)}, "
+            f"attention {shown(e.attention)}), "
             f"{e.trainable_params:,} trainable of {e.total_params:,} params, "
             f"{e.train_sequences:,} sequences / {e.train_tokens:,} tokens, "
             f"micro-batch {e.micro_batch_tokens} tokens x {e.grad_accum}, "
@@ -161,21 +191,23 @@ def event_line(e) -> str | None:
     if isinstance(e, ev.Eval):
         return f"eval at step {e.step}: loss {e.eval_loss:.4f}"
     if isinstance(e, ev.Checkpoint):
-        why = f" ({e.reason})" if e.reason and e.reason not in ("steps", "timer") else ""
+        why = f" ({shown(e.reason)})" if e.reason and e.reason not in ("steps", "timer") else ""
         size = f", {e.bytes / 2**20:.1f} MiB in {e.save_s:.1f}s" if e.bytes else ""
-        return f"checkpoint at step {e.step}{why}: {e.path}{size}"
+        return f"checkpoint at step {e.step}{why}: {shown(e.path)}{size}"
     if isinstance(e, ev.Done):
         loss = f", final loss {e.final_loss:.4f}" if e.final_loss is not None else ""
         early = (
-            f" (stopped early: {e.stopped}, {e.steps} of {e.total_steps} steps; resumable)"
+            f" (stopped early: {shown(e.stopped)}, {e.steps} of {e.total_steps} steps; resumable)"
             if e.stopped
             else ""
         )
         return (
-            f"done: {e.steps} steps in {fmt_duration(e.elapsed_s)}{loss}{early}; adapter at {e.adapter_path}"
+            f"done: {e.steps} steps in {fmt_duration(e.elapsed_s)}{loss}{early}; adapter at {shown(e.adapter_path)}"
         )
     if isinstance(e, ev.Failed):
-        return f"FAILED: {e.error_class}: {e.message}" + (f"\n  hint: {e.hint}" if e.hint else "")
+        return f"FAILED: {shown(e.error_class)}: {shown(e.message)}" + (
+            f"\n  hint: {shown(e.hint)}" if e.hint else ""
+        )
     return None
 
 
@@ -184,7 +216,7 @@ def panel(p: Progress, state: str, note: str = "", now: float | None = None) -> 
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("phase", p.phase)
+    table.add_row("phase", Text(shown(p.phase)))
     if p.total_steps:
         step = s.step if s else 0
         bar = ProgressBar(total=p.total_steps, completed=step, width=40)
@@ -205,9 +237,15 @@ def panel(p: Progress, state: str, note: str = "", now: float | None = None) -> 
     if p.checkpoint:
         table.add_row("checkpoint", f"step {p.checkpoint.step}")
     if p.laptop:
-        table.add_row("on the laptop", p.laptop)
+        table.add_row("on the laptop", Text(shown(p.laptop)))
     if p.guard:
-        table.add_row("guard", p.guard)
+        table.add_row("guard", Text(shown(p.guard)))
+    if p.failed:
+        table.add_row("error", Text(shown(f"{p.failed.error_class}: {p.failed.message}"), style="red"))
+        if p.failed.hint:
+            table.add_row("hint", Text(shown(p.failed.hint)))
+    if p.warning:
+        table.add_row("warning", Text(shown(p.warning), style="yellow"))
     if note:
-        table.add_row("", Text(note, style="yellow"))
+        table.add_row("", Text(shown(note), style="yellow"))
     return Panel(table, title=escape(f"{p.job_id} [{state}]"), expand=False)

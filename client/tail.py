@@ -4,6 +4,9 @@ While `tail` follows, each new checkpoint's adapter is fetched in the background
 when the job is done, the final adapter is fetched, verified and acknowledged on the instance, so
 its guard can shut it down (client.fetch). Either way the last lines say where the adapter is and
 what the guard does. `fetch=False` (`tail --no-fetch`) leaves all fetching to `autodl-run fetch`.
+
+Lines of the event file that are not events are skipped and counted (said once, and in `status`);
+every string from the instance is shown with its control characters escaped (client.untrusted_text).
 """
 
 from __future__ import annotations
@@ -14,18 +17,20 @@ from collections.abc import Callable
 
 from rich.console import Console
 from rich.live import Live
-from rich.markup import escape
+from rich.text import Text
 
 from client import guard_launch
 from client.autofetch import AutoFetcher
 from client.errors import AutodlRunError, JobError, TransportError
-from client.follow import Follower, JobState, Reconnecting, poll_once
+from client.follow import Follower, JobStatus, Reconnecting, Skipped, poll_once
 from client.ledger import JobRecord, Ledger
 from client.render import Progress, event_line, panel
 from client.transport import connect
 from client.transport.base import Transport
+from client.untrusted_text import json_line, log_line, shown
 from jobs import events as ev
-from jobs.layout import layout_for
+from jobs.layout import JOB_FILES, layout_for
+from jobs.protocol import GuardStatus, JobState
 
 
 def _follower(record: JobRecord, filename: str, poll_s: float, reconnect_timeout_s: float) -> Follower:
@@ -39,18 +44,18 @@ def _follower(record: JobRecord, filename: str, poll_s: float, reconnect_timeout
     )
 
 
-def _finish(record: JobRecord, ledger: Ledger, state: JobState, progress: Progress | None) -> None:
+def _finish(record: JobRecord, ledger: Ledger, state: JobStatus, progress: Progress | None) -> None:
     final = state.state
-    ledger.update(record.id, state=final, finished_at=time.time())
-    if final == "done":
+    ledger.update(record.id, state=final.value, finished_at=time.time())
+    if final is JobState.DONE:
         return
     why = ""
     log_hint = f"see the log with `autodl-run tail {record.id} --raw`"
     if progress and progress.failed:
         f = progress.failed
-        why = f": {f.error_class}: {f.message}"
-        hint = f.hint or log_hint
-    elif final == "lost":
+        why = f": {shown(f.error_class)}: {shown(f.message)}"
+        hint = shown(f.hint) if f.hint else log_hint
+    elif final is JobState.LOST:
         why = ": the worker stopped without an outcome (instance restarted, or the process was killed)"
         hint = log_hint
     else:
@@ -81,7 +86,7 @@ def tail(
     Raises JobError when the job did not end as `done`.
     """
     progress = Progress(record.id, record.spec.instance.price_per_hour, record.spec.instance.currency)
-    follower = _follower(record, "worker.log" if raw else "events.jsonl", poll_s, reconnect_timeout_s)
+    follower = _follower(record, JOB_FILES["log" if raw else "events"], poll_s, reconnect_timeout_s)
     live = console.is_terminal and not raw and not as_json
     note = ""
     view = (
@@ -91,7 +96,7 @@ def tail(
     )
     say = _sayer(view, log)
     fetcher = AutoFetcher(record, say) if fetch and not raw else None
-    final: JobState | None = None
+    final: JobStatus | None = None
     try:
         if view:
             view.start()
@@ -101,23 +106,30 @@ def tail(
                     f"connection lost ({item.error}); reconnecting in {item.wait_s:.0f}s (try {item.attempt})"
                 )
                 if not view:
-                    print(note, file=sys.stderr, flush=True)
-            elif isinstance(item, JobState):
+                    print(shown(note), file=sys.stderr, flush=True)
+            elif isinstance(item, Skipped):
+                progress.skipped += item.lines
+                if item.problem:
+                    progress.problem = item.problem
+                    if not view:
+                        print(shown(item.problem), file=sys.stderr, flush=True)
+            elif isinstance(item, JobStatus):
                 final = item
             else:
                 note = ""
                 for line in item:
                     if raw:
-                        sys.stdout.write(line.decode("utf-8", "replace") + "\n")
+                        sys.stdout.write(log_line(line.decode("utf-8", "replace")) + "\n")
                         continue
-                    e = ev.parse(line)
-                    progress.apply(e)
+                    e = progress.feed(line)
+                    if e is None:
+                        continue
                     if fetcher and isinstance(e, ev.Checkpoint):
                         fetcher.offer(e)
-                    if as_json:
-                        sys.stdout.write(line.decode() + "\n")
+                    if as_json:  # the validated event, re-serialized: never the instance's raw bytes
+                        sys.stdout.write(json_line(e.model_dump(mode="json")) + "\n")
                     elif not view and (text := event_line(e)):
-                        console.print(escape(text), highlight=False)
+                        console.print(Text(text), highlight=False)
                 if raw or as_json:
                     sys.stdout.flush()
             if fetcher and fetcher.latest:
@@ -126,13 +138,16 @@ def tail(
             if view:
                 view.update(panel(progress, final.state if final else "running", note))
         assert final is not None
+        if progress.skipped and not view:
+            what = "log lines over 1 MiB" if raw else "unreadable event lines"
+            print(f"skipped {progress.skipped} {what}", file=sys.stderr, flush=True)
         if fetcher:
             held = fetcher.close(wait=True)
             if held:
                 progress.laptop = f"checkpoint step-{held.step} adapter at {held.adapter}"
-        if raw and final.state != "done":
+        if raw and final.state is not JobState.DONE:
             progress, _ = status_progress(record)
-        if fetch and final.state == "done":
+        if fetch and final.state is JobState.DONE:
             _fetch_final(record, ledger, progress, say)
         _report_guard(record, progress, final, say)
         if view:
@@ -187,26 +202,23 @@ def _fetch_final(record: JobRecord, ledger: Ledger, progress: Progress, say: Cal
     say(f"adapter fetched and verified -> {dest}")
 
 
-GUARD_ACTED = ("shutting down", "shut down", "shutdown failed", "not shut down", "exited")
-
-
-def _report_guard(record: JobRecord, progress: Progress, final: JobState, say: Callable[[str], None]) -> None:
+def _report_guard(record: JobRecord, progress: Progress, final: JobStatus, say: Callable[[str], None]) -> None:
     """Say what happens to the instance now: what the guard did, or, until it acts, what it will do."""
     inst = record.spec.instance
     policy = inst.shutdown_policy
-    acts_now = final.state == "done" and (policy == "done" or (policy == "fetched" and record.fetched_to))
+    acts_now = final.state is JobState.DONE and (policy == "done" or (policy == "fetched" and record.fetched_to))
     status = None
     if policy != "never":
         status = _guard_status(record, wait_s=GUARD_WAIT_S if acts_now else 0.0)
-    if status and status.get("phase") in GUARD_ACTED:
-        text = guard_launch.describe(status)
+    if status and status.phase.acted:
+        text = shown(guard_launch.describe(status))
     elif policy == "never":
         text = "the instance keeps running (shutdown_after = never): stop it when you are done"
     elif acts_now and policy == "fetched":
         text = "the guard shuts the instance down now: it saw the verified fetch"
     elif acts_now:
         text = "the guard copies the adapter to autodl-fs (when there is one) and shuts the instance down"
-    elif final.state == "done":
+    elif final.state is JobState.DONE:
         text = (
             f"the guard waits {inst.idle_grace_minutes:g} min for `autodl-run fetch {record.id}`, then copies "
             "the adapter to autodl-fs (when there is one) and shuts the instance down"
@@ -225,7 +237,7 @@ def _report_guard(record: JobRecord, progress: Progress, final: JobState, say: C
 GUARD_WAIT_S = 5.0  # the guard looks once a second
 
 
-def _guard_status(record: JobRecord, wait_s: float) -> dict | None:
+def _guard_status(record: JobRecord, wait_s: float) -> GuardStatus | None:
     """The guard's status; with `wait_s`, waits that long for it to act (it polls once a second)."""
     paths = layout_for(record.spec).job(record.id)
     deadline = time.monotonic() + wait_s
@@ -234,7 +246,7 @@ def _guard_status(record: JobRecord, wait_s: float) -> dict | None:
         try:
             while True:
                 status = guard_launch.guard_status(transport, paths)
-                if (status and status.get("phase") in GUARD_ACTED) or time.monotonic() >= deadline:
+                if (status and status.phase.acted) or time.monotonic() >= deadline:
                     return status
                 time.sleep(0.5)
         finally:
@@ -243,7 +255,7 @@ def _guard_status(record: JobRecord, wait_s: float) -> dict | None:
         return None
 
 
-def status_progress(record: JobRecord, transport: Transport | None = None) -> tuple[Progress, JobState]:
+def status_progress(record: JobRecord, transport: Transport | None = None) -> tuple[Progress, JobStatus]:
     """Replay the job's whole event file once (no following), and read what its guard is doing.
 
     Uses `transport` when given (left open), else a connection of its own."""
@@ -252,15 +264,18 @@ def status_progress(record: JobRecord, transport: Transport | None = None) -> tu
     own = transport is None
     transport = transport or connect(record.spec.instance)
     try:
-        offset = 0
+        offset, skipping = 0, False
         while True:
-            poll, offset = poll_once(transport, paths, "events.jsonl", offset)
+            poll, offset = poll_once(transport, paths, JOB_FILES["events"], offset, skipping=skipping)
+            skipping = poll.skipping
+            progress.skipped += poll.skipped
+            progress.problem = poll.problem
             for line in poll.lines:
-                progress.apply(ev.parse(line))
+                progress.feed(line)
             if not poll.more:
                 break
         if record.spec.instance.shutdown_policy != "never":
-            progress.guard = guard_launch.describe(guard_launch.guard_status(transport, paths))
+            progress.guard = shown(guard_launch.describe(guard_launch.guard_status(transport, paths)))
     finally:
         if own:
             transport.close()
@@ -272,6 +287,6 @@ def status_progress(record: JobRecord, transport: Transport | None = None) -> tu
 def status(record: JobRecord, ledger: Ledger) -> dict:
     progress, state = status_progress(record)
     if state.finished and record.state == "running":
-        ledger.update(record.id, state=state.state, finished_at=time.time())
-    return {**record.as_dict(), "state": state.state, "exit_code": state.exit_code, **progress.as_dict()}
+        ledger.update(record.id, state=state.state.value, finished_at=time.time())
+    return {**record.as_dict(), "state": state.state.value, "exit_code": state.exit_code, **progress.as_dict()}
 

@@ -3,6 +3,10 @@
 One line is one event, written whole and flushed, so a reader that stops at the last
 newline never sees half an event. Readers resume from a byte offset, which makes
 reconnecting lossless: no event is repeated or missed.
+
+On the laptop the file is data from another machine: `parse_or_none` turns a line that is not an
+event (bad JSON or UTF-8, an unknown type, wrong fields) into None for the reader to count and skip,
+and a line longer than MAX_LINE bytes is skipped whole (client.follow).
 """
 
 from __future__ import annotations
@@ -103,8 +107,21 @@ Event = Annotated[Phase | Started | Step | Eval | Checkpoint | Done | Failed, Fi
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
 
 
+MAX_LINE = 1 << 20  # bytes; a longer line is not an event the worker wrote
+
+
 def parse(line: str | bytes) -> Phase | Started | Step | Eval | Checkpoint | Done | Failed:
     return _ADAPTER.validate_json(line)
+
+
+def parse_or_none(line: str | bytes) -> Phase | Started | Step | Eval | Checkpoint | Done | Failed | None:
+    """The event on this line, or None when it is not one (never raises)."""
+    if len(line) > MAX_LINE:
+        return None
+    try:
+        return _ADAPTER.validate_json(line)
+    except (ValueError, UnicodeError, RecursionError):  # pydantic's ValidationError is a ValueError
+        return None
 
 
 def dumps(event: _Event) -> str:
@@ -153,5 +170,5 @@ def split_complete(buffer: bytes) -> tuple[list[bytes], bytes]:
 
 __all__ = [
     "Phase", "Started", "Step", "Eval", "Checkpoint", "Done", "Failed", "Event",
-    "EventWriter", "parse", "dumps", "split_complete",
+    "EventWriter", "parse", "parse_or_none", "dumps", "split_complete", "MAX_LINE",
 ]

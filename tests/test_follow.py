@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 from rich.console import Console
 
 from client.errors import ConnectError
-from client.follow import Follower, JobState, Reconnecting, poll_once
+from client.follow import Follower, JobStatus, Reconnecting, poll_once
 from client.render import Progress, event_line, panel
 from client.transport.local import LocalTransport
 from jobs import events as ev
@@ -40,6 +41,7 @@ def _step(n: int, total: int = 3, loss: float = 1.0) -> str:
 def test_poll_consumes_only_complete_lines(tmp_path: Path) -> None:
     paths = JobPaths(str(tmp_path))
     (tmp_path / "state").write_text("running")
+    (tmp_path / "pid").write_text(str(os.getpid()))  # a process that runs (jobs.jobstate.resolve)
     first = _step(1)
     _write(tmp_path / "events.jsonl", first + _step(2)[:10])  # the second line is half-written
     t = LocalTransport()
@@ -99,7 +101,7 @@ def test_follower_reconnects_without_losing_or_repeating_events(tmp_path: Path) 
     for item in Follower(connect, paths, "events.jsonl", sleep=sleep):
         if isinstance(item, Reconnecting):
             notices.append(item)
-        elif isinstance(item, JobState):
+        elif isinstance(item, JobStatus):
             final = item
         else:
             seen += [ev.parse(x) for x in item]

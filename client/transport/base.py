@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -22,10 +22,18 @@ from client.errors import RemoteCommandError
 
 @dataclass
 class Result:
+    """A finished (or, in CommandTimedOut, stopped) command. `stdout` is decoded for reading, invalid
+    UTF-8 replaced; `stdout_bytes` is exactly what it printed, for byte counts (client.follow)."""
+
     command: str
     exited: int
     stdout: str
     stderr: str
+    stdout_bytes: bytes = field(default=b"", repr=False)
+
+    @classmethod
+    def of(cls, command: str, exited: int, out: bytes, err: bytes) -> Result:
+        return cls(command, exited, out.decode(errors="replace"), err.decode(errors="replace"), bytes(out))
 
     @property
     def ok(self) -> bool:
@@ -66,7 +74,8 @@ class Transport(Protocol):
     def run(
         self, cmd: Command, *, check: bool = True, timeout: float | None = None, input: str | None = None
     ) -> Result:
-        """Run `cmd` on the target through `bash -lc`. With check, a non-zero exit raises RemoteCommandError."""
+        """Run `cmd` on the target through `bash -lc`. With check, a non-zero exit raises RemoteCommandError;
+        past `timeout` seconds it is stopped and CommandTimedOut carries its output so far."""
         ...
 
     def put(self, local: Path, remote: str, *, delete: bool = False) -> None:

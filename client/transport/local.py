@@ -13,7 +13,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from client.errors import TransferError, TransportError
+from client.errors import CommandTimedOut, TransferError
 from client.transport import rsync
 from client.transport.base import Command, Result, check_result, to_shell
 from client.transport.paths import expand_home
@@ -37,19 +37,18 @@ class LocalTransport:
             stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
-            errors="replace",
             start_new_session=True,  # its own process group, so a timeout can kill every child
         )
         try:
-            out, err = proc.communicate(input, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _kill_group(proc)
-            raise TransportError(f"command timed out after {timeout:g} s on local: {command}") from None
+            out, err = proc.communicate(None if input is None else input.encode(), timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            out, err = _kill_group(proc, exc.stdout or b"", exc.stderr or b"")
+            assert timeout is not None
+            raise CommandTimedOut(Result.of(command, -1, out, err), timeout, self.where) from None
         except BaseException:  # Ctrl-C: the child is in its own session and would not see it
-            _kill_group(proc)
+            _kill_group(proc, b"", b"")
             raise
-        result = Result(command, proc.returncode, out, err)
+        result = Result.of(command, proc.returncode, out, err)
         return check_result(result, self.where) if check else result
 
     def expand(self, path: str) -> str:
@@ -91,12 +90,14 @@ class LocalTransport:
             raise TransferError(f"copying {src} -> {dest} failed: {exc}") from exc
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: subprocess.Popen, out: bytes, err: bytes) -> tuple[bytes, bytes]:
+    """Kill the command's process group; what it printed (`out`, `err`: read before the timeout)."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     try:
-        proc.communicate(timeout=5)
-    except subprocess.TimeoutExpired:  # a grandchild left the group and holds the pipes: let it be
-        pass
+        more_out, more_err = proc.communicate(timeout=5)  # everything read so far, and the rest
+        return more_out or out, more_err or err
+    except subprocess.TimeoutExpired as exc:  # a grandchild left the group and holds the pipes: let it be
+        return exc.stdout or out, exc.stderr or err

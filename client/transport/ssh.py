@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING
 
 import paramiko
 
-from client.errors import AuthError, ConnectError, RemoteEnvError, TransferError, TransportError
+from client.errors import (
+    AuthError,
+    CommandTimedOut,
+    ConnectError,
+    RemoteEnvError,
+    TransferError,
+    TransportError,
+)
 from client.transport import hostkeys, rsync, sftp
 from client.transport.base import Command, Result, check_result, to_shell
 from client.transport.errors_map import SshTarget, auth_error, from_exception, from_ssh_stderr
@@ -157,7 +164,7 @@ class SshTransport:
             ) from exc
         finally:
             chan.close()
-        result = Result(command, exited, out.decode(errors="replace"), err.decode(errors="replace"))
+        result = Result.of(command, exited, out, err)
         return check_result(result, self.where) if check else result
 
     def _collect(
@@ -180,7 +187,8 @@ class SshTransport:
                 if time.monotonic() - status_at > EXIT_STATUS_GRACE:
                     break
             if deadline is not None and time.monotonic() > deadline:
-                raise TransportError(f"command timed out after {timeout:g} s on {self.where}: {command}")
+                assert timeout is not None
+                raise CommandTimedOut(Result.of(command, -1, bytes(out), bytes(err)), timeout, self.where)
             select.select([chan], [], [], 0.1)
         status = chan.recv_exit_status()
         transport = chan.get_transport()
