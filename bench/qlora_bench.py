@@ -248,14 +248,20 @@ def write_dataset(data_dir, model_dir, vocab, train_tokens, eval_tokens=0, seed=
             data_dir, split, (tokenize.Encoded(x.tolist(), [1] * len(x)) for x in seqs))
         with open(os.path.join(data_dir, f"{split}.jsonl"), "w") as f:  # present, never read (ids are used)
             f.writelines('{"text": "synthetic pre-tokenized sequence"}\n' for _ in seqs)
-    with open(os.path.join(data_dir, "manifest.json"), "w") as f:
-        json.dump(dict(tokenizer_fingerprint=tokenize.tokenizer_fingerprint(tok), synthetic=counts, task=task), f)
+    from jobs.layout import DATASET_MANIFEST
+    from jobs.protocol import DatasetManifest, dump_model
+    manifest = DatasetManifest(format_version=1, digest="synthetic", tokens=counts,
+                               tokenizer_fingerprint=tokenize.tokenizer_fingerprint(tok),
+                               report={"synthetic": counts, "task": task})
+    with open(os.path.join(data_dir, DATASET_MANIFEST), "w") as f:
+        f.write(dump_model(manifest))
     return counts
 
 
 def read_events(job_dir):
     from jobs import events as ev
-    with open(os.path.join(job_dir, "events.jsonl")) as f:
+    from jobs.layout import JobPaths
+    with open(JobPaths(job_dir).events) as f:
         return [ev.parse(x) for x in f if x.strip()]
 
 
@@ -319,7 +325,9 @@ def run_worker_job(model_dir, root, *, targets, tokens, steps, warm, opts, vocab
     budget = tokens or (16384 if dev() == "cuda" else max_len)  # only to size the data (the largest shape tried)
     train_tokens = int(budget * (steps + warm + 1) * 1.1) + 4096
     data_dir = os.path.join(root, f"data-{train_tokens}-{max_len}-{int(bool(opts.get('eval')))}")
-    if not os.path.exists(os.path.join(data_dir, "manifest.json")):
+    from jobs.layout import DATASET_MANIFEST, JobPaths
+    from jobs.protocol import DatasetManifest, read_model
+    if not os.path.exists(os.path.join(data_dir, DATASET_MANIFEST)):
         write_dataset(data_dir, model_dir, vocab, train_tokens, eval_tokens=budget if opts.get("eval") else 0,
                       max_len=max_len)
     job_id = f"ours-{targets}-{tokens}-{int(time.time() * 1000) % 10**9}"
@@ -327,7 +335,7 @@ def run_worker_job(model_dir, root, *, targets, tokens, steps, warm, opts, vocab
     spec = ours_spec(model_dir, opts, targets=targets, steps=steps + warm, tokens=tokens, max_length=max_len)
     job = WorkerJob(job_id=job_id, spec=spec, data_dir=data_dir, job_dir=job_dir)
     os.makedirs(job_dir, exist_ok=True)
-    job_json = os.path.join(job_dir, "job.json")
+    job_json = JobPaths(job_dir).spec
     with open(job_json, "w") as f:
         f.write(job.model_dump_json(indent=1))
     log(f"worker job {job_json}")
@@ -339,10 +347,10 @@ def run_worker_job(model_dir, root, *, targets, tokens, steps, warm, opts, vocab
                             timeout=timeout, preexec_fn=_die_with_parent, env=env).returncode
     except subprocess.TimeoutExpired:
         rc = "timeout"
-    res = worker_result(job_dir, warm) if os.path.exists(os.path.join(job_dir, "events.jsonl")) else {
+    res = worker_result(job_dir, warm) if os.path.exists(JobPaths(job_dir).events) else {
         "error": "the worker wrote no events"}
-    with open(os.path.join(data_dir, "manifest.json")) as f:
-        made = json.load(f)["synthetic"]["train"]["tokens"]
+    with open(os.path.join(data_dir, DATASET_MANIFEST), "rb") as f:
+        made = read_model(DatasetManifest, f.read(), data_dir).report["synthetic"]["train"]["tokens"]
     if res.get("train_tokens") is not None and res["train_tokens"] != made:  # it re-tokenized the jsonl
         res["error"] = f"the worker trained on {res['train_tokens']} tokens, not the {made} synthetic ones"
     res.update(worker_rc=rc, job_dir=job_dir)
@@ -821,7 +829,7 @@ def run_ours(a, record, ntargets, V, steps, warm, extra):
     for t, tok, kw, more in runs:
         res = run_worker_job(a.dir, root, targets=t, tokens=tok, steps=steps, warm=warm, opts=dict(extra, **more),
                              vocab=V)
-        record(t, res, opts=extra, notes="the worker itself: remote_worker.__main__.main(job.json) on synthetic "
+        record(t, res, opts=extra, notes="the worker itself: remote_worker.__main__.main(its job file) on synthetic "
                "pre-tokenized data, Trainer; rows padded to the micro-batch on CUDA; non-pad tokens counted", **kw)
     if extra.get("profile"):
         ours = Ours(a.dir, dict(extra, targets="all"))
