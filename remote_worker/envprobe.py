@@ -31,7 +31,7 @@ def _requirement_class():
     return Requirement
 
 
-def _version(dist: str) -> str | None:
+def version(dist: str) -> str | None:
     try:
         return md.version(dist)
     except Exception:
@@ -48,12 +48,12 @@ def check_requirements(reqs: dict[str, str], out: dict) -> None:
         if requirement is None:
             continue
         r = requirement(req)
-        version = _version(r.name)
-        if version is None:
+        found = version(r.name)
+        if found is None:
             continue
-        out["packages"][r.name] = version
-        if r.specifier and not r.specifier.contains(version, prereleases=True):
-            out["outdated"][mod] = version
+        out["packages"][r.name] = found
+        if r.specifier and not r.specifier.contains(found, prereleases=True):
+            out["outdated"][mod] = found
 
 
 def torch_info(out: dict) -> None:
@@ -80,7 +80,7 @@ def probe(reqs: dict[str, str], import_torch: bool = False) -> dict:
     out: dict = {
         "python": sys.version.split()[0],
         "executable": sys.executable,
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {name: version(name) for name in PACKAGES},
         "missing": [],
         "outdated": {},
         "flash_attn_importable": importlib.util.find_spec("flash_attn") is not None,
