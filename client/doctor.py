@@ -1,8 +1,9 @@
 """`autodl-run doctor [PROFILE | JOB.toml] [--json]`: is this instance ready to train? One round trip.
 
-A single remote script (`_SCRIPT`) prints, in sections: the clock, the OS, the python the login
-shell finds (conda's included) and what it has (torch, CUDA, the worker's packages), the GPUs and
-the driver (nvidia-smi), free space and inodes of the system disk, the data disk and
+The worker bundle goes first (unless the instance has it: content-addressed), then a single remote
+script (`jobs/scripts/doctor.sh`) prints, in sections: the clock, the OS, the python the login
+shell finds (conda's included) and what it has (`remote_worker.envprobe`, run from the bundle:
+torch, CUDA, the worker's packages), the GPUs and the driver (nvidia-smi), free space and inodes of the system disk, the data disk and
 /root/autodl-fs, tmux and rsync, and whether the pip index and the Hugging Face endpoint answer
 (each with a short timeout, in parallel, and again through /etc/network_turbo when it exists).
 `checks()` turns that into rows of ok / warn / fail, each failure with the fix; `render` draws the
@@ -13,7 +14,6 @@ check; a profile alone checks what the instance itself is configured with.
 from __future__ import annotations
 
 import json
-import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,9 +23,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from client import profiles
-from client.setup import NETWORK_TURBO, PYTHON_CANDIDATES
+from client.bundle import script, sync_bundle
+from client.errors import AutodlRunError
+from client.setup import NETWORK_TURBO, PYTHON_CANDIDATES, instance_root
 from client.transport import connect
-from client.transport.base import sections
+from client.transport.base import Transport, sections
+from jobs.layout import RemoteLayout
+from jobs.protocol import EnvProbe, ProtocolError, read_model
 from jobs.requirements import QLORA_REQUIREMENTS, WORKER_REQUIREMENTS
 from jobs.spec import InstanceSpec
 
@@ -37,97 +41,6 @@ MIRRORS = {
     "pip": "https://pypi.tuna.tsinghua.edu.cn/simple",
     "hf": "https://hf-mirror.com",
 }
-
-_PY = r"""
-import importlib.metadata as md, importlib.util, json, sys
-out = {"version": sys.version.split()[0], "executable": sys.executable, "packages": {}}
-for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "flash-attn"):
-    try:
-        out["packages"][name] = md.version(name)
-    except Exception:
-        out["packages"][name] = None
-out["flash_attn_importable"] = importlib.util.find_spec("flash_attn") is not None
-try:
-    import torch
-    out["torch"] = torch.__version__
-    out["torch_cuda"] = torch.version.cuda
-    out["cuda_available"] = bool(torch.cuda.is_available())
-    out["gpus"] = [
-        {"name": torch.cuda.get_device_name(i), "memory_gb": round(torch.cuda.get_device_properties(i).total_memory / 1e9, 1)}
-        for i in range(torch.cuda.device_count())
-    ] if out["cuda_available"] else []
-except Exception as exc:
-    out["torch"] = None
-    out["torch_error"] = f"{type(exc).__name__}: {exc}"[:300]
-print(json.dumps(out))
-"""
-
-_SCRIPT = r"""
-echo "@@clock $(date +%s.%N)"
-echo "@@os"
-( . /etc/os-release 2>/dev/null && echo "$PRETTY_NAME" ) || echo unknown
-uname -srm
-py={py}
-p=$(command -v "$py" 2>/dev/null)
-echo "@@python"
-echo "path=$p"
-echo "conda_prefix=${{CONDA_PREFIX:-}}"
-echo "conda_env=${{CONDA_DEFAULT_ENV:-}}"
-echo "conda=$(command -v conda 2>/dev/null)"
-for c in {candidates}; do [ -x "$c" ] && echo "candidate=$c"; done
-echo "@@pyinfo"
-[ -n "$p" ] && timeout 120 "$py" -c {pyprobe} 2>/dev/null | tail -n 1
-echo "@@gpu"
-command -v nvidia-smi >/dev/null 2>&1 && timeout 30 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv,noheader,nounits 2>&1
-echo "@@disks"
-for d in / {data_disk} {autodl_fs} {extra}; do
-  [ -d "$d" ] || continue
-  echo "$d|$(df -Pk "$d" 2>/dev/null | tail -n 1)|$(df -Pi "$d" 2>/dev/null | tail -n 1)"
-done
-echo "@@tools"
-for t in tmux rsync; do echo "$t=$(command -v $t 2>/dev/null)|$($t -V 2>/dev/null | head -n 1)"; done
-turbo=0; [ -r {turbo} ] && turbo=1
-echo "@@turbo $turbo"
-pip_url={pip_url}
-[ -z "$pip_url" ] && [ -n "$p" ] && pip_url=$(timeout 20 "$py" -m pip config get global.index-url 2>/dev/null | tail -n 1)
-[ -z "$pip_url" ] && pip_url=${{PIP_INDEX_URL:-https://pypi.org/simple}}
-hf_url={hf_url}
-[ -z "$hf_url" ] && hf_url=${{HF_ENDPOINT:-https://huggingface.co}}
-echo "@@urls"
-echo "pip=$pip_url"
-echo "hf=$hf_url"
-tmp=$(mktemp -d)
-probe() {{  # URL, 1 = through /etc/network_turbo -> "HTTP-CODE SECONDS"
-  (
-    if [ "$2" = 1 ]; then . {turbo} >/dev/null 2>&1; fi
-    if command -v curl >/dev/null 2>&1; then
-      curl -s -o /dev/null -m {timeout} -w '%{{http_code}} %{{time_total}}' "$1"
-    elif [ -n "$p" ]; then
-      "$py" -c 'import sys, time, urllib.request, urllib.error
-t = time.time()
-try:
-    code = urllib.request.urlopen(sys.argv[1], timeout={timeout}).status
-except urllib.error.HTTPError as e:
-    code = e.code
-except Exception:
-    code = 0
-print(code, round(time.time() - t, 3))' "$1"
-    else
-      echo "000 0"
-    fi
-  ) 2>/dev/null
-}}
-probe "${{pip_url%/}}/pip/" {use_turbo} > "$tmp/pip" &
-probe "$hf_url" {use_turbo} > "$tmp/hf" &
-if [ $turbo = 1 ] && [ {use_turbo} = 0 ]; then
-  probe "${{pip_url%/}}/pip/" 1 > "$tmp/pip_turbo" &
-  probe "$hf_url" 1 > "$tmp/hf_turbo" &
-fi
-wait
-echo "@@net"
-for f in pip hf pip_turbo hf_turbo; do [ -f "$tmp/$f" ] && echo "$f=$(cat "$tmp/$f")"; done
-rm -rf "$tmp"
-"""
 
 
 @dataclass
@@ -155,12 +68,14 @@ def doctor(target: str | None = None) -> dict:
         opener = getattr(transport, "open", None)
         if opener:
             opener()  # connect first, so the clock below is not off by the handshake
+        bundle_dir, bundle_error = _sync_bundle(transport, instance)
         t0 = time.time()
-        res = transport.run(_script(instance), check=False, timeout=300)
+        res = transport.run(_command(instance, bundle_dir), check=False, timeout=300)
         t1 = time.time()
     finally:
         transport.close()
     report = parse(res.stdout, t0, t1)
+    report["bundle"] = {"dir": bundle_dir or None, "error": bundle_error}
     report["target"] = label
     report["where"] = transport.where
     report["python_setting"] = instance.python
@@ -171,23 +86,28 @@ def doctor(target: str | None = None) -> dict:
     return report
 
 
-def _script(instance: InstanceSpec) -> str:
+def _sync_bundle(transport: Transport, instance: InstanceSpec) -> tuple[str, str | None]:
+    """The worker bundle on the instance, sent if needed (the python probe runs from it): (its folder, error)."""
+    root = instance_root(instance)
+    try:
+        if root.startswith("~"):
+            root = transport.run(["bash", "-c", 'printf %s "$HOME"']).stdout.strip() + root[1:]
+        layout = RemoteLayout(root)
+        return layout.bundle_dir(sync_bundle(transport, layout)[0]), None
+    except AutodlRunError as exc:
+        return "", f"cannot send the worker bundle to {root}: {exc.message.splitlines()[0]}"
+
+
+def _command(instance: InstanceSpec, bundle_dir: str) -> list[str]:
     extra = ""
     if instance.remote_root and not instance.remote_root.startswith("~"):
-        extra = shlex.quote(instance.remote_root)
-    return _SCRIPT.format(
-        py=shlex.quote(instance.python or "python3"),
-        pyprobe=shlex.quote(_PY),
-        data_disk=DATA_DISK,
-        autodl_fs=AUTODL_FS,
-        extra=extra,
-        turbo=NETWORK_TURBO,
-        candidates=" ".join(PYTHON_CANDIDATES),
-        pip_url=shlex.quote(instance.pip_index_url or ""),
-        hf_url=shlex.quote(instance.hf_endpoint or ""),
-        use_turbo=int(instance.network_turbo),
-        timeout=NET_TIMEOUT_S,
-    )
+        extra = instance.remote_root
+    args = [
+        instance.python or "python3", bundle_dir, DATA_DISK, AUTODL_FS, extra, NETWORK_TURBO,
+        instance.pip_index_url or "", instance.hf_endpoint or "", str(int(instance.network_turbo)),
+        str(NET_TIMEOUT_S), *PYTHON_CANDIDATES,
+    ]  # fmt: skip
+    return ["bash", "-c", script("doctor.sh"), "doctor", *args]
 
 
 def _kv(lines: list[str]) -> dict[str, str]:
@@ -199,11 +119,13 @@ def parse(stdout: str, t0: float, t1: float) -> dict:
     clock = float(s["clock"][0]) if s.get("clock") and _is_float(s["clock"][0]) else None
     os_lines = s.get("os", [])
     py = _kv(s.get("python", []))
-    pyinfo: dict = {}
-    for line in reversed(s.get("pyinfo", [])):
-        if line.startswith("{"):
-            pyinfo = json.loads(line)
-            break
+    pyinfo, probe_error = EnvProbe(python="", executable=""), None
+    lines = [ln for ln in s.get("pyinfo", []) if ln.startswith("{")]
+    if lines:
+        try:
+            pyinfo = read_model(EnvProbe, lines[-1], "the python probe")
+        except ProtocolError as exc:
+            probe_error = str(exc)
     gpus, driver = [], None
     for line in s.get("gpu", []):
         parts = [p.strip() for p in line.split(",")]
@@ -242,22 +164,24 @@ def parse(stdout: str, t0: float, t1: float) -> dict:
         "os": {"name": os_lines[0] if os_lines else None, "kernel": os_lines[1] if len(os_lines) > 1 else None},
         "python": {
             "path": path,
-            "version": pyinfo.get("version"),
-            "executable": pyinfo.get("executable"),
+            "version": pyinfo.python or None,
+            "executable": pyinfo.executable or None,
+            "probe_error": probe_error,
             "conda": bool(conda and path and path.startswith(conda)) or bool(path and "conda" in path),
             "conda_prefix": conda,
             "conda_env": py.get("conda_env") or None,
             "candidates": [v for k, v in (ln.split("=", 1) for ln in s.get("python", []) if "=" in ln) if k == "candidate"],
         },
         "torch": {
-            "version": pyinfo.get("torch"),
-            "cuda": pyinfo.get("torch_cuda"),
-            "cuda_available": pyinfo.get("cuda_available", False),
-            "error": pyinfo.get("torch_error"),
+            "version": pyinfo.torch,
+            "cuda": pyinfo.torch_cuda,
+            "cuda_available": pyinfo.cuda_available,
+            "error": pyinfo.torch_error,
         },
-        "gpu": {"count": len(gpus), "gpus": gpus, "driver": driver, "torch_gpus": pyinfo.get("gpus", [])},
-        "packages": {k: v for k, v in pyinfo.get("packages", {}).items() if k != "torch"},
-        "flash_attn": bool(pyinfo.get("packages", {}).get("flash-attn") or pyinfo.get("flash_attn_importable")),
+        "gpu": {"count": len(gpus), "gpus": gpus, "driver": driver,
+                "torch_gpus": [g.model_dump() for g in pyinfo.gpus]},
+        "packages": {k: v for k, v in pyinfo.packages.items() if k != "torch"},
+        "flash_attn": bool(pyinfo.packages.get("flash-attn") or pyinfo.flash_attn_importable),
         "disks": disks,
         "tools": tools,
         "network_turbo_available": (s.get("turbo") or ["0"])[0] == "1",
@@ -301,6 +225,12 @@ def checks(r: dict, instance: InstanceSpec) -> list[Check]:
 
 def _python_checks(r: dict, instance: InstanceSpec) -> list[Check]:
     py, t = r["python"], r["torch"]
+    bundle_error = r.get("bundle", {}).get("error")
+    if not py["version"] and py["path"] and (bundle_error or py["probe_error"]):
+        hint = "set instance.remote_root to a folder the login user can write" if bundle_error else ""
+        return [
+            Check("python", "fail", f"{py['path']}: not probed ({bundle_error or py['probe_error']})", hint)
+        ]
     if not py["version"]:
         first = py["candidates"][0] if py["candidates"] else None
         hint = (

@@ -252,7 +252,7 @@ def _prepare_and_launch(
         sync_dir(transport, prepared.dir, layout.data_dir(digest), marker=DATASET_MANIFEST)
         log("  data uploaded")
     bundle_digest, _ = sync_bundle(transport, layout)
-    ensure_worker_deps(transport, spec, log=log)
+    ensure_worker_deps(transport, spec, log=log, bundle_dir=layout.bundle_dir(bundle_digest))
     prefetch_model(transport, spec, layout.job(job_id), layout.bundle_dir(bundle_digest), log=log)
     launch_job(transport, spec, job_id, layout, digest, bundle_digest, deadline)
     return bundle_digest

@@ -2,12 +2,13 @@
 
 `ensure_worker_deps` (the `setup` step of submit), one round trip when nothing is missing:
 - finds the python (`instance.python`, through the login shell, so conda's counts) and which
-  worker requirements (jobs.requirements) it lacks or has too old;
+  worker requirements (jobs.requirements) it lacks or has too old: `jobs/scripts/setup_probe.sh`
+  runs `remote_worker.envprobe` from the worker bundle;
 - installs those with pip, with the instance's torch pinned by a constraints file (a CUDA build
   that matches the driver is never replaced), from `instance.pip_index_url` when set, through
   `/etc/network_turbo` when `instance.network_turbo` (for that download only);
 - leaves a marker keyed by the hash of the requirements and the python, so the next submit skips
-  all of it: `{remote_root}/.setup/deps-HASH.json`;
+  all of it: `{remote_root}/.setup/deps-HASH.json` (jobs.protocol.SetupMarker);
 - without tmux, installs it with apt-get when it can (root, apt-get there), once; otherwise jobs
   run under `setsid nohup` (client.launcher), with the same state and exit-code files.
 
@@ -25,85 +26,34 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlparse
 
+from client.bundle import script, sync_bundle
 from client.errors import RemoteEnvError, TransportError
 from client.transport.base import Transport, sections
 from client.transport.paths import shell_path
+from jobs.layout import APT_FAILED, RemoteLayout
+from jobs.protocol import EnvProbe, ProtocolError, SetupMarker, dump_model, read_model
 from jobs.requirements import requirements_for
-from jobs.spec import AUTODL_DATA_DISK_ROOT, JobSpec
+from jobs.spec import AUTODL_DATA_DISK_ROOT, InstanceSpec, JobSpec
 
 Log = Callable[[str], None]
 NETWORK_TURBO = "/etc/network_turbo"
 # Where AutoDL images keep the python that has torch, when `python3` on PATH is another one.
 PYTHON_CANDIDATES = ("/root/miniconda3/bin/python", "/root/anaconda3/bin/python", "/opt/conda/bin/python")
-SETUP_DIR = ".setup"
-APT_FAILED = "apt-tmux-failed"  # written when apt-get could not install tmux: never tried again
 PIP_TIMEOUT_S = 1800
 APT_TIMEOUT_S = 180
 
 # -- the worker's packages ------------------------------------------------------------------------
 
-_PROBE_PY = r"""# autodl-run: setup probe (client/setup.py)
-import importlib.metadata as md, importlib.util, json, sys
-reqs = json.loads(sys.argv[1])
-try:
-    from packaging.requirements import Requirement
-except Exception:
-    try:
-        from pip._vendor.packaging.requirements import Requirement
-    except Exception:
-        Requirement = None
-out = {"python": sys.version.split()[0], "executable": sys.executable, "torch": None, "missing": [], "outdated": {}}
-for mod, req in reqs.items():
-    if importlib.util.find_spec(mod) is None:
-        out["missing"].append(mod)
-        continue
-    if Requirement is None:
-        continue
-    r = Requirement(req)
-    try:
-        version = md.version(r.name)
-    except md.PackageNotFoundError:
-        continue
-    if mod == "torch":
-        out["torch"] = version
-    if r.specifier and not r.specifier.contains(version, prereleases=True):
-        out["outdated"][mod] = version
-if out["torch"] is None and "torch" not in out["missing"]:
-    try:
-        out["torch"] = md.version("torch")
-    except Exception:
-        try:
-            import torch
-            out["torch"] = torch.__version__
-        except Exception:
-            pass
-print(json.dumps(out))
-"""
-
-# One round trip: which tools are there, then the marker if it exists, else the python probe.
-_SETUP_PROBE = """
-t=0; command -v tmux >/dev/null 2>&1 && t=1
-r=0; command -v rsync >/dev/null 2>&1 && r=1
-a=0; command -v apt-get >/dev/null 2>&1 && a=1
-f=0; [ -e {apt_failed} ] && f=1
-echo "@@tools $t $r $a $f $(id -u)"
-if [ -f {marker} ]; then echo @@marker; cat {marker}; exit 0; fi
-echo @@probe
-{python} -c {probe} {reqs}
-rc=$?
-if [ $rc -ne 0 ]; then
-  echo @@candidates
-  for p in {candidates}; do [ -x "$p" ] && echo "$p"; done
-fi
-exit $rc
-"""
-
 
 def remote_root(spec: JobSpec) -> str:
-    root = spec.instance.remote_root
-    if root:
-        return root
-    if spec.instance.is_local:
+    return instance_root(spec.instance)
+
+
+def instance_root(instance: InstanceSpec) -> str:
+    """`instance.remote_root`, or where it defaults to (a local "instance": under this tool's home)."""
+    if instance.remote_root:
+        return instance.remote_root
+    if instance.is_local:
         from client.ledger import home
 
         return str(home() / "local")
@@ -112,7 +62,7 @@ def remote_root(spec: JobSpec) -> str:
 
 def _setup_path(spec: JobSpec, *names: str) -> str:
     """`{remote_root}/.setup[/name]`: set-up's own files on the instance."""
-    return posixpath.join(remote_root(spec), SETUP_DIR, *names)
+    return RemoteLayout(remote_root(spec)).setup_file(*names)
 
 
 def _marker_path(spec: JobSpec) -> str:
@@ -126,25 +76,31 @@ def deps_key(spec: JobSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def probe(transport: Transport, spec: JobSpec) -> dict:
-    """Tools, and either the marker's record or a fresh probe of the python. One round trip."""
+def probe(transport: Transport, spec: JobSpec, bundle_dir: str, *, use_marker: bool = True) -> dict:
+    """Tools, and either the marker's record or a fresh probe of the python. One round trip.
+
+    The probe is `remote_worker.envprobe`, run from the worker bundle at `bundle_dir`."""
     py = spec.instance.python
-    cmd = _SETUP_PROBE.format(
-        apt_failed=shell_path(_setup_path(spec, APT_FAILED)),
-        marker=shell_path(_marker_path(spec)),
-        python=shell_path(py),
-        candidates=" ".join(PYTHON_CANDIDATES),
-        probe=shlex.quote(_PROBE_PY),
-        reqs=shlex.quote(json.dumps(requirements_for(spec.quant.bits))),
+    args = [
+        _setup_path(spec, APT_FAILED), _marker_path(spec) if use_marker else "", py, bundle_dir,
+        json.dumps(requirements_for(spec.quant.bits)), *PYTHON_CANDIDATES,
+    ]  # fmt: skip
+    res = transport.run(
+        ["bash", "-c", script("setup_probe.sh"), "setup-probe", *args], check=False, timeout=120
     )
-    res = transport.run(cmd, check=False, timeout=120)
     parts = sections(res.stdout)
     if "tools" not in parts:
         raise RemoteEnvError(f"the setup probe printed nothing on {transport.where}: {res.tail(3)}")
     t, r, a, f, uid = (parts["tools"][0].split() + ["0"] * 5)[:5]
     tools = {"tmux": t == "1", "rsync": r == "1", "apt": a == "1", "apt_failed": f == "1", "root": uid == "0"}
-    body = parts.get("marker") or parts.get("probe") or []
-    lines = [ln for ln in body if ln.startswith("{")]
+    if "marker" in parts:
+        where = f"{_marker_path(spec)} on {transport.where}"
+        try:
+            marker = read_model(SetupMarker, "\n".join(parts["marker"]), where)
+        except ProtocolError:  # not ours, or cut short: check again
+            return probe(transport, spec, bundle_dir, use_marker=False)
+        return marker.model_dump() | {"tools": tools, "from_marker": True}
+    lines = [ln for ln in parts.get("probe", []) if ln.startswith("{")]
     if not res.ok or not lines:
         found = [c for c in parts.get("candidates", []) if c.strip()]
         hint = (
@@ -155,19 +111,30 @@ def probe(transport: Transport, spec: JobSpec) -> dict:
         raise RemoteEnvError(
             f"cannot run `{py}` on {transport.where} (exit {res.exited}): {res.tail(3)}", hint=hint
         )
-    info = json.loads(lines[-1])
-    info["tools"] = tools
-    info["from_marker"] = "marker" in parts
-    return info
+    try:
+        info = read_model(EnvProbe, lines[-1], f"the probe of `{py}` on {transport.where}")
+    except ProtocolError as exc:
+        raise RemoteEnvError(
+            str(exc), hint="the worker bundle there may be from another autodl-run version"
+        ) from None
+    return info.model_dump() | {"tools": tools, "from_marker": False}
 
 
-def ensure_worker_deps(transport: Transport, spec: JobSpec, log: Log = print) -> dict:
-    """Make sure the worker can import what it needs; returns the probe (python, torch, tools)."""
-    info = probe(transport, spec)
+def ensure_worker_deps(
+    transport: Transport, spec: JobSpec, log: Log = print, *, bundle_dir: str | None = None
+) -> dict:
+    """Make sure the worker can import what it needs; returns the probe (python, torch, tools).
+
+    `bundle_dir`: the worker bundle on the instance (the probe runs from it); sent first when not given.
+    """
+    if bundle_dir is None:
+        layout = RemoteLayout(remote_root(spec))
+        bundle_dir = layout.bundle_dir(sync_bundle(transport, layout)[0])
+    info = probe(transport, spec, bundle_dir)
     if info["from_marker"]:
         log("  packages checked before (a marker on the instance says so)")
     else:
-        info = _install_missing(transport, spec, info, log)
+        info = _install_missing(transport, spec, info, log, bundle_dir)
         _write_marker(transport, spec, info)
     if not spec.instance.is_local:
         _ensure_tmux(transport, spec, info["tools"], log)
@@ -176,7 +143,7 @@ def ensure_worker_deps(transport: Transport, spec: JobSpec, log: Log = print) ->
     return info
 
 
-def _install_missing(transport: Transport, spec: JobSpec, info: dict, log: Log) -> dict:
+def _install_missing(transport: Transport, spec: JobSpec, info: dict, log: Log, bundle_dir: str) -> dict:
     py = spec.instance.python
     reqs = requirements_for(spec.quant.bits)
     if "torch" in info["missing"]:
@@ -214,7 +181,7 @@ def _install_missing(transport: Transport, spec: JobSpec, info: dict, log: Log) 
             + "\n".join("  | " + ln for ln in res.tail(8).splitlines()),
             hint=_pip_hint(spec, res.stdout + res.stderr),
         )
-    after = probe(transport, spec)  # the marker is not written yet: a real probe
+    after = probe(transport, spec, bundle_dir, use_marker=False)
     still = after["missing"] + list(after["outdated"])
     if still:
         raise RemoteEnvError(f"still missing after pip install on {transport.where}: {', '.join(still)}")
@@ -262,14 +229,15 @@ def _pip_hint(spec: JobSpec, output: str) -> str:
 
 
 def _write_marker(transport: Transport, spec: JobSpec, info: dict) -> None:
-    record = {k: info.get(k) for k in ("python", "executable", "torch")} | {
-        "requirements": sorted(requirements_for(spec.quant.bits).values()),
-        "checked_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    marker = SetupMarker(
+        python=info["python"], executable=info.get("executable"), torch=info.get("torch"),
+        requirements=sorted(requirements_for(spec.quant.bits).values()),
+        checked_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )  # fmt: skip
     path = _marker_path(spec)
     transport.run(
         f"mkdir -p {shell_path(posixpath.dirname(path))} && cat > {shell_path(path)}",
-        input=json.dumps(record) + "\n",
+        input=dump_model(marker),
     )
 
 

@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from client import dataset, guard_launch, launcher
-from client.bundle import stage_bundle
+from client.bundle import sync_bundle
 from client.errors import JobError, Problem, SpecError
 from client.ledger import Ledger, home
 from client.prefetch import prefetch_model
@@ -193,7 +193,7 @@ def submit(
                 transport, layout, prepared.dir, prepared.digest, log
             )
         with _step("setup", timings, log):
-            info = ensure_worker_deps(transport, spec, log=log)
+            info = ensure_worker_deps(transport, spec, log=log, bundle_dir=layout.bundle_dir(bundle_digest))
             log(f"  python {info['python']}, torch {info['torch']}")
         job_id = new_job_id(spec.name)
         prefetch_model(transport, spec, layout.job(job_id), layout.bundle_dir(bundle_digest), log=log)
@@ -204,13 +204,6 @@ def submit(
         transport.close()
     return Submitted(job_id, spec, job_file, prepared.report, data_sent, bundle_sent, timings,
                      deadline_unix=deadline, guard=guard)  # fmt: skip
-
-
-def sync_bundle(transport: Transport, layout: RemoteLayout) -> tuple[str, bool]:
-    """Stage the worker bundle here and send it unless the instance has it: (its digest, sent)."""
-    bundle = stage_bundle(home() / "bundles")
-    sent = sync_dir(transport, bundle.dir, layout.bundle_dir(bundle.digest), marker="remote_worker/__init__.py")
-    return bundle.digest, sent
 
 
 def sync_worker(

@@ -16,6 +16,7 @@ lives is `jobs.layout`'s business; what it holds is this module's.
     checkpoints/step-N/batch_shape.json  BatchShape worker                  worker (on resume)
     prefetch/result.json        ModelDownload       worker (download)       client
     .setup/deps-KEY.json        SetupMarker         client                  client (next submit)
+    (stdout of envprobe)        EnvProbe            worker bundle (probe)   client (doctor, set-up)
     data/DIGEST/dataset.json    DatasetManifest     client (prepare)        worker
     .../manifest.json           FolderManifest      worker                  client (jobs.manifest)
 
@@ -173,8 +174,10 @@ class ModelDownload(_File):
     message: str = ""
     hint: str = ""
     path: str = ""
-    bytes: int = 0
+    bytes: int = 0  # downloaded this time
+    model_bytes: int = 0  # the model's files (on a disk refusal: those still to download)
     seconds: float = 0.0
+    cached: bool = False  # every file was already in HF_HOME
     revision: str = ""
 
 
@@ -186,6 +189,30 @@ class SetupMarker(_File):
     torch: str | None = None
     requirements: list[str] = Field(default_factory=list)
     checked_at: str = ""
+
+
+class TorchGpu(_File):
+    name: str
+    memory_gb: float = 0.0
+
+
+class EnvProbe(_File):
+    """What `python -m remote_worker.envprobe` prints (one line, stdout): the instance's python.
+
+    The probe runs before set-up installs anything, so it writes this with the standard library;
+    the laptop parses it with this model."""
+
+    python: str  # its version
+    executable: str
+    packages: dict[str, str | None] = Field(default_factory=dict)  # distribution -> version (None: absent)
+    missing: list[str] = Field(default_factory=list)  # import names of the requirements asked about
+    outdated: dict[str, str] = Field(default_factory=dict)  # import name -> the too-old installed version
+    flash_attn_importable: bool = False
+    torch: str | None = None
+    torch_cuda: str | None = None  # with --torch: torch's CUDA build, and what it sees
+    cuda_available: bool = False
+    gpus: list[TorchGpu] = Field(default_factory=list)
+    torch_error: str | None = None
 
 
 class ManifestEntry(BaseModel):
@@ -247,7 +274,7 @@ def dump_model(obj: BaseModel) -> str:
 
 
 __all__ = [
-    "BatchShape", "CheckpointReason", "DatasetManifest", "FetchAck", "FolderManifest", "GuardPhase",
+    "BatchShape", "CheckpointReason", "DatasetManifest", "EnvProbe", "FetchAck", "FolderManifest", "GuardPhase",
     "GuardStatus", "JobState", "LaunchRecord", "ManifestEntry", "ModelDownload", "OUTCOMES", "ProtocolError",
-    "SetupMarker", "StopReason", "TransferSpeed", "dump_model", "read_model",
+    "SetupMarker", "StopReason", "TorchGpu", "TransferSpeed", "dump_model", "read_model",
 ]

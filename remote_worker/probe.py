@@ -1,17 +1,17 @@
 """What this machine offers the recipe: device, training dtype, attention implementation, versions.
 
-`python -m remote_worker.probe` prints it as JSON.
+`python -m remote_worker.probe` prints it as JSON. What the instance's python has before a job
+(doctor, set-up) is remote_worker.envprobe.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 import json
 import platform
 from dataclasses import asdict, dataclass
 
 from remote_worker import DeviceError
+from remote_worker.envprobe import version
 
 PACKAGES = (
     "torch",
@@ -51,13 +51,7 @@ class Probe:
 
 def versions() -> dict[str, str | None]:
     """Installed versions (None = not installed), read from package metadata without importing."""
-    found: dict[str, str | None] = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
+    return {"python": platform.python_version()} | {name: version(name) for name in PACKAGES}
 
 
 def attention_implementation(device: str, dtype: str) -> str:

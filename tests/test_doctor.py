@@ -42,7 +42,11 @@ def test_doctor_json_reports_the_instance(make_instance, serve, tmp_path: Path) 
     assert r["os"]["name"] and r["os"]["kernel"].startswith("Linux")
     assert r["python"]["path"] == "/root/miniconda3/bin/python3"  # found by the login shell, as on AutoDL
     assert r["python"]["conda"] is True and r["python"]["conda_env"] == "base"
-    assert r["python"]["version"] == sys.version.split()[0]
+    assert r["python"]["version"] == sys.version.split()[0]  # remote_worker.envprobe, from the bundle it sent
+    assert r["bundle"]["error"] is None and r["bundle"]["dir"].startswith(
+        "/root/autodl-tmp/autodl-run/bundles/"
+    )
+    assert (inst.root / r["bundle"]["dir"].removeprefix("/root/") / "remote_worker" / "envprobe.py").is_file()
     assert (
         r["torch"]["version"] == importlib.metadata.version("torch") and r["torch"]["cuda_available"] is False
     )

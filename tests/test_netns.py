@@ -71,7 +71,7 @@ def test_from_a_pasted_login_command_to_a_verified_adapter(
     assert "tmux" in inst.apt_log.read_text()  # apt was tried, then setsid
     assert "subsystem 'sftp'" in inst.log()  # no rsync there: files went over SFTP
     runs = [ln.split("|", 1) for ln in inst.python_log.read_text().splitlines()]
-    prefetch = [proxy_url for proxy_url, argv in runs if "autodl-run: model download" in argv]
+    prefetch = [proxy_url for proxy_url, argv in runs if argv.split()[:2] == ["-m", "remote_worker.prefetch"]]
     worker = [proxy_url for proxy_url, argv in runs if argv.split()[:2] == ["-m", "remote_worker"]]
     assert prefetch == [turbo.url] and worker == [""]  # network_turbo for the download only
     assert any("/api/models/" + REPO in r for r in turbo.requests)

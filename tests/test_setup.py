@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -22,12 +23,15 @@ import pytest
 from netns import _make_instance, _netns_ok, _serve, build_wheel, hub, login, pip_index, proxy  # noqa: F401
 from tinymodel import make_model
 
+from client.bundle import script, stage_bundle
 from client.errors import RemoteEnvError
-from client.prefetch import prefetch_model
+from client.prefetch import prefetch_model, read_result
 from client.setup import deps_key, ensure_worker_deps, remote_root
 from client.transport import connect
+from client.transport.local import LocalTransport
 from jobs import events as ev
-from jobs.layout import RemoteLayout
+from jobs.layout import JobPaths, RemoteLayout
+from jobs.protocol import EnvProbe, ModelDownload, SetupMarker, dump_model, read_model
 from jobs.spec import JobSpec
 
 pytestmark = pytest.mark.ssh
@@ -267,3 +271,114 @@ def test_the_download_goes_on_when_the_connection_drops(make_instance, serve, ti
     assert not thread.is_alive() and len(outcome) == 1
     assert isinstance(outcome[0], dict) and outcome[0]["ok"], outcome
     assert any("connection lost" in ln and "the download goes on" in ln for ln in lines), lines
+
+
+# -- the programs the client runs on the instance, run here for real ---------------------------------
+
+
+def _bundle(tmp_path: Path) -> Path:
+    """The worker bundle as it is sent: the programs must run from it alone."""
+    return stage_bundle(tmp_path / "bundles").dir
+
+
+def test_the_shell_scripts_parse_and_travel_in_the_bundle(tmp_path: Path) -> None:
+    scripts = sorted((REPO_ROOT / "jobs" / "scripts").glob("*.sh"))
+    assert {s.name for s in scripts} >= {"setup_probe.sh", "doctor.sh"}
+    for s in scripts:
+        res = subprocess.run(["bash", "-n", str(s)], capture_output=True, text=True)
+        assert res.returncode == 0, f"{s.name}: {res.stderr}"
+        assert script(s.name) == s.read_text()
+        assert (_bundle(tmp_path) / "jobs" / "scripts" / s.name).read_text() == s.read_text()
+
+
+def test_the_env_probe_reports_this_python(tmp_path: Path) -> None:
+    reqs = {"transformers": "transformers>=1.0", "peft": "peft>=999", "no_such_module_x": "no-such-module-x"}
+    env = {**os.environ, "PYTHONPATH": str(_bundle(tmp_path))}
+    argv = [sys.executable, "-m", "remote_worker.envprobe", "--requirements", json.dumps(reqs), "--torch"]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout
+    probe = read_model(EnvProbe, out.strip().splitlines()[-1])
+    assert probe.python == sys.version.split()[0] and probe.executable == sys.executable
+    assert probe.missing == ["no_such_module_x"] and probe.outdated == {
+        "peft": importlib.metadata.version("peft")
+    }
+    assert probe.packages["transformers"] == importlib.metadata.version("transformers")
+    assert probe.torch == importlib.metadata.version("torch") and probe.torch_error is None
+    assert probe.cuda_available is False and probe.gpus == []
+
+    # Before set-up: a python with nothing installed (-S: no site-packages, so no pydantic either)
+    argv = [
+        sys.executable,
+        "-S",
+        "-m",
+        "remote_worker.envprobe",
+        "--requirements",
+        json.dumps({"torch": "torch>=2.4"}),
+    ]
+    out = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout
+    bare = read_model(EnvProbe, out)
+    assert bare.missing == ["torch"] and bare.torch is None and bare.packages["transformers"] is None
+
+
+def _download(bundle: Path, tmp_path: Path, endpoint: str, repo: str) -> tuple[int, Path]:
+    job = tmp_path / "jobs" / "job-1"
+    (job / "prefetch").mkdir(parents=True, exist_ok=True)
+    args = {"repo": repo, "revision": None, "job_dir": str(job), "lora_r": 8, "targets": "all-linear",
+            "keep_checkpoints": 2, "bytes_per_param": 16, "margin": 1 << 20, "every": 0.1}  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(bundle), "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": endpoint,
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1"}  # fmt: skip
+    rc = subprocess.run(
+        [sys.executable, "-m", "remote_worker.prefetch", json.dumps(args)], env=env, cwd=tmp_path, timeout=300
+    ).returncode
+    return rc, job
+
+
+def test_the_download_module_runs_from_the_bundle(serve, tiny_model: Path, tmp_path: Path) -> None:
+    hf = serve(hub("127.0.0.1", {"test-org/tiny-qwen2": tiny_model}))
+    bundle = _bundle(tmp_path)
+    rc, job = _download(bundle, tmp_path, hf.url, "test-org/tiny-qwen2")
+    result = read_model(ModelDownload, (job / "prefetch" / "result.json").read_text())
+    assert rc == 0 and result.ok and not result.cached and result.bytes > 0, (job / "worker.log").read_text()
+    assert (Path(result.path) / "model.safetensors").read_bytes() == (
+        tiny_model / "model.safetensors"
+    ).read_bytes()
+    phases = [e for e in _events(job / "events.jsonl") if isinstance(e, ev.Phase)]
+    assert phases[0].phase == "download" and "downloaded" in phases[-1].message
+
+    rc, job = _download(bundle, tmp_path, hf.url, "test-org/tiny-qwen2")
+    assert rc == 0 and read_model(ModelDownload, (job / "prefetch" / "result.json").read_text()).cached
+
+    rc, job = _download(bundle, tmp_path, hf.url, "test-org/none")
+    failed = read_model(ModelDownload, (job / "prefetch" / "result.json").read_text())
+    assert (
+        rc == 3
+        and not failed.ok
+        and failed.kind == "not_found"
+        and "no model test-org/none" in failed.message
+    )
+
+
+def test_a_malformed_download_result_is_a_clear_error(tmp_path: Path) -> None:
+    paths = JobPaths(str(tmp_path / "job"))
+    Path(paths.prefetch.dir).mkdir(parents=True)
+    t = LocalTransport(use_rsync=False)
+    Path(paths.prefetch_result).write_text('{"ok": "perhaps"}\n')
+    with pytest.raises(RemoteEnvError, match="the model download's result is malformed: .*ok"):
+        read_result(t, paths, "m")
+    Path(paths.prefetch_result).write_text(dump_model(ModelDownload(ok=True, path="/x", bytes=3)))
+    assert read_result(t, paths, "m").path == "/x"
+    Path(paths.prefetch_result).unlink()
+    with pytest.raises(RemoteEnvError, match="stopped without a result"):
+        read_result(t, paths, "m")
+
+
+def test_a_malformed_marker_means_probe_again(make_instance, tmp_path: Path) -> None:
+    inst = make_instance()
+    login(inst)
+    spec = _spec(python="/root/miniconda3/bin/python")
+    marker = inst.root / "autodl-tmp" / "autodl-run" / ".setup" / f"deps-{deps_key(spec)}.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("{not json")
+    with connect(spec.instance) as t:
+        info = ensure_worker_deps(t, spec, log=lambda _m: None)
+    assert not info["from_marker"] and info["python"] == sys.version.split()[0]
+    assert read_model(SetupMarker, marker.read_text()).executable == sys.executable
