@@ -17,11 +17,12 @@ import re
 import time
 
 from client import launcher
-from client.errors import ConnectError, RemoteEnvError
-from client.follow import poll_once
+from client.errors import RemoteEnvError
+from client.follow import Follower, Reconnecting
 from client.setup import Log, remote_root, turbo_prefix
 from client.transport.base import Transport, sections
 from client.transport.paths import shell_path
+from client.untrusted_text import shown
 from jobs import events as ev
 from jobs.layout import JobPaths, RemoteLayout
 from jobs.protocol import ModelDownload, ProtocolError, read_model
@@ -119,30 +120,14 @@ def read_result(transport: Transport, paths: JobPaths, name: str) -> ModelDownlo
 def _follow(
     transport: Transport, pdir: JobPaths, log: Log, poll_s: float, reconnect_timeout_s: float
 ) -> None:
-    """Print the download's phase events until it ends; ride out a dropped connection."""
-    offset, down_since, wait = 0, None, poll_s
-    while True:
-        try:
-            poll, offset = poll_once(transport, pdir, "../events.jsonl", offset)
-            down_since, wait = None, poll_s
-        except ConnectError as exc:  # the link dropped: the download goes on there
-            now = time.monotonic()
-            down_since = down_since or now
-            if now - down_since > reconnect_timeout_s:
-                raise
-            log(
-                f"  connection lost ({exc.message.splitlines()[0]}); the download goes on, retrying in {wait:.0f}s"
-            )
-            time.sleep(wait)
-            wait = min(wait * 2, 30)
-            continue
-        for line in poll.lines:
-            try:
-                event = ev.parse(line)
-            except ValueError:
-                continue
-            if isinstance(event, ev.Phase) and event.phase == "download":
-                log(f"  {event.message}")
-        if poll.state.finished and not poll.more:
-            return
-        time.sleep(poll_s)
+    """Print the download's phase events until it ends; ride out a dropped connection (client.follow)."""
+    events = posixpath.relpath(JobPaths(posixpath.dirname(pdir.dir)).events, pdir.dir)
+    follower = Follower(lambda: transport, pdir, events, poll_s=poll_s, reconnect_timeout_s=reconnect_timeout_s)
+    for item in follower:
+        if isinstance(item, Reconnecting):
+            log(f"  connection lost ({shown(item.error)}); the download goes on, retrying in {item.wait_s:.0f}s")
+        elif isinstance(item, list):
+            for line in item:
+                event = ev.parse_or_none(line)
+                if isinstance(event, ev.Phase) and event.phase == "download":
+                    log(f"  {shown(event.message)}")
