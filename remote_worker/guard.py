@@ -21,15 +21,14 @@ model download still running), no client holds a fresh lease on any job, and eve
 output (its adapter, or without one its newest checkpoint) is safe: acknowledged by the laptop
 (FetchAck naming that manifest's sha256), kept on autodl-fs (a verified copy), or not wanted (that
 job's policy is "never", or it has no output). A finished job that is not safe holds the shutdown
-while its own grace runs (counted from when this guard saw it end). Once
-every grace has passed, the guard copies each such output to autodl-fs, verified, then shuts down.
-What could not be copied (no autodl-fs, or the copy failed) stays on the data disk, which survives
-the shutdown (AutoDL keeps a stopped instance's disks, not forever: 15 days), and the status says
-so: the guard never keeps the GPU paid beyond the longest grace. A job's unreadable file counts as
-"not safe" (a bad `job.json`: this guard's own grace; a bad `fetched.json`: not acknowledged).
-While another job runs, that job's guard decides: this one copies its own output if it is not
-safe, and exits. If this job runs again (`autodl-run resume` on the same instance), the guard goes
-back to watching.
+while its own grace runs, counted from when this guard saw it end. Once every grace has passed,
+the guard copies each such output to autodl-fs, verified, and then shuts down. What could not be
+copied (no autodl-fs, or the copy failed) stays on the data disk, which a shutdown keeps (AutoDL
+releases a stopped instance only after a while), and the status names it: the guard never keeps
+the GPU paid beyond the longest grace. An unreadable file counts as "not safe": a bad `job.json`
+gives that job this guard's own grace, a bad `fetched.json` acknowledges nothing. While another
+job runs, that job's guard decides: this one copies its own output if it is not safe, and exits.
+If this job runs again (`autodl-run resume` on the same instance), the guard goes back to watching.
 
 Durations are measured on the monotonic clock, so a jump of the instance's wall clock neither ends
 a grace nor ages a lease: a lease (`fetching.<token>`, touched by the client every 15 s while it
@@ -241,15 +240,17 @@ class Guard:
     def view(self, job_dir: Path, now: float) -> JobView:
         job_id = job_dir.name
         paths = JobPaths(str(job_dir))
-        running = alive(job_dir) or alive(Path(paths.prefetch.dir))
+        wrapper = alive(job_dir)
+        running = wrapper or alive(Path(paths.prefetch.dir))
         has_pid = Path(paths.pid).exists()
         record = read_file(LaunchRecord, paths.launch)
         state = resolve(
-            read_text(paths.state), parse_exit_code(read_text(paths.exit_code)), alive(job_dir),
+            read_text(paths.state), parse_exit_code(read_text(paths.exit_code)), wrapper,
             exists=job_dir.is_dir(), has_pid=has_pid, launching=Path(paths.launch).exists(),
         )  # fmt: skip
         launching = None
-        if not running and state in (JobState.LAUNCHING, JobState.STARTING):
+        own = job_dir == self.dir  # the guard starts right after its job: that pid may not be written yet
+        if not running and (state == JobState.LAUNCHING or (own and state == JobState.STARTING)):
             if now - self.pending.setdefault(job_id, now) < LAUNCH_S:
                 launching = f"job {job_id}{f' ({record.name})' if record else ''} is being launched"
         else:
@@ -258,7 +259,7 @@ class Guard:
             self.ended.pop(job_id, None)
         else:
             self.ended.setdefault(job_id, now)
-        if job_dir == self.dir:
+        if own:
             policy, grace = self.policy, self.grace_s
         else:
             spec = read_file(WorkerJob, paths.spec)
@@ -353,6 +354,7 @@ class Guard:
         ready = self.own_decision(own, left)
         if ready.action == "wait":
             return ready
+        self.remaining = max([0.0] + [t for _, t in unsafe])
         running = [v for v in others if v.running]
         if running:
             return Decision(
@@ -372,7 +374,11 @@ class Guard:
         return ready
 
     def own_decision(self, own: JobView, left: float) -> Decision:
-        done = own.state == JobState.DONE and own.output is not None and own.output.rel == "adapter"
+        done = (
+            own.state == JobState.DONE
+            and own.output is not None
+            and own.output.src == Path(self.paths.adapter)
+        )
         if done and self.policy == "done":
             return Decision("shutdown", Reason.DONE, "the job is done")
         if done and own.acked:
@@ -408,8 +414,8 @@ class Guard:
     def preserve(self, v: JobView) -> str | None:
         """Copy a job's output to autodl-fs, verified; its path there, or None."""
         root = fs_root()
-        if root is None or v.output is None:
-            return None
+        if root is None or v.output is None or not v.output.sha256:
+            return None  # an output whose manifest is unreadable cannot be verified: it stays where it is
         src, dest = v.output.src, self.fs_dest(root, v)
         if self.kept_at(dest, v.output.sha256):
             return str(dest)
