@@ -8,13 +8,14 @@ no guard is started.
 
 from __future__ import annotations
 
-import json
 import time
 
 from client import launcher
+from client.errors import TransportError
 from client.transport.base import Transport
 from client.transport.paths import shell_path
 from jobs.layout import JobPaths
+from jobs.protocol import GuardPhase, GuardStatus, ProtocolError, read_model
 from jobs.spec import JobSpec
 
 
@@ -41,35 +42,38 @@ def stop_guard(transport: Transport, spec: JobSpec, paths: JobPaths, job_id: str
     )
 
 
-def guard_status(transport: Transport, paths: JobPaths) -> dict | None:
-    """The guard's status.json (phase, policy, reason, message, shutdown_at, copied_to...), or None."""
-    res = transport.run(f"cat -- {shell_path(paths.guard_status)} 2>/dev/null", check=False)
+GUARD_READ_TIMEOUT_S = 20.0  # reading one small file; a hung instance must not hang `status`
+
+
+def guard_status(transport: Transport, paths: JobPaths) -> GuardStatus | None:
+    """The guard's status.json, or None: none yet, unreadable, malformed, or the instance did not answer."""
+    cmd = f"cat -- {shell_path(paths.guard_status)} 2>/dev/null"
+    try:
+        res = transport.run(cmd, check=False, timeout=GUARD_READ_TIMEOUT_S)
+    except TransportError:
+        return None
     if not res.ok or not res.stdout.strip():
         return None
     try:
-        status = json.loads(res.stdout)
-    except ValueError:
+        return read_model(GuardStatus, res.stdout, paths.guard_status)
+    except ProtocolError:
         return None
-    return status if isinstance(status, dict) else None
 
 
-def describe(status: dict | None, now: float | None = None) -> str:
+def describe(status: GuardStatus | None, now: float | None = None) -> str:
     """One line for a person: what the guard does or did."""
-    if not status:
+    if status is None:
         return ""
     now = time.time() if now is None else now
-    phase, policy = status.get("phase", ""), status.get("policy", "")
-    copied = f"; adapter copied to {status['copied_to']}" if status.get("copied_to") else ""
-    if phase == "watching":
-        return f"watching the job (shutdown_after = {policy})"
-    if phase == "waiting":
-        at = status.get("shutdown_at")
-        when = f" (shuts down in {max(0, at - now) / 60:.0f} min without it)" if at else ""
-        return f"{status.get('message', 'waiting')}{when}"
-    if phase == "not shut down":
-        return f"{status.get('message', '')}{copied}"
-    if phase == "shutdown failed":
-        return (
-            f"the shutdown command failed (exit {status.get('command_rc')}): {status.get('command')}{copied}"
-        )
-    return f"{phase}: {status.get('message', '')}{copied}"
+    copied = f"; adapter copied to {status.copied_to}" if status.copied_to else ""
+    if status.phase == GuardPhase.WATCHING:
+        return f"watching the job (shutdown_after = {status.policy})"
+    if status.phase == GuardPhase.WAITING:
+        at = status.shutdown_at
+        when = f" (shuts down in {max(0.0, at - now) / 60:.0f} min without it)" if at else ""
+        return f"{status.message or 'waiting'}{when}"
+    if status.phase == GuardPhase.NOT_SHUT_DOWN:
+        return f"{status.message}{copied}"
+    if status.phase == GuardPhase.SHUTDOWN_FAILED:
+        return f"the shutdown command failed (exit {status.command_rc}): {status.command}{copied}"
+    return f"{status.phase}: {status.message}{copied}"

@@ -1,4 +1,4 @@
-"""`python -m remote_worker.guard JOB_JSON`: stop paying for the GPU once the job's adapter is safe.
+"""`python -m remote_worker.guard JOB_JSON`: stop paying for the GPU once every adapter on it is safe.
 
 The client starts it beside the job, under tmux like the job itself (files in `jobs/<id>/guard/`,
 jobs.layout), so it needs no laptop. It watches the job and, once the job's process has ended,
@@ -15,24 +15,38 @@ acts on `instance.shutdown_after`:
 A job that failed or was stopped has no final adapter: after the idle grace its newest checkpoint
 is copied to autodl-fs (whole, so it can be resumed elsewhere) and the instance is shut down.
 
-Never while a fetch is in progress: the client touches `fetching` while it transfers, and the guard
-waits while that lease is fresh (LEASE_S). Never while another job runs on the instance: that job's
-guard decides. If this job runs again (`autodl-run resume` on the same instance), the guard goes
-back to watching.
+Every job on the instance, not just its own. The instance is shut down only when no job runs or is
+being launched (its `launch.json` without a pid, for LAUNCH_S after the guard first saw it; or its
+model download still running), no client holds a fresh lease on any job, and every finished job's
+output (its adapter, or without one its newest checkpoint) is safe: acknowledged by the laptop
+(FetchAck naming that manifest's sha256), kept on autodl-fs (a verified copy), or not wanted (that
+job's policy is "never", or it has no output). A finished job that is not safe holds the shutdown
+while its own grace runs, counted from when this guard saw it end. Once every grace has passed,
+the guard copies each such output to autodl-fs, verified, and then shuts down. What could not be
+copied (no autodl-fs, or the copy failed) stays on the data disk, which a shutdown keeps (AutoDL
+releases a stopped instance only after a while), and the status names it: the guard never keeps
+the GPU paid beyond the longest grace. An unreadable file counts as "not safe": a bad `job.json`
+gives that job this guard's own grace, a bad `fetched.json` acknowledges nothing. While another
+job runs, that job's guard decides: this one copies its own output if it is not safe, and exits.
+If this job runs again (`autodl-run resume` on the same instance), the guard goes back to watching.
+
+Durations are measured on the monotonic clock, so a jump of the instance's wall clock neither ends
+a grace nor ages a lease: a lease (`fetching.<token>`, touched by the client every 15 s while it
+transfers) is fresh while its mtime changed, or it appeared, within LEASE_S monotonic seconds.
+`shutdown_at` in the status is wall-clock time, for display only.
 
 The default `shutdown_command` (/usr/bin/shutdown: AutoDL stops billing when it runs inside the
 instance) runs only on a host that looks like an AutoDL instance (its environment variables,
 /init/others/help or /etc/network_turbo); on any other host it would power off a machine that may
 be someone's own, so the guard says so and leaves it running. A command set in the spec always runs.
 
-What it is doing is in `guard/status.json`; `autodl-run status` shows it. Standard library and
-jobs only: no torch.
+What it is doing is in `guard/status.json` (jobs.protocol.GuardStatus); `autodl-run status` shows
+it. Standard library, pydantic and jobs only: no torch.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -40,15 +54,27 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
-from jobs.layout import MANIFEST, JobPaths
+from jobs.jobstate import parse_exit_code, resolve
+from jobs.layout import LEASE_PREFIX, MANIFEST, JobPaths, checkpoint_step
 from jobs.manifest import ManifestError, verify_manifest
+from jobs.protocol import (
+    FetchAck,
+    GuardPhase,
+    GuardStatus,
+    JobState,
+    LaunchRecord,
+    ProtocolError,
+    dump_model,
+    read_model,
+)
 from jobs.spec import InstanceSpec, WorkerJob
-from remote_worker import checkpoints
 
 USAGE = "usage: python -m remote_worker.guard JOB_JSON"
-LEASE_S = 60.0  # a `fetching` lease older than this is stale (the client refreshes it every 15 s)
+LEASE_S = 60.0  # a lease whose mtime did not change for this long is stale (touched every 15 s)
+LAUNCH_S = 600.0  # a launch.json without a pid counts as a launch in progress this long
 FS_ROOTS = ("~/autodl-fs", "/root/autodl-fs")  # AutoDL's network disk: survives the instance's release
 DEFAULT_COMMAND = InstanceSpec.model_fields["shutdown_command"].default
 AUTODL_ENV = ("AutoDLContainerUUID", "AutoDLRegion", "AutoDLDataCenter")
@@ -73,17 +99,62 @@ def poll_s() -> float:
         return 1.0
 
 
+class Reason(str, Enum):
+    """Why the guard waits or acts (`reason` in guard/status.json)."""
+
+    NEVER = "never"
+    RUNNING = "running"
+    FETCH_IN_PROGRESS = "fetch in progress"
+    WAITING_FOR_FETCH = "waiting for the fetch"
+    IDLE = "idle"  # the job failed or was stopped: waiting for a resume, then the grace ran out
+    OTHER_JOB = "another job"  # another job is being launched, or its output waits for its fetch
+    FETCHED = "fetched"
+    DONE = "done"
+    GRACE = "grace"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Decision:
-    action: str  # "wait", "shutdown" or "exit"
-    reason: str  # wait: running, fetch in progress, waiting for the fetch, idle; shutdown: fetched, done, grace, idle
+    action: str  # "wait", "shutdown", "leave" (another job runs: its guard decides) or "exit"
+    reason: Reason
     message: str
+
+
+@dataclass
+class Output:
+    """What a finished job must not lose: its adapter, or without one its newest checkpoint."""
+
+    src: Path
+    rel: str  # below the job's output/ folder, and below autodl-fs/autodl-run/<job id>/
+    sha256: str | None  # of its manifest.json
+
+
+@dataclass
+class JobView:
+    """One job folder as the guard sees it this tick."""
+
+    job_id: str
+    dir: Path
+    state: JobState
+    running: bool  # its wrapper or its model download runs
+    launching: str | None  # why it counts as being launched (young, no pid yet), or None
+    policy: str | None  # None: job.json unreadable
+    grace_s: float | None
+    output: Output | None
+    acked: bool
+
+    @property
+    def busy(self) -> bool:
+        return self.running or self.launching is not None
 
 
 def alive(job_dir: Path) -> bool:
     """The job's wrapper (its pid file) still runs, in that folder (a reused pid does not count)."""
     try:
-        pid = int((job_dir / "pid").read_text().split()[0])
+        pid = int(Path(JobPaths(str(job_dir)).pid).read_text().split()[0])
         os.kill(pid, 0)
     except (OSError, ValueError, IndexError):
         return False
@@ -103,6 +174,24 @@ def sha256_of(path: Path) -> str | None:
         return None
 
 
+def read_text(path: str | Path) -> str | None:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def read_file(model, path: str | Path):
+    """A crossing file through its jobs.protocol model; None when absent or malformed."""
+    text = read_text(path)
+    if text is None:
+        return None
+    try:
+        return read_model(model, text, str(path))
+    except ProtocolError:
+        return None
+
+
 def fs_root() -> Path | None:
     override = os.environ.get("AUTODL_RUN_FS")
     for candidate in ([override] if override else []) + list(FS_ROOTS):
@@ -112,8 +201,23 @@ def fs_root() -> Path | None:
     return None
 
 
+def newest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint (`step-N` with its manifest) under `root`."""
+    try:
+        found = [(checkpoint_step(p.name), p) for p in root.iterdir() if (p / MANIFEST).is_file()]
+    except OSError:
+        return None
+    found = [(s, p) for s, p in found if s is not None]
+    return max(found)[1] if found else None
+
+
 class Guard:
-    def __init__(self, job: WorkerJob, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        job: WorkerJob,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ):
         self.job = job
         self.paths = JobPaths(job.job_dir)
         self.dir = Path(job.job_dir)
@@ -121,128 +225,266 @@ class Guard:
         self.policy = inst.shutdown_policy
         self.grace_s = inst.idle_grace_minutes * 60
         self.command = inst.shutdown_command
-        self.clock = clock
-        self.ended_at: float | None = None
-        self._status: dict = {}
+        self.clock = clock  # wall clock: only for `shutdown_at` and `t`, shown to a person
+        self.monotonic = monotonic  # every duration
+        self.ended: dict[str, float] = {}  # job id -> when this guard saw it end
+        self.pending: dict[str, float] = {}  # job id -> when this guard first saw it without a pid
+        self.leases: dict[Path, tuple[int, float]] = {}  # lease -> (mtime, when first seen)
+        self.verified: set[tuple[str, str]] = set()  # (copy on autodl-fs, manifest sha256) already checked
+        self.views: dict[str, JobView] = {}
+        self.remaining: float | None = None  # seconds until the shutdown unless something comes first
+        self._status: GuardStatus | None = None
 
-    # -- what the job folder says ------------------------------------------------------------
+    # -- what the job folders say ------------------------------------------------------------------
 
-    def running(self) -> bool:
-        return alive(self.dir)
-
-    def outcome(self) -> str:
-        state_file = Path(self.paths.state)
-        state = state_file.read_text().strip() if state_file.is_file() else ""
-        if state == "done" and (Path(self.paths.adapter) / MANIFEST).is_file():
-            return "done"
-        return state if state in ("failed", "cancelled") else "lost"
-
-    def acknowledged(self) -> dict | None:
-        """The client's acknowledgement, if it names this very adapter (sha256 of its manifest)."""
-        try:
-            ack = json.loads(Path(self.paths.fetched).read_text())
-        except (OSError, ValueError):
-            return None
-        want = sha256_of(Path(self.paths.adapter) / MANIFEST)
-        if isinstance(ack, dict) and want and ack.get("manifest_sha256") == want:
-            return ack
-        return None
-
-    def fetch_in_progress(self, now: float) -> bool:
-        """A client's lease (`fetching.<token>`, touched while it transfers) is fresh."""
-        for lease in self.dir.glob("fetching*"):
-            try:
-                if now - lease.stat().st_mtime < LEASE_S:
-                    return True
-            except OSError:
-                pass
-        return False
-
-    def others_running(self) -> list[str]:
-        jobs = self.dir.parent
-        return sorted(p.name for p in jobs.iterdir() if p.is_dir() and p != self.dir and alive(p))
-
-    # -- the decision, once a tick ---------------------------------------------------------------
-
-    def decide(self, now: float) -> Decision:
-        if self.policy == "never":
-            return Decision("exit", "never", 'instance.shutdown_after = "never": the guard does nothing')
-        if self.running():
-            self.ended_at = None
-            return Decision("wait", "running", "watching the job")
-        if self.ended_at is None:
-            self.ended_at = now
-        outcome = self.outcome()
-        left = self.ended_at + self.grace_s - now
-        if self.fetch_in_progress(now):
-            return Decision("wait", "fetch in progress", "a fetch is in progress; waiting for it to finish")
-        if outcome == "done" and self.policy == "done":
-            return Decision("shutdown", "done", "the job is done")
-        if outcome == "done" and self.acknowledged():
-            return Decision("shutdown", "fetched", "the client fetched and verified the adapter")
-        if left <= 0:
-            if outcome == "done":
-                return Decision("shutdown", "grace", f"no fetch within {self.grace_s / 60:g} min")
-            return Decision("shutdown", "idle", f"the job {outcome}; idle for {self.grace_s / 60:g} min")
-        if outcome == "done":
-            return Decision("wait", "waiting for the fetch", "waiting for the client to fetch the adapter")
-        return Decision("wait", "idle", f"the job {outcome}; waiting for it to be resumed")
-
-    # -- acting on it ------------------------------------------------------------------------------
-
-    def preserve(self) -> str | None:
-        """Copy the adapter (or, without one, the newest checkpoint) to autodl-fs; its path there, or None."""
-        root = fs_root()
-        if root is None:
-            return None
-        adapter = Path(self.paths.adapter)
-        if (adapter / MANIFEST).is_file():
-            src, dest = adapter, root / "autodl-run" / self.job.job_id / "adapter"
+    def view(self, job_dir: Path, now: float) -> JobView:
+        job_id = job_dir.name
+        paths = JobPaths(str(job_dir))
+        wrapper = alive(job_dir)
+        running = wrapper or alive(Path(paths.prefetch.dir))
+        has_pid = Path(paths.pid).exists()
+        record = read_file(LaunchRecord, paths.launch)
+        state = resolve(
+            read_text(paths.state), parse_exit_code(read_text(paths.exit_code)), wrapper,
+            exists=job_dir.is_dir(), has_pid=has_pid, launching=Path(paths.launch).exists(),
+        )  # fmt: skip
+        launching = None
+        own = job_dir == self.dir  # the guard starts right after its job: that pid may not be written yet
+        if not running and (state == JobState.LAUNCHING or (own and state == JobState.STARTING)):
+            if now - self.pending.setdefault(job_id, now) < LAUNCH_S:
+                launching = f"job {job_id}{f' ({record.name})' if record else ''} is being launched"
         else:
-            steps = checkpoints.complete(Path(self.paths.checkpoints))
-            if not steps:
-                return None
-            src, dest = steps[-1], root / "autodl-run" / self.job.job_id / "checkpoints" / steps[-1].name
-        tmp = dest.with_name(dest.name + ".partial")
+            self.pending.pop(job_id, None)
+        if running or launching:
+            self.ended.pop(job_id, None)
+        else:
+            self.ended.setdefault(job_id, now)
+        if own:
+            policy, grace = self.policy, self.grace_s
+        else:
+            spec = read_file(WorkerJob, paths.spec)
+            inst = spec.spec.instance if spec else None
+            policy = inst.shutdown_policy if inst else None
+            grace = inst.idle_grace_minutes * 60 if inst else None
+        output = self.output_of(paths)
+        ack = read_file(FetchAck, paths.fetched)
+        acked = bool(ack and output and output.sha256 and ack.manifest_sha256 == output.sha256)
+        return JobView(job_id, job_dir, state, running, launching, policy, grace, output, acked)
+
+    @staticmethod
+    def output_of(paths: JobPaths) -> Output | None:
+        adapter = Path(paths.adapter)
+        src = adapter if (adapter / MANIFEST).is_file() else newest_checkpoint(Path(paths.checkpoints))
+        if src is None:
+            return None
+        return Output(src, src.relative_to(paths.output).as_posix(), sha256_of(src / MANIFEST))
+
+    def survey(self, now: float) -> dict[str, JobView]:
+        """Every job folder on the instance, this guard's own first; an unreadable one never stops the guard."""
+        views = {self.job.job_id: self.view(self.dir, now)}
+        try:
+            others = sorted(p for p in self.dir.parent.iterdir() if p.is_dir() and p != self.dir)
+        except OSError:
+            others = []
+        for d in others:
+            try:
+                views[d.name] = self.view(d, now)
+            except Exception as exc:  # noqa: BLE001 - a bad folder is "not safe", never a crash
+                self.log(f"cannot read job folder {d}: {exc}")
+                views[d.name] = JobView(d.name, d, JobState.LOST, False, None, None, None,
+                                        Output(d, "", None), False)  # fmt: skip
+                self.ended.setdefault(d.name, now)
+        return views
+
+    def fetching(self, now: float, views: dict[str, JobView]) -> str | None:
+        """The job a client fetches now: one of its leases (`fetching.<token>`) changed within LEASE_S."""
+        seen, fresh = set(), None
+        for v in views.values():
+            try:
+                leases = list(v.dir.glob(LEASE_PREFIX + "*"))
+            except OSError:
+                continue
+            for lease in leases:
+                try:
+                    mtime = lease.stat().st_mtime_ns
+                except OSError:
+                    continue
+                seen.add(lease)
+                known = self.leases.get(lease)
+                if known is None or known[0] != mtime:
+                    self.leases[lease] = known = (mtime, now)
+                if now - known[1] < LEASE_S and fresh is None:
+                    fresh = v.job_id
+        self.leases = {k: t for k, t in self.leases.items() if k in seen}
+        return fresh
+
+    def safe(self, v: JobView) -> bool:
+        """Nothing of this finished job would be lost: no output, not wanted, fetched, or on autodl-fs."""
+        if v.output is None or v.policy == "never" or v.acked:
+            return True
+        root = fs_root()
+        return root is not None and self.kept_at(self.fs_dest(root, v), v.output.sha256)
+
+    def left(self, v: JobView, now: float) -> float:
+        """Seconds of this job's grace left, counted from when this guard saw it end."""
+        grace = self.grace_s if v.grace_s is None else v.grace_s
+        return self.ended.get(v.job_id, now) + grace - now
+
+    # -- the decision, once a tick -------------------------------------------------------------------
+
+    def decide(self) -> Decision:
+        if self.policy == "never":
+            return Decision("exit", Reason.NEVER, 'instance.shutdown_after = "never": the guard does nothing')
+        now = self.monotonic()
+        self.views = views = self.survey(now)
+        own = views[self.job.job_id]
+        if own.busy:
+            self.remaining = None
+            return Decision("wait", Reason.RUNNING, "watching the job")
+        left = self.left(own, now)
+        others = [v for v in views.values() if v is not own]
+        unsafe = [(v, self.left(v, now)) for v in others if not v.busy and not self.safe(v)]
+        self.remaining = max([left] + [t for _, t in unsafe])
+        fetching = self.fetching(now, views)
+        if fetching:
+            whose = "" if fetching == own.job_id else f" (job {fetching})"
+            return Decision(
+                "wait", Reason.FETCH_IN_PROGRESS, f"a fetch is in progress{whose}; waiting for it to finish"
+            )
+        ready = self.own_decision(own, left)
+        if ready.action == "wait":
+            return ready
+        self.remaining = max([0.0] + [t for _, t in unsafe])
+        running = [v for v in others if v.running]
+        if running:
+            return Decision(
+                "leave", ready.reason, f"job {running[0].job_id} runs on this instance: its guard decides"
+            )
+        launching = [v for v in others if v.launching]
+        if launching:
+            return Decision("wait", Reason.OTHER_JOB, f"{launching[0].launching}; waiting for it")
+        waiting = [(v, t) for v, t in unsafe if t > 0]
+        if waiting:
+            v, t = max(waiting, key=lambda w: w[1])
+            return Decision(
+                "wait", Reason.OTHER_JOB,
+                f"{ready.message}, but job {v.job_id}'s {v.output.rel} is neither fetched nor on autodl-fs: "
+                f"waiting {t / 60:.0f} min for its fetch",
+            )  # fmt: skip
+        return ready
+
+    def own_decision(self, own: JobView, left: float) -> Decision:
+        done = (
+            own.state == JobState.DONE
+            and own.output is not None
+            and own.output.src == Path(self.paths.adapter)
+        )
+        if done and self.policy == "done":
+            return Decision("shutdown", Reason.DONE, "the job is done")
+        if done and own.acked:
+            return Decision("shutdown", Reason.FETCHED, "the client fetched and verified the adapter")
+        if left <= 0:
+            if done:
+                return Decision("shutdown", Reason.GRACE, f"no fetch within {self.grace_s / 60:g} min")
+            return Decision(
+                "shutdown", Reason.IDLE, f"the job {own.state}; idle for {self.grace_s / 60:g} min"
+            )
+        if done:
+            return Decision("wait", Reason.WAITING_FOR_FETCH, "waiting for the client to fetch the adapter")
+        return Decision("wait", Reason.IDLE, f"the job {own.state}; waiting for it to be resumed")
+
+    # -- acting on it ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def fs_dest(root: Path, v: JobView) -> Path:
+        return root / "autodl-run" / v.job_id / v.output.rel
+
+    def kept_at(self, dest: Path, sha256: str | None) -> bool:
+        """`dest` is a verified copy of the output whose manifest has this sha256."""
+        if not sha256 or sha256_of(dest / MANIFEST) != sha256:
+            return False
+        if (str(dest), sha256) not in self.verified:
+            try:
+                verify_manifest(dest, sha256)
+            except (OSError, ManifestError):
+                return False
+            self.verified.add((str(dest), sha256))
+        return True
+
+    def preserve(self, v: JobView) -> str | None:
+        """Copy a job's output to autodl-fs, verified; its path there, or None."""
+        root = fs_root()
+        if root is None or v.output is None or not v.output.sha256:
+            return None  # an output whose manifest is unreadable cannot be verified: it stays where it is
+        src, dest = v.output.src, self.fs_dest(root, v)
+        if self.kept_at(dest, v.output.sha256):
+            return str(dest)
+        tmp = dest.with_name(f"{dest.name}.partial-{os.getpid()}")  # another job's guard may copy it too
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(src, tmp)
-            verify_manifest(tmp)
-            if dest.exists():
-                shutil.rmtree(dest)
-            tmp.rename(dest)
+            verify_manifest(tmp, v.output.sha256)
+            if self.kept_at(dest, v.output.sha256):
+                shutil.rmtree(tmp)
+            else:
+                if dest.exists():
+                    shutil.rmtree(dest)
+                tmp.rename(dest)
         except (OSError, ManifestError) as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             self.log(f"could not copy {src} to {dest}: {exc}")
             return None
         return str(dest)
 
+    def keep_all(self, decision: Decision) -> tuple[str | None, str]:
+        """Copy every output not yet safe to autodl-fs: (this job's copy, what the others' status adds)."""
+        own = self.views[self.job.job_id]
+        copied = None if decision.reason == Reason.FETCHED else self.preserve(own)
+        notes: list[str] = []
+        lost = [own] if copied is None and decision.reason != Reason.FETCHED and not self.safe(own) else []
+        for v in self.views.values():
+            if v is own or v.busy or self.safe(v):
+                continue
+            path = self.preserve(v)
+            if path:
+                notes.append(f"job {v.job_id}'s {v.output.rel} copied to {path}")
+            else:
+                lost.append(v)
+        if lost:
+            where = "there is no autodl-fs" if fs_root() is None else "copying to autodl-fs failed"
+            jobs = ", ".join(f"{v.job_id} ({v.output.rel})" for v in lost)
+            notes.append(f"{where}: kept only on this instance's data disk: {jobs}")
+        return copied, "".join(f"; {n}" for n in notes)
+
+    def leave(self, decision: Decision) -> int:
+        own = self.views[self.job.job_id]
+        copied = None if decision.reason == Reason.FETCHED or self.safe(own) else self.preserve(own)
+        self.write_status(GuardPhase.EXITED, decision, decision.message, copied_to=copied)
+        return 0
+
     def shutdown(self, decision: Decision) -> int:
-        others = self.others_running()
-        if others:
-            self.write_status("exited", decision, f"job {others[0]} runs on this instance: its guard decides")
-            return 0
-        copied = None if decision.reason == "fetched" else self.preserve()
-        if self.fetch_in_progress(self.clock()):  # a fetch started while we copied: wait for it
+        copied, notes = self.keep_all(decision)
+        if self.fetching(self.monotonic(), self.views):  # a fetch started while we copied: wait for it
             return -1
+        message = decision.message + notes
         if self.command == DEFAULT_COMMAND and not default_command_safe():
             self.write_status(
-                "not shut down",
+                GuardPhase.NOT_SHUT_DOWN,
                 decision,
-                f"{decision.message}; this host does not look like an AutoDL instance, so the default "
+                f"{message}; this host does not look like an AutoDL instance, so the default "
                 f"shutdown_command ({DEFAULT_COMMAND}) was not run: set instance.shutdown_command to stop it here",
                 copied_to=copied,
             )
             return 0
-        self.write_status("shutting down", decision, decision.message, copied_to=copied, command=self.command)
-        self.log(f"{decision.message}: running {self.command}")
+        self.write_status(GuardPhase.SHUTTING_DOWN, decision, message, copied_to=copied, command=self.command)
+        self.log(f"{message}: running {self.command}")
         try:
             rc = subprocess.run(["sh", "-c", self.command], stdin=subprocess.DEVNULL).returncode
         except OSError as exc:
             self.log(f"cannot run the shutdown command: {exc}")
             rc = 127
-        self.write_status("shut down" if rc == 0 else "shutdown failed", decision, decision.message,
-                          copied_to=copied, command=self.command, command_rc=rc)  # fmt: skip
+        phase = GuardPhase.SHUT_DOWN if rc == 0 else GuardPhase.SHUTDOWN_FAILED
+        self.write_status(phase, decision, message, copied_to=copied, command=self.command, command_rc=rc)
         return 0 if rc == 0 else 1
 
     def run(self, sleep: Callable[[float], None] = time.sleep) -> int:
@@ -250,44 +492,43 @@ class Guard:
             f"guarding {self.job.job_id}: shutdown_after = {self.policy}, grace {self.grace_s / 60:g} min"
         )
         while True:
-            now = self.clock()
-            decision = self.decide(now)
+            decision = self.decide()
             if decision.action == "exit":
-                self.write_status("exited", decision, decision.message)
+                self.write_status(GuardPhase.EXITED, decision, decision.message)
                 return 0
+            if decision.action == "leave":
+                return self.leave(decision)
             if decision.action == "shutdown":
                 code = self.shutdown(decision)
                 if code >= 0:
                     return code
                 continue
-            self.write_status(
-                "watching" if decision.reason == "running" else "waiting", decision, decision.message
-            )
+            phase = GuardPhase.WATCHING if decision.reason == Reason.RUNNING else GuardPhase.WAITING
+            self.write_status(phase, decision, decision.message)
             sleep(poll_s())
 
-    # -- reporting ---------------------------------------------------------------------------------
+    # -- reporting -------------------------------------------------------------------------------------
 
-    def write_status(self, phase: str, decision: Decision, message: str, **extra) -> None:
-        status = {
-            "phase": phase,
-            "policy": self.policy,
-            "reason": decision.reason,
-            "message": message,
-            "shutdown_at": None if self.ended_at is None else self.ended_at + self.grace_s,
-            **extra,
-        }
-        if status == {k: v for k, v in self._status.items() if k != "t"}:
+    def write_status(self, phase: GuardPhase, decision: Decision, message: str, **extra) -> None:
+        at = None if self.remaining is None else self.clock() + max(0.0, self.remaining)
+        status = GuardStatus(phase=phase, policy=self.policy, reason=decision.reason.value, message=message,
+                             shutdown_at=at, t=self.clock(), **extra)  # fmt: skip
+        prev, times = self._status, {"t", "shutdown_at"}
+        same = prev is not None and status.model_dump(exclude=times) == prev.model_dump(exclude=times)
+        if same and prev.shutdown_at is not None and at is not None and abs(at - prev.shutdown_at) < 5:
+            return  # unchanged but for the clock: keep the file (and the log) quiet
+        if same and prev.shutdown_at is None and at is None:
             return
-        self._status = {**status, "t": self.clock()}
+        self._status = status
         path = Path(self.paths.guard_status)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(".status.json.tmp")
-            tmp.write_text(json.dumps(self._status, indent=1) + "\n")
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(dump_model(status), encoding="utf-8")
             tmp.replace(path)
         except OSError:
             pass
-        if phase != "watching":
+        if not same and phase != GuardPhase.WATCHING:
             self.log(f"{phase}: {message}")
 
     @staticmethod
@@ -303,10 +544,9 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1 or argv[0].startswith("-"):
         print(USAGE, file=sys.stderr)
         return 2
-    try:
-        job = WorkerJob.model_validate_json(Path(argv[0]).read_text(encoding="utf-8"))
-    except Exception as exc:
-        print(f"cannot read {argv[0]}: {exc}", file=sys.stderr)
+    job = read_file(WorkerJob, argv[0])
+    if job is None:
+        print(f"cannot read {argv[0]}: not a job.json", file=sys.stderr)
         return 2
     return Guard(job).run()
 

@@ -11,12 +11,17 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from client import guard_launch
+from client.transport.local import LocalTransport
+from jobs.layout import JobPaths
 from jobs.manifest import verify_manifest, write_manifest
+from jobs.protocol import GuardPhase, GuardStatus
 from jobs.spec import JobSpec, WorkerJob
 from remote_worker import guard as guard_mod
 from remote_worker.guard import Guard
@@ -108,70 +113,121 @@ def running_process(tmp_path: Path):
 
 def test_fetched_policy_waits_for_an_acknowledgement_of_this_very_adapter(tmp_path, running_process):
     job = make_job(tmp_path, idle_grace_minutes=10)
-    clock = Clock()
-    g = Guard(job, clock=clock)
+    mono = Clock()
+    g = Guard(job, monotonic=mono)
     proc = running_process(Path(job.job_dir))
-    assert g.decide(clock.t).reason == "running"
+    assert g.decide().reason == "running"
     proc.kill()
     proc.wait()
     sha = finish(job)
-    d = g.decide(clock.t)
+    d = g.decide()
     assert (d.action, d.reason) == ("wait", "waiting for the fetch")
     ack(job, "0" * 64)  # some other adapter: not good enough
-    assert g.decide(clock.t).action == "wait"
+    assert g.decide().action == "wait"
+    (Path(job.job_dir) / "fetched.json").write_text("{garbage")  # a malformed one neither
+    assert g.decide().action == "wait"
     ack(job, sha)
-    d = g.decide(clock.t + 1)
+    mono.t += 1
+    d = g.decide()
     assert (d.action, d.reason) == ("shutdown", "fetched")
 
 
 def test_no_acknowledgement_within_the_grace_shuts_down_anyway(tmp_path):
     job = make_job(tmp_path, idle_grace_minutes=1)
     finish(job)
-    clock = Clock()
-    g = Guard(job, clock=clock)
-    assert g.decide(clock.t).action == "wait"  # the end is noticed now
-    assert g.decide(clock.t + 59).action == "wait"
-    d = g.decide(clock.t + 60)
+    mono = Clock()
+    g = Guard(job, monotonic=mono)
+    assert g.decide().action == "wait"  # the end is noticed now
+    mono.t += 59
+    assert g.decide().action == "wait"
+    mono.t += 1
+    d = g.decide()
     assert (d.action, d.reason) == ("shutdown", "grace")
 
 
 def test_never_while_a_fetch_is_in_progress(tmp_path):
     job = make_job(tmp_path, idle_grace_minutes=1)
     sha = finish(job)
-    clock = Clock(time.time())
-    g = Guard(job, clock=clock)
-    g.decide(clock.t)
-    held = lease(job, clock.t + 100)  # the client keeps touching it
-    clock.t += 120  # past the grace
-    assert g.decide(clock.t).reason == "fetch in progress"
+    mono = Clock()
+    g = Guard(job, monotonic=mono)
+    g.decide()
+    held = lease(job, time.time())
+    mono.t += 120  # past the grace
+    assert g.decide().reason == "fetch in progress"  # it appeared within LEASE_S
+    mono.t += guard_mod.LEASE_S - 1
+    os.utime(held, (time.time() - 3600,) * 2)  # touched: its mtime changed (whatever the wall clock says)
+    assert g.decide().reason == "fetch in progress"
     ack(job, sha)  # acknowledged, but the lease is still held (e.g. the optimizer state is coming)
-    assert g.decide(clock.t).reason == "fetch in progress"
-    os.utime(held, (clock.t - guard_mod.LEASE_S - 1,) * 2)  # the client died: the lease goes stale
-    assert g.decide(clock.t).reason == "fetched"
+    mono.t += guard_mod.LEASE_S - 1
+    assert g.decide().reason == "fetch in progress"
+    mono.t += 2  # the client died: no change for LEASE_S, the lease is stale
+    assert g.decide().reason == "fetched"
     held.unlink()
-    assert g.decide(clock.t).reason == "fetched"
+    assert g.decide().reason == "fetched"
 
 
 def test_done_policy_and_never_policy(tmp_path):
     done_job = make_job(tmp_path, "a", shutdown_after="done")
     finish(done_job)
-    assert Guard(done_job).decide(time.time()).reason == "done"
+    assert Guard(done_job).decide().reason == "done"
     never = make_job(tmp_path, "b", shutdown_after="never")
-    assert Guard(never).decide(time.time()).action == "exit"
+    assert Guard(never).decide().action == "exit"
 
 
 def test_a_failed_job_idles_for_the_grace_then_shuts_down(tmp_path, running_process):
     job = make_job(tmp_path, idle_grace_minutes=2, shutdown_after="done")
     finish(job, "failed", adapter=False)
-    clock = Clock()
-    g = Guard(job, clock=clock)
-    assert (g.decide(clock.t).action, g.decide(clock.t + 100).action) == ("wait", "wait")
+    mono = Clock()
+    g = Guard(job, monotonic=mono)
+    assert g.decide().action == "wait"
+    mono.t += 100
+    assert g.decide().action == "wait"
     proc = running_process(Path(job.job_dir))  # resumed on this instance: back to watching
-    assert g.decide(clock.t + 110).reason == "running"
+    mono.t += 10
+    assert g.decide().reason == "running"
     proc.kill()
     proc.wait()
-    assert g.decide(clock.t + 200).action == "wait"  # the grace counts from the new end
-    assert g.decide(clock.t + 320).reason == "idle"
+    mono.t += 90
+    assert g.decide().action == "wait"  # the grace counts from the new end
+    mono.t += 120
+    assert g.decide().reason == "idle"
+
+
+def test_another_job_being_launched_or_downloading_its_model_holds_the_shutdown(tmp_path, running_process):
+    job = make_job(tmp_path, "b", shutdown_after="done")
+    finish(job)
+    other = make_job(tmp_path, "a")
+    (Path(other.job_dir) / "launch.json").write_text("{not a launch record")  # bad: still a launch
+    mono = Clock()
+    g = Guard(job, monotonic=mono)
+    d = g.decide()
+    assert (d.action, d.reason) == ("wait", "another job") and "job a is being launched" in d.message
+    mono.t += guard_mod.LAUNCH_S + 1  # never started (the laptop went away): it holds the instance no more
+    assert g.decide().action == "shutdown"
+    prefetch = Path(other.job_dir) / "prefetch"  # its model download runs: the job is on its way
+    prefetch.mkdir()
+    running_process(prefetch)
+    d = g.decide()
+    assert (d.action, d.message) == ("leave", "job a runs on this instance: its guard decides")
+
+
+def test_other_jobs_that_lose_nothing_do_not_hold_the_shutdown(tmp_path):
+    fs = tmp_path / "autodl-fs"
+    job = make_job(tmp_path, "d", shutdown_after="done")
+    finish(job)
+    finish(make_job(tmp_path, "a"), "failed", adapter=False)  # nothing to keep
+    finish(make_job(tmp_path, "b", shutdown_after="never"))  # its owner keeps it
+    kept = make_job(tmp_path, "c")
+    finish(kept)
+    g = Guard(job, monotonic=Clock())
+    assert g.decide().reason == "another job"  # c's adapter: neither fetched nor on autodl-fs
+    fs.mkdir()
+    os.environ["AUTODL_RUN_FS"] = str(fs)
+    try:
+        assert g.preserve(g.views["c"]) == str(fs / "autodl-run" / "c" / "adapter")  # e.g. by c's own guard
+        assert g.decide().reason == "done"
+    finally:
+        del os.environ["AUTODL_RUN_FS"]
 
 
 # --- the process -----------------------------------------------------------------------------------
@@ -289,3 +345,142 @@ def test_a_never_policy_guard_exits_at_once(tmp_path):
     job = make_job(tmp_path, shutdown_after="never")
     assert run_guard(job).wait(timeout=30) == 0
     assert status(job)["phase"] == "exited"
+
+
+# --- every job on the instance -----------------------------------------------------------------------
+
+
+def wait_for(cond, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def status_reason(job: WorkerJob) -> str | None:
+    try:
+        return status(job)["reason"]
+    except (OSError, ValueError):
+        return None
+
+
+def two_jobs(tmp_path: Path, grace_a: float) -> tuple[WorkerJob, str, WorkerJob, Path]:
+    """Job a done and not fetched; job b done and acknowledged; an empty autodl-fs."""
+    fs = tmp_path / "autodl-fs"
+    fs.mkdir()
+    a = make_job(tmp_path, "a", idle_grace_minutes=grace_a)
+    sha_a = finish(a)
+    b = make_job(tmp_path, "b", idle_grace_minutes=10)
+    ack(b, finish(b))
+    return a, sha_a, b, fs
+
+
+def test_a_guard_waits_for_another_jobs_unfetched_adapter_to_be_acknowledged(tmp_path):
+    a, sha_a, b, fs = two_jobs(tmp_path, grace_a=10)
+    proc = run_guard(b, env={"AUTODL_RUN_FS": str(fs)})
+    try:
+        wait_for(lambda: status_reason(b) == "another job" or proc.poll() is not None)
+        assert proc.poll() is None and not (tmp_path / "shutdown-ran").exists()
+        assert "job a's adapter is neither fetched nor on autodl-fs" in status(b)["message"]
+        ack(a, sha_a)  # the laptop fetched a's adapter too
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    assert (tmp_path / "shutdown-ran").exists()
+    assert status(b)["reason"] == "fetched" and not (fs / "autodl-run").exists()  # nothing needed copying
+
+
+def test_after_the_other_jobs_grace_its_adapter_is_copied_to_autodl_fs_before_the_shutdown(tmp_path):
+    a, sha_a, b, fs = two_jobs(tmp_path, grace_a=0.02)  # 1.2 s, counted from when b's guard saw a end
+    proc = run_guard(b, env={"AUTODL_RUN_FS": str(fs)})
+    try:
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    copied = fs / "autodl-run" / "a" / "adapter"
+    assert verify_manifest(copied) == sha_a
+    assert (tmp_path / "shutdown-ran").exists()
+    st = status(b)
+    assert st["phase"] == "shut down" and f"job a's adapter copied to {copied}" in st["message"]
+    assert "neither fetched nor on autodl-fs" in (Path(b.job_dir) / "guard.log").read_text()  # waited
+
+
+def test_bad_files_in_another_jobs_folder_count_as_not_safe_and_never_stop_the_guard(tmp_path):
+    a, sha_a, b, fs = two_jobs(tmp_path, grace_a=10)
+    (Path(a.job_dir) / "job.json").write_text("{not json")  # its grace: b's guard's own
+    (Path(a.job_dir) / "fetched.json").write_text('{"manifest_sha256": 5}')  # not an acknowledgement
+    (Path(a.job_dir) / "state").write_bytes(b"\xff\xfe done")
+    (Path(a.job_dir) / "exit_code").write_text("0\n")
+    b.spec.instance.idle_grace_minutes = 0.02
+    (Path(b.job_dir) / "job.json").write_text(b.model_dump_json())
+    proc = run_guard(b, env={"AUTODL_RUN_FS": str(fs)})
+    try:
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    assert verify_manifest(fs / "autodl-run" / "a" / "adapter") == sha_a
+    assert (tmp_path / "shutdown-ran").exists() and status(b)["phase"] == "shut down"
+
+
+def test_a_clock_jump_forward_ends_neither_the_grace_nor_a_live_lease(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTODL_RUN_GUARD_POLL_S", "0.05")
+    job = make_job(tmp_path, idle_grace_minutes=60)
+    sha = finish(job)
+    held = lease(job, time.time())
+    jump = [0.0]
+    ticks: list[float] = []
+    touching = [True]
+
+    def sleep(s: float) -> None:  # the guard's pause; meanwhile the client keeps its lease fresh
+        if touching[0]:
+            os.utime(held)
+        ticks.append(s)
+        time.sleep(s)
+
+    g = Guard(job, clock=lambda: time.time() + jump[0])  # the wall clock; durations: time.monotonic
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(g.run(sleep=sleep)), daemon=True)
+    thread.start()
+
+    def ticks_after(n: int) -> None:
+        start = len(ticks)
+        wait_for(lambda: len(ticks) >= start + n or not thread.is_alive())
+
+    ticks_after(3)
+    assert status(job)["reason"] == "fetch in progress"
+    jump[0] = 2 * 3600.0  # the instance's clock jumps two hours forward
+    ticks_after(10)
+    assert thread.is_alive() and not (tmp_path / "shutdown-ran").exists()
+    assert status(job)["reason"] == "fetch in progress"  # the lease is still live
+    touching[0] = False
+    held.unlink()  # the fetch ended without an acknowledgement yet
+    ticks_after(10)
+    assert thread.is_alive() and not (tmp_path / "shutdown-ran").exists()  # the 60 min grace still runs
+    st = status(job)
+    assert st["reason"] == "waiting for the fetch"
+    assert st["shutdown_at"] > time.time() + jump[0] + 50 * 60  # shown on the (jumped) wall clock
+    ack(job, sha)
+    thread.join(timeout=60)
+    assert result == [0] and status(job)["reason"] == "fetched" and (tmp_path / "shutdown-ran").exists()
+
+
+# --- the client's side of the contract -------------------------------------------------------------
+
+
+def test_the_client_reads_the_status_through_its_model_and_never_chokes_on_a_bad_one(tmp_path):
+    job = make_job(tmp_path, idle_grace_minutes=10)
+    finish(job)
+    paths = JobPaths(job.job_dir)
+    transport = LocalTransport()
+    assert guard_launch.guard_status(transport, paths) is None  # no guard yet
+    Guard(job, monotonic=Clock()).write_status(
+        GuardPhase.WAITING, guard_mod.Decision("wait", guard_mod.Reason.WAITING_FOR_FETCH, "waiting for it"),
+        "waiting for it",
+    )  # fmt: skip
+    st = guard_launch.guard_status(transport, paths)
+    assert isinstance(st, GuardStatus) and st.phase is GuardPhase.WAITING and not st.phase.acted
+    assert st.reason == "waiting for the fetch" and guard_launch.describe(st).startswith("waiting for it")
+    for bad in ('{"phase": "exploded", "policy": "fetched"}', "[]", "{", "\xff"):
+        Path(paths.guard_status).write_text(bad)
+        assert guard_launch.guard_status(transport, paths) is None
+    assert guard_launch.describe(None) == ""
