@@ -251,7 +251,7 @@ def test_the_process_shuts_down_only_after_a_verified_fetch(tmp_path):
     sha = finish(job)
     proc = run_guard(job)
     try:
-        time.sleep(1.0)
+        wait_for(lambda: status_reason(job) is not None)  # the guard has looked at the job
         assert not (tmp_path / "shutdown-ran").exists()
         assert status(job)["phase"] == "waiting"
         ack(job, sha)
@@ -286,8 +286,9 @@ def test_the_process_waits_for_a_fetch_in_progress(tmp_path):
     held = lease(job, time.time())
     proc = run_guard(job)
     try:
-        deadline = time.time() + 3
-        while time.time() < deadline:  # well past the grace, the lease is held (and refreshed)
+        wait_for(lambda: status_reason(job) is not None)  # the guard runs (its start takes what it takes)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # well past the grace, the lease is held (and refreshed)
             os.utime(held)
             assert proc.poll() is None and not (tmp_path / "shutdown-ran").exists()
             time.sleep(0.2)
