@@ -3,7 +3,9 @@
 `tail` hands every `checkpoint` event to `offer`; a background thread, on a connection of its own,
 pulls that checkpoint's `adapter/` (not the optimizer state) into
 `<fetch.to>/<job id>/checkpoints/step-N/adapter`, verifies it against the sha256 the event names,
-and keeps only the newest (client.fetch.prune_local). Offers arriving while a fetch runs collapse
+and keeps only the newest (client.fetch.prune_local). The local folder is named from the step alone
+(jobs.layout.checkpoint_name), never from a path the instance sends; the copy is checked like
+every fetch (client.fetch.pull_verified). Offers arriving while a fetch runs collapse
 into the newest one, so the laptop always ends up holding the latest checkpoint, never a queue of
 stale ones. Each fetch reports its speed to the instance (the worker's deadline margin uses it).
 
@@ -23,7 +25,7 @@ from client.ledger import JobRecord
 from client.transport import connect
 from client.transport.base import Transport
 from jobs import events as ev
-from jobs.layout import CHECKPOINT_ADAPTER, MANIFEST, layout_for
+from jobs.layout import CHECKPOINT_ADAPTER, MANIFEST, checkpoint_name, layout_for
 from jobs.manifest import sha256_file
 
 ATTEMPTS = 3
@@ -45,8 +47,8 @@ class AutoFetcher:
 
     def offer(self, event: ev.Checkpoint) -> None:
         """A new checkpoint exists on the instance: fetch its adapter (superseding an older pending one)."""
-        if not event.adapter_path or not event.adapter_manifest_sha256:
-            return  # a worker from before checkpoints had an adapter folder
+        if not event.adapter_path or not event.adapter_manifest_sha256 or event.step < 0:
+            return  # a worker from before checkpoints had an adapter folder (or a nonsense step)
         with self._cond:
             if self._want is None or event.step >= self._want.step:
                 self._want = event
@@ -94,7 +96,7 @@ class AutoFetcher:
                 self.log(f"could not fetch checkpoint step-{event.step} ({message.splitlines()[0]})")
 
     def _fetch(self, event: ev.Checkpoint) -> None:
-        local = job_root(self.record, self.to) / "checkpoints" / f"step-{event.step}"
+        local = job_root(self.record, self.to) / "checkpoints" / checkpoint_name(event.step)
         manifest = local / CHECKPOINT_ADAPTER / MANIFEST
         if manifest.is_file() and sha256_file(manifest) == event.adapter_manifest_sha256:
             self.latest = FetchedCheckpoint(event.step, local, event.adapter_manifest_sha256, False, 0, 0.0)

@@ -5,42 +5,49 @@ On the laptop, under `<fetch.to>/<job id>/`:
     checkpoints/step-N/      the newest checkpoint: `adapter/` only (auto-fetch), or whole with the
                              optimizer state (`fetch --checkpoints`, what resuming elsewhere needs)
 
-A copy lands in `<dest>.partial` and is renamed into place only once every file matches, so a
-fetched folder is always a verified one. What is already there seeds the copy: rsync sends only
-what differs.
+A new copy is built in `<dest>.partial` (seeded with hard links to what is already here, so rsync
+sends only what differs; rsync writes each new file under a temporary name and renames it, so the
+links never let it write into the verified copy), checked, and only then swapped in: `dest` is
+renamed aside, the partial into place, the old copy removed. A fetched folder is always a verified
+one, and a fetch cut at any point leaves the copy verified before as it was.
+
+What the instance sends is untrusted: only regular files and folders are fetched (rsync
+`--no-links --no-devices --no-specials`, the same in SFTP), anything else found in the copy is
+refused, and every manifest path is checked by jobs.safepath before it is opened (jobs.manifest).
 
 While it transfers, the client holds a lease on the instance (`fetching.<token>`, touched every
 LEASE_REFRESH_S), so the guard never shuts the instance down mid-fetch. Once the final adapter is
-verified, the client writes its acknowledgement (`fetched.json`: the manifest's sha256, where it
-went); the guard shuts the instance down only on an acknowledgement naming that very adapter.
-Each fetch also reports its speed (`transfer.json`): the worker sizes its deadline margin by it.
+verified, the client writes its acknowledgement (`fetched.json`, jobs.protocol.FetchAck: what, the
+manifest's sha256, the step; nothing about the laptop); the guard shuts the instance down only on an
+acknowledgement naming that very adapter. Each fetch also reports its speed (`transfer.json`,
+jobs.protocol.TransferSpeed): the worker sizes its deadline margin by it.
 """
 
 from __future__ import annotations
 
-import json
-import re
+import os
 import secrets
 import shutil
-import socket
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import BaseModel
 
 from client.errors import JobError, TransportError, VerifyError
 from client.ledger import JobRecord, Ledger
 from client.transport import connect
 from client.transport.base import Transport
 from client.transport.paths import shell_path
-from jobs.layout import CHECKPOINT_ADAPTER, MANIFEST, JobPaths, layout_for
-from jobs.manifest import ManifestError, read_manifest, verify_manifest
+from jobs.layout import CHECKPOINT_ADAPTER, MANIFEST, JobPaths, checkpoint_name, checkpoint_step, layout_for
+from jobs.manifest import ManifestError, entries, load_manifest, shown, verify_manifest
+from jobs.protocol import FetchAck, TransferSpeed, dump_model
 
 LOAD_SNIPPET = """from peft import PeftModel
 from transformers import AutoModelForCausalLM
 model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{adapter}")"""
 LEASE_REFRESH_S = 15.0
-STEP_RE = re.compile(r"^step-(\d+)$")
 
 
 def job_root(record: JobRecord, to: Path | None = None) -> Path:
@@ -61,7 +68,7 @@ class Lease:
 
     def __init__(self, transport: Transport, paths: JobPaths, refresh_s: float = LEASE_REFRESH_S):
         self.transport, self.refresh_s = transport, refresh_s
-        self.path = f"{paths.fetching}.{secrets.token_hex(4)}"
+        self.path = paths.lease(secrets.token_hex(4))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -91,23 +98,22 @@ class Lease:
             pass  # left behind, it goes stale in a minute
 
 
-def _write_remote(transport: Transport, path: str, data: dict) -> None:
-    body = json.dumps(data, indent=1) + "\n"
+def _write_remote(transport: Transport, path: str, model: BaseModel) -> None:
     q = shell_path(path)
-    transport.run(f"cat > {q}.tmp && mv -f -- {q}.tmp {q}", input=body)
+    transport.run(f"cat > {q}.tmp && mv -f -- {q}.tmp {q}", input=dump_model(model))
 
 
-def acknowledge(transport: Transport, paths: JobPaths, *, manifest_sha256: str, dest: Path, what: str = "adapter",
-                step: int | None = None) -> dict:  # fmt: skip
-    """Tell the instance (and its guard) that the laptop holds this adapter, verified."""
-    ack = {
-        "what": what,
-        "manifest_sha256": manifest_sha256,
-        "step": step,
-        "to": str(dest),
-        "by": socket.gethostname(),
-        "at": time.time(),
-    }
+def acknowledge(
+    transport: Transport,
+    paths: JobPaths,
+    *,
+    manifest_sha256: str,
+    what: str = "adapter",
+    step: int | None = None,
+) -> FetchAck:
+    """Tell the instance (and its guard) that the laptop holds this adapter, verified. Call it only after
+    the whole folder verified; it says nothing about the laptop (no path, no host name)."""
+    ack = FetchAck(what=what, manifest_sha256=manifest_sha256, step=step)
     _write_remote(transport, paths.fetched, ack)
     return ack
 
@@ -119,9 +125,7 @@ def report_speed(transport: Transport, paths: JobPaths, nbytes: int, seconds: fl
     bps = nbytes / seconds
     try:
         _write_remote(
-            transport,
-            paths.transfer,
-            {"bytes_per_s": bps, "bytes": nbytes, "seconds": seconds, "at": time.time()},
+            transport, paths.transfer, TransferSpeed(bytes_per_s=bps, bytes=nbytes, seconds=seconds)
         )
     except TransportError:
         pass
@@ -131,39 +135,93 @@ def report_speed(transport: Transport, paths: JobPaths, nbytes: int, seconds: fl
 # --- pulling a verified folder ----------------------------------------------------------------------
 
 
+def _beside(dest: Path, suffix: str) -> Path:
+    return dest.with_name(dest.name + suffix)
+
+
 def pull_verified(
     transport: Transport, remote: str, dest: Path, expected_sha256: str | None = None
 ) -> tuple[str, int]:
-    """rsync `remote` into `dest` through `dest.partial`, verify it against its manifest; (sha256, bytes)."""
-    partial = dest.with_name(dest.name + ".partial")
-    if dest.is_dir() and not partial.exists():
-        dest.rename(partial)  # what is already here seeds the copy: rsync sends only what differs
+    """Copy `remote` into `dest` through `dest.partial`, verify it against its manifest; (sha256, bytes).
+
+    `dest` is replaced only by a copy that verified; until then (a failure, Ctrl-C) it stays as it was.
+    """
+    partial, old = _beside(dest, ".partial"), _beside(dest, ".old")
+    if old.exists():  # a swap cut between its two renames
+        if dest.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(dest)
+    if partial.exists():
+        _drop_special(partial)  # a cut earlier fetch: keep its progress, not what cannot be verified
+    elif dest.is_dir():
+        _seed(dest, partial)
     partial.parent.mkdir(parents=True, exist_ok=True)
     transport.get(remote, partial)
+    _refuse_special(partial, transport, remote)
     try:
-        _drop_unlisted(partial)
+        manifest, _ = load_manifest(partial)
+        _drop_unlisted(partial, {e.path for e in manifest.files})
         digest = verify_manifest(partial, expected_sha256)
     except ManifestError as exc:
         raise VerifyError(
-            f"the fetched files in {partial} do not match the worker's manifest: {exc}",
-            hint="fetch again: only the differing files are sent again",
+            f"the files fetched from {transport.where}:{remote} into {partial} do not match the worker's "
+            f"manifest: {exc}",
+            hint="fetch again: only the differing files are sent again; if it fails the same way, the "
+            "instance's folder is not what its worker wrote: do not use it",
         ) from None
-    size = sum(int(e.get("size", 0)) for e in read_manifest(partial)["files"])
+    size = sum(e.size for e in manifest.files)
     if dest.exists():
-        shutil.rmtree(dest)
+        dest.rename(old)
     partial.rename(dest)
+    shutil.rmtree(old, ignore_errors=True)
     return digest, size
 
 
-def _drop_unlisted(folder: Path) -> None:
-    """Remove files a seeding copy had that the new manifest does not list (rsync adds, never deletes here)."""
-    listed = {e.get("path") for e in read_manifest(folder)["files"]} | {MANIFEST}
-    for p in sorted(folder.rglob("*"), reverse=True):
-        rel = p.relative_to(folder).as_posix()
-        if p.is_file() and rel not in listed:
-            p.unlink()
-        elif p.is_dir() and not any(p.iterdir()):
-            p.rmdir()
+def _seed(dest: Path, partial: Path) -> None:
+    """`partial` as a copy of `dest` made of hard links (a plain copy where links are refused)."""
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(dest, partial, symlinks=True, copy_function=link)
+    _drop_special(partial)
+
+
+def _drop_special(folder: Path) -> None:
+    for rel, _ in entries(folder)[1]:
+        (folder / rel).unlink(missing_ok=True)
+
+
+def _refuse_special(folder: Path, transport: Transport, remote: str) -> None:
+    """Only regular files and folders may come: anything else is removed and refused (VerifyError)."""
+    other = entries(folder)[1]
+    if not other:
+        return
+    _drop_special(folder)
+    names = ", ".join(f"{shown(rel)!r} ({kind})" for rel, kind in other[:5])
+    raise VerifyError(
+        f"refused what {transport.where}:{remote} sent: {names}{' and more' if len(other) > 5 else ''}; "
+        "only regular files and folders are fetched",
+        hint="an adapter holds regular files only: remove the symlink, device or FIFO from that folder on the "
+        "instance, then fetch again",
+    )
+
+
+def _drop_unlisted(folder: Path, listed: set[str]) -> None:
+    """Remove files a seeding copy had that the new manifest does not list (rsync adds, never deletes here).
+
+    The names come from walking the laptop's folder, never from the instance."""
+    files, _ = entries(folder)
+    for rel in files:
+        if rel != MANIFEST and rel not in listed:
+            (folder / rel).unlink()
+    for dirpath, _dirs, _files in sorted(os.walk(folder), reverse=True):
+        if Path(dirpath) != folder and not os.listdir(dirpath):
+            os.rmdir(dirpath)
 
 
 # --- the final adapter --------------------------------------------------------------------------------
@@ -199,7 +257,7 @@ def fetch(
             t = time.monotonic()
             digest, size = pull_verified(transport, paths.adapter, dest, expected_sha256)
             seconds = time.monotonic() - t
-            acknowledge(transport, paths, manifest_sha256=digest, dest=dest)
+            acknowledge(transport, paths, manifest_sha256=digest)
         report_speed(transport, paths, size, seconds)
     finally:
         if own:
@@ -238,8 +296,7 @@ class FetchedCheckpoint:
 def remote_steps(transport: Transport, paths: JobPaths) -> list[int]:
     """The complete checkpoints (step numbers) on the instance, oldest first."""
     res = transport.run(f"cd -- {shell_path(paths.checkpoints)} 2>/dev/null && ls -1", check=False)
-    steps = [int(m.group(1)) for ln in res.stdout.splitlines() if (m := STEP_RE.match(ln.strip()))]
-    return sorted(steps)
+    return sorted({n for ln in res.stdout.split("\n") if (n := checkpoint_step(ln)) is not None})
 
 
 def local_checkpoints(root: Path) -> list[tuple[int, Path, bool]]:
@@ -248,13 +305,13 @@ def local_checkpoints(root: Path) -> list[tuple[int, Path, bool]]:
     folder = root / "checkpoints"
     if folder.is_dir():
         for p in folder.iterdir():
-            m = STEP_RE.match(p.name)
+            n = checkpoint_step(p.name)
             if (
-                m
+                n is not None
                 and p.is_dir()
                 and ((p / MANIFEST).is_file() or (p / CHECKPOINT_ADAPTER / MANIFEST).is_file())
             ):
-                found.append((int(m.group(1)), p, (p / MANIFEST).is_file()))
+                found.append((n, p, (p / MANIFEST).is_file()))
     return sorted(found)
 
 
@@ -268,6 +325,7 @@ def prune_local(root: Path) -> None:
     for _, p, _ in found:
         if p not in keep:
             shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(_beside(p, ".partial"), ignore_errors=True)
 
 
 def fetch_checkpoint(
@@ -294,7 +352,7 @@ def fetch_checkpoint(
                 )
             n = step if step is not None else steps[-1]
             remote = paths.checkpoint(n) if full else paths.checkpoint(n) + "/" + CHECKPOINT_ADAPTER
-            local = root / "checkpoints" / f"step-{n}"
+            local = root / "checkpoints" / checkpoint_name(n)
             dest = local if full else local / CHECKPOINT_ADAPTER
             try:
                 with Lease(transport, paths):

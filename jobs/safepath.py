@@ -23,14 +23,16 @@ def _control(ch: str) -> bool:
     return unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") or ch == "\x7f"
 
 
-def check_relpath(rel: str) -> str:
-    """`rel` unchanged if it is a safe relative path; UnsafePathError (with the path escaped) if not."""
+def check_relpath(rel: str, *, allow_backslash: bool = False) -> str:
+    """`rel` unchanged if it is a safe relative path; UnsafePathError (with the path escaped) if not.
+
+    allow_backslash: where the path is used on a POSIX system only (a backslash is no separator there)."""
     shown = rel.encode("unicode_escape", "backslashreplace").decode("ascii")[:200]
     if not isinstance(rel, str) or not rel:
         raise UnsafePathError("an empty path")
     if any(_control(ch) for ch in rel):
         raise UnsafePathError(f"{shown!r}: control characters in a file name")
-    if "\\" in rel:
+    if "\\" in rel and not allow_backslash:
         raise UnsafePathError(f"{shown!r}: a backslash in a file name")
     if rel.startswith("/"):
         raise UnsafePathError(f"{shown!r}: an absolute path")
@@ -40,9 +42,9 @@ def check_relpath(rel: str) -> str:
     return rel
 
 
-def inside(root: Path, rel: str) -> Path:
+def inside(root: Path, rel: str, *, allow_backslash: bool = False) -> Path:
     """`root / rel`, refused unless `rel` is safe and the resolved result stays within `root`."""
-    check_relpath(rel)
+    check_relpath(rel, allow_backslash=allow_backslash)
     base = Path(root).resolve()
     target = (base / rel).resolve()
     if target != base and base not in target.parents:

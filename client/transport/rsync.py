@@ -8,6 +8,9 @@ backoff; when it gives up, the error says what failed, the last lines rsync prin
 rsync older than 3.2.3 (macOS ships 2.6.9) lacks `--mkpath`; `supports_mkpath()` tells, and
 `MkpathUnsupported` is raised when the *other* side's rsync rejects it, so the caller can
 create the parents itself and try again without the flag.
+
+`regular_only` (what a get from the instance uses): `--no-links --no-devices --no-specials`, so
+symlinks, devices, FIFOs and sockets on the far side are skipped instead of recreated here.
 """
 
 from __future__ import annotations
@@ -47,10 +50,21 @@ def supports_mkpath() -> bool:
     return v is not None and v >= (3, 2, 3)
 
 
+REGULAR_ONLY = ("--no-links", "--no-devices", "--no-specials")
+
+
 def rsync_argv(
-    src: str, dest: str, *, ssh: Sequence[str] | None = None, delete: bool = False, mkpath: bool = True
+    src: str,
+    dest: str,
+    *,
+    ssh: Sequence[str] | None = None,
+    delete: bool = False,
+    mkpath: bool = True,
+    regular_only: bool = False,
 ) -> list[str]:
     argv = ["rsync", "-a", "--partial"]
+    if regular_only:
+        argv += REGULAR_ONLY
     if mkpath:
         argv.append("--mkpath")
     if delete:

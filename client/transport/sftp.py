@@ -5,38 +5,54 @@ What `rsync -a --partial --mkpath [--delete]` gives, and how SFTP gives it here:
 - only what differs is sent: one remote round trip lists every file with its sha256 first;
 - each file is written under a temporary name and renamed into place, so a cut transfer
   never leaves a half file under the real name (a rerun sends what is still missing);
-- modes and modification times are kept, symlinks stay symlinks;
+- modes and modification times are kept; `put` keeps symlinks as symlinks;
 - `delete` removes what the source does not have;
 - verification: afterwards every file is hashed again on the far side and compared with the
   source's sha256, as rsync checks each file it moves with a whole-file checksum.
 
-Paths with a newline in them are not supported.
+`get` brings regular files and folders only (as rsync's `--no-links --no-devices --no-specials`):
+the instance is somebody else's machine, so its listing is data. The listing is NUL-separated
+(a name with a newline is one name, never two), and every name in it must pass
+jobs.safepath.check_relpath (no `..`, not absolute, no control characters; a backslash is an
+ordinary character on a POSIX laptop) and, on the laptop,
+jobs.safepath.inside, before anything is opened or written; anything else is refused
+(TransferError naming the file).
 """
 
 from __future__ import annotations
 
 import os
 import posixpath
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from client.errors import TransferError
-from jobs.manifest import sha256_file
+from jobs.manifest import sha256_file, shown
+from jobs.safepath import UnsafePathError, check_relpath, inside
 
 if TYPE_CHECKING:
     from client.transport.ssh import SshTransport
 
 PART = ".autodl-part"  # suffix of a file being written
+POSIX = os.sep == "/" and os.altsep is None  # a backslash in a name is an ordinary character here
 
+# Every record ends in NUL. Names come from `find -print0` (each starts with "./"); files are hashed
+# one by one (`sha256sum -z` is too new for older images), as a HASH record then a NAME record.
 _LIST = r"""
-if [ -f "$1" ]; then echo '@@file'; sha256sum -- "$1"; exit 0; fi
-cd -- "$1" 2>/dev/null || { echo '@@none'; exit 0; }
-echo '@@dirs'; find . -mindepth 1 -type d -print
-echo '@@links'; find . -mindepth 1 -type l -print
-echo '@@files'; find . -type f -exec sha256sum -- {} +
+if [ -f "$1" ]; then h=$(sha256sum < "$1") || exit 1; printf '@@file\0%s\0' "${h%% *}"; exit 0; fi
+cd -- "$1" 2>/dev/null || { printf '@@none\0'; exit 0; }
+printf '@@dirs\0'; find . -mindepth 1 -type d -print0
+printf '@@links\0'; find . -mindepth 1 -type l -print0
+printf '@@files\0'
+find . -type f -print0 | while IFS= read -r -d '' f; do
+  h=$(sha256sum < "$f") || continue
+  printf '%s\0%s\0' "${h%% *}" "$f"
+done
 """
+_SHA = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -50,23 +66,30 @@ class Listing:
 
 
 def remote_listing(t: SshTransport, path: str) -> Listing:
+    """What is at `path` on the instance; TransferError for a malformed listing or an unsafe name in it."""
     res = t.run(["bash", "-c", _LIST, "_", path])
-    listing, section = Listing("none"), ""
-    for line in res.stdout.splitlines():
-        if line.startswith("@@"):
-            section = line[2:]
+    records = res.stdout.split("\0")
+    if records and records[-1] == "":
+        records.pop()  # what follows the last NUL
+    listing, section, it = Listing("none"), "", iter(records)
+    for rec in it:
+        if rec.startswith("@@"):
+            section = rec[2:]
             if section in ("file", "dirs"):
                 listing.kind = "file" if section == "file" else "dir"
-            continue
-        if not line:
-            continue
-        if section == "dirs":
-            listing.dirs.add(_rel(line))
+            if section == "file":
+                listing.files[path] = _digest(next(it, ""), t, path)
+            elif section not in ("none", "dirs", "links", "files"):
+                raise _malformed(t, path, rec)
+        elif section == "dirs":
+            listing.dirs.add(_rel(rec, t, path))
         elif section == "links":
-            listing.links.add(_rel(line))
-        elif section in ("files", "file"):
-            digest, name = _sha_line(line)
-            listing.files[_rel(name) if section == "files" else name] = digest
+            listing.links.add(_rel(rec, t, path))
+        elif section == "files":
+            digest = _digest(rec, t, path)
+            listing.files[_rel(next(it, ""), t, path)] = digest
+        else:
+            raise _malformed(t, path, rec)
     return listing
 
 
@@ -128,7 +151,10 @@ def put(t: SshTransport, local: Path, dest: str, *, delete: bool = False) -> Non
 
 
 def get(t: SshTransport, src: str, local: Path) -> None:
-    """Fetch a file (to exactly `local`) or a folder's contents (into `local`), each file verified."""
+    """Fetch a file (to exactly `local`) or a folder's regular files and folders (into `local`), each verified.
+
+    Symlinks, devices and FIFOs on the instance are not recreated; every name is checked first.
+    """
     theirs = remote_listing(t, src)
     if theirs.kind == "none":
         raise TransferError(f"cannot fetch {t.where}:{src}: no such file or folder", hint="check the path")
@@ -138,17 +164,12 @@ def get(t: SshTransport, src: str, local: Path) -> None:
             return
         local.mkdir(parents=True, exist_ok=True)
         for d in sorted(theirs.dirs):
-            (local / d).mkdir(parents=True, exist_ok=True)
+            _local(local, d, t, src).mkdir(parents=True, exist_ok=True)
         for rel, digest in sorted(theirs.files.items()):
-            target = local / rel
-            if target.is_file() and not target.is_symlink() and sha256_file(target) == digest:
+            target = _local(local, rel, t, src)
+            if _regular(target) and sha256_file(target) == digest:
                 continue
             _fetch(client, posixpath.join(src, rel), target, digest)
-        for rel in sorted(theirs.links):
-            target = local / rel
-            if target.is_symlink() or target.is_file():
-                target.unlink()
-            os.symlink(client.readlink(posixpath.join(src, rel)), target)
 
 
 # -- one file -------------------------------------------------------------------------------------
@@ -232,16 +253,49 @@ def _remove_quietly(client, path: str) -> None:
         pass
 
 
-def _rel(name: str) -> str:
-    return name[2:] if name.startswith("./") else name
+def _regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
-def _sha_line(line: str) -> tuple[str, str]:
-    """`HASH  NAME` from sha256sum; a leading backslash means the name is escaped (\\\\, \\n)."""
-    escaped = line.startswith("\\")
-    if escaped:
-        line = line[1:]
-    digest, name = line[:64], line[66:]
-    if escaped:
-        name = name.replace("\\\\", "\0").replace("\\n", "\n").replace("\\r", "\r").replace("\0", "\\")
-    return digest, name
+def _rel(name: str, t: SshTransport, src: str) -> str:
+    """A name from the instance's `find`: `./REL`, with REL a safe relative path, else refused."""
+    if not name.startswith("./"):
+        raise _malformed(t, src, name)
+    rel = name[2:]
+    try:
+        if "\ufffd" in rel:
+            raise UnsafePathError(f"{shown(rel)!r}: not valid UTF-8")
+        return check_relpath(rel, allow_backslash=POSIX)
+    except UnsafePathError as exc:
+        raise _unsafe(t, src, exc) from None
+
+
+def _local(root: Path, rel: str, t: SshTransport, src: str) -> Path:
+    try:
+        return inside(root, rel, allow_backslash=POSIX)
+    except UnsafePathError as exc:
+        raise _unsafe(t, src, exc) from None
+
+
+def _digest(value: str, t: SshTransport, src: str) -> str:
+    if not _SHA.fullmatch(value):
+        raise _malformed(t, src, value)
+    return value
+
+
+def _unsafe(t: SshTransport, src: str, exc: Exception) -> TransferError:
+    return TransferError(
+        f"refused a file name in the listing of {t.where}:{src}: {exc}; nothing was written for it",
+        hint="the instance's folder holds a name that could leave the download folder (`..`, an absolute path, "
+        "a newline or a control character): rename or remove it there, then fetch again",
+    )
+
+
+def _malformed(t: SshTransport, src: str, record: str) -> TransferError:
+    return TransferError(
+        f"the file listing of {t.where}:{src} is malformed near {shown(record[:80])!r}",
+        hint="the instance's `find` or `sha256sum` printed something unexpected: check them there (`type find`)",
+    )

@@ -229,7 +229,11 @@ class SshTransport:
             target_dir = local if is_dir else local.parent
             try:
                 self._rsync(
-                    self._spec(src), dst, False, lambda: target_dir.mkdir(parents=True, exist_ok=True)
+                    self._spec(src),
+                    dst,
+                    False,
+                    lambda: target_dir.mkdir(parents=True, exist_ok=True),
+                    regular_only=True,  # the instance's symlinks, devices and FIFOs never land here
                 )
                 return
             except RemoteEnvError:
@@ -250,12 +254,21 @@ class SshTransport:
             raise TransferError(f"cannot open an SFTP session on {self.where}")
         return client
 
-    def _rsync(self, src: str, dst: str, delete: bool, make_dirs: Callable[[], object]) -> None:
+    def _rsync(
+        self, src: str, dst: str, delete: bool, make_dirs: Callable[[], object], *, regular_only: bool = False
+    ) -> None:
         self._connect()  # pins the host key and reports connect/auth errors clearly before rsync runs
         for _ in range(2):
             if not self._mkpath:
                 make_dirs()
-            argv = rsync.rsync_argv(src, dst, ssh=self.ssh_command()[:-1], delete=delete, mkpath=self._mkpath)
+            argv = rsync.rsync_argv(
+                src,
+                dst,
+                ssh=self.ssh_command()[:-1],
+                delete=delete,
+                mkpath=self._mkpath,
+                regular_only=regular_only,
+            )
             try:
                 rsync.run_rsync(
                     argv,
