@@ -171,11 +171,19 @@ def pull_verified(
             "instance's folder is not what its worker wrote: do not use it",
         ) from None
     size = sum(e.size for e in manifest.files)
+    _plain_modes(partial)
     if dest.exists():
         dest.rename(old)
     partial.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
     return digest, size
+
+
+def _plain_modes(folder: Path) -> None:
+    """The instance chose the modes: give folders 0755 and files 0644 (no setuid, nothing world-writable)."""
+    folder.chmod(0o755)
+    for p in folder.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
 
 
 def _seed(dest: Path, partial: Path) -> None:

@@ -221,6 +221,19 @@ def test_a_fifo_never_lands_in_the_verified_adapter(inst: Instance, method: str)
     assert json.loads(inst.ack.read_text()).keys() == {"what", "manifest_sha256", "step", "at"}
 
 
+@pytest.mark.parametrize("method", ["sftp", "rsync"])
+def test_the_instance_does_not_choose_the_modes_of_fetched_files(inst: Instance, method: str) -> None:
+    risky = inst.adapter / "adapter_config.json"
+    risky.chmod(0o6777)  # setuid, setgid, world-writable, executable
+    inst.adapter.chmod(0o777)
+    digest = inst.manifest()
+    use(inst, method)
+    dest, got = inst.fetch()
+    assert got == digest
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in dest.iterdir()} == {0o644}
+
+
 def test_anything_but_regular_files_in_the_copy_is_refused(inst: Instance, tmp_path: Path) -> None:
     """The last line of defence, whatever the transport copied (here rsync -a on this machine keeps links)."""
     (inst.adapter / "link").symlink_to(inst.victim)
