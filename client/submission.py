@@ -110,8 +110,8 @@ echo {lock} > "$lock/owner"
     script = f"""{acquire}old=$(head -n 1 {shell_path(sub)} 2>/dev/null)
 case "$old" in ''|*/*|.*) old='';; esac
 printf '%s\\n%s\\n' {_HEAD} "$old"
-{launcher.status_shell()}
 if [ -n "$old" ] && cd -- {shell_path(layout.jobs_dir)}/"$old" 2>/dev/null; then
+{launcher.status_shell()}
   if [ -n "$(find {launch} -mmin -{LAUNCH_STALE_S // 60} 2>/dev/null)" ]; then echo 1; else echo 0; fi
   status
   echo {tail}; head -c 1000000 {launch} 2>/dev/null
@@ -128,7 +128,7 @@ fi
     if not res.ok or _HEAD not in res.stdout:
         raise RemoteCommandError("claim the submission", res.exited, res.stdout, res.stderr, transport.where)
     body, _, launch_text = res.stdout.rsplit(_HEAD, 1)[1].partition("\n" + tail + "\n")
-    lines = body.lstrip("\n").split("\n")
+    lines = body.split("\n")[1:]  # [0]: the rest of the head's line
     old, fresh = (x.strip() for x in (lines + ["", ""])[:2])
     if not old or not NAME_RE.match(old):
         return None
