@@ -32,7 +32,7 @@ from client.ledger import JobRecord, Ledger, home
 from client.prefetch import prefetch_model
 from client.setup import ensure_worker_deps
 from client.submission import submission_key, write_launch_record
-from client.submit import deadline_for, launch_job, new_job_id, resolve_remote_root, sync_bundle
+from client.submit import deadline_for, ensure_guard, launch_job, new_job_id, resolve_remote_root, sync_bundle
 from client.sync import remote_exists, sync_dir
 from client.tail import status_progress
 from client.transport import connect
@@ -141,6 +141,8 @@ def _in_place(record: JobRecord, ledger: Ledger, deadline_unix: float | None, lo
         where = transport.where
         if status.active:
             log(f"job {record.id} is {status.state} on {where}: reattaching (nothing started)")
+            if status.alive and record.bundle_digest:
+                ensure_guard(transport, spec, layout, record.id, record.bundle_digest)
             return Resumed(record.id, record.id, where, None, reattached=True)
         if status.state is JobState.MISSING:
             log(f"the job folder is gone from {where}: uploading the checkpoint fetched last")
