@@ -208,9 +208,13 @@ def submit(
             try:
                 guard = launch_job(transport, spec, job_id, layout, prepared.digest, bundle_digest, deadline)
             except (JobError, RemoteEnvError, RemoteCommandError):
-                # the instance answered: nothing runs. (A cut link leaves both records: rerun submit.)
-                submission.unclaim(transport, layout, key, job_id)
-                ledger.remove(job_id)
+                # The instance answered. If the worker runs (its guard failed), both records stay; if
+                # not, they go. (A cut link leaves both records: submit again reattaches.)
+                if not launcher.job_status(transport, layout.job(job_id)).alive:
+                    submission.unclaim(transport, layout, key, job_id)
+                    ledger.remove(job_id)
+                else:
+                    ledger.update(job_id, state="running")
                 raise
         ledger.update(job_id, state="running")
     finally:
