@@ -21,7 +21,7 @@ from pathlib import Path
 
 from client import dataset, guard_launch, launcher, submission
 from client.bundle import stage_bundle
-from client.errors import JobError, Problem, RemoteCommandError, RemoteEnvError, SpecError
+from client.errors import AutodlRunError, JobError, Problem, RemoteCommandError, RemoteEnvError, SpecError
 from client.ledger import JobRecord, Ledger, home
 from client.prefetch import prefetch_model
 from client.setup import ensure_worker_deps, remote_root
@@ -207,20 +207,27 @@ def submit(
         with _step("launch", timings, log):
             try:
                 guard = launch_job(transport, spec, job_id, layout, prepared.digest, bundle_digest, deadline)
-            except (JobError, RemoteEnvError, RemoteCommandError):
-                # The instance answered. If the worker runs (its guard failed), both records stay; if
+            except (JobError, RemoteEnvError, RemoteCommandError, KeyboardInterrupt):
+                # The instance answers. If the worker runs (its guard failed), both records stay; if
                 # not, they go. (A cut link leaves both records: submit again reattaches.)
-                if not launcher.job_status(transport, layout.job(job_id)).alive:
-                    submission.unclaim(transport, layout, key, job_id)
-                    ledger.remove(job_id)
-                else:
-                    ledger.update(job_id, state="running")
+                _drop_unless_running(transport, layout, key, job_id, ledger)
                 raise
         ledger.update(job_id, state="running")
     finally:
         transport.close()
     return Submitted(job_id, spec, job_file, prepared.report, data_sent, bundle_sent, timings,
                      deadline_unix=deadline, guard=guard)  # fmt: skip
+
+
+def _drop_unless_running(transport: Transport, layout: RemoteLayout, key: str, job_id: str, ledger: Ledger) -> None:
+    try:
+        if launcher.job_status(transport, layout.job(job_id)).alive:
+            ledger.update(job_id, state="running")
+            return
+        submission.unclaim(transport, layout, key, job_id)
+    except AutodlRunError:
+        return  # it cannot be told now: both records stay, and a later submit finds the job
+    ledger.remove(job_id)
 
 
 def _reattach(
@@ -248,6 +255,9 @@ def _reattach(
     if found.status is not None and found.status.alive and bundle_digest:
         guard = ensure_guard(transport, spec, layout_for(spec), job_id, bundle_digest)
     log(f"[green]✓[/] job {job_id} is {state} already on {transport.where}: reattaching (nothing launched)")
+    if state == "launching":
+        log(f"  another submit is launching it; if none is, submit again after {submission.LAUNCH_STALE_S // 60} "
+            "minutes to launch it anew")
     return Submitted(job_id, spec, job_file, prepared.report, False, False, timings, reattached=True,
                      guard=guard)  # fmt: skip
 
