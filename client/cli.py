@@ -2,7 +2,7 @@
 
 Exit codes: 0 ok · 1 unexpected error · 2 bad job spec · 3 bad dataset · 4 cannot reach or talk to
 the instance · 5 the instance lacks something · 6 the job failed / is unknown / in the wrong state ·
-7 a fetched file failed verification · 130 interrupted.
+7 a fetched file failed verification · 8 the local job ledger is damaged · 130 interrupted.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from client.ledger import Ledger
 
 EXIT_CODES = """Exit codes: 0 ok, 1 unexpected error, 2 bad job spec or usage, 3 bad dataset, 4 cannot reach or talk
 to the instance, 5 the instance lacks something, 6 the job failed or is unknown, 7 a fetched file failed
-verification, 130 interrupted."""
+verification, 8 the local job ledger is damaged (`autodl-run ledger repair`), 130 interrupted."""
+INTERRUPTED = "interrupted; a launched job keeps running on its instance (`autodl-run tail` reattaches)"
 
 app = typer.Typer(
     name="autodl-run",
@@ -144,9 +145,16 @@ def submit(
 
 
 def _tail(ledger: Ledger, job: str | None, raw: bool, as_json: bool, fetch: bool = True) -> None:
+    from client.errors import TransportError
+    from client.submit import ensure_guard_for
     from client.tail import tail as do_tail
 
     record = ledger.get(job)
+    try:
+        if ensure_guard_for(record):
+            _log(f"started the guard of {record.id} (it was not running)")
+    except TransportError:
+        pass  # the follower below reconnects and says so
     progress = do_tail(record, ledger, console, raw=raw, as_json=as_json, fetch=fetch)
     if not as_json and not raw and progress.done:
         where = progress.laptop or f"on the instance; fetch it with: autodl-run fetch {record.id}"
@@ -270,21 +278,33 @@ def fetch(
 def cancel(job: Annotated[str, typer.Argument(help="job id or a unique prefix")]) -> None:
     """Stop a job on its instance: it saves a checkpoint first (`autodl-run resume` continues it)."""
     from client import launcher
+    from client.errors import JobError
     from client.transport import connect
     from jobs.layout import layout_for
+    from jobs.protocol import JobState
 
     ledger = Ledger()
     record = ledger.get(job)
+    paths = layout_for(record.spec).job(record.id)
     transport = connect(record.spec.instance)
     try:
-        launcher.cancel(
-            transport, layout_for(record.spec).job(record.id), socket=record.spec.instance.tmux_socket,
+        before = launcher.job_status(transport, paths)
+        if not before.active:
+            raise JobError(
+                f"job {record.id} already ended ({before.state}) on {transport.where}: nothing to cancel",
+                hint=f"`autodl-run status {record.id}` shows how it ended",
+            )
+        after = launcher.cancel(
+            transport, paths, socket=record.spec.instance.tmux_socket,
             session=record.id, grace=120,  # SIGINT, then the worker finishes its step and saves a checkpoint
-        )
+        )  # fmt: skip
     finally:
         transport.close()
-    ledger.update(record.id, state="cancelled")
-    console.print(f"cancelled {record.id}")
+    ledger.update(record.id, state=after.state.value)
+    if after.state is JobState.CANCELLED:
+        console.print(f"cancelled {record.id}")
+    else:
+        console.print(f"{record.id} ended as {after.state} before it could be cancelled")
 
 
 @app.command()
@@ -329,6 +349,47 @@ def resume(
         console.print(f"[bold]{result.job_id}[/]")
     if follow:
         _tail(ledger, result.job_id, raw=False, as_json=False)
+
+
+@app.command()
+def recover(
+    instance_file: Annotated[
+        Path, typer.Argument(metavar="JOB.toml", help="a job.toml (or any TOML with an [instance] table) of the instance")
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Add the jobs an instance knows and this laptop does not (a cut link, another laptop, a repaired ledger).
+
+    Reads each job's launch.json there (the instance's own record); an unreadable one is skipped and named."""
+    from client.recover import recover as do_recover
+
+    result = do_recover(instance_file, Ledger(), log=_log)
+    if as_json:
+        _print_json(result)
+        return
+    for job_id in result["added"]:
+        console.print(f"[green]✓[/] added {job_id}")
+    for why in result["skipped"]:
+        _log(f"[yellow]skipped[/] {escape(why)}")
+    console.print(f"{len(result['added'])} job(s) added, {len(result['known'])} known already, "
+                  f"{len(result['skipped'])} skipped")  # fmt: skip
+
+
+ledger_app = typer.Typer(help="The local job ledger ($AUTODL_RUN_HOME/ledger.sqlite).", no_args_is_help=True)
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("repair")
+def ledger_repair() -> None:
+    """Move a damaged ledger aside and start a fresh one, keeping every job that can still be read."""
+    from client.ledger import repair
+
+    aside, kept = repair()
+    if aside is None:
+        console.print("there was no ledger: started a fresh one")
+        return
+    console.print(f"moved the damaged ledger to {escape(str(aside))}; the fresh one keeps {kept} job(s)")
+    console.print("add back the jobs each instance knows: autodl-run recover JOB.toml")
 
 
 @app.command()
@@ -422,15 +483,15 @@ def trust(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # typer turns Ctrl-C into Exit(130) and, with standalone_mode=False, returns that code
+        rc = app(standalone_mode=False)
     except AutodlRunError as exc:
         err_console.print(f"[red]error:[/] {escape(str(exc))}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted; a launched job keeps running on its instance (`autodl-run tail` reattaches)")
-        sys.exit(130)
+        rc = 130
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        rc = exc.exit_code
     except Exception as exc:
         # Usage errors (unknown option, missing argument) and Ctrl-C at a prompt. typer vendors its own
         # click, so match by shape rather than by click's classes.
@@ -438,8 +499,14 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         if type(exc).__name__ == "Abort":
-            sys.exit(130)
-        raise
+            rc = 130
+        elif type(exc).__name__ == "Exit" and isinstance(getattr(exc, "exit_code", None), int):
+            rc = exc.exit_code
+        else:
+            raise
+    if rc == 130:
+        err_console.print(INTERRUPTED)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@
     │   └── TransferError          rsync/sftp failed
     ├── RemoteEnvError             the instance lacks something (a Python package, disk space, tmux)
     ├── JobError                   a job is unknown, failed, or in the wrong state
-    └── VerifyError                a fetched file does not match the worker's sha256 manifest
+    ├── VerifyError                a fetched file does not match the worker's sha256 manifest
+    └── LedgerError                the laptop's job ledger is damaged (`autodl-run ledger repair`)
 
 Only the CLI turns these into exit codes (see client.cli); library code never calls sys.exit.
 """
@@ -120,3 +121,9 @@ class JobError(AutodlRunError):
 
 class VerifyError(AutodlRunError):
     exit_code = 7
+
+
+class LedgerError(AutodlRunError):
+    """The laptop's job ledger (SQLite under $AUTODL_RUN_HOME) is damaged or cannot be written."""
+
+    exit_code = 8

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import re
 import shlex
+from dataclasses import dataclass
 
 from client.errors import JobError, RemoteCommandError, RemoteEnvError
 from client.transport.base import Result, Transport
 from client.transport.paths import shell_path
-from jobs.layout import JobPaths
+from jobs.jobstate import parse_exit_code, resolve
+from jobs.layout import JOB_FILES, JobPaths
+from jobs.protocol import JobState
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # tmux sockets and sessions, job ids
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -34,82 +37,102 @@ _WRAPPER = """#!/bin/sh
 # autodl-run job wrapper, written by client/launcher.py: runs the worker and records how it ended.
 cd "$(dirname "$0")" || exit 1
 # PATH as the launching login shell had it (a long-lived tmux server would hand out its own, older one)
-if [ -s .path ]; then PATH=$(cat .path); export PATH; fi
-{exports}
-set -- {argv}
-echo $$ > pid.tmp && mv -f pid.tmp pid
-echo running > state.tmp && mv -f state.tmp state
-rm -f exit_code
+if [ -s {wrapper_path} ]; then PATH=$(cat {wrapper_path}); export PATH; fi
+{{exports}}
+set -- {{argv}}
+echo $$ > {pid}.tmp && mv -f {pid}.tmp {pid}
+echo running > {state}.tmp && mv -f {state}.tmp {state}
+rm -f {exit_code}
 # A trap (not an ignore: ignored signals would be inherited) lets INT/TERM/HUP hit the worker with
 # their usual effect while this shell outlives them long enough to write the exit code.
 trap : INT TERM HUP
-"$@" >> worker.log 2>&1 < /dev/null
+"$@" >> {log} 2>&1 < /dev/null
 code=$?
-case "$(head -n 1 state 2>/dev/null)" in
+case "$(head -n 1 {state} 2>/dev/null)" in
   done|failed|cancelled) ;;
   *) if [ "$code" -eq 0 ]; then s=done; else s=failed; fi
-     echo "$s" > state.tmp && mv -f state.tmp state ;;
+     echo "$s" > {state}.tmp && mv -f {state}.tmp {state} ;;
 esac
-echo "$code" > exit_code.tmp && mv -f exit_code.tmp exit_code
-"""
+echo "$code" > {exit_code}.tmp && mv -f {exit_code}.tmp {exit_code}
+""".format(**JOB_FILES)
 
-# Prints the job's state as four lines after MARK. alive: the pid answers and, where /proc
-# exists, still runs in this job folder (a pid from before a reboot may belong to anything now).
+# Prints the job's files after MARK: exists, state, exit code, pid, alive, launching (launch.json is
+# there). alive: the pid answers and, where /proc exists, still runs in this job folder (a pid from
+# before a reboot may belong to anything now). jobs.jobstate.resolve turns them into the state.
 _STATUS = """
-p=$(head -n 1 pid 2>/dev/null)
-alive() {{ [ -n "$p" ] && kill -0 "$p" 2>/dev/null && {{ [ ! -e /proc/self/cwd ] || [ /proc/"$p"/cwd -ef . ]; }}; }}
-status() {{
-  a=0; alive && a=1
-  printf '%s\\n%s\\n%s\\n%s\\n%s\\n' {mark} "$(head -n 1 state 2>/dev/null)" "$(head -n 1 exit_code 2>/dev/null)" "$p" "$a"
-}}
-"""
+p=$(head -n 1 {pid} 2>/dev/null)
+alive() {{{{ [ -n "$p" ] && kill -0 "$p" 2>/dev/null && {{{{ [ ! -e /proc/self/cwd ] || [ /proc/"$p"/cwd -ef . ]; }}}}; }}}}
+status() {{{{
+  a=0; alive && a=1; l=0; [ -e {launch} ] && l=1
+  printf '%s\\n1\\n%s\\n%s\\n%s\\n%s\\n%s\\n' {{mark}} "$(head -n 1 {state} 2>/dev/null)" "$(head -n 1 {exit_code} 2>/dev/null)" "$p" "$a" "$l"
+}}}}
+""".format(**JOB_FILES)
+_MISSING = "{{ printf '%s\\n0\\n' {mark}; exit 0; }}"  # no job folder
 
 _LAUNCH = """unset TMUX TMUX_PANE
-mkdir -p -- {dir} && cd -- {dir} || exit 2
-{status}
+mkdir -p -- {{dir}} && cd -- {{dir}} || exit 2
+{{status}}
 if alive; then echo "a job is already running there (pid $p)" >&2; exit 3; fi
-rm -f pid exit_code state
-(umask 077; cat > run.sh && printf '%s' "$PATH" > .path) || exit 2
-if [ {prefer_tmux} = 1 ] && command -v tmux >/dev/null 2>&1; then
+rm -f {pid} {exit_code} {state}
+(umask 077; cat > {wrapper} && printf '%s' "$PATH" > {wrapper_path}) || exit 2
+if [ {{prefer_tmux}} = 1 ] && command -v tmux >/dev/null 2>&1; then
   # -f /dev/null: a server of our own socket ignores the user's ~/.tmux.conf
-  tmux -L {socket} -f /dev/null new-session -d -s {session} -c "$PWD" 'exec sh ./run.sh' || exit 6
+  tmux -L {{socket}} -f /dev/null new-session -d -s {{session}} -c "$PWD" 'exec sh ./{wrapper}' || exit 6
 elif setsid -f true >/dev/null 2>&1; then
   # -f forks here, so INT is not ignored in the job the way it is for a `&` job of a script
-  setsid -f nohup sh ./run.sh >/dev/null 2>&1 </dev/null || exit 6
+  setsid -f nohup sh ./{wrapper} >/dev/null 2>&1 </dev/null || exit 6
 elif command -v setsid >/dev/null 2>&1; then
-  setsid nohup sh ./run.sh >/dev/null 2>&1 </dev/null &
+  setsid nohup sh ./{wrapper} >/dev/null 2>&1 </dev/null &
 else
   echo "neither tmux nor setsid is installed" >&2; exit 4
 fi
 i=0
-while [ ! -s pid ] && [ $i -lt {ticks} ]; do sleep 0.1; i=$((i+1)); done
-if [ ! -s pid ]; then echo "the job did not start within {start_s} s" >&2; tail -n 20 worker.log >&2 2>/dev/null; exit 5; fi
-p=$(head -n 1 pid)
+while [ ! -s {pid} ] && [ $i -lt {{ticks}} ]; do sleep 0.1; i=$((i+1)); done
+if [ ! -s {pid} ]; then echo "the job did not start within {{start_s}} s" >&2; tail -n 20 {log} >&2 2>/dev/null; exit 5; fi
+p=$(head -n 1 {pid})
 status
-"""
+""".format(**JOB_FILES)
 
-_STATUS_ONLY = """cd -- {dir} 2>/dev/null || {{ printf '%s\\nmissing\\n\\n\\n0\\n' {mark}; exit 0; }}
+_STATUS_ONLY = """cd -- {dir} 2>/dev/null || {missing}
 {status}
 status
 """
 
-_CANCEL = """cd -- {dir} 2>/dev/null || {{ printf '%s\\nmissing\\n\\n\\n0\\n' {mark}; exit 0; }}
-{status}
-wait_gone() {{ i=0; while alive && [ $i -lt "$1" ]; do sleep 0.1; i=$((i+1)); done; }}
+_CANCEL = """cd -- {{dir}} 2>/dev/null || {{missing}}
+{{status}}
+wait_gone() {{{{ i=0; while alive && [ $i -lt "$1" ]; do sleep 0.1; i=$((i+1)); done; }}}}
 if alive; then
-  echo cancelled > state.tmp && mv -f state.tmp state
+  echo cancelled > {state}.tmp && mv -f {state}.tmp {state}
   kill -s INT -- "-$p" 2>/dev/null || kill -s INT "$p" 2>/dev/null || true
-  wait_gone {int_ticks}
-  if alive; then kill -s TERM -- "-$p" 2>/dev/null || kill -s TERM "$p" 2>/dev/null || true; wait_gone {term_ticks}; fi
+  wait_gone {{int_ticks}}
+  if alive; then kill -s TERM -- "-$p" 2>/dev/null || kill -s TERM "$p" 2>/dev/null || true; wait_gone {{term_ticks}}; fi
   if alive; then
     kill -s KILL -- "-$p" 2>/dev/null || kill -s KILL "$p" 2>/dev/null || true
     wait_gone 20
-    [ -s exit_code ] || echo 137 > exit_code
+    [ -s {exit_code} ] || echo 137 > {exit_code}
   fi
 fi
-if command -v tmux >/dev/null 2>&1; then tmux -L {socket} kill-session -t ={session} >/dev/null 2>&1 || true; fi
+if command -v tmux >/dev/null 2>&1; then tmux -L {{socket}} kill-session -t ={{session}} >/dev/null 2>&1 || true; fi
 status
-"""
+""".format(**JOB_FILES)
+
+
+@dataclass(frozen=True)
+class LaunchStatus:
+    """A job folder's state (jobs.jobstate.resolve) and the wrapper's process."""
+
+    state: JobState
+    exit_code: int | None
+    alive: bool
+    pid: int | None
+
+    @property
+    def active(self) -> bool:
+        """Launched (or being launched) and not ended: a second launch would run it twice."""
+        return self.state in (JobState.LAUNCHING, JobState.STARTING, JobState.RUNNING)
+
+    def as_dict(self) -> dict:
+        return {"state": self.state.value, "exit_code": self.exit_code, "alive": self.alive, "pid": self.pid}
 
 
 def launch(
@@ -121,7 +144,7 @@ def launch(
     session: str,
     env: dict[str, str],
     prefer_tmux: bool = True,
-) -> dict:
+) -> LaunchStatus:
     """Start `argv` in the job folder, detached (tmux session SESSION on socket SOCKET, else setsid).
 
     Returns once the wrapper wrote its pid, with the job's status (see job_status).
@@ -159,24 +182,24 @@ def launch(
 
 def job_status(
     transport: Transport, job_paths: JobPaths, socket: str | None = None, session: str | None = None
-) -> dict:
-    """{state, exit_code, alive, pid} in one round trip.
-
-    state: running | done | failed | cancelled | lost (no exit code and not alive: the instance
-    restarted or the wrapper was killed) | missing (no job folder).
+) -> LaunchStatus:
+    """The job's LaunchStatus in one round trip; its state by jobs.jobstate.resolve (launching,
+    starting, running, done, failed, cancelled, lost, missing).
     socket and session are accepted for symmetry with launch/cancel; the pid decides.
     """
     if socket is not None:
         _name(socket, "tmux socket")
     if session is not None:
         _tmux_session(session)
-    cmd = _STATUS_ONLY.format(dir=shell_path(job_paths.dir), status=_STATUS.format(mark=MARK), mark=MARK)
+    cmd = _STATUS_ONLY.format(
+        dir=shell_path(job_paths.dir), status=_STATUS.format(mark=MARK), missing=_MISSING.format(mark=MARK)
+    )
     return _parse_status(transport.run(cmd), transport)
 
 
 def cancel(
     transport: Transport, job_paths: JobPaths, *, socket: str, session: str, grace: float = 10.0
-) -> dict:
+) -> LaunchStatus:
     """Stop the job's process group: SIGINT, then SIGTERM after `grace` s, then SIGKILL; state = cancelled.
 
     A job that already ended keeps its state. Returns the status after, like job_status.
@@ -184,7 +207,7 @@ def cancel(
     cmd = _CANCEL.format(
         dir=shell_path(job_paths.dir),
         status=_STATUS.format(mark=MARK),
-        mark=MARK,
+        missing=_MISSING.format(mark=MARK),
         socket=shlex.quote(_name(socket, "tmux socket")),
         session=shlex.quote(_tmux_session(session)),
         int_ticks=max(1, round(grace * 10)),
@@ -193,33 +216,30 @@ def cancel(
     return _parse_status(transport.run(cmd, timeout=grace + TERM_WAIT_S + 30), transport)
 
 
-def _parse_status(res: Result, transport: Transport) -> dict:
+def status_shell() -> str:
+    """Shell that defines `status` (prints the job folder it runs in, for parse_status) and `alive`."""
+    return _STATUS.format(mark=MARK)
+
+
+def parse_status(res: Result, transport: Transport) -> LaunchStatus:
+    """The LaunchStatus a `status` of status_shell() printed (the last one, when several were)."""
+    return _parse_status(res, transport)
+
+
+def _parse_status(res: Result, transport: Transport) -> LaunchStatus:
     out = res.stdout
     if MARK not in out:
         raise RemoteCommandError(res.command, res.exited, res.stdout, res.stderr or "no status printed",
                                  transport.where)  # fmt: skip
-    lines = (out.rsplit(MARK, 1)[1].lstrip("\n").split("\n") + [""] * 4)[:4]
-    state, code_s, pid_s, alive_s = (x.strip() for x in lines)
-    code = int(code_s) if code_s.lstrip("-").isdigit() else None
+    lines = (out.rsplit(MARK, 1)[1].lstrip("\n").split("\n") + [""] * 6)[:6]
+    exists, state, code_s, pid_s, alive_s, launching = (x.strip() for x in lines)
+    code = parse_exit_code(code_s)
     alive = alive_s == "1"
-    return {
-        "state": _derive(state, code, alive),
-        "exit_code": code,
-        "alive": alive,
-        "pid": int(pid_s) if pid_s.isdigit() else None,
-    }
-
-
-def _derive(state: str, code: int | None, alive: bool) -> str:
-    if state == "missing":
-        return "missing"
-    if alive:
-        return "running"
-    if state in ("done", "failed", "cancelled"):
-        return state
-    if code is not None:
-        return "done" if code == 0 else "failed"
-    return "lost"
+    pid = int(pid_s) if pid_s.isdigit() else None
+    resolved = resolve(
+        state, code, alive, exists=exists == "1", has_pid=pid is not None, launching=launching == "1"
+    )
+    return LaunchStatus(resolved, code, alive, pid)
 
 
 def _exports(env: dict[str, str]) -> str:

@@ -10,10 +10,14 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from client.errors import JobError
+from pydantic import ValidationError
+
+from client.errors import JobError, LedgerError
 from jobs.spec import JobSpec
 
 _SCHEMA = """
@@ -65,38 +69,105 @@ class JobRecord:
         }
 
 
+REPAIR = "autodl-run ledger repair"
+
+
 class Ledger:
+    """Every sqlite error becomes a LedgerError naming the file and the repair (never a traceback)."""
+
     def __init__(self, path: Path | None = None):
         self.path = path or home() / "ledger.sqlite"
-        self._db = sqlite3.connect(self.path)
-        self._db.row_factory = sqlite3.Row
-        self._db.executescript(_SCHEMA)
+        with self._guard("open"):
+            self._db = sqlite3.connect(self.path, timeout=30)
+            self._db.row_factory = sqlite3.Row
+            self._db.executescript(_SCHEMA)
 
-    def add(self, job_id: str, spec: JobSpec, job_file: Path, data_digest: str, bundle_digest: str) -> None:
-        with self._db:
+    @contextmanager
+    def _guard(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise LedgerError(
+                    f"the job ledger {self.path} is locked by another autodl-run ({doing})",
+                    hint="wait for the other command to finish, then run this again",
+                ) from None
+            raise self._damaged(doing, exc) from None
+        except (sqlite3.Error, ValidationError, ValueError) as exc:
+            raise self._damaged(doing, exc) from None
+
+    def _damaged(self, doing: str, exc: Exception) -> LedgerError:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return LedgerError(
+            f"the job ledger {self.path} is damaged ({doing}: {why})",
+            hint=f"`{REPAIR}` moves it aside and starts a fresh one; then `autodl-run recover JOB.toml` "
+            "adds back the jobs each instance knows",
+        )
+
+    def check(self) -> None:
+        """Before launching anything: the file is sound (PRAGMA quick_check) and takes a write."""
+        with self._guard("check"):
+            problems = [r[0] for r in self._db.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise sqlite3.DatabaseError("; ".join(problems[:3]))
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO jobs (id, name, job_file, spec_json, data_digest, bundle_digest, submitted_at,"
+                    " state) VALUES ('.write-test', '', '', '{}', '', '', 0, 'test')"
+                )
+            finally:
+                self._db.rollback()
+
+    def add(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        job_file: Path | str,
+        data_digest: str,
+        bundle_digest: str,
+        *,
+        state: str = "running",
+        submitted_at: float | None = None,
+    ) -> None:
+        with self._guard("add a job"), self._db:
             self._db.execute(
                 "INSERT INTO jobs (id, name, job_file, spec_json, data_digest, bundle_digest, submitted_at, state)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, 'running')",
-                (job_id, spec.name, str(job_file), spec.model_dump_json(), data_digest, bundle_digest, time.time()),
-            )
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, spec.name, str(job_file), spec.model_dump_json(), data_digest, bundle_digest,
+                 submitted_at or time.time(), state),
+            )  # fmt: skip
+
+    def has(self, job_id: str) -> bool:
+        with self._guard("read"):
+            return self._db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone() is not None
+
+    def remove(self, job_id: str) -> None:
+        with self._guard("remove a job"), self._db:
+            self._db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
 
     def update(self, job_id: str, **fields: object) -> None:
-        allowed = {"state", "finished_at", "fetched_to"}
+        allowed = {"state", "finished_at", "fetched_to", "bundle_digest"}
         if not fields.keys() <= allowed:
             raise ValueError(f"cannot update {sorted(fields.keys() - allowed)}")
         cols = ", ".join(f"{k} = ?" for k in fields)
-        with self._db:
+        with self._guard("update a job"), self._db:
             self._db.execute(f"UPDATE jobs SET {cols} WHERE id = ?", (*fields.values(), job_id))
 
     def get(self, job_id: str | None = None) -> JobRecord:
         """A job by id (or a unique prefix of one); the latest job when no id is given."""
+        with self._guard("read"):
+            return self._get(job_id)
+
+    def _get(self, job_id: str | None) -> JobRecord:
         if job_id is None:
             row = self._db.execute("SELECT * FROM jobs ORDER BY submitted_at DESC LIMIT 1").fetchone()
             if row is None:
                 raise JobError("no jobs yet", hint="submit one with `autodl-run submit job.toml`")
             return _record(row)
+        # substr, not LIKE: '_' and '%' are ordinary characters of a job id
         rows = self._db.execute(
-            "SELECT * FROM jobs WHERE id = ? OR id LIKE ? ORDER BY submitted_at DESC", (job_id, job_id + "%")
+            "SELECT * FROM jobs WHERE substr(id, 1, ?) = ? ORDER BY submitted_at DESC", (len(job_id), job_id)
         ).fetchall()
         exact = [r for r in rows if r["id"] == job_id]
         if exact:
@@ -110,17 +181,51 @@ class Ledger:
             hint="give more of the job id",
         )
 
-    def find_running(self, name: str) -> list[JobRecord]:
-        rows = self._db.execute(
-            "SELECT * FROM jobs WHERE name = ? AND state = 'running' ORDER BY submitted_at DESC", (name,)
-        ).fetchall()
-        return [_record(r) for r in rows]
-
     def all(self) -> list[JobRecord]:
-        return [_record(r) for r in self._db.execute("SELECT * FROM jobs ORDER BY submitted_at DESC")]
+        with self._guard("read"):
+            return [_record(r) for r in self._db.execute("SELECT * FROM jobs ORDER BY submitted_at DESC")]
 
     def close(self) -> None:
         self._db.close()
+
+
+def repair(path: Path | None = None) -> tuple[Path | None, int]:
+    """Move a damaged ledger aside and start a fresh one with every row that can still be read.
+
+    Returns (where the damaged file went, or None when there was none; how many jobs were kept).
+    """
+    path = path or home() / "ledger.sqlite"
+    rows: list[tuple] = []
+    if path.exists():
+        try:
+            old = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            try:
+                for row in old.execute("SELECT * FROM jobs NOT INDEXED"):
+                    rows.append(tuple(row))
+            finally:
+                old.close()
+        except sqlite3.Error:
+            pass  # keep what was read before the damage
+    aside = None
+    if path.exists():
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.rename(aside)
+    for suffix in ("-journal", "-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.rename(Path(str(aside or path) + suffix))
+    fresh = Ledger(path)
+    kept = 0
+    with fresh._guard("repair"), fresh._db:
+        for row in rows:
+            try:
+                JobSpec.model_validate_json(row[3])
+            except (ValidationError, ValueError, TypeError, IndexError):
+                continue
+            cur = fresh._db.execute("INSERT OR IGNORE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row[:10])
+            kept += cur.rowcount
+    fresh.close()
+    return aside, kept
 
 
 def _record(row: sqlite3.Row) -> JobRecord:

@@ -31,13 +31,15 @@ from client.fetch import fetch_checkpoint, job_root, local_checkpoints, remote_s
 from client.ledger import JobRecord, Ledger, home
 from client.prefetch import prefetch_model
 from client.setup import ensure_worker_deps
-from client.submit import deadline_for, launch_job, new_job_id, resolve_remote_root, sync_bundle
+from client.submission import submission_key, write_launch_record
+from client.submit import deadline_for, ensure_guard, launch_job, new_job_id, resolve_remote_root, sync_bundle
 from client.sync import remote_exists, sync_dir
 from client.tail import status_progress
 from client.transport import connect
 from client.transport.base import Transport
 from jobs.layout import DATASET_MANIFEST, MANIFEST, RemoteLayout, layout_for
 from jobs.manifest import ManifestError, verify_manifest
+from jobs.protocol import JobState, LaunchRecord
 from jobs.spec import InstanceSpec, JobSpec
 
 Log = Callable[[str], None]
@@ -137,10 +139,12 @@ def _in_place(record: JobRecord, ledger: Ledger, deadline_unix: float | None, lo
     try:
         status = launcher.job_status(transport, paths)
         where = transport.where
-        if status["state"] == "running":
-            log(f"job {record.id} is running on {where}: reattaching (nothing started)")
+        if status.active:
+            log(f"job {record.id} is {status.state} on {where}: reattaching (nothing started)")
+            if status.alive and record.bundle_digest:
+                ensure_guard(transport, spec, layout, record.id, record.bundle_digest)
             return Resumed(record.id, record.id, where, None, reattached=True)
-        if status["state"] == "missing":
+        if status.state is JobState.MISSING:
             log(f"the job folder is gone from {where}: uploading the checkpoint fetched last")
             step = _upload_local_checkpoint(record, transport, layout, record.id, log)
         else:
@@ -148,10 +152,11 @@ def _in_place(record: JobRecord, ledger: Ledger, deadline_unix: float | None, lo
             steps = remote_steps(transport, paths)
             step = steps[-1] if steps else None
         deadline = deadline_for(spec, Path(record.job_file), deadline_unix)
-        _prepare_and_launch(record, spec, transport, layout, record.id, deadline, log)
+        ledger.check()  # before launching: a damaged ledger could not record it
+        bundle = _prepare_and_launch(record, spec, transport, layout, record.id, deadline, log)
     finally:
         transport.close()
-    ledger.update(record.id, state="running", finished_at=None)
+    ledger.update(record.id, state="running", finished_at=None, bundle_digest=bundle)
     log(f"resumed {record.id} on {where} " + (f"from checkpoint step-{step}" if step else "from the start"))
     return Resumed(record.id, record.id, where, step)
 
@@ -162,6 +167,7 @@ def _elsewhere(
     spec = record.spec.model_copy(update={"instance": instance.model_copy()})
     job_file = Path(record.job_file)
     deadline = deadline_for(spec, job_file, deadline_unix)
+    ledger.check()
     transport = connect(spec.instance)
     try:
         transport.run(["true"])  # an unreachable host fails here, before anything else
@@ -169,8 +175,17 @@ def _elsewhere(
         layout = layout_for(spec)
         job_id = new_job_id(spec.name)
         step = _upload_local_checkpoint(record, transport, layout, job_id, log)
-        bundle_digest = _prepare_and_launch(record, spec, transport, layout, job_id, deadline, log)
-        ledger.add(job_id, spec, job_file, record.data_digest, bundle_digest)
+
+        def record_first(bundle_digest: str) -> None:  # the laptop and the instance know the job before it runs
+            ledger.add(job_id, spec, job_file, record.data_digest, bundle_digest, state="launching")
+            write_launch_record(transport, layout, LaunchRecord(
+                job_id=job_id, name=spec.name, submit_key=submission_key(spec, record.data_digest),
+                data_digest=record.data_digest, bundle_digest=bundle_digest, job_file=str(job_file),
+                spec_json=spec.model_dump_json(),
+            ))  # fmt: skip
+
+        _prepare_and_launch(record, spec, transport, layout, job_id, deadline, log, record_first)
+        ledger.update(job_id, state="running")
         where = transport.where
     finally:
         transport.close()
@@ -236,6 +251,7 @@ def _prepare_and_launch(
     job_id: str,
     deadline: float | None,
     log: Log,
+    before_launch: Callable[[str], None] | None = None,
 ) -> str:
     """Data (prepared again only if the instance lacks it), worker, packages, then job.json, worker and guard.
 
@@ -254,5 +270,7 @@ def _prepare_and_launch(
     bundle_digest, _ = sync_bundle(transport, layout)
     ensure_worker_deps(transport, spec, log=log, bundle_dir=layout.bundle_dir(bundle_digest))
     prefetch_model(transport, spec, layout.job(job_id), layout.bundle_dir(bundle_digest), log=log)
+    if before_launch is not None:
+        before_launch(bundle_digest)
     launch_job(transport, spec, job_id, layout, digest, bundle_digest, deadline)
     return bundle_digest

@@ -1,7 +1,7 @@
 """`submit`: check → prepare → connect → sync → setup → launch, each step timed and shown.
 
-Submitting a job that is already running (same name, data and spec) reattaches to it instead of
-launching a second copy. `--deadline` (or `instance.expires_at`, whichever is sooner) becomes the
+Submitting a job that is already launching or running on its instance (the same resolved spec and
+data, from any laptop) reattaches to it instead of launching a second copy (client.submission). `--deadline` (or `instance.expires_at`, whichever is sooner) becomes the
 worker's `deadline_unix`: it stops in time to save and fetch. With a shutdown policy other than
 "never", the guard (remote_worker.guard) is launched beside the job.
 """
@@ -9,7 +9,6 @@ worker's `deadline_unix`: it stops in time to save and fetch. With a shutdown po
 from __future__ import annotations
 
 import json
-import posixpath
 import re
 import secrets
 import tempfile
@@ -20,10 +19,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from client import dataset, guard_launch, launcher
+from client import dataset, guard_launch, launcher, submission
 from client.bundle import sync_bundle
-from client.errors import JobError, Problem, SpecError
-from client.ledger import Ledger, home
+from client.errors import AutodlRunError, JobError, Problem, RemoteCommandError, RemoteEnvError, SpecError
+from client.ledger import JobRecord, Ledger, home
 from client.prefetch import prefetch_model
 from client.setup import ensure_worker_deps, remote_root
 from client.specfile import load_spec
@@ -31,6 +30,7 @@ from client.sync import sync_dir
 from client.transport import connect
 from client.transport.base import Transport
 from jobs.layout import DATASET_MANIFEST, JobPaths, RemoteLayout, layout_for
+from jobs.protocol import LaunchRecord
 from jobs.spec import JobSpec, WorkerJob
 
 Log = Callable[[str], None]
@@ -156,11 +156,15 @@ def deadline_for(
 def submit(
     job_file: Path, *, ledger: Ledger, log: Log = print, deadline_unix: float | None = None
 ) -> Submitted:
+    """Check → prepare → connect → sync → setup → claim → launch. The ledger is checked before connecting,
+    and the job's identity is recorded on the laptop (state `launching`) and on the instance before it
+    is launched (client.submission); the same job launching or running there is reattached to."""
     timings: dict[str, float] = {}
     job_file = Path(job_file).resolve()
     with _step("check", timings, log):
         spec = load_spec(job_file)
         deadline = deadline_for(spec, job_file, deadline_unix)
+        ledger.check()  # a damaged ledger fails here, before anything runs that it could not record
     with _step("prepare", timings, log):
         prepared = dataset.prepare(spec, job_file, home() / "prepared")
         r = prepared.report
@@ -176,18 +180,10 @@ def submit(
         root = resolve_remote_root(spec, transport)
         spec.instance.remote_root = root
         layout = layout_for(spec)
-        running = [j for j in ledger.find_running(spec.name) if j.data_digest == prepared.digest]
-        if running and launcher_alive(transport, running[0]):
-            same = running[0].spec.model_dump() == spec.model_dump()
-            if same:
-                log(f"[green]✓[/] job {running[0].id} is running already: reattaching (nothing launched)")
-                return Submitted(running[0].id, running[0].spec, job_file, prepared.report, False, False,
-                                 timings, reattached=True)  # fmt: skip
-            raise JobError(
-                f"job `{running[0].id}` with the same name and data, but another spec, is still running "
-                f"on {transport.where}",
-                hint=f"follow it with `autodl-run tail {running[0].id}`, or cancel it first",
-            )
+        key = submission.submission_key(spec, prepared.digest)
+        found = submission.current(transport, layout, key)
+        if found is not None:
+            return _reattach(found, transport, spec, job_file, prepared, ledger, timings, log)
         with _step("sync", timings, log):
             data_sent, bundle_digest, bundle_sent = sync_worker(
                 transport, layout, prepared.dir, prepared.digest, log
@@ -197,13 +193,100 @@ def submit(
             log(f"  python {info['python']}, torch {info['torch']}")
         job_id = new_job_id(spec.name)
         prefetch_model(transport, spec, layout.job(job_id), layout.bundle_dir(bundle_digest), log=log)
+        record = LaunchRecord(
+            job_id=job_id, name=spec.name, submit_key=key, data_digest=prepared.digest,
+            bundle_digest=bundle_digest, job_file=str(job_file), spec_json=spec.model_dump_json(),
+        )  # fmt: skip
+        ledger.add(job_id, spec, job_file, prepared.digest, bundle_digest, state="launching")
+        claim = submission.claim(transport, layout, record)
+        if not claim.mine:
+            ledger.remove(job_id)
+            return _reattach(claim, transport, spec, job_file, prepared, ledger, timings, log)
+        if claim.superseded and claim.superseded != job_id and ledger.has(claim.superseded):
+            ledger.update(claim.superseded, state="lost")
         with _step("launch", timings, log):
-            guard = launch_job(transport, spec, job_id, layout, prepared.digest, bundle_digest, deadline)
-        ledger.add(job_id, spec, job_file, prepared.digest, bundle_digest)
+            try:
+                guard = launch_job(transport, spec, job_id, layout, prepared.digest, bundle_digest, deadline)
+            except (JobError, RemoteEnvError, RemoteCommandError, KeyboardInterrupt):
+                # The instance answers. If the worker runs (its guard failed), both records stay; if
+                # not, they go. (A cut link leaves both records: submit again reattaches.)
+                _drop_unless_running(transport, layout, key, job_id, ledger)
+                raise
+        ledger.update(job_id, state="running")
     finally:
         transport.close()
     return Submitted(job_id, spec, job_file, prepared.report, data_sent, bundle_sent, timings,
                      deadline_unix=deadline, guard=guard)  # fmt: skip
+
+
+def _drop_unless_running(transport: Transport, layout: RemoteLayout, key: str, job_id: str, ledger: Ledger) -> None:
+    try:
+        if launcher.job_status(transport, layout.job(job_id)).alive:
+            ledger.update(job_id, state="running")
+            return
+        submission.unclaim(transport, layout, key, job_id)
+    except AutodlRunError:
+        return  # it cannot be told now: both records stay, and a later submit finds the job
+    ledger.remove(job_id)
+
+
+def _reattach(
+    found: submission.Claim,
+    transport: Transport,
+    spec: JobSpec,
+    job_file: Path,
+    prepared: dataset.Prepared,
+    ledger: Ledger,
+    timings: dict[str, float],
+    log: Log,
+) -> Submitted:
+    """The same job is launching or running there already: nothing is launched; the ledger learns of it
+    (another laptop's job, or ours from before a cut link) and its guard is made sure of."""
+    job_id, rec = found.job_id, found.record
+    bundle_digest = rec.bundle_digest if rec else ""
+    state = "running" if found.status is not None and found.status.alive else "launching"
+    if not ledger.has(job_id):
+        submitted_at = rec.at if rec else None
+        ledger.add(job_id, spec, rec.job_file if rec and rec.job_file else job_file, prepared.digest,
+                   bundle_digest, state=state, submitted_at=submitted_at)  # fmt: skip
+    else:
+        ledger.update(job_id, state=state)
+    guard = False
+    if found.status is not None and found.status.alive and bundle_digest:
+        guard = ensure_guard(transport, spec, layout_for(spec), job_id, bundle_digest)
+    log(f"[green]✓[/] job {job_id} is {state} already on {transport.where}: reattaching (nothing launched)")
+    if state == "launching":
+        log(f"  another submit is launching it; if none is, submit again after {submission.LAUNCH_STALE_S // 60} "
+            "minutes to launch it anew")
+    return Submitted(job_id, spec, job_file, prepared.report, False, False, timings, reattached=True,
+                     guard=guard)  # fmt: skip
+
+
+def ensure_guard(transport: Transport, spec: JobSpec, layout: RemoteLayout, job_id: str, bundle_digest: str) -> bool:
+    """A running job whose guard is not running gets one (unless the policy is "never"). Returns whether
+    one was started."""
+    if spec.instance.shutdown_policy == "never":
+        return False
+    paths = layout.job(job_id)
+    if launcher.job_status(transport, paths.guard).active:
+        return False
+    env = worker_env(spec, layout, layout.bundle_dir(bundle_digest))
+    return guard_launch.start_guard(transport, spec, paths, job_id, env) is not None
+
+
+def ensure_guard_for(record: JobRecord) -> bool:
+    """`tail`'s check: the job runs, so its guard must too. One connection; False when it cannot tell."""
+    spec = record.spec
+    if spec.instance.shutdown_policy == "never" or not record.bundle_digest:
+        return False
+    transport = connect(spec.instance)
+    try:
+        layout = layout_for(spec)
+        if not launcher.job_status(transport, layout.job(record.id)).alive:
+            return False
+        return ensure_guard(transport, spec, layout, record.id, record.bundle_digest)
+    finally:
+        transport.close()
 
 
 def sync_worker(
@@ -243,12 +326,6 @@ def launch_job(
     return guard_launch.start_guard(transport, spec, paths, job_id, env) is not None
 
 
-def launcher_alive(transport: Transport, record) -> bool:
-    paths = layout_for(record.spec).job(record.id)
-    status = launcher.job_status(transport, paths, record.spec.instance.tmux_socket, record.id)
-    return status["state"] == "running" and bool(status.get("alive"))
-
-
 def _upload_job_json(
     transport: Transport,
     spec: JobSpec,
@@ -269,4 +346,4 @@ def _upload_job_json(
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "job.json"
         local.write_text(json.dumps(job.model_dump(mode="json"), indent=2))
-        transport.put(local, posixpath.join(paths.dir, "job.json"))
+        transport.put(local, paths.spec)

@@ -26,6 +26,7 @@
             status.json            what the guard is doing or did: waiting, copied, shut down
         prefetch/                  the model download, launched like a job; result.json (ModelDownload)
     {root}/submissions/{key}       which job a submission (spec + data) became: one launch per key
+    {root}/submissions/{key}.lock  held (a directory, its `owner` token inside) while a client claims the key
     {root}/.setup/                 set-up's markers (deps-KEY.json: SetupMarker; apt-tmux-failed)
     {root}/hf/                     HF_HOME on the data disk
 
@@ -106,6 +107,10 @@ class RemoteLayout:
     def submission(self, key: str) -> str:
         """`submissions/<key>`: the job id a submission became (one launch per key)."""
         return posixpath.join(self.root, "submissions", key)
+
+    def submission_lock(self, key: str) -> str:
+        """`submissions/<key>.lock`: a `mkdir` lock around reading and writing the submission file."""
+        return self.submission(key) + ".lock"
 
     def setup_file(self, *names: str) -> str:
         return posixpath.join(self.root, SETUP_DIR, *names)

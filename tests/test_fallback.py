@@ -15,6 +15,7 @@ from client.transport import connect, sftp
 from client.transport import rsync as rs
 from client.transport.ssh import SshTransport
 from jobs.layout import RemoteLayout
+from jobs.protocol import JobState
 from jobs.spec import InstanceSpec, JobSpec
 
 pytestmark = pytest.mark.ssh
@@ -78,19 +79,14 @@ def test_no_tmux_tries_apt_once_then_runs_the_job_under_setsid(make_instance, tm
             session="j-1",
             env={"A": "b c"},
         )
-        assert status["state"] == "running" and status["alive"]
-        pid = status["pid"]
+        assert status.state == "running" and status.alive
+        pid = status.pid
         sid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
         assert sid == pid  # a session of its own: setsid, not a tmux pane
         deadline = time.monotonic() + 15
-        while launcher.job_status(t, paths)["state"] == "running" and time.monotonic() < deadline:
+        while launcher.job_status(t, paths).state == "running" and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert launcher.job_status(t, paths) == {
-            "state": "failed",
-            "exit_code": 3,
-            "alive": False,
-            "pid": pid,
-        }
+        assert launcher.job_status(t, paths) == launcher.LaunchStatus(JobState.FAILED, 3, False, pid)
     job = inst.root / "autodl-tmp" / "autodl-run" / "jobs" / "j-1"
     assert (job / "exit_code").read_text().strip() == "3" and (job / "state").read_text().strip() == "failed"
     assert "started" in (job / "worker.log").read_text()

@@ -15,6 +15,7 @@ from client import launcher
 from client.errors import JobError
 from client.transport import LocalTransport
 from jobs.layout import JobPaths
+from jobs.protocol import JobState
 
 MODES = ["tmux", "setsid"]
 NO_TMUX = "tmux is not installed (apt-get install tmux)"
@@ -37,14 +38,14 @@ def _wait(transport, paths: JobPaths, timeout: float = 15.0) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         st = launcher.job_status(transport, paths)
-        if st["state"] != "running" or time.monotonic() > deadline:
+        if st.state != "running" or time.monotonic() > deadline:
             return st
         time.sleep(0.05)
 
 
 def _done(transport, paths: JobPaths) -> dict:
     st = _wait(transport, paths)
-    assert st["state"] == "done", (st, _files(paths))
+    assert st.state == "done", (st, _files(paths))
     return st
 
 
@@ -101,12 +102,12 @@ def test_launch_runs_to_done_and_records_everything(
         transport, paths, ["sh", "-c", script], socket=tmux_socket, session="job-1",
         env={"GREETING": "it's \"quoted\" $HOME"}, prefer_tmux=mode == "tmux",
     )  # fmt: skip
-    assert st["state"] == "running" and st["alive"] and st["pid"] == int(Path(paths.pid).read_text())
+    assert st.state == "running" and st.alive and st.pid == int(Path(paths.pid).read_text())
     assert _tmux_has(tmux_socket, "job-1") == (mode == "tmux")
-    assert launcher.job_status(transport, paths, tmux_socket, "job-1")["state"] == "running"
+    assert launcher.job_status(transport, paths, tmux_socket, "job-1").state == "running"
     gate.touch()
     st = _done(transport, paths)
-    assert st == {"state": "done", "exit_code": 0, "alive": False, "pid": st["pid"]}
+    assert st == launcher.LaunchStatus(JobState.DONE, 0, False, st.pid)
     log = Path(paths.log).read_text()
     assert 'out it\'s "quoted" $HOME\n' in log and "err\n" in log and log.endswith("finished\n")
     assert Path(paths.exit_code).read_text() == "0\n" and Path(paths.state).read_text() == "done\n"
@@ -125,7 +126,7 @@ def test_failing_command_keeps_its_exit_code(
     launcher.launch(transport, paths, ["sh", "-c", "echo boom >&2; exit 3"], socket=tmux_socket, session="j",
                     env={}, prefer_tmux=mode == "tmux")  # fmt: skip
     st = _wait(transport, paths)
-    assert (st["state"], st["exit_code"], st["alive"]) == ("failed", 3, False)
+    assert (st.state, st.exit_code, st.alive) == ("failed", 3, False)
     assert "boom" in Path(paths.log).read_text()
 
 
@@ -146,9 +147,9 @@ def test_cancel_interrupts_gracefully(transport, tmp_path: Path, tmux_socket: st
     t = time.monotonic()
     st = launcher.cancel(transport, paths, socket=tmux_socket, session="c", grace=5)
     assert time.monotonic() - t < 4
-    assert (st["state"], st["exit_code"], st["alive"]) == ("cancelled", 5, False)
+    assert (st.state, st.exit_code, st.alive) == ("cancelled", 5, False)
     assert "got-int" in Path(paths.log).read_text()
-    assert _gone(st["pid"]) and not _tmux_has(tmux_socket, "c")
+    assert _gone(st.pid) and not _tmux_has(tmux_socket, "c")
 
 
 def test_cancel_escalates_to_kill(tmp_path: Path, tmux_socket: str, local_home: Path) -> None:
@@ -159,8 +160,8 @@ def test_cancel_escalates_to_kill(tmp_path: Path, tmux_socket: str, local_home: 
     launcher.launch(t, paths, ["sh", "-c", script], socket=tmux_socket, session="k", env={})
     _until(Path(paths.dir) / "ready")
     st = launcher.cancel(t, paths, socket=tmux_socket, session="k", grace=0.3)
-    assert (st["state"], st["exit_code"], st["alive"]) == ("cancelled", 137, False)
-    assert _gone(st["pid"])
+    assert (st.state, st.exit_code, st.alive) == ("cancelled", 137, False)
+    assert _gone(st.pid)
 
 
 def test_cancel_of_a_finished_job_keeps_its_outcome(
@@ -170,7 +171,7 @@ def test_cancel_of_a_finished_job_keeps_its_outcome(
     paths = JobPaths(str(tmp_path / "job"))
     launcher.launch(t, paths, ["true"], socket=tmux_socket, session="f", env={})
     _done(t, paths)
-    assert launcher.cancel(t, paths, socket=tmux_socket, session="f")["state"] == "done"
+    assert launcher.cancel(t, paths, socket=tmux_socket, session="f").state == "done"
 
 
 def test_long_sleep_is_cancelled(tmp_path: Path, tmux_socket: str, local_home: Path) -> None:
@@ -178,8 +179,8 @@ def test_long_sleep_is_cancelled(tmp_path: Path, tmux_socket: str, local_home: P
     paths = JobPaths(str(tmp_path / "job"))
     st = launcher.launch(t, paths, ["sleep", "300"], socket=tmux_socket, session="s", env={})
     st = launcher.cancel(t, paths, socket=tmux_socket, session="s", grace=5)
-    assert (st["state"], st["exit_code"]) == ("cancelled", 130)  # sleep died of SIGINT
-    assert _gone(st["pid"])
+    assert (st.state, st.exit_code) == ("cancelled", 130)  # sleep died of SIGINT
+    assert _gone(st.pid)
 
 
 def test_quoting_of_paths_argv_and_env(tmp_path: Path, tmux_socket: str, local_home: Path) -> None:
@@ -228,12 +229,12 @@ def test_dotted_job_ids_are_fine_for_tmux(tmp_path: Path, tmux_socket: str, loca
     )
     _until(Path(paths.dir) / "ready")
     assert _tmux_has(tmux_socket, "qwen2_5-x")
-    assert launcher.cancel(t, paths, socket=tmux_socket, session="qwen2.5-x")["state"] == "cancelled"
+    assert launcher.cancel(t, paths, socket=tmux_socket, session="qwen2.5-x").state == "cancelled"
 
 
 def test_status_missing_lost_and_double_launch(tmp_path: Path, tmux_socket: str, local_home: Path) -> None:
     t = LocalTransport()
-    assert launcher.job_status(t, JobPaths(str(tmp_path / "nope")))["state"] == "missing"
+    assert launcher.job_status(t, JobPaths(str(tmp_path / "nope"))).state == "missing"
 
     lost = tmp_path / "lost"
     lost.mkdir()
@@ -241,13 +242,11 @@ def test_status_missing_lost_and_double_launch(tmp_path: Path, tmux_socket: str,
     dead.wait()
     (lost / "pid").write_text(f"{dead.pid}\n")
     (lost / "state").write_text("running\n")
-    assert launcher.job_status(t, JobPaths(str(lost))) == {
-        "state": "lost", "exit_code": None, "alive": False, "pid": dead.pid,
-    }  # fmt: skip
+    assert launcher.job_status(t, JobPaths(str(lost))) == launcher.LaunchStatus(JobState.LOST, None, False, dead.pid)
 
     # a live pid that is not this job's wrapper (e.g. reused after a reboot) is not "alive"
     (lost / "pid").write_text(f"{os.getpid()}\n")
-    assert launcher.job_status(t, JobPaths(str(lost)))["state"] == "lost"
+    assert launcher.job_status(t, JobPaths(str(lost))).state == "lost"
 
     paths = JobPaths(str(tmp_path / "job"))
     launcher.launch(t, paths, ["sleep", "30"], socket=tmux_socket, session="d", env={})
