@@ -55,7 +55,7 @@ DeadlineOpt = Annotated[
 
 def _deadline(text: str | None) -> float | None:
     from client.errors import SpecError
-    from client.submit import parse_deadline
+    from client.lifecycle.submit import parse_deadline
 
     if text is None:
         return None
@@ -131,7 +131,7 @@ def submit(
     """Check, prepare, upload and launch a job on its instance (under tmux); print the job id.
 
     The same job submitted again while it runs is reattached to, not launched twice."""
-    from client.submit import submit as do_submit
+    from client.lifecycle.submit import submit as do_submit
 
     ledger = Ledger()
     result = do_submit(job_file, ledger=ledger, log=_log, deadline_unix=_deadline(deadline))
@@ -146,8 +146,8 @@ def submit(
 
 def _tail(ledger: Ledger, job: str | None, raw: bool, as_json: bool, fetch: bool = True) -> None:
     from client.errors import TransportError
-    from client.submit import ensure_guard_for
-    from client.tail import tail as do_tail
+    from client.lifecycle.submit import ensure_guard_for
+    from client.lifecycle.tail import tail as do_tail
 
     record = ledger.get(job)
     try:
@@ -180,9 +180,9 @@ def tail(
 @app.command()
 def status(job: JobId = None, as_json: JsonOpt = False) -> None:
     """Show where a job stands (asks the instance once)."""
-    from client.render import fmt_duration
-    from client.tail import status as do_status
-    from client.untrusted_text import shown  # what the instance wrote: no control characters, no markup
+    from client.lifecycle.tail import status as do_status
+    from client.views.render import fmt_duration
+    from client.views.text import shown  # what the instance wrote: no control characters, no markup
 
     ledger = Ledger()
     info = do_status(ledger.get(job), ledger)
@@ -256,7 +256,7 @@ def fetch(
     as_json: JsonOpt = False,
 ) -> None:
     """Pull the final LoRA adapter back and verify it against the worker's sha256 manifest."""
-    from client.fetch import LOAD_SNIPPET, fetch_all
+    from client.lifecycle.fetch import LOAD_SNIPPET, fetch_all
 
     ledger = Ledger()
     record = ledger.get(job)
@@ -277,8 +277,8 @@ def fetch(
 @app.command()
 def cancel(job: Annotated[str, typer.Argument(help="job id or a unique prefix")]) -> None:
     """Stop a job on its instance: it saves a checkpoint first (`autodl-run resume` continues it)."""
-    from client import launcher
     from client.errors import JobError
+    from client.remote import launcher
     from client.transport import connect
     from jobs.layout import layout_for
     from jobs.protocol import JobState
@@ -328,8 +328,8 @@ def resume(
 
     On its own instance it restarts in place; on another one (--instance-from, --profile) the checkpoint
     fetched last is uploaded there and the job continues under a new id. A running job is reattached to."""
-    from client.resume import instance_for_profile, instance_from_file
-    from client.resume import resume as do_resume
+    from client.lifecycle.resume import instance_for_profile, instance_from_file
+    from client.lifecycle.resume import resume as do_resume
 
     if instance_from and profile:
         from client.errors import SpecError
@@ -361,7 +361,7 @@ def recover(
     """Add the jobs an instance knows and this laptop does not (a cut link, another laptop, a repaired ledger).
 
     Reads each job's launch.json there (the instance's own record); an unreadable one is skipped and named."""
-    from client.recover import recover as do_recover
+    from client.lifecycle.recover import recover as do_recover
 
     result = do_recover(instance_file, Ledger(), log=_log)
     if as_json:
@@ -403,7 +403,7 @@ def init(
     console.print(f"wrote {dest}; edit it, then `autodl-run check {dest}`")
 
 
-# -- instances: login, doctor, trust (client/login.py, client/doctor.py) --------------------------
+# -- instances: login, doctor, trust (client/instances/login.py, client/instances/doctor.py) --------------------------
 
 
 @app.command()
@@ -417,7 +417,7 @@ def login(
     Then use it in a job as [instance] profile = "NAME". Run it again after a power cycle changed the
     port or the password: the profile is updated and its jobs follow it.
     """
-    from client.login import login as do_login
+    from client.instances.login import login as do_login
 
     result = do_login(command, name, log=_log)
     if as_json:
@@ -442,8 +442,8 @@ def doctor(
 
     Exits 5 when a check failed; each failure comes with its fix.
     """
-    from client.doctor import doctor as do_doctor
-    from client.doctor import render
+    from client.instances.doctor import doctor as do_doctor
+    from client.instances.doctor import render
 
     report = do_doctor(target)
     if as_json:
@@ -468,7 +468,7 @@ def trust(
 
     Only after a host-key error, and only if you know the instance was re-created behind the same address.
     """
-    from client.login import trust as do_trust
+    from client.instances.login import trust as do_trust
 
     info = do_trust(target, port)
     if as_json:

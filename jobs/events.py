@@ -6,7 +6,7 @@ reconnecting lossless: no event is repeated or missed.
 
 On the laptop the file is data from another machine: `parse_or_none` turns a line that is not an
 event (bad JSON or UTF-8, an unknown type, wrong fields) into None for the reader to count and skip,
-and a line longer than MAX_LINE bytes is skipped whole (client.follow).
+and a line longer than MAX_LINE bytes is skipped whole (client.remote.follow).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@
         fetching.<token>           a lease: a client touches it while its fetch runs (the guard waits for it)
         fetched.json               the client's acknowledgement: which adapter it holds, verified (sha256)
         guard/                     the guard process (remote_worker.guard), launched like a job:
-            run.sh pid state exit_code worker.log   (client.launcher)
+            run.sh pid state exit_code worker.log   (client.remote.launcher)
             status.json            what the guard is doing or did: waiting, copied, shut down
         prefetch/                  the model download, launched like a job; result.json (ModelDownload)
     {root}/submissions/{key}       which job a submission (spec + data) became: one launch per key
@@ -53,8 +53,8 @@ WRAPPER = "run.sh"  # the launcher's wrapper script in a job (or guard, prefetch
 WRAPPER_PATH = ".path"  # the PATH the launching shell had
 SETUP_DIR = ".setup"
 APT_FAILED = "apt-tmux-failed"  # in .setup/: apt-get could not install tmux; never tried again
-# The file names of a job folder, for the shell scripts that work inside one (client.launcher,
-# client.follow): they get these from here, never spell them.
+# The file names of a job folder, for the shell scripts that work inside one (client.remote.launcher,
+# client.remote.follow): they get these from here, never spell them.
 JOB_FILES = {
     "state": "state",
     "exit_code": "exit_code",

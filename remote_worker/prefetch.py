@@ -1,6 +1,6 @@
 """The model download before launch: `python -m remote_worker.prefetch ARGS_JSON`.
 
-client.prefetch launches it detached in the job's `prefetch/` folder, with HF_HOME on the data disk.
+client.remote.prefetch launches it detached in the job's `prefetch/` folder, with HF_HOME on the data disk.
 Before anything is downloaded it compares the free space with the model's size plus room for
 checkpoints, and refuses with the numbers when it does not fit. Its progress goes to the job's
 events.jsonl (`phase` events) and worker.log; what happened goes to `prefetch/result.json`

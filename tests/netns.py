@@ -602,6 +602,6 @@ def cli(*args: str, password: str | None = None, check: bool = True, timeout: fl
 
 def login(inst: Instance, name: str = "gpu1") -> object:
     """Log in through the library (the password given in memory), for tests about what comes after."""
-    from client.login import login as do_login
+    from client.instances.login import login as do_login
 
     return do_login(inst.login_command(), name, password=lambda: PASSWORD, connect_timeout=5)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from client.render import Progress, event_line
-from client.submit import parse_deadline
+from client.lifecycle.submit import parse_deadline
+from client.views.render import Progress, event_line
 from jobs import events as ev
 from jobs.manifest import read_manifest, verify_manifest
 from remote_worker import checkpoints

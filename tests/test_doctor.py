@@ -13,7 +13,7 @@ from jobfiles import write_toml
 from netns import _make_instance, _netns_ok, _serve, cli, hub, login, pip_index, proxy  # noqa: F401
 from rich.console import Console
 
-from client.doctor import doctor, render
+from client.instances.doctor import doctor, render
 
 pytestmark = pytest.mark.ssh
 

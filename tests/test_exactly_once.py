@@ -19,11 +19,11 @@ import pytest
 from jobfiles import CLI, cli, ssh_instance, write_job
 from tinymodel import make_model
 
-from client import launcher
 from client.errors import ConnectError, JobError, LedgerError
 from client.ledger import Ledger
+from client.lifecycle.submit import submit
+from client.remote import launcher
 from client.specfile import load_spec
-from client.submit import submit
 from client.transport.local import LocalTransport
 from jobs.layout import JobPaths
 from jobs.protocol import JobState, LaunchRecord, dump_model

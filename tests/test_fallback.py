@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from netns import _make_instance, _netns_ok, login  # noqa: F401  (fixtures)
 
-from client import launcher
 from client.errors import TransferError
-from client.setup import ensure_worker_deps
+from client.remote import launcher
+from client.remote.setup import ensure_worker_deps
 from client.transport import connect, sftp
 from client.transport import rsync as rs
 from client.transport.ssh import SshTransport

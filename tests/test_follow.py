@@ -9,9 +9,9 @@ from pathlib import Path
 from rich.console import Console
 
 from client.errors import ConnectError
-from client.follow import Follower, JobStatus, Reconnecting, poll_once
-from client.render import Progress, event_line, panel
+from client.remote.follow import Follower, JobStatus, Reconnecting, poll_once
 from client.transport.local import LocalTransport
+from client.views.render import Progress, event_line, panel
 from jobs import events as ev
 from jobs.layout import JobPaths
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from client import guard_launch
+from client.remote import guard as guard_launch
 from client.transport.local import LocalTransport
 from jobs.layout import JobPaths
 from jobs.manifest import verify_manifest, write_manifest

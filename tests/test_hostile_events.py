@@ -17,12 +17,12 @@ from jobfiles import cli
 from rich.console import Console
 
 from client.errors import CommandTimedOut
-from client.follow import CHUNK, Follower, JobStatus, Reconnecting, Skipped, poll_once
 from client.ledger import JobRecord, Ledger
-from client.render import Progress, event_line, panel
-from client.tail import status, tail
+from client.lifecycle.tail import status, tail
+from client.remote.follow import CHUNK, Follower, JobStatus, Reconnecting, Skipped, poll_once
 from client.transport.local import LocalTransport
 from client.transport.ssh import SshTransport
+from client.views.render import Progress, event_line, panel
 from jobs import events as ev
 from jobs.layout import JobPaths, layout_for
 from jobs.spec import DataSpec, JobSpec, ModelSpec

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from jobfiles import cli
 
-from client import autofetch
 from client.errors import AutodlRunError, TransferError, VerifyError
-from client.fetch import fetch, pull_verified
 from client.ledger import Ledger
+from client.lifecycle import autofetch
+from client.lifecycle.fetch import fetch, pull_verified
 from client.transport.local import LocalTransport
 from jobs import events as ev
 from jobs.layout import RemoteLayout

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from jobfiles import write_job
 
-from client import launcher
 from client.ledger import Ledger
+from client.remote import launcher
 from client.specfile import load_spec
 from client.transport.local import LocalTransport
 from jobs.layout import JobPaths

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from client import launcher
 from client.errors import JobError
+from client.remote import launcher
 from client.transport import LocalTransport
 from jobs.layout import JobPaths
 from jobs.protocol import JobState

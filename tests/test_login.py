@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from netns import CLI, PASSWORD, Instance, _make_instance, _netns_ok, cli, login  # noqa: F401  (fixtures)
 
-from client import keys, profiles
 from client.errors import AuthError, HostKeyError
+from client.instances import keys, profiles
 from client.transport import connect
 from client.transport.ssh import SshTransport
 from jobs.spec import InstanceSpec
@@ -123,7 +123,7 @@ def test_login_rejects_what_it_cannot_honour(command: str, message: str) -> None
 
 
 def test_login_command_forms() -> None:
-    from client.login import parse
+    from client.instances.login import parse
 
     assert parse("ssh -p 38076 root@region-41.autodl.com") == ("region-41.autodl.com", 38076, "root", None)
     assert parse("  ssh -p38076 -i ~/.ssh/k root@h ") == ("h", 38076, "root", "~/.ssh/k")

@@ -11,7 +11,7 @@ import pytest
 from jobfiles import write_job, write_toml
 
 from client.errors import SpecError
-from client.resume import instance_for_profile, instance_from_file, same_target
+from client.lifecycle.resume import instance_for_profile, instance_from_file, same_target
 from jobs.spec import InstanceSpec
 
 CLI = [sys.executable, "-m", "client.cli"]

@@ -23,10 +23,10 @@ import pytest
 from netns import _make_instance, _netns_ok, _serve, build_wheel, hub, login, pip_index, proxy  # noqa: F401
 from tinymodel import make_model
 
-from client.bundle import script, stage_bundle
 from client.errors import RemoteEnvError
-from client.prefetch import prefetch_model, read_result
-from client.setup import deps_key, ensure_worker_deps, remote_root
+from client.remote.bundle import script, stage_bundle
+from client.remote.prefetch import prefetch_model, read_result
+from client.remote.setup import deps_key, ensure_worker_deps, remote_root
 from client.transport import connect
 from client.transport.local import LocalTransport
 from jobs import events as ev

@@ -36,7 +36,7 @@ def connect(instance: InstanceSpec, *, known_hosts: Path | None = None) -> Trans
     if instance.is_local:
         return LocalTransport()
     if instance.profile:
-        from client import profiles
+        from client.instances import profiles
 
         return SshTransport.from_profile(
             profiles.get(instance.profile), connect_timeout=instance.connect_timeout

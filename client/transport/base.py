@@ -3,7 +3,7 @@
 Two implementations share this protocol and the `Result` type:
 - `LocalTransport` (client.transport.local) for `host = "local"`: subprocesses on this machine;
 - `SshTransport` (client.transport.ssh): paramiko for commands, the system rsync for files (SFTP when
-  either side lacks rsync); a host profile from `autodl-run login` (client.profiles) picks host, key and pin.
+  either side lacks rsync); a host profile from `autodl-run login` (client.instances.profiles) picks host, key and pin.
 
 Commands are argv lists; implementations quote them (shlex) and run them through
 `bash -lc` so conda's python is on PATH on AutoDL images. A job name can never inject shell.
@@ -23,7 +23,7 @@ from client.errors import RemoteCommandError
 @dataclass
 class Result:
     """A finished (or, in CommandTimedOut, stopped) command. `stdout` is decoded for reading, invalid
-    UTF-8 replaced; `stdout_bytes` is exactly what it printed, for byte counts (client.follow)."""
+    UTF-8 replaced; `stdout_bytes` is exactly what it printed, for byte counts (client.remote.follow)."""
 
     command: str
     exited: int

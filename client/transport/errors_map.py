@@ -34,7 +34,7 @@ class SshTarget:
     identity_file: str | None
     known_hosts: Path
     connect_timeout: float
-    profile: str | None = None  # the host profile this target came from (client.profiles)
+    profile: str | None = None  # the host profile this target came from (client.instances.profiles)
     host_key_alias: str | None = None  # the name its host key is pinned under, for a profile
 
     @property

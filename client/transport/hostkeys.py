@@ -2,7 +2,7 @@
 
 Two kinds of file use this module:
 - `$AUTODL_RUN_HOME/known_hosts`, keys filed under `[host]:port` (instances given by host/port);
-- `$AUTODL_RUN_HOME/hostkeys/NAME`, keys filed under a profile's alias (see client.profiles).
+- `$AUTODL_RUN_HOME/hostkeys/NAME`, keys filed under a profile's alias (see client.instances.profiles).
 
 A key is pinned the first time it is seen (trust on first use) and then checked at every
 connection; only `autodl-run trust` replaces one.

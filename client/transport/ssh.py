@@ -2,7 +2,7 @@
 
 Host keys are trusted on first use and pinned in one known_hosts file (default
 `$AUTODL_RUN_HOME/known_hosts`), which paramiko and rsync's ssh both read and write; a changed
-key raises HostKeyError. For a host profile (client.profiles) the key is filed under the profile's
+key raises HostKeyError. For a host profile (client.instances.profiles) the key is filed under the profile's
 alias in its own file, so it stays pinned when the port changes. Keys: `identity_file` only when
 given, else the ssh agent and the default keys; a password only for `autodl-run login`. The
 connection opens on first use and reopens after it drops.
@@ -43,7 +43,7 @@ from client.transport.paths import expand_home, split_home
 from jobs.spec import InstanceSpec
 
 if TYPE_CHECKING:
-    from client.profiles import Profile
+    from client.instances.profiles import Profile
 
 # paramiko logs failed handshakes with tracebacks; we raise a clear error instead. A NullHandler
 # keeps Python's last-resort handler from printing them; an application can still add its own.

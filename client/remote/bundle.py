@@ -18,7 +18,7 @@ from pathlib import Path
 
 import jobs
 from client.ledger import home
-from client.sync import sync_dir
+from client.remote.sync import sync_dir
 from client.transport.base import Transport
 from jobs.layout import RemoteLayout
 

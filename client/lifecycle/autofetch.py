@@ -3,9 +3,9 @@
 `tail` hands every `checkpoint` event to `offer`; a background thread, on a connection of its own,
 pulls that checkpoint's `adapter/` (not the optimizer state) into
 `<fetch.to>/<job id>/checkpoints/step-N/adapter`, verifies it against the sha256 the event names,
-and keeps only the newest (client.fetch.prune_local). The local folder is named from the step alone
+and keeps only the newest (client.lifecycle.fetch.prune_local). The local folder is named from the step alone
 (jobs.layout.checkpoint_name), never from a path the instance sends; the copy is checked like
-every fetch (client.fetch.pull_verified). Offers arriving while a fetch runs collapse
+every fetch (client.lifecycle.fetch.pull_verified). Offers arriving while a fetch runs collapse
 into the newest one, so the laptop always ends up holding the latest checkpoint, never a queue of
 stale ones. Each fetch reports its speed to the instance (the worker's deadline margin uses it).
 
@@ -20,8 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from client.errors import AutodlRunError
-from client.fetch import FetchedCheckpoint, fetch_checkpoint, job_root, report_speed
 from client.ledger import JobRecord
+from client.lifecycle.fetch import FetchedCheckpoint, fetch_checkpoint, job_root, report_speed
 from client.transport import connect
 from client.transport.base import Transport
 from jobs import events as ev

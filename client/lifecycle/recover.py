@@ -1,7 +1,7 @@
 """`recover JOB.toml`: add to the ledger the jobs an instance knows and this laptop does not.
 
 The instance's own record is the source of truth: each job's `launch.json` (written before the
-job was launched, client.submission). A job launched before a cut link, from another laptop, or
+job was launched, client.remote.submission). A job launched before a cut link, from another laptop, or
 lost with a damaged ledger comes back with its state as the instance says. The instance's files
 are untrusted: a bad one is skipped and named, never a traceback.
 """
@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from client import launcher
 from client.errors import AutodlRunError
 from client.ledger import Ledger
-from client.resume import instance_from_file
-from client.submission import launch_records
-from client.submit import resolve_remote_root
+from client.lifecycle.resume import instance_from_file
+from client.lifecycle.submit import resolve_remote_root
+from client.remote import launcher
+from client.remote.submission import launch_records
 from client.transport import connect
 from jobs.layout import RemoteLayout
 from jobs.protocol import JobState

@@ -1,6 +1,6 @@
 """Start the guard beside a job, and read what it is doing (remote_worker.guard).
 
-The guard is launched exactly like a job (client.launcher): under tmux on the job's socket (session
+The guard is launched exactly like a job (client.remote.launcher): under tmux on the job's socket (session
 `<job id>-guard`), else setsid, with its files in `jobs/<id>/guard/`. It needs nothing from the
 laptop afterwards. With `instance.shutdown_after = "never"` (the default for `host = "local"`)
 no guard is started.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import time
 
-from client import launcher
 from client.errors import TransportError
+from client.remote import launcher
 from client.transport.base import Transport
 from client.transport.paths import shell_path
 from jobs.layout import JobPaths

@@ -16,13 +16,13 @@ import posixpath
 import re
 import time
 
-from client import launcher
 from client.errors import RemoteEnvError
-from client.follow import Follower, Reconnecting
-from client.setup import Log, remote_root, turbo_prefix
+from client.remote import launcher
+from client.remote.follow import Follower, Reconnecting
+from client.remote.setup import Log, remote_root, turbo_prefix
 from client.transport.base import Transport, sections
 from client.transport.paths import shell_path
-from client.untrusted_text import shown
+from client.views.text import shown
 from jobs import events as ev
 from jobs.layout import JobPaths, RemoteLayout
 from jobs.protocol import ModelDownload, ProtocolError, read_model
@@ -120,7 +120,7 @@ def read_result(transport: Transport, paths: JobPaths, name: str) -> ModelDownlo
 def _follow(
     transport: Transport, pdir: JobPaths, log: Log, poll_s: float, reconnect_timeout_s: float
 ) -> None:
-    """Print the download's phase events until it ends; ride out a dropped connection (client.follow)."""
+    """Print the download's phase events until it ends; ride out a dropped connection (client.remote.follow)."""
     events = posixpath.relpath(JobPaths(posixpath.dirname(pdir.dir)).events, pdir.dir)
     follower = Follower(lambda: transport, pdir, events, poll_s=poll_s, reconnect_timeout_s=reconnect_timeout_s)
     for item in follower:

@@ -22,10 +22,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from client import profiles
-from client.bundle import script, sync_bundle
 from client.errors import AutodlRunError
-from client.setup import NETWORK_TURBO, PYTHON_CANDIDATES, instance_root
+from client.instances import profiles
+from client.remote.bundle import script, sync_bundle
+from client.remote.setup import NETWORK_TURBO, PYTHON_CANDIDATES, instance_root
 from client.transport import connect
 from client.transport.base import Transport, sections
 from jobs.layout import RemoteLayout

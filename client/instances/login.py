@@ -1,11 +1,11 @@
 """`autodl-run login "ssh -p PORT root@HOST" [--name NAME]`: from a pasted login command to a host profile.
 
 1. parse the command (`-p`, `user@host`, `-i KEY`, `-o Port=N`; anything else is refused);
-2. connect with the tool's own key (client.keys) or the `-i` key; only if it is refused, take the
+2. connect with the tool's own key (client.instances.keys) or the `-i` key; only if it is refused, take the
    password once (the AUTODL_RUN_PASSWORD environment variable, else a prompt) and connect with it;
 3. add the key's public half to `~/.ssh/authorized_keys` there, unless it is already in it;
 4. connect again with the key alone, to prove the next command will not need the password;
-5. save the profile (client.profiles) and its pinned host key.
+5. save the profile (client.instances.profiles) and its pinned host key.
 
 The password lives only in memory, for step 2: it is never printed, logged, written or passed to
 a child process (AUTODL_RUN_PASSWORD is removed from the environment once read).
@@ -25,8 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client import keys, profiles
 from client.errors import AuthError, HostKeyError, SpecError
+from client.instances import keys, profiles
 from client.transport import hostkeys
 from client.transport.errors_map import SshTarget
 from client.transport.ssh import SshTransport, default_known_hosts

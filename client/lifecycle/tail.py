@@ -1,12 +1,12 @@
 """`tail` and `status`: follow a job's events (or its raw log) and show its progress.
 
-While `tail` follows, each new checkpoint's adapter is fetched in the background (client.autofetch);
+While `tail` follows, each new checkpoint's adapter is fetched in the background (client.lifecycle.autofetch);
 when the job is done, the final adapter is fetched, verified and acknowledged on the instance, so
-its guard can shut it down (client.fetch). Either way the last lines say where the adapter is and
+its guard can shut it down (client.lifecycle.fetch). Either way the last lines say where the adapter is and
 what the guard does. `fetch=False` (`tail --no-fetch`) leaves all fetching to `autodl-run fetch`.
 
 Lines of the event file that are not events are skipped and counted (said once, and in `status`);
-every string from the instance is shown with its control characters escaped (client.untrusted_text).
+every string from the instance is shown with its control characters escaped (client.views.text).
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from client import guard_launch
-from client.autofetch import AutoFetcher
 from client.errors import AutodlRunError, JobError, TransportError
-from client.follow import Follower, JobStatus, Reconnecting, Skipped, poll_once
 from client.ledger import JobRecord, Ledger
-from client.render import Progress, event_line, panel
+from client.lifecycle.autofetch import AutoFetcher
+from client.remote import guard as guard_launch
+from client.remote.follow import Follower, JobStatus, Reconnecting, Skipped, poll_once
 from client.transport import connect
 from client.transport.base import Transport
-from client.untrusted_text import json_line, log_line, shown
+from client.views.render import Progress, event_line, panel
+from client.views.text import json_line, log_line, shown
 from jobs import events as ev
 from jobs.layout import JOB_FILES, layout_for
 from jobs.protocol import GuardStatus, JobState
@@ -180,8 +180,8 @@ def _fetch_final(record: JobRecord, ledger: Ledger, progress: Progress, say: Cal
     """The final adapter, verified and acknowledged. Stopped by its deadline (the instance is going away),
     first the whole checkpoint too, so the job can be resumed elsewhere; before the acknowledgement, so
     the guard does not shut down in between."""
-    from client.fetch import fetch as fetch_adapter
-    from client.fetch import fetch_checkpoint
+    from client.lifecycle.fetch import fetch as fetch_adapter
+    from client.lifecycle.fetch import fetch_checkpoint
 
     expected = progress.done.manifest_sha256 if progress.done else None
     if progress.done and progress.done.stopped == "deadline":

@@ -10,9 +10,9 @@
 - leaves a marker keyed by the hash of the requirements and the python, so the next submit skips
   all of it: `{remote_root}/.setup/deps-HASH.json` (jobs.protocol.SetupMarker);
 - without tmux, installs it with apt-get when it can (root, apt-get there), once; otherwise jobs
-  run under `setsid nohup` (client.launcher), with the same state and exit-code files.
+  run under `setsid nohup` (client.remote.launcher), with the same state and exit-code files.
 
-The model download before launch is client.prefetch.
+The model download before launch is client.remote.prefetch.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlparse
 
-from client.bundle import script, sync_bundle
 from client.errors import RemoteEnvError, TransportError
+from client.remote.bundle import script, sync_bundle
 from client.transport.base import Transport, sections
 from client.transport.paths import shell_path
 from jobs.layout import APT_FAILED, RemoteLayout

@@ -1,6 +1,6 @@
 """Turn the event stream into what a person reads: a live panel on a terminal, plain lines otherwise.
 
-Every string an event carries came from the instance: it goes through client.untrusted_text.shown
+Every string an event carries came from the instance: it goes through client.views.text.shown
 and into the panel as rich `Text`, so no escape sequence reaches the terminal and no markup renders.
 """
 
@@ -17,7 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from client.untrusted_text import shown
+from client.views.text import shown
 from jobs import events as ev
 
 
@@ -51,7 +51,7 @@ class Progress:
     checkpoint: ev.Checkpoint | None = None  # the newest
     runs: int = 0
     laptop: str = ""  # what the laptop holds: set by auto-fetch and the final fetch
-    guard: str = ""  # what the instance's guard does (client.guard_launch.describe)
+    guard: str = ""  # what the instance's guard does (client.remote.guard.describe)
     _prior_s: float = 0.0  # the runs before this one
     _run_start: float | None = None
     _run_last: float | None = None
@@ -173,7 +173,7 @@ def step_line(e: ev.Step) -> str:
 
 def event_line(e) -> str | None:
     """One plain line per event (for pipes, logs and CI); the event's strings with their control
-    characters escaped (client.untrusted_text). Print it as text, not markup."""
+    characters escaped (client.views.text). Print it as text, not markup."""
     if isinstance(e, ev.Step):
         return step_line(e)
     if isinstance(e, ev.Phase):

@@ -1,7 +1,7 @@
 """`submit`: check → prepare → connect → sync → setup → launch, each step timed and shown.
 
 Submitting a job that is already launching or running on its instance (the same resolved spec and
-data, from any laptop) reattaches to it instead of launching a second copy (client.submission). `--deadline` (or `instance.expires_at`, whichever is sooner) becomes the
+data, from any laptop) reattaches to it instead of launching a second copy (client.remote.submission). `--deadline` (or `instance.expires_at`, whichever is sooner) becomes the
 worker's `deadline_unix`: it stops in time to save and fetch. With a shutdown policy other than
 "never", the guard (remote_worker.guard) is launched beside the job.
 """
@@ -19,14 +19,16 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from client import dataset, guard_launch, launcher, submission
-from client.bundle import sync_bundle
+from client import dataset
 from client.errors import AutodlRunError, JobError, Problem, RemoteCommandError, RemoteEnvError, SpecError
 from client.ledger import JobRecord, Ledger, home
-from client.prefetch import prefetch_model
-from client.setup import ensure_worker_deps, remote_root
+from client.remote import guard as guard_launch
+from client.remote import launcher, submission
+from client.remote.bundle import sync_bundle
+from client.remote.prefetch import prefetch_model
+from client.remote.setup import ensure_worker_deps, remote_root
+from client.remote.sync import sync_dir
 from client.specfile import load_spec
-from client.sync import sync_dir
 from client.transport import connect
 from client.transport.base import Transport
 from jobs.layout import DATASET_MANIFEST, JobPaths, RemoteLayout, layout_for
@@ -158,7 +160,7 @@ def submit(
 ) -> Submitted:
     """Check → prepare → connect → sync → setup → claim → launch. The ledger is checked before connecting,
     and the job's identity is recorded on the laptop (state `launching`) and on the instance before it
-    is launched (client.submission); the same job launching or running there is reattached to."""
+    is launched (client.remote.submission); the same job launching or running there is reattached to."""
     timings: dict[str, float] = {}
     job_file = Path(job_file).resolve()
     with _step("check", timings, log):

@@ -20,9 +20,9 @@ import secrets
 import shlex
 from dataclasses import dataclass, field
 
-from client import launcher
 from client.errors import JobError, RemoteCommandError
-from client.launcher import NAME_RE, LaunchStatus
+from client.remote import launcher
+from client.remote.launcher import NAME_RE, LaunchStatus
 from client.transport.base import Result, Transport
 from client.transport.paths import shell_path
 from jobs.layout import JOB_FILES, RemoteLayout

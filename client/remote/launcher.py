@@ -34,7 +34,7 @@ START_TIMEOUT_S = 10
 TERM_WAIT_S = 5.0
 
 _WRAPPER = """#!/bin/sh
-# autodl-run job wrapper, written by client/launcher.py: runs the worker and records how it ended.
+# autodl-run job wrapper, written by client/remote/launcher.py: runs the worker and records how it ended.
 cd "$(dirname "$0")" || exit 1
 # PATH as the launching login shell had it (a long-lived tmux server would hand out its own, older one)
 if [ -s {wrapper_path} ]; then PATH=$(cat {wrapper_path}); export PATH; fi

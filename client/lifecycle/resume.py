@@ -25,16 +25,24 @@ from pathlib import Path
 import tomllib
 from pydantic import ValidationError
 
-from client import dataset, launcher
+from client import dataset
 from client.errors import JobError, Problem, SpecError, VerifyError
-from client.fetch import fetch_checkpoint, job_root, local_checkpoints, remote_steps
 from client.ledger import JobRecord, Ledger, home
-from client.prefetch import prefetch_model
-from client.setup import ensure_worker_deps
-from client.submission import submission_key, write_launch_record
-from client.submit import deadline_for, ensure_guard, launch_job, new_job_id, resolve_remote_root, sync_bundle
-from client.sync import remote_exists, sync_dir
-from client.tail import status_progress
+from client.lifecycle.fetch import fetch_checkpoint, job_root, local_checkpoints, remote_steps
+from client.lifecycle.submit import (
+    deadline_for,
+    ensure_guard,
+    launch_job,
+    new_job_id,
+    resolve_remote_root,
+    sync_bundle,
+)
+from client.lifecycle.tail import status_progress
+from client.remote import launcher
+from client.remote.prefetch import prefetch_model
+from client.remote.setup import ensure_worker_deps
+from client.remote.submission import submission_key, write_launch_record
+from client.remote.sync import remote_exists, sync_dir
 from client.transport import connect
 from client.transport.base import Transport
 from jobs.layout import DATASET_MANIFEST, MANIFEST, RemoteLayout, layout_for

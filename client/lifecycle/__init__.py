@@ -1,0 +1,1 @@
+"""The lifecycle verbs (submit, resume, tail, fetch) composed of timed steps over one session."""
