@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     job = read_file(WorkerJob, argv[0])
     if job is None:
-        print(f"cannot read {argv[0]}: not a job.json", file=sys.stderr)
+        print(f"cannot read {argv[0]}: not a job file (jobs.spec.WorkerJob)", file=sys.stderr)
         return 2
     return Guard(job).run()
 

@@ -112,7 +112,7 @@ def classify(
         else:
             hint = f"{endpoint} is not reachable from the instance: check instance.hf_endpoint (autodl-run doctor tests it), or try network_turbo = true"
         return "network", f"cannot download from {endpoint}: {text}", hint
-    return "error", f"{type(exc).__name__}: {text}", "see the job's worker.log for the traceback"
+    return "error", f"{type(exc).__name__}: {text}", "see the job's log (autodl-run tail JOB --raw) for the traceback"
 
 
 class Download:

@@ -9,6 +9,7 @@ worker's `deadline_unix`: it stops in time to save and fetch. With a shutdown po
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 import secrets
 import tempfile
@@ -346,6 +347,6 @@ def _upload_job_json(
         deadline_unix=deadline_unix,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / "job.json"
+        local = Path(tmp) / posixpath.basename(paths.spec)
         local.write_text(json.dumps(job.model_dump(mode="json"), indent=2))
         transport.put(local, paths.spec)
