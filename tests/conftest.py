@@ -17,7 +17,9 @@ ssh-keygen or rsync is missing (CI installs them, so there they run).
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -37,6 +39,35 @@ def autodl_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for var in ("SSH_AUTH_SOCK", "TMUX", "TMUX_PANE"):
         monkeypatch.delenv(var, raising=False)
     return home
+
+
+def _processes_under(folder: Path) -> list[int]:
+    """Processes whose command line names a path inside `folder` (workers and guards a test started)."""
+    me, found = os.getpid(), []
+    mark = str(folder).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            if mark in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _reap_jobs(tmp_path: Path) -> Iterator[None]:
+    """A job a test launched (under tmux or setsid, so outside pytest's process tree) never outlives the
+    test: it would train on for minutes and slow every test after it."""
+    yield
+    if not Path("/proc").is_dir():
+        return
+    for pid in _processes_under(tmp_path):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 @pytest.fixture
