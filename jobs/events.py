@@ -16,12 +16,24 @@ import os
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+MAX_INT = 2**53  # no count or size of a real job comes near it; a larger one is not an event of ours
 
 
 class _Event(BaseModel):
     model_config = ConfigDict(extra="allow")
     t: float = Field(default_factory=time.time, description="unix time the event was written")
+
+    @model_validator(mode="after")
+    def _bounded(self) -> _Event:
+        """Every number from the instance within range, so arithmetic on it cannot overflow a view."""
+        for name, value in self:
+            if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+                raise ValueError(f"{name} = {value} is out of range")
+            if isinstance(value, float) and value == value and abs(value) > 1e300:
+                raise ValueError(f"{name} is out of range")
+        return self
 
 
 class Phase(_Event):

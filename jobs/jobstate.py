@@ -17,12 +17,17 @@ Standard library and jobs.protocol only.
 
 from __future__ import annotations
 
+import re
+
 from jobs.protocol import OUTCOMES, JobState
+
+_CODE_RE = re.compile(r"-?[0-9]{1,10}")
 
 
 def parse_exit_code(text: str | None) -> int | None:
-    t = (text or "").strip()
-    return int(t) if t.lstrip("-").isdigit() else None
+    """An exit code as the wrapper writes it (ASCII digits); None for anything else (`²`, 60 digits)."""
+    m = _CODE_RE.fullmatch((text or "").strip())
+    return int(m.group(0)) if m else None
 
 
 def resolve(

@@ -65,7 +65,7 @@ JOB_FILES = {
     "wrapper": WRAPPER,
     "wrapper_path": WRAPPER_PATH,
 }
-_STEP_RE = re.compile(r"^step-(\d+)$")
+_STEP_RE = re.compile(r"^step-([0-9]{1,15})$")  # ASCII digits, bounded: a listing from the instance
 
 
 def checkpoint_name(step: int) -> str:

@@ -262,3 +262,27 @@ def test_tail_and_status_show_hostile_text_escaped(sshd, tmp_path: Path, capsys:
     _assert_clean(res.stdout)
     assert "[link=https://evil.example]" in res.stdout and "\\x1b[2Jstep-1" in res.stdout
     assert json.loads(cli("status", JOB, "--json").stdout)["phase"] == f"{EVIL_PHASE}: {EVIL_MESSAGE}"
+
+
+# -- numbers and names that only look like ours (found by the breaker) ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"type":"step","step":1,"total_steps":10,"epoch":0.1,"loss":1.0,"lr":0.1,"tokens":' + b"9" * 400 + b"}",
+        b'{"type":"checkpoint","step":3,"path":"p","bytes":' + b"9" * 30 + b"}",
+        b'{"type":"step","step":' + b"9" * 40 + b',"total_steps":10,"epoch":0.1,"loss":1.0,"lr":0.1}',
+        b'{"type":"step","step":1,"total_steps":10,"epoch":0.1,"loss":1e308,"lr":0.1}',
+    ],
+)
+def test_numbers_out_of_range_are_not_events(line: bytes) -> None:
+    assert ev.parse_or_none(line) is None  # skipped and counted like any bad line: no OverflowError in a view
+
+
+def test_state_files_and_checkpoint_names_take_ascii_digits_only() -> None:
+    from jobs.jobstate import parse_exit_code
+    from jobs.layout import checkpoint_step
+
+    assert [parse_exit_code(x) for x in ("²", "٣", "9" * 60, " 137\n", "-9")] == [None, None, None, 137, -9]
+    assert [checkpoint_step(x) for x in ("step-" + "9" * 5000, "step-٣", "step-12")] == [None, None, 12]

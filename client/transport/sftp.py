@@ -65,9 +65,11 @@ class Listing:
     files: dict[str, str] = field(default_factory=dict)  # path -> sha256
 
 
+LIST_TIMEOUT_S = 1800.0  # hashing every file of a big checkpoint takes a while; a listing never ends never
+
 def remote_listing(t: SshTransport, path: str) -> Listing:
     """What is at `path` on the instance; TransferError for a malformed listing or an unsafe name in it."""
-    res = t.run(["bash", "-c", _LIST, "_", path])
+    res = t.run(["bash", "-c", _LIST, "_", path], timeout=LIST_TIMEOUT_S)
     records = res.stdout.split("\0")
     if records and records[-1] == "":
         records.pop()  # what follows the last NUL
