@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import subprocess
 import time
@@ -272,8 +271,57 @@ def test_job_gets_the_launching_shells_path_even_from_an_old_tmux_server(
 
 
 def test_wrapper_is_plain_posix_sh(tmp_path: Path) -> None:
-    script = launcher._WRAPPER.format(exports=launcher._exports({"A": "1"}), argv=shlex.join(["true"]))
+    script = launcher._wrapper({"A": "1", "B": "x'y $(id)"}, ["true", "a b"])
     (tmp_path / "run.sh").write_text(script)
     assert subprocess.run(["sh", "-n", str(tmp_path / "run.sh")]).returncode == 0
     if subprocess.run(["which", "dash"], capture_output=True).returncode == 0:
         assert subprocess.run(["dash", "-n", str(tmp_path / "run.sh")]).returncode == 0
+
+
+# Every character a shell, tmux (#{..} formats, #(command)) or a quote could take as code; the
+# folder name itself is the marker: if any of it runs, `pwned` appears.
+NASTY_DIR = 'it\'s a "dir"; $(touch pwned) `touch pwned` & | * ? \\ #(touch pwned) #{pane_id} ## -x'
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nasty_job_dir_and_session_are_passed_as_values(
+    transport, tmp_path: Path, tmux_socket: str, mode: str
+) -> None:
+    _need(mode)
+    job_dir = tmp_path / NASTY_DIR / "-job $(touch pwned)"
+    paths = JobPaths(str(job_dir))
+    session = "0.5-a_b.c"  # what NAME_RE lets through: '.', '_', '-'
+    st = launcher.launch(transport, paths, ["sh", "-c", 'pwd; echo "$1"; touch ready; sleep 30', "_", "$(id)"],
+                         socket=tmux_socket, session=session, env={"V": "#(touch pwned)"},
+                         prefer_tmux=mode == "tmux")  # fmt: skip
+    assert st.state == "running" and st.alive
+    _until(job_dir / "ready")
+    assert Path(paths.log).read_text() == f"{job_dir}\n$(id)\n"
+    assert _tmux_has(tmux_socket, "0_5-a_b_c") == (mode == "tmux")
+    assert launcher.job_status(transport, paths).state == "running"
+    st = launcher.cancel(transport, paths, socket=tmux_socket, session=session, grace=5)
+    assert (st.state, st.alive) == ("cancelled", False) and _gone(st.pid)
+    assert not _tmux_has(tmux_socket, "0_5-a_b_c")
+    assert launcher.job_status(transport, JobPaths(str(tmp_path / NASTY_DIR / "none"))).state == "missing"
+    assert [p.name for p in (tmp_path / NASTY_DIR).iterdir()] == [job_dir.name]  # nothing else made
+    assert not list(tmp_path.rglob("pwned")) and not Path("pwned").exists()
+
+
+def test_nasty_job_dir_under_home(tmp_path: Path, tmux_socket: str, local_home: Path) -> None:
+    t = LocalTransport()
+    paths = JobPaths(f"~/{NASTY_DIR}/job")
+    launcher.launch(t, paths, ["sh", "-c", "pwd"], socket=tmux_socket, session="h", env={})
+    _done(t, paths)
+    assert (local_home / NASTY_DIR / "job" / "worker.log").read_text() == f"{local_home}/{NASTY_DIR}/job\n"
+    assert not list(tmp_path.rglob("pwned"))
+
+
+def test_the_programs_are_the_package_scripts_whatever_the_values() -> None:
+    """Values never go into the program text: the same job_control.sh runs for any folder or name."""
+    from client.remote.bundle import script
+
+    for d in ("/a", f"/{NASTY_DIR}", f"~/{NASTY_DIR}"):
+        for argv in (launcher._control("status", d), launcher._control("cancel", d, "s", "n.x", 1, 2)):
+            assert argv[:3] == ["bash", "-c", script("job_control.sh")] and d in argv[3:]
+    wrapper = launcher._wrapper({"V": NASTY_DIR}, [NASTY_DIR])
+    assert wrapper.endswith(script("job_wrapper.sh")) and NASTY_DIR not in script("job_wrapper.sh")

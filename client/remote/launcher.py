@@ -1,7 +1,7 @@
 """Start, watch and stop a job on its instance: under tmux when it is there, `setsid nohup` when not.
 
-Either way the same wrapper runs, `run.sh` in the job folder (written from `_WRAPPER` below), so
-the same files appear (see jobs.layout):
+Either way the same wrapper runs, `run.sh` in the job folder (jobs/scripts/job_wrapper.sh behind
+its quoted parameters), so the same files appear (see jobs.layout):
     pid         the wrapper's pid; it leads the job's process group, and the worker runs in that group
     state       `running`, then `done`/`failed` from the exit code unless the worker already wrote an
                 outcome; `cancelled` when cancel() stopped it
@@ -9,9 +9,10 @@ the same files appear (see jobs.layout):
                 a tmux session vanishes with its command, so the code has to go to a file
     worker.log  the worker's stdout and stderr, appended
 
-Every remote command quotes what it is given: paths with shlex (a leading `~` left to the remote
-bash), names checked against a strict pattern first, so a job name can never inject shell.
-Each public function is one remote round trip.
+The programs are package data, jobs/scripts/job_control.sh and job_wrapper.sh: every value goes to
+them as an argument (a leading `~` of a path expanded there), never into their text; names are checked
+against a strict pattern first. The wrapper's parameters are the one exception: they are written
+into run.sh, each value quoted (shlex). Each public function is one remote round trip.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import shlex
 from dataclasses import dataclass
 
 from client.errors import JobError, RemoteCommandError, RemoteEnvError
+from client.remote.bundle import script as package_script
 from client.transport.base import Result, Transport
-from client.transport.paths import shell_path
 from jobs.jobstate import parse_exit_code, resolve
 from jobs.layout import JOB_FILES, JobPaths
 from jobs.protocol import JobState
@@ -33,88 +34,11 @@ MARK = "@@autodl-run@@"  # what we print follows it, so a chatty login profile c
 START_TIMEOUT_S = 10
 TERM_WAIT_S = 5.0
 
-_WRAPPER = """#!/bin/sh
-# autodl-run job wrapper, written by client/remote/launcher.py: runs the worker and records how it ended.
-cd "$(dirname "$0")" || exit 1
-# PATH as the launching login shell had it (a long-lived tmux server would hand out its own, older one)
-if [ -s {wrapper_path} ]; then PATH=$(cat {wrapper_path}); export PATH; fi
-{{exports}}
-set -- {{argv}}
-echo $$ > {pid}.tmp && mv -f {pid}.tmp {pid}
-echo running > {state}.tmp && mv -f {state}.tmp {state}
-rm -f {exit_code}
-# A trap (not an ignore: ignored signals would be inherited) lets INT/TERM/HUP hit the worker with
-# their usual effect while this shell outlives them long enough to write the exit code.
-trap : INT TERM HUP
-"$@" >> {log} 2>&1 < /dev/null
-code=$?
-case "$(head -n 1 {state} 2>/dev/null)" in
-  done|failed|cancelled) ;;
-  *) if [ "$code" -eq 0 ]; then s=done; else s=failed; fi
-     echo "$s" > {state}.tmp && mv -f {state}.tmp {state} ;;
-esac
-echo "$code" > {exit_code}.tmp && mv -f {exit_code}.tmp {exit_code}
-""".format(**JOB_FILES)
-
-# Prints the job's files after MARK: exists, state, exit code, pid, alive, launching (launch.json is
-# there). alive: the pid answers and, where /proc exists, still runs in this job folder (a pid from
-# before a reboot may belong to anything now). jobs.jobstate.resolve turns them into the state.
-_STATUS = """
-p=$(head -n 1 {pid} 2>/dev/null)
-alive() {{{{ [ -n "$p" ] && kill -0 "$p" 2>/dev/null && {{{{ [ ! -e /proc/self/cwd ] || [ /proc/"$p"/cwd -ef . ]; }}}}; }}}}
-status() {{{{
-  a=0; alive && a=1; l=0; [ -e {launch} ] && l=1
-  printf '%s\\n1\\n%s\\n%s\\n%s\\n%s\\n%s\\n' {{mark}} "$(head -n 1 {state} 2>/dev/null)" "$(head -n 1 {exit_code} 2>/dev/null)" "$p" "$a" "$l"
-}}}}
-""".format(**JOB_FILES)
-_MISSING = "{{ printf '%s\\n0\\n' {mark}; exit 0; }}"  # no job folder
-
-_LAUNCH = """unset TMUX TMUX_PANE
-mkdir -p -- {{dir}} && cd -- {{dir}} || exit 2
-{{status}}
-if alive; then echo "a job is already running there (pid $p)" >&2; exit 3; fi
-rm -f {pid} {exit_code} {state}
-(umask 077; cat > {wrapper} && printf '%s' "$PATH" > {wrapper_path}) || exit 2
-if [ {{prefer_tmux}} = 1 ] && command -v tmux >/dev/null 2>&1; then
-  # -f /dev/null: a server of our own socket ignores the user's ~/.tmux.conf
-  tmux -L {{socket}} -f /dev/null new-session -d -s {{session}} -c "$PWD" 'exec sh ./{wrapper}' || exit 6
-elif setsid -f true >/dev/null 2>&1; then
-  # -f forks here, so INT is not ignored in the job the way it is for a `&` job of a script
-  setsid -f nohup sh ./{wrapper} >/dev/null 2>&1 </dev/null || exit 6
-elif command -v setsid >/dev/null 2>&1; then
-  setsid nohup sh ./{wrapper} >/dev/null 2>&1 </dev/null &
-else
-  echo "neither tmux nor setsid is installed" >&2; exit 4
-fi
-i=0
-while [ ! -s {pid} ] && [ $i -lt {{ticks}} ]; do sleep 0.1; i=$((i+1)); done
-if [ ! -s {pid} ]; then echo "the job did not start within {{start_s}} s" >&2; tail -n 20 {log} >&2 2>/dev/null; exit 5; fi
-p=$(head -n 1 {pid})
-status
-""".format(**JOB_FILES)
-
-_STATUS_ONLY = """cd -- {dir} 2>/dev/null || {missing}
-{status}
-status
-"""
-
-_CANCEL = """cd -- {{dir}} 2>/dev/null || {{missing}}
-{{status}}
-wait_gone() {{{{ i=0; while alive && [ $i -lt "$1" ]; do sleep 0.1; i=$((i+1)); done; }}}}
-if alive; then
-  echo cancelled > {state}.tmp && mv -f {state}.tmp {state}
-  kill -s INT -- "-$p" 2>/dev/null || kill -s INT "$p" 2>/dev/null || true
-  wait_gone {{int_ticks}}
-  if alive; then kill -s TERM -- "-$p" 2>/dev/null || kill -s TERM "$p" 2>/dev/null || true; wait_gone {{term_ticks}}; fi
-  if alive; then
-    kill -s KILL -- "-$p" 2>/dev/null || kill -s KILL "$p" 2>/dev/null || true
-    wait_gone 20
-    [ -s {exit_code} ] || echo 137 > {exit_code}
-  fi
-fi
-if command -v tmux >/dev/null 2>&1; then tmux -L {{socket}} kill-session -t ={{session}} >/dev/null 2>&1 || true; fi
-status
-""".format(**JOB_FILES)
+# The wrapper's parameters (jobs/scripts/job_wrapper.sh): its variable -> the JOB_FILES name it holds
+_WRAPPER_FILES = {"pid_file": "pid", "state_file": "state", "exit_code_file": "exit_code", "log_file": "log",
+                  "path_file": "wrapper_path"}  # fmt: skip
+# job_control.sh's arguments after MODE DIR MARK, in its order
+_CONTROL_FILES = ("pid", "state", "exit_code", "log", "launch", "wrapper", "wrapper_path")
 
 
 @dataclass(frozen=True)
@@ -151,17 +75,12 @@ def launch(
     """
     if not argv:
         raise JobError("nothing to launch: argv is empty")
-    script = _WRAPPER.format(exports=_exports(env), argv=shlex.join(str(a) for a in argv))
-    cmd = _LAUNCH.format(
-        dir=shell_path(job_paths.dir),
-        status=_STATUS.format(mark=MARK),
-        prefer_tmux=int(prefer_tmux),
-        socket=shlex.quote(_name(socket, "tmux socket")),
-        session=shlex.quote(_tmux_session(session)),
-        ticks=START_TIMEOUT_S * 10,
-        start_s=START_TIMEOUT_S,
-    )
-    res = transport.run(cmd, check=False, input=script)
+    wrapper = _wrapper(env, argv)
+    cmd = _control(
+        "launch", job_paths.dir, _name(socket, "tmux socket"), _tmux_session(session),
+        int(prefer_tmux), START_TIMEOUT_S * 10, START_TIMEOUT_S,
+    )  # fmt: skip
+    res = transport.run(cmd, check=False, input=wrapper)
     if res.exited == 3:
         raise JobError(
             f"{res.tail(1)}: {job_paths.dir} on {transport.where}",
@@ -191,10 +110,7 @@ def job_status(
         _name(socket, "tmux socket")
     if session is not None:
         _tmux_session(session)
-    cmd = _STATUS_ONLY.format(
-        dir=shell_path(job_paths.dir), status=_STATUS.format(mark=MARK), missing=_MISSING.format(mark=MARK)
-    )
-    return _parse_status(transport.run(cmd), transport)
+    return _parse_status(transport.run(_control("status", job_paths.dir)), transport)
 
 
 def cancel(
@@ -204,21 +120,16 @@ def cancel(
 
     A job that already ended keeps its state. Returns the status after, like job_status.
     """
-    cmd = _CANCEL.format(
-        dir=shell_path(job_paths.dir),
-        status=_STATUS.format(mark=MARK),
-        missing=_MISSING.format(mark=MARK),
-        socket=shlex.quote(_name(socket, "tmux socket")),
-        session=shlex.quote(_tmux_session(session)),
-        int_ticks=max(1, round(grace * 10)),
-        term_ticks=max(1, round(min(grace, TERM_WAIT_S) * 10)),
-    )
+    cmd = _control(
+        "cancel", job_paths.dir, _name(socket, "tmux socket"), _tmux_session(session),
+        max(1, round(grace * 10)), max(1, round(min(grace, TERM_WAIT_S) * 10)),
+    )  # fmt: skip
     return _parse_status(transport.run(cmd, timeout=grace + TERM_WAIT_S + 30), transport)
 
 
 def status_shell() -> str:
-    """Shell that defines `status` (prints the job folder it runs in, for parse_status) and `alive`."""
-    return _STATUS.format(mark=MARK)
+    """Shell that defines `status`: prints the status of the job folder it runs in, for parse_status."""
+    return f"status() {{ {shlex.join(_control('status', '.'))}; }}"
 
 
 def parse_status(res: Result, transport: Transport) -> LaunchStatus:
@@ -242,13 +153,36 @@ def _parse_status(res: Result, transport: Transport) -> LaunchStatus:
     return LaunchStatus(resolved, code, alive, pid)
 
 
-def _exports(env: dict[str, str]) -> str:
+def _control(mode: str, job_dir: str, *args: object) -> list[str]:
+    """argv of one job_control.sh run (see its header): everything it is given is an argument."""
+    files = [JOB_FILES[key] for key in _CONTROL_FILES]
+    return ["bash", "-c", package_script("job_control.sh"), "job-control", mode, job_dir, MARK, *files,
+            *(str(a) for a in args)]  # fmt: skip
+
+
+def _wrapper(env: dict[str, str], argv: list[str]) -> str:
+    """run.sh: `#!/bin/sh`, the parameters of jobs/scripts/job_wrapper.sh (each value quoted), then it."""
+    params = [f"{var}={shlex.quote(JOB_FILES[key])}" for var, key in _WRAPPER_FILES.items()]
+    return "\n".join([
+        "#!/bin/sh",
+        "# autodl-run job wrapper, written by client/remote/launcher.py: its parameters, then the program",
+        *params,
+        "job_env() {",
+        *(f"  {line}" for line in _exports(env)),
+        "  :",
+        "}",
+        "set -- " + shlex.join(str(a) for a in argv),
+        package_script("job_wrapper.sh"),
+    ])  # fmt: skip
+
+
+def _exports(env: dict[str, str]) -> list[str]:
     lines = []
     for key, value in env.items():
         if not ENV_KEY_RE.match(key):
             raise JobError(f"not an environment variable name: {key!r}", hint="use letters, digits and '_'")
         lines.append(f"export {key}={shlex.quote(str(value))}")
-    return "\n".join(lines)
+    return lines
 
 
 def _name(value: str, what: str) -> str:
