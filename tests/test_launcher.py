@@ -325,3 +325,23 @@ def test_the_programs_are_the_package_scripts_whatever_the_values() -> None:
             assert argv[:3] == ["bash", "-c", script("job_control.sh")] and d in argv[3:]
     wrapper = launcher._wrapper({"V": NASTY_DIR}, [NASTY_DIR])
     assert wrapper.endswith(script("job_wrapper.sh")) and NASTY_DIR not in script("job_wrapper.sh")
+
+
+@pytest.mark.parametrize("what", ["fifo", "zero", "unicode"])
+def test_the_job_files_are_data_a_fifo_or_a_flood_cannot_hang_status(
+    tmp_path: Path, local_home: Path, what: str
+) -> None:
+    """Found by the breaker: a `pid` that is a FIFO hung every status look; `²` crashed it."""
+    paths = JobPaths(str(tmp_path / "job"))
+    Path(paths.dir).mkdir()
+    if what == "fifo":
+        os.mkfifo(paths.pid)
+        os.mkfifo(paths.state)
+    elif what == "zero":
+        os.symlink("/dev/zero", paths.pid)
+        os.symlink("/dev/zero", paths.exit_code)
+    else:
+        Path(paths.pid).write_text("²\n")
+        Path(paths.exit_code).write_text("²\n")
+    status = launcher.job_status(LocalTransport(), paths)  # a hang would hit the test's own timeout
+    assert status.pid is None and status.exit_code is None and not status.alive

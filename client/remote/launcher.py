@@ -33,6 +33,7 @@ ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MARK = "@@autodl-run@@"  # what we print follows it, so a chatty login profile cannot confuse the parser
 START_TIMEOUT_S = 10
 TERM_WAIT_S = 5.0
+STATUS_TIMEOUT_S = 60.0  # a look at a job folder; what is there cannot make it wait longer
 
 # The wrapper's parameters (jobs/scripts/job_wrapper.sh): its variable -> the JOB_FILES name it holds
 _WRAPPER_FILES = {"pid_file": "pid", "state_file": "state", "exit_code_file": "exit_code", "log_file": "log",
@@ -110,7 +111,7 @@ def job_status(
         _name(socket, "tmux socket")
     if session is not None:
         _tmux_session(session)
-    return _parse_status(transport.run(_control("status", job_paths.dir)), transport)
+    return _parse_status(transport.run(_control("status", job_paths.dir), timeout=STATUS_TIMEOUT_S), transport)
 
 
 def cancel(
@@ -146,7 +147,7 @@ def _parse_status(res: Result, transport: Transport) -> LaunchStatus:
     exists, state, code_s, pid_s, alive_s, launching = (x.strip() for x in lines)
     code = parse_exit_code(code_s)
     alive = alive_s == "1"
-    pid = int(pid_s) if pid_s.isdigit() else None
+    pid = int(pid_s) if re.fullmatch(r"[0-9]{1,10}", pid_s) else None
     resolved = resolve(
         state, code, alive, exists=exists == "1", has_pid=pid is not None, launching=launching == "1"
     )

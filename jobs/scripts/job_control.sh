@@ -15,14 +15,17 @@ case $dir in
   "~/"*) dir=$HOME/${dir#"~/"} ;;
 esac
 
+# The first line of a small regular file, at most 64 bytes: the instance's files are data (a FIFO or
+# /dev/zero in their place must not hang or flood this).
+first() { [ -f "$1" ] && head -c 64 -- "$1" 2>/dev/null | head -n 1 | tr -d '\r\000'; }
 # alive: the pid answers and, where /proc exists, still runs in this job folder (a pid from
 # before a reboot may belong to anything now). jobs.jobstate.resolve turns the status into the state.
-alive() { [ -n "$p" ] && kill -0 "$p" 2>/dev/null && { [ ! -e /proc/self/cwd ] || [ /proc/"$p"/cwd -ef . ]; }; }
+alive() { case $p in ""|*[!0-9]*) return 1 ;; esac; kill -0 "$p" 2>/dev/null && { [ ! -e /proc/self/cwd ] || [ /proc/"$p"/cwd -ef . ]; }; }
 # exists, state, exit code, pid, alive, launching (launch.json is there)
 status() {
   a=0; alive && a=1; l=0; [ -e "$f_launch" ] && l=1
-  printf '%s\n1\n%s\n%s\n%s\n%s\n%s\n' "$mark" "$(head -n 1 "$f_state" 2>/dev/null)" \
-    "$(head -n 1 "$f_exit" 2>/dev/null)" "$p" "$a" "$l"
+  printf '%s\n1\n%s\n%s\n%s\n%s\n%s\n' "$mark" "$(first "$f_state")" \
+    "$(first "$f_exit")" "$p" "$a" "$l"
 }
 missing() { printf '%s\n0\n' "$mark"; exit 0; }
 wait_gone() { i=0; while alive && [ $i -lt "$1" ]; do sleep 0.1; i=$((i+1)); done; }
@@ -32,7 +35,7 @@ launch() {
   case $f_wrapper in ''|-*|*[!A-Za-z0-9._-]*) echo "bad wrapper name: $f_wrapper" >&2; exit 2 ;; esac
   unset TMUX TMUX_PANE
   mkdir -p -- "$dir" && cd -- "$dir" || exit 2
-  p=$(head -n 1 "$f_pid" 2>/dev/null)
+  p=$(first "$f_pid")
   if alive; then echo "a job is already running there (pid $p)" >&2; exit 3; fi
   rm -f -- "$f_pid" "$f_exit" "$f_state"
   (umask 077; cat > "$f_wrapper" && printf '%s' "$PATH" > "$f_path") || exit 2
@@ -53,7 +56,7 @@ launch() {
   if [ ! -s "$f_pid" ]; then
     echo "the job did not start within $start_s s" >&2; tail -n 20 "$f_log" >&2 2>/dev/null; exit 5
   fi
-  p=$(head -n 1 "$f_pid")
+  p=$(first "$f_pid")
   status
 }
 
@@ -61,7 +64,7 @@ launch() {
 cancel() {
   local socket=$1 session=$2 int_ticks=$3 term_ticks=$4
   cd -- "$dir" 2>/dev/null || missing
-  p=$(head -n 1 "$f_pid" 2>/dev/null)
+  p=$(first "$f_pid")
   if alive; then
     echo cancelled > "$f_state.tmp" && mv -f "$f_state.tmp" "$f_state"
     kill -s INT -- "-$p" 2>/dev/null || kill -s INT "$p" 2>/dev/null || true
@@ -80,6 +83,6 @@ cancel() {
 case $mode in
   launch) launch "$@" ;;
   cancel) cancel "$@" ;;
-  status) cd -- "$dir" 2>/dev/null || missing; p=$(head -n 1 "$f_pid" 2>/dev/null); status ;;
+  status) cd -- "$dir" 2>/dev/null || missing; p=$(first "$f_pid"); status ;;
   *) echo "job_control.sh: unknown mode $mode" >&2; exit 2 ;;
 esac
