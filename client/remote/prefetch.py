@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from client.errors import RemoteEnvError
 from client.remote import launcher
 from client.remote.follow import Follower, Reconnecting
-from client.remote.setup import Log, python_of, remote_root, turbo_prefix
+from client.remote.setup import Log, python_of, quiet, remote_root, turbo_prefix
 from client.transport.base import Transport, sections
 from client.transport.paths import shell_path
 from client.views.text import shown
@@ -56,7 +56,7 @@ def prefetch_model(
     spec: JobSpec,
     paths: JobPaths,
     bundle_dir: str,
-    log: Log = print,
+    log: Log = quiet,
     *,
     poll_s: float = 1.0,
     progress_every_s: float = 5.0,

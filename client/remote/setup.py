@@ -37,6 +37,10 @@ from jobs.requirements import requirements_for
 from jobs.spec import AUTODL_DATA_DISK_ROOT, InstanceSpec, JobSpec
 
 Log = Callable[[str], None]
+
+
+def quiet(_message: str) -> None:
+    """The default `log`: library code prints nothing of its own (the CLI passes client.views.log.printer)."""
 NETWORK_TURBO = "/etc/network_turbo"
 # Where AutoDL images keep the python that has torch, when `python3` on PATH is another one.
 PYTHON_CANDIDATES = ("/root/miniconda3/bin/python", "/root/anaconda3/bin/python", "/opt/conda/bin/python")
@@ -172,7 +176,7 @@ def probe(transport: Transport, spec: JobSpec, bundle_dir: str, *, use_marker: b
 
 
 def ensure_worker_deps(
-    transport: Transport, spec: JobSpec, log: Log = print, *, bundle_dir: str | None = None
+    transport: Transport, spec: JobSpec, log: Log = quiet, *, bundle_dir: str | None = None
 ) -> WorkerEnv:
     """Make sure the worker can import what it needs; returns the probe (python, torch, tools).
 
