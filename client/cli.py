@@ -16,11 +16,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Column, Table
 
 from client import __version__
 from client.errors import AutodlRunError
 from client.ledger import Ledger
+from client.views import jobs as jobs_view
+from client.views.log import printer
 
 EXIT_CODES = """Exit codes: 0 ok, 1 unexpected error, 2 bad job spec or usage, 3 bad dataset, 4 cannot reach or talk
 to the instance, 5 the instance lacks something, 6 the job failed or is unknown, 7 a fetched file failed
@@ -69,8 +70,7 @@ def _print_json(obj: object) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def _log(msg: str) -> None:
-    err_console.print(msg)
+_log = printer(err_console)  # the library's progress messages: plain text, never markup
 
 
 @app.callback(invoke_without_command=True)
@@ -87,17 +87,14 @@ def check(job_file: JobFile, as_json: JsonOpt = False) -> None:
     """Validate the job spec and the dataset, without any network. Reports every error at once."""
     from client import dataset
     from client.specfile import load_spec
+    from client.views.dataset import check_summary
 
     spec = load_spec(job_file)
     report = dataset.check(spec, job_file.resolve())
     if as_json:
         _print_json({"ok": True, "name": spec.name, "instance": spec.instance.describe(), "dataset": report})
         return
-    console.print(f"[green]✓[/] {escape(str(job_file))}: job `{spec.name}` on {spec.instance.describe()}")
-    console.print(
-        f"[green]✓[/] dataset: {report['records_out']:,} records ok"
-        + (f", {len(report['invalid'])} skipped as invalid" if report.get("invalid") else "")
-    )
+    check_summary(str(job_file), spec.name, spec.instance.describe(), report, console)
 
 
 @app.command()
@@ -110,15 +107,16 @@ def prepare(
     from client import dataset
     from client.ledger import home
     from client.specfile import load_spec
+    from client.views.dataset import render_examples, render_report
 
     spec = load_spec(job_file)
     prepared = dataset.prepare(spec, job_file.resolve(), home() / "prepared")
     if as_json:
         _print_json(prepared.report)
         return
-    dataset.render_report(prepared.report, console)
+    render_report(prepared.report, console)
     if show:
-        dataset.render_examples(prepared, None, show, console)
+        render_examples(prepared, None, show, console)
 
 
 @app.command()
@@ -138,7 +136,7 @@ def submit(
     if as_json:
         _print_json(result.as_dict())
     else:
-        console.print(f"[bold]{result.job_id}[/]")
+        jobs_view.job_id(result.job_id, console)
         _log(f"follow it with: autodl-run tail {result.job_id}")
     if follow:
         _tail(ledger, result.job_id, raw=False, as_json=False)
@@ -158,7 +156,7 @@ def _tail(ledger: Ledger, job: str | None, raw: bool, as_json: bool, fetch: bool
     progress = do_tail(record, ledger, console, raw=raw, as_json=as_json, fetch=fetch)
     if not as_json and not raw and progress.done:
         where = progress.laptop or f"on the instance; fetch it with: autodl-run fetch {record.id}"
-        _log(f"[green]✓[/] {record.id} done; {escape(where)}")
+        jobs_view.done(record.id, where, err_console)
 
 
 @app.command()
@@ -181,66 +179,23 @@ def tail(
 def status(job: JobId = None, as_json: JsonOpt = False) -> None:
     """Show where a job stands (asks the instance once)."""
     from client.lifecycle.tail import status as do_status
-    from client.views.render import fmt_duration
-    from client.views.text import shown  # what the instance wrote: no control characters, no markup
 
     ledger = Ledger()
     info = do_status(ledger.get(job), ledger)
     if as_json:
         _print_json(info)
         return
-    t = Table.grid(padding=(0, 2))
-    t.add_column(style="bold")
-    t.add_column()
-    t.add_row("job", info["id"])
-    t.add_row("instance", info["instance"])
-    t.add_row("state", info["state"])
-    t.add_row("phase", escape(shown(info["phase"])))
-    if info["total_steps"]:
-        t.add_row("step", f"{info['step']}/{info['total_steps']}")
-    if info["loss"] is not None:
-        t.add_row("loss", f"{info['loss']:.4f}")
-    if info["tokens_per_s"]:
-        t.add_row("tokens/s", f"{info['tokens_per_s']:,.0f}")
-    t.add_row("elapsed", fmt_duration(info["elapsed_s"]))
-    if info["state"] == "running":
-        t.add_row("ETA", fmt_duration(info["eta_s"]))
-    if info["spent"] is not None:
-        t.add_row("spend", f"{info['spent']:.2f} {info['currency']} (projected {info['projected']:.2f})")
-    if info["error"]:
-        t.add_row("error", escape(shown(f"{info['error']['error_class']}: {info['error']['message']}")))
-    if info.get("checkpoint"):
-        t.add_row("checkpoint", escape(shown(f"step {info['checkpoint']['step']}: {info['checkpoint']['path']}")))
-    if info["fetched_to"]:
-        t.add_row("fetched to", info["fetched_to"])
-    if info.get("guard"):
-        t.add_row("guard", escape(shown(info["guard"])))
-    if info.get("warning"):
-        t.add_row("warning", escape(shown(info["warning"])))
-    console.print(t)
+    jobs_view.status(info, console)
 
 
 @app.command("ls")
 def list_jobs(as_json: JsonOpt = False) -> None:
     """List the jobs in the local ledger, newest first (no network)."""
-    import time
-
     records = Ledger().all()
     if as_json:
         _print_json([r.as_dict() for r in records])
         return
-    if not records:
-        console.print("no jobs yet; submit one with `autodl-run submit job.toml`")
-        return
-    t = Table("instance", "state", "submitted", "fetched")
-    # The id is what people copy into the next command: never cut it short.
-    t.columns.insert(0, Column("job", no_wrap=True, overflow="fold", min_width=max(len(r.id) for r in records)))
-    for r in records:
-        t.add_row(
-            r.id, r.spec.instance.describe(), r.state,
-            time.strftime("%Y-%m-%d %H:%M", time.localtime(r.submitted_at)), "yes" if r.fetched_to else "",
-        )
-    console.print(t)
+    jobs_view.jobs(records, console)
 
 
 @app.command()
@@ -264,14 +219,8 @@ def fetch(
     if as_json:
         _print_json(result)
         return
-    if result["checkpoint"]:
-        c = result["checkpoint"]
-        console.print(f"[green]✓[/] checkpoint step-{c['step']} verified, whole → {escape(c['path'])}")
-    if result["adapter"]:
-        digest, dest = result["manifest_sha256"], result["adapter"]
-        console.print(f"[green]✓[/] adapter verified (manifest sha256 {digest[:16]}…) → {escape(dest)}")
-        console.print("Load it with:")
-        console.print(escape(LOAD_SNIPPET.format(base=record.spec.model.name_or_path, adapter=dest)))
+    snippet = LOAD_SNIPPET.format(base=record.spec.model.name_or_path, adapter=result["adapter"])
+    jobs_view.fetched(result, snippet, console)
 
 
 @app.command()
@@ -281,7 +230,6 @@ def cancel(job: Annotated[str, typer.Argument(help="job id or a unique prefix")]
     from client.remote import launcher
     from client.transport import connect
     from jobs.layout import layout_for
-    from jobs.protocol import JobState
 
     ledger = Ledger()
     record = ledger.get(job)
@@ -301,10 +249,7 @@ def cancel(job: Annotated[str, typer.Argument(help="job id or a unique prefix")]
     finally:
         transport.close()
     ledger.update(record.id, state=after.state.value)
-    if after.state is JobState.CANCELLED:
-        console.print(f"cancelled {record.id}")
-    else:
-        console.print(f"{record.id} ended as {after.state} before it could be cancelled")
+    jobs_view.cancelled(record.id, after.state.value, console)
 
 
 @app.command()
@@ -346,7 +291,7 @@ def resume(
     if as_json:
         _print_json(result.as_dict())
     else:
-        console.print(f"[bold]{result.job_id}[/]")
+        jobs_view.job_id(result.job_id, console)
     if follow:
         _tail(ledger, result.job_id, raw=False, as_json=False)
 
@@ -367,12 +312,7 @@ def recover(
     if as_json:
         _print_json(result)
         return
-    for job_id in result["added"]:
-        console.print(f"[green]✓[/] added {job_id}")
-    for why in result["skipped"]:
-        _log(f"[yellow]skipped[/] {escape(why)}")
-    console.print(f"{len(result['added'])} job(s) added, {len(result['known'])} known already, "
-                  f"{len(result['skipped'])} skipped")  # fmt: skip
+    jobs_view.recovered(result, console, err_console)
 
 
 ledger_app = typer.Typer(help="The local job ledger ($AUTODL_RUN_HOME/ledger.sqlite).", no_args_is_help=True)
@@ -385,11 +325,7 @@ def ledger_repair() -> None:
     from client.ledger import repair
 
     aside, kept = repair()
-    if aside is None:
-        console.print("there was no ledger: started a fresh one")
-        return
-    console.print(f"moved the damaged ledger to {escape(str(aside))}; the fresh one keeps {kept} job(s)")
-    console.print("add back the jobs each instance knows: autodl-run recover JOB.toml")
+    jobs_view.ledger_repaired(aside, kept, console)
 
 
 @app.command()
@@ -418,19 +354,13 @@ def login(
     port or the password: the profile is updated and its jobs follow it.
     """
     from client.instances.login import login as do_login
+    from client.views import instances as view
 
     result = do_login(command, name, log=_log)
     if as_json:
         _print_json(result.as_dict())
         return
-    p = result.profile
-    verb = "created" if result.created else "updated"
-    changed = "".join(f", {k} {old} → {new}" for k, (old, new) in result.changes.items())
-    console.print(f"[green]✓[/] profile [bold]{escape(p.name)}[/] {verb}: {escape(p.where)}{escape(changed)}")
-    console.print(f"  key {escape(p.identity_file)} {'installed' if result.key_added else 'already authorized'}"
-                  f"{' (the password was used once, not stored)' if result.used_password else ''}")  # fmt: skip
-    console.print(f"  host key {escape(result.host_key)} pinned in {escape(str(p.known_hosts))}")
-    console.print(escape(f'  use it in a job: [instance] profile = "{p.name}"; check it: autodl-run doctor {p.name}'))
+    view.login(result, console)
 
 
 @app.command()
@@ -443,18 +373,18 @@ def doctor(
     Exits 5 when a check failed; each failure comes with its fix.
     """
     from client.instances.doctor import doctor as do_doctor
-    from client.instances.doctor import render
+    from client.views.doctor import render
 
     report = do_doctor(target)
     if as_json:
-        _print_json(report)
+        _print_json(report.as_dict())
     else:
         render(report, console)
-    if not report["ok"]:
+    if not report.ok:
         from client.errors import RemoteEnvError
 
-        failed = [c["name"] for c in report["checks"] if c["status"] == "fail"]
-        raise RemoteEnvError(f"{report['target']}: {len(failed)} check(s) failed: {', '.join(failed)}",
+        failed = [c.name for c in report.failed]
+        raise RemoteEnvError(f"{report.target}: {len(failed)} check(s) failed: {', '.join(failed)}",
                              hint="each one's fix is in the table (or the JSON's checks[].hint)")  # fmt: skip
 
 
@@ -469,16 +399,13 @@ def trust(
     Only after a host-key error, and only if you know the instance was re-created behind the same address.
     """
     from client.instances.login import trust as do_trust
+    from client.views import instances as view
 
-    info = do_trust(target, port)
+    result = do_trust(target, port)
     if as_json:
-        _print_json(info)
+        _print_json(result.as_dict())
         return
-    was = ", ".join(info["old"]) or "nothing"
-    if info["changed"]:
-        console.print(f"[green]✓[/] {escape(target)} ({info['address']}): pinned {info['new']} (was: {escape(was)})")
-    else:
-        console.print(f"[green]✓[/] {escape(target)} ({info['address']}): unchanged, {info['new']}")
+    view.trust(result, console)
 
 
 def main() -> None:
@@ -495,13 +422,14 @@ def main() -> None:
     except Exception as exc:
         # Usage errors (unknown option, missing argument) and Ctrl-C at a prompt. typer vendors its own
         # click, so match by shape rather than by click's classes.
-        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
-            exc.show()
-            sys.exit(exc.exit_code)
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         if type(exc).__name__ == "Abort":
             rc = 130
-        elif type(exc).__name__ == "Exit" and isinstance(getattr(exc, "exit_code", None), int):
-            rc = exc.exit_code
+        elif type(exc).__name__ == "Exit" and isinstance(code, int):
+            rc = code
         else:
             raise
     if rc == 130:

@@ -11,8 +11,9 @@ import pytest
 from conftest_dataset import FIXTURES, JOB, spec, tiny_tokenizer
 from rich.console import Console
 
-from client.dataset import check, prepare, render_examples, render_report
+from client.dataset import check, prepare
 from client.errors import DatasetError
+from client.views.dataset import render_examples, render_report
 from jobs.layout import DATASET_MANIFEST
 from jobs.tokenize import encode, load_tokenized, tokenizer_fingerprint
 

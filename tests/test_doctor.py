@@ -13,7 +13,8 @@ from jobfiles import write_toml
 from netns import _make_instance, _netns_ok, _serve, cli, hub, login, pip_index, proxy  # noqa: F401
 from rich.console import Console
 
-from client.instances.doctor import doctor, render
+from client.instances.doctor import doctor
+from client.views.doctor import render
 
 pytestmark = pytest.mark.ssh
 
@@ -82,7 +83,7 @@ def test_doctor_finds_what_network_turbo_would_fix(make_instance, serve, tmp_pat
     )  # this machine's loopback: not reachable from the instance
     inst.set_network_turbo(serve(proxy(inst.laptop_ip)).url)
     job = _job(tmp_path / "job", profile="gpu1", pip_index_url=index.url + "/simple")
-    report = doctor(str(job))
+    report = doctor(str(job)).as_dict()  # the keys `--json` prints
     pip_check = _checks(report)["pip index"]
     assert report["network_turbo_available"] is True
     assert (
@@ -92,12 +93,14 @@ def test_doctor_finds_what_network_turbo_would_fix(make_instance, serve, tmp_pat
     assert pip_check["status"] == "fail" and "instance.network_turbo = true" in pip_check["hint"]
 
     job = _job(tmp_path / "job2", profile="gpu1", pip_index_url=index.url + "/simple", network_turbo=True)
-    report = doctor(str(job))
+    typed = doctor(str(job))
+    report = typed.as_dict()
     assert _checks(report)["pip index"]["status"] == "ok"
     assert "through /etc/network_turbo" in _checks(report)["pip index"]["detail"]
+    assert [c.name for c in typed.failed] == [c["name"] for c in report["checks"] if c["status"] == "fail"]
 
     out = io.StringIO()
-    render(report, Console(file=out, width=160))
+    render(typed, Console(file=out, width=160))
     text = out.getvalue()
     assert "✓" in text and "✗" in text and "!" not in text.split("pip index")[1].split("\n")[0]
     assert "无卡模式" in text and "problem" in text

@@ -10,7 +10,7 @@ from netns import _make_instance, _netns_ok, login  # noqa: F401  (fixtures)
 
 from client.errors import TransferError
 from client.remote import launcher
-from client.remote.setup import ensure_worker_deps
+from client.remote.setup import Tools, ensure_worker_deps
 from client.transport import connect, sftp
 from client.transport import rsync as rs
 from client.transport.ssh import SshTransport
@@ -63,7 +63,7 @@ def test_no_tmux_tries_apt_once_then_runs_the_job_under_setsid(make_instance, tm
     lines: list[str] = []
     with connect(spec.instance) as t:
         info = ensure_worker_deps(t, spec, log=lines.append)
-        assert info["tools"] == {"tmux": False, "rsync": True, "apt": True, "apt_failed": False, "root": True}
+        assert info.tools == Tools(tmux=False, rsync=True, apt=True, apt_failed=False, root=True)
         tried = inst.apt_log.read_text()
         assert "install -y -q --no-install-recommends tmux" in tried and "update" in tried
         assert any("setsid nohup" in ln for ln in lines), lines

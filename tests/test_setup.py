@@ -25,7 +25,7 @@ from tinymodel import make_model
 
 from client.errors import RemoteEnvError
 from client.remote.bundle import script, stage_bundle
-from client.remote.prefetch import prefetch_model, read_result
+from client.remote.prefetch import Prefetched, prefetch_model, read_result
 from client.remote.setup import deps_key, ensure_worker_deps, remote_root
 from client.transport import connect
 from client.transport.local import LocalTransport
@@ -97,7 +97,7 @@ def test_missing_packages_are_installed_with_torch_pinned_through_turbo(
     lines: list[str] = []
     with connect(spec.instance) as t:
         info = ensure_worker_deps(t, spec, log=lines.append)
-        assert info["torch"] == "2.4.0+cu121" and info["missing"] == [] and info["outdated"] == {}
+        assert info.torch == "2.4.0+cu121" and info.missing == [] and info.outdated == {} and not info.from_marker
         assert any("installing on the instance from " + index.url in ln and "torch 2.4.0+cu121 pinned" in ln
                    for ln in lines), lines  # fmt: skip
         assert _installed(inst, "torch") == "2.4.0+cu121"  # never replaced, though the index has 9.0.0
@@ -108,7 +108,7 @@ def test_missing_packages_are_installed_with_torch_pinned_through_turbo(
 
         asked = len(index.requests)
         again = ensure_worker_deps(t, spec, log=lines.append)  # the marker: no probe, no pip
-        assert again["from_marker"] and len(index.requests) == asked
+        assert again.from_marker and again.torch == "2.4.0+cu121" and len(index.requests) == asked
         assert "checked before" in lines[-1]
 
 
@@ -169,15 +169,16 @@ def test_the_model_is_downloaded_before_launch_with_progress(make_instance, serv
     with connect(spec.instance) as t:
         result = prefetch_model(t, spec, layout.job("job-1"), str(REPO_ROOT), lines.append,
                                 poll_s=0.1, progress_every_s=0.1)  # fmt: skip
-        assert result["ok"] and not result["cached"] and result["bytes"] > 0
-        assert result["path"].startswith(f"{DATA}/hf/hub/models--test-org--tiny-qwen2/snapshots/")
+        got = result.download
+        assert got is not None and got.ok and not got.cached and got.bytes > 0 and not result.skipped
+        assert got.path.startswith(f"{DATA}/hf/hub/models--test-org--tiny-qwen2/snapshots/")
         job = inst.root / "autodl-tmp" / "autodl-run" / "jobs" / "job-1"
         phases = [e for e in _events(job / "events.jsonl") if isinstance(e, ev.Phase)]
         assert phases and all(p.phase == "download" for p in phases)
         assert "files to download" in phases[1].message and "downloaded" in phases[-1].message
         assert "[download] test-org/tiny-qwen2: downloaded" in (job / "worker.log").read_text()
         assert any("downloaded" in ln for ln in lines)  # shown by submit as it happens
-        snapshot = inst.root / result["path"].removeprefix("/root/")
+        snapshot = inst.root / got.path.removeprefix("/root/")
         assert (snapshot / "model.safetensors").read_bytes() == (
             tiny_model / "model.safetensors"
         ).read_bytes()
@@ -186,7 +187,7 @@ def test_the_model_is_downloaded_before_launch_with_progress(make_instance, serv
 
         fetched = len(hf.requests)
         again = prefetch_model(t, spec, layout.job("job-2"), str(REPO_ROOT), lines.append, poll_s=0.1)
-        assert again["cached"] and again["bytes"] == 0
+        assert again.download is not None and again.download.cached and again.download.bytes == 0
         assert not any("/resolve/" in r for r in hf.requests[fetched:])  # nothing downloaded twice
 
 
@@ -236,9 +237,9 @@ def test_a_model_folder_on_the_instance_is_not_downloaded(make_instance) -> None
     with connect(_spec().instance) as t:
         layout = RemoteLayout(DATA)
         spec = _spec("/root/autodl-tmp/models/mine")
-        assert prefetch_model(t, spec, layout.job("j"), str(REPO_ROOT)) == {
-            "skipped": "a folder on the instance"
-        }
+        assert prefetch_model(t, spec, layout.job("j"), str(REPO_ROOT)) == Prefetched(
+            skipped="a folder on the instance"
+        )
         with pytest.raises(RemoteEnvError, match="model folder /root/autodl-tmp/models/gone does not exist"):
             prefetch_model(t, _spec("/root/autodl-tmp/models/gone"), layout.job("j"), str(REPO_ROOT))
 
@@ -269,7 +270,8 @@ def test_the_download_goes_on_when_the_connection_drops(make_instance, serve, ti
         inst.start()
         thread.join(timeout=60)
     assert not thread.is_alive() and len(outcome) == 1
-    assert isinstance(outcome[0], dict) and outcome[0]["ok"], outcome
+    done = outcome[0]
+    assert isinstance(done, Prefetched) and done.download is not None and done.download.ok, outcome
     assert any("connection lost" in ln and "the download goes on" in ln for ln in lines), lines
 
 
@@ -380,5 +382,5 @@ def test_a_malformed_marker_means_probe_again(make_instance, tmp_path: Path) -> 
     marker.write_text("{not json")
     with connect(spec.instance) as t:
         info = ensure_worker_deps(t, spec, log=lambda _m: None)
-    assert not info["from_marker"] and info["python"] == sys.version.split()[0]
+    assert not info.from_marker and info.python == sys.version.split()[0]
     assert read_model(SetupMarker, marker.read_text()).executable == sys.executable

@@ -7,10 +7,10 @@
     prepare   the pipeline: split, tokenize, overlong, content-addressed output
     stats     percentiles and packing efficiency
     tokens    finding the model's tokenizer on the laptop (never a download)
-    report    rich rendering of the report and of `--show N` examples
+
+The rendering of the report and of `--show N` examples is client.views.dataset.
 """
 
 from client.dataset.prepare import Prepared, check, prepare
-from client.dataset.report import render_examples, render_report
 
-__all__ = ["Prepared", "check", "prepare", "render_examples", "render_report"]
+__all__ = ["Prepared", "check", "prepare"]

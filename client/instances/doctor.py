@@ -6,8 +6,8 @@ shell finds (conda's included) and what it has (`remote_worker.envprobe`, run fr
 torch, CUDA, the worker's packages), the GPUs and the driver (nvidia-smi), free space and inodes of the system disk, the data disk and
 /root/autodl-fs, tmux and rsync, and whether the pip index and the Hugging Face endpoint answer
 (each with a short timeout, in parallel, and again through /etc/network_turbo when it exists).
-`checks()` turns that into rows of ok / warn / fail, each failure with the fix; `render` draws the
-table, `--json` prints the whole report. A job file says which python, index and endpoint to
+`checks()` turns that into rows of ok / warn / fail, each failure with the fix. `doctor()` returns a
+`DoctorReport`; client.views.doctor draws the table, `--json` prints `report.as_dict()`. A job file says which python, index and endpoint to
 check; a profile alone checks what the instance itself is configured with.
 """
 
@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from pydantic import BaseModel, Field
 
 from client.errors import AutodlRunError
 from client.instances import profiles
@@ -43,12 +41,126 @@ MIRRORS = {
 }
 
 
-@dataclass
-class Check:
+Status = Literal["ok", "warn", "fail", "info"]
+
+
+class Check(BaseModel):
     name: str
-    status: str  # ok | warn | fail | info
+    status: Status
     detail: str
     hint: str = ""
+
+
+class OsInfo(BaseModel):
+    name: str | None = None
+    kernel: str | None = None
+
+
+class PythonInfo(BaseModel):
+    path: str | None = None  # what the login shell finds
+    version: str | None = None
+    executable: str | None = None
+    probe_error: str | None = None
+    conda: bool = False
+    conda_prefix: str | None = None
+    conda_env: str | None = None
+    candidates: list[str] = Field(default_factory=list)  # pythons where AutoDL images keep torch
+
+
+class TorchInfo(BaseModel):
+    version: str | None = None
+    cuda: str | None = None
+    cuda_available: bool = False
+    error: str | None = None
+
+
+class Gpu(BaseModel):
+    name: str
+    memory_mib: int
+    memory_used_mib: int
+
+
+class GpuInfo(BaseModel):
+    count: int = 0
+    gpus: list[Gpu] = Field(default_factory=list)
+    driver: str | None = None
+    torch_gpus: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class Disk(BaseModel):
+    total_bytes: int
+    free_bytes: int
+    mount: str
+    inodes_total: int | None = None
+    inodes_free: int | None = None
+
+
+class Tool(BaseModel):
+    path: str | None = None
+    version: str | None = None
+
+
+class Reach(BaseModel):
+    """One HTTP request from the instance."""
+
+    http_code: int = 0
+    seconds: float | None = None
+    reachable: bool = False
+
+
+class Endpoint(BaseModel):
+    url: str | None = None
+    http_code: int = 0
+    seconds: float | None = None
+    reachable: bool = False
+    through_turbo: Reach | None = None  # the same request through /etc/network_turbo, when it exists
+
+
+class Clock(BaseModel):
+    skew_s: float | None = None  # the instance's clock minus this machine's
+    round_trip_s: float = 0.0
+
+
+class BundleInfo(BaseModel):
+    dir: str | None = None
+    error: str | None = None
+
+
+class Findings(BaseModel):
+    """What the remote script found (`parse`), and whether the worker bundle got there."""
+
+    os: OsInfo = Field(default_factory=OsInfo)
+    python: PythonInfo = Field(default_factory=PythonInfo)
+    torch: TorchInfo = Field(default_factory=TorchInfo)
+    gpu: GpuInfo = Field(default_factory=GpuInfo)
+    packages: dict[str, str | None] = Field(default_factory=dict)
+    flash_attn: bool = False
+    disks: dict[str, Disk] = Field(default_factory=dict)
+    tools: dict[str, Tool] = Field(default_factory=dict)
+    network_turbo_available: bool = False
+    pip_index: Endpoint = Field(default_factory=Endpoint)
+    hf_endpoint: Endpoint = Field(default_factory=Endpoint)
+    clock: Clock = Field(default_factory=Clock)
+    bundle: BundleInfo = Field(default_factory=BundleInfo)
+
+
+class DoctorReport(Findings):
+    """`autodl-run doctor`: the findings, which instance, and the checks made of them."""
+
+    target: str
+    where: str
+    python_setting: str
+    network_turbo_setting: bool
+    checks: list[Check]
+    ok: bool
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if c.status == "fail"]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The `--json` form (its keys are the interface: scripts read them)."""
+        return self.model_dump(mode="json")
 
 
 def resolve_target(target: str | None) -> tuple[str, InstanceSpec]:
@@ -61,7 +173,7 @@ def resolve_target(target: str | None) -> tuple[str, InstanceSpec]:
     return profile.name, InstanceSpec(profile=profile.name)
 
 
-def doctor(target: str | None = None) -> dict:
+def doctor(target: str | None = None) -> DoctorReport:
     label, instance = resolve_target(target)
     transport = connect(instance)
     try:
@@ -74,16 +186,13 @@ def doctor(target: str | None = None) -> dict:
         t1 = time.time()
     finally:
         transport.close()
-    report = parse(res.stdout, t0, t1)
-    report["bundle"] = {"dir": bundle_dir or None, "error": bundle_error}
-    report["target"] = label
-    report["where"] = transport.where
-    report["python_setting"] = instance.python
-    report["network_turbo_setting"] = instance.network_turbo
-    rows = checks(report, instance)
-    report["checks"] = [asdict(c) for c in rows]
-    report["ok"] = not any(c.status == "fail" for c in rows)
-    return report
+    found = parse(res.stdout, t0, t1)
+    found.bundle = BundleInfo(dir=bundle_dir or None, error=bundle_error)
+    rows = checks(found, instance)
+    return DoctorReport(
+        **dict(found), target=label, where=transport.where, python_setting=instance.python,
+        network_turbo_setting=instance.network_turbo, checks=rows, ok=not any(c.status == "fail" for c in rows),
+    )  # fmt: skip
 
 
 def _sync_bundle(transport: Transport, instance: InstanceSpec) -> tuple[str, str | None]:
@@ -114,7 +223,7 @@ def _kv(lines: list[str]) -> dict[str, str]:
     return dict(ln.split("=", 1) for ln in lines if "=" in ln)
 
 
-def parse(stdout: str, t0: float, t1: float) -> dict:
+def parse(stdout: str, t0: float, t1: float) -> Findings:
     s = sections(stdout)
     clock = float(s["clock"][0]) if s.get("clock") and _is_float(s["clock"][0]) else None
     os_lines = s.get("os", [])
@@ -126,74 +235,64 @@ def parse(stdout: str, t0: float, t1: float) -> dict:
             pyinfo = read_model(EnvProbe, lines[-1], "the python probe")
         except ProtocolError as exc:
             probe_error = str(exc)
-    gpus, driver = [], None
+    gpus: list[Gpu] = []
+    driver: str | None = None
     for line in s.get("gpu", []):
         parts = [p.strip() for p in line.split(",")]
         if len(parts) == 4 and parts[1].isdigit():
-            gpus.append({"name": parts[0], "memory_mib": int(parts[1]), "memory_used_mib": int(parts[2])})
+            gpus.append(Gpu(name=parts[0], memory_mib=int(parts[1]), memory_used_mib=int(parts[2])))
             driver = parts[3]
     disks = {}
     for line in s.get("disks", []):
         path, space, inodes = (line.split("|") + ["", ""])[:3]
         sp, ino = space.split(), inodes.split()
         if len(sp) >= 4 and sp[1].isdigit():
-            disks[path] = {
-                "total_bytes": int(sp[1]) * 1024,
-                "free_bytes": int(sp[3]) * 1024,
-                "mount": sp[-1],
-                "inodes_total": int(ino[1]) if len(ino) >= 4 and ino[1].isdigit() else None,
-                "inodes_free": int(ino[3]) if len(ino) >= 4 and ino[3].isdigit() else None,
-            }
+            disks[path] = Disk(
+                total_bytes=int(sp[1]) * 1024,
+                free_bytes=int(sp[3]) * 1024,
+                mount=sp[-1],
+                inodes_total=int(ino[1]) if len(ino) >= 4 and ino[1].isdigit() else None,
+                inodes_free=int(ino[3]) if len(ino) >= 4 and ino[3].isdigit() else None,
+            )
     tools = {}
     for k, v in _kv(s.get("tools", [])).items():
         path, _, version = v.partition("|")
-        tools[k] = {"path": path or None, "version": version.strip() or None}
+        tools[k] = Tool(path=path or None, version=version.strip() or None)
     urls = _kv(s.get("urls", []))
     net = {}
     for k, v in _kv(s.get("net", [])).items():
         code, _, secs = v.partition(" ")
         code_i = int(code) if code.isdigit() else 0
-        net[k] = {
-            "http_code": code_i,
-            "seconds": float(secs) if _is_float(secs) else None,
-            "reachable": 0 < code_i < 500,
-        }
+        net[k] = Reach(http_code=code_i, seconds=float(secs) if _is_float(secs) else None, reachable=0 < code_i < 500)
     conda = py.get("conda_prefix") or None
-    path = py.get("path") or None
-    return {
-        "os": {"name": os_lines[0] if os_lines else None, "kernel": os_lines[1] if len(os_lines) > 1 else None},
-        "python": {
-            "path": path,
-            "version": pyinfo.python or None,
-            "executable": pyinfo.executable or None,
-            "probe_error": probe_error,
-            "conda": bool(conda and path and path.startswith(conda)) or bool(path and "conda" in path),
-            "conda_prefix": conda,
-            "conda_env": py.get("conda_env") or None,
-            "candidates": [v for k, v in (ln.split("=", 1) for ln in s.get("python", []) if "=" in ln) if k == "candidate"],
-        },
-        "torch": {
-            "version": pyinfo.torch,
-            "cuda": pyinfo.torch_cuda,
-            "cuda_available": pyinfo.cuda_available,
-            "error": pyinfo.torch_error,
-        },
-        "gpu": {"count": len(gpus), "gpus": gpus, "driver": driver,
-                "torch_gpus": [g.model_dump() for g in pyinfo.gpus]},
-        "packages": {k: v for k, v in pyinfo.packages.items() if k != "torch"},
-        "flash_attn": bool(pyinfo.packages.get("flash-attn") or pyinfo.flash_attn_importable),
-        "disks": disks,
-        "tools": tools,
-        "network_turbo_available": (s.get("turbo") or ["0"])[0] == "1",
-        "pip_index": {"url": urls.get("pip"), **net.get("pip", {"reachable": False}),
-                      "through_turbo": net.get("pip_turbo")},
-        "hf_endpoint": {"url": urls.get("hf"), **net.get("hf", {"reachable": False}),
-                        "through_turbo": net.get("hf_turbo")},
-        "clock": {
-            "skew_s": None if clock is None else round(clock - t0, 2),
-            "round_trip_s": round(t1 - t0, 2),
-        },
-    }  # fmt: skip
+    py_path = py.get("path") or None
+    candidates = [v for k, v in (ln.split("=", 1) for ln in s.get("python", []) if "=" in ln) if k == "candidate"]
+    return Findings(
+        os=OsInfo(name=os_lines[0] if os_lines else None, kernel=os_lines[1] if len(os_lines) > 1 else None),
+        python=PythonInfo(
+            path=py_path, version=pyinfo.python or None, executable=pyinfo.executable or None,
+            probe_error=probe_error,
+            conda=bool(conda and py_path and py_path.startswith(conda)) or bool(py_path and "conda" in py_path),
+            conda_prefix=conda, conda_env=py.get("conda_env") or None, candidates=candidates,
+        ),
+        torch=TorchInfo(
+            version=pyinfo.torch, cuda=pyinfo.torch_cuda, cuda_available=pyinfo.cuda_available, error=pyinfo.torch_error
+        ),
+        gpu=GpuInfo(count=len(gpus), gpus=gpus, driver=driver, torch_gpus=[g.model_dump() for g in pyinfo.gpus]),
+        packages={k: v for k, v in pyinfo.packages.items() if k != "torch"},
+        flash_attn=bool(pyinfo.packages.get("flash-attn") or pyinfo.flash_attn_importable),
+        disks=disks,
+        tools=tools,
+        network_turbo_available=(s.get("turbo") or ["0"])[0] == "1",
+        pip_index=_endpoint(urls.get("pip"), net.get("pip"), net.get("pip_turbo")),
+        hf_endpoint=_endpoint(urls.get("hf"), net.get("hf"), net.get("hf_turbo")),
+        clock=Clock(skew_s=None if clock is None else round(clock - t0, 2), round_trip_s=round(t1 - t0, 2)),
+    )  # fmt: skip
+
+
+def _endpoint(url: str | None, direct: Reach | None, turbo: Reach | None) -> Endpoint:
+    d = direct or Reach()
+    return Endpoint(url=url, http_code=d.http_code, seconds=d.seconds, reachable=d.reachable, through_turbo=turbo)
 
 
 def _is_float(x: str) -> bool:
@@ -208,135 +307,136 @@ def _gb(n: float | None) -> str:
     return "?" if n is None else f"{n / GB:.1f} GB"
 
 
-def checks(r: dict, instance: InstanceSpec) -> list[Check]:
-    """The report as rows: ok, warn (works, with a cost), fail (fix it first), info."""
+def checks(r: Findings, instance: InstanceSpec) -> list[Check]:
+    """The findings as rows: ok, warn (works, with a cost), fail (fix it first), info."""
     return [
-        Check("os", "ok" if r["os"]["name"] else "info", f"{r['os']['name']} ({r['os']['kernel']})"),
+        Check(name="os", status="ok" if r.os.name else "info", detail=f"{r.os.name} ({r.os.kernel})"),
         *_python_checks(r, instance),
         *_gpu_checks(r),
-        *_disk_checks(r["disks"]),
+        *_disk_checks(r.disks),
         *_package_checks(r),
-        *_tool_checks(r["tools"]),
-        _net_check("pip index", r["pip_index"], "pip_index_url", MIRRORS["pip"], instance),
-        _net_check("hf endpoint", r["hf_endpoint"], "hf_endpoint", MIRRORS["hf"], instance),
-        *_clock_check(r["clock"]["skew_s"]),
+        *_tool_checks(r.tools),
+        _net_check("pip index", r.pip_index, "pip_index_url", MIRRORS["pip"], instance),
+        _net_check("hf endpoint", r.hf_endpoint, "hf_endpoint", MIRRORS["hf"], instance),
+        *_clock_check(r.clock.skew_s),
     ]
 
 
-def _python_checks(r: dict, instance: InstanceSpec) -> list[Check]:
-    py, t = r["python"], r["torch"]
-    bundle_error = r.get("bundle", {}).get("error")
-    if not py["version"] and py["path"] and (bundle_error or py["probe_error"]):
+def _check(name: str, status: Status, detail: str, hint: str = "") -> Check:
+    return Check(name=name, status=status, detail=detail, hint=hint)
+
+
+def _python_checks(r: Findings, instance: InstanceSpec) -> list[Check]:
+    py, t = r.python, r.torch
+    bundle_error = r.bundle.error
+    if not py.version and py.path and (bundle_error or py.probe_error):
         hint = "set instance.remote_root to a folder the login user can write" if bundle_error else ""
-        return [
-            Check("python", "fail", f"{py['path']}: not probed ({bundle_error or py['probe_error']})", hint)
-        ]
-    if not py["version"]:
-        first = py["candidates"][0] if py["candidates"] else None
+        return [_check("python", "fail", f"{py.path}: not probed ({bundle_error or py.probe_error})", hint)]
+    if not py.version:
+        first = py.candidates[0] if py.candidates else None
         hint = (
             f"set instance.python = {json.dumps(first)}"
             if first
             else "install Python 3.10+, or set instance.python"
         )
-        return [Check("python", "fail", f"`{instance.python}` not found in a login shell", hint)]
-    conda = f", conda env {py['conda_env'] or py['conda_prefix']}" if py["conda"] else ""
-    out = [Check("python", "ok", f"{py['path']} (Python {py['version']}{conda}, found by bash -lc)")]
-    if t["version"]:
-        cuda = f" (CUDA {t['cuda']})" if t["cuda"] else " (no CUDA build)"
-        out.append(Check("torch", "ok", t["version"] + cuda))
+        return [_check("python", "fail", f"`{instance.python}` not found in a login shell", hint)]
+    conda = f", conda env {py.conda_env or py.conda_prefix}" if py.conda else ""
+    out = [_check("python", "ok", f"{py.path} (Python {py.version}{conda}, found by bash -lc)")]
+    if t.version:
+        cuda = f" (CUDA {t.cuda})" if t.cuda else " (no CUDA build)"
+        out.append(_check("torch", "ok", t.version + cuda))
     else:
         hint = "pick an image with PyTorch (autodl-run never installs torch: it must match the driver)"
-        out.append(Check("torch", "fail", t["error"] or "not installed", hint))
+        out.append(_check("torch", "fail", t.error or "not installed", hint))
     return out
 
 
-def _gpu_checks(r: dict) -> list[Check]:
-    gpu, t = r["gpu"], r["torch"]
-    if gpu["gpus"]:
-        names = ", ".join(f"{g['name']} {g['memory_mib'] / 1024:.0f} GiB" for g in gpu["gpus"])
-        out = [Check("gpu", "ok", f"{names}; driver {gpu['driver']}")]
+def _gpu_checks(r: Findings) -> list[Check]:
+    gpu, t = r.gpu, r.torch
+    if gpu.gpus:
+        names = ", ".join(f"{g.name} {g.memory_mib / 1024:.0f} GiB" for g in gpu.gpus)
+        out = [_check("gpu", "ok", f"{names}; driver {gpu.driver}")]
     else:
         hint = "on AutoDL, power the instance on with a GPU (not 无卡模式); elsewhere, install the driver"
-        out = [Check("gpu", "fail", "no NVIDIA GPU visible (nvidia-smi)", hint)]
-    if not t["version"]:
+        out = [_check("gpu", "fail", "no NVIDIA GPU visible (nvidia-smi)", hint)]
+    if not t.version:
         return out
-    if t["cuda_available"]:
-        out.append(Check("cuda", "ok", "torch can use the GPU"))
-    elif gpu["gpus"]:
-        hint = f"torch {t['version']} cannot use the GPU (driver {gpu['driver']}): pick an image whose PyTorch matches it"
-        out.append(Check("cuda", "fail", "torch.cuda.is_available() is False", hint))
+    if t.cuda_available:
+        out.append(_check("cuda", "ok", "torch can use the GPU"))
+    elif gpu.gpus:
+        hint = f"torch {t.version} cannot use the GPU (driver {gpu.driver}): pick an image whose PyTorch matches it"
+        out.append(_check("cuda", "fail", "torch.cuda.is_available() is False", hint))
     else:
         out.append(
-            Check(
-                "cuda", "fail", "torch.cuda.is_available() is False", "no GPU: training would run on the CPU"
-            )
+            _check("cuda", "fail", "torch.cuda.is_available() is False", "no GPU: training would run on the CPU")
         )
     return out
 
 
-def _package_checks(r: dict) -> list[Check]:
+def _package_checks(r: Findings) -> list[Check]:
     reqs = {**WORKER_REQUIREMENTS, **QLORA_REQUIREMENTS}
     out = []
     for name in ("transformers", "peft", "bitsandbytes", "accelerate"):
-        version = r["packages"].get(name)
+        version = r.packages.get(name)
         if version:
-            out.append(Check(name, "ok", version))
-        elif r["python"]["version"]:
-            out.append(Check(name, "warn", "not installed", f"submit installs it ({reqs[name]}) with pip"))
-    if r["flash_attn"]:
-        out.append(Check("flash-attn", "ok", r["packages"].get("flash-attn") or "installed"))
+            out.append(_check(name, "ok", version))
+        elif r.python.version:
+            out.append(_check(name, "warn", "not installed", f"submit installs it ({reqs[name]}) with pip"))
+    if r.flash_attn:
+        out.append(_check("flash-attn", "ok", r.packages.get("flash-attn") or "installed"))
     else:
-        out.append(Check("flash-attn", "info", "not installed: SDPA attention is used"))
+        out.append(_check("flash-attn", "info", "not installed: SDPA attention is used"))
     return out
 
 
-def _tool_checks(tools: dict) -> list[Check]:
+def _tool_checks(tools: dict[str, Tool]) -> list[Check]:
     fallbacks = {
         "tmux": "submit installs it with apt-get when it can, else jobs run under setsid nohup",
         "rsync": "files go over SFTP instead (slower for big data): apt-get install -y rsync",
     }
     out = []
     for name, hint in fallbacks.items():
-        found = tools.get(name, {})
-        if found.get("path"):
-            out.append(Check(name, "ok", found["version"] or found["path"]))
+        found = tools.get(name, Tool())
+        if found.path:
+            out.append(_check(name, "ok", found.version or found.path))
         else:
-            out.append(Check(name, "warn", "not installed", hint))
+            out.append(_check(name, "warn", "not installed", hint))
     return out
 
 
 def _clock_check(skew: float | None) -> list[Check]:
     if skew is None:
         return []
-    status = "ok" if abs(skew) < 5 else "warn" if abs(skew) < 300 else "fail"
+    status: Status = "ok" if abs(skew) < 5 else "warn" if abs(skew) < 300 else "fail"
     hint = (
         "" if status == "ok" else "elapsed times, ETA and spend will be off: sync the clock (chrony/ntpdate)"
     )
-    return [Check("clock", status, f"{skew:+.1f} s against this machine", hint)]
+    return [_check("clock", status, f"{skew:+.1f} s against this machine", hint)]
 
 
-def _disk_checks(disks: dict) -> list[Check]:
+def _disk_checks(disks: dict[str, Disk]) -> list[Check]:
     roles = {"/": "system disk", DATA_DISK: "data disk", AUTODL_FS: "autodl-fs"}
     out, seen = [], set()
     for path, d in disks.items():
         role = roles.get(path, "remote_root")
-        if role == "remote_root" and d["mount"] in seen:
+        if role == "remote_root" and d.mount in seen:
             continue  # the job folder's disk is one of the above
-        seen.add(d["mount"])
+        seen.add(d.mount)
         out.append(_disk_check(path, role, d))
     if DATA_DISK not in disks:
         hint = "set instance.remote_root to a folder on a disk with room"
-        out.append(Check("data disk", "info", f"no {DATA_DISK} (not an AutoDL instance?)", hint))
+        out.append(_check("data disk", "info", f"no {DATA_DISK} (not an AutoDL instance?)", hint))
     return out
 
 
-def _disk_check(path: str, role: str, d: dict) -> Check:
-    free, ino_free, ino_total = d["free_bytes"], d["inodes_free"], d["inodes_total"]
-    detail = f"{path}: {_gb(free)} free of {_gb(d['total_bytes'])}"
+def _disk_check(path: str, role: str, d: Disk) -> Check:
+    free, ino_free, ino_total = d.free_bytes, d.inodes_free, d.inodes_total
+    detail = f"{path}: {_gb(free)} free of {_gb(d.total_bytes)}"
     if ino_total:
-        detail += f", {ino_free:,} of {ino_total:,} inodes free"
+        detail += f", {ino_free or 0:,} of {ino_total:,} inodes free"
     low, very_low = (5 * GB, 1 * GB) if role == "system disk" else (20 * GB, 2 * GB)
-    status, hints = "ok", []
+    status: Status = "ok"
+    hints = []
     if free < very_low:
         status = "fail"
         hints.append(f"free space on {path} (du -sh {path.rstrip('/')}/* | sort -h)")
@@ -348,37 +448,16 @@ def _disk_check(path: str, role: str, d: dict) -> Check:
         hints.append(f"few inodes left on {path}: remove small files (pip caches, old runs)")
     if role == "system disk" and status != "ok":
         hints.append("AutoDL: keep models and data on /root/autodl-tmp, not /")
-    return Check(role, status, detail, "; ".join(hints))
+    return _check(role, status, detail, "; ".join(hints))
 
 
-def _net_check(name: str, r: dict, field: str, mirror: str, instance: InstanceSpec) -> Check:
-    url = r.get("url")
+def _net_check(name: str, r: Endpoint, field: str, mirror: str, instance: InstanceSpec) -> Check:
     via = " (through /etc/network_turbo)" if instance.network_turbo else ""
-    if r.get("reachable"):
-        return Check(name, "ok", f"{url}{via}: HTTP {r['http_code']} in {r.get('seconds') or 0:.2f} s")
-    turbo = r.get("through_turbo") or {}
-    if turbo.get("reachable"):
+    if r.reachable:
+        return _check(name, "ok", f"{r.url}{via}: HTTP {r.http_code} in {r.seconds or 0:.2f} s")
+    if r.through_turbo and r.through_turbo.reachable:
         hint = f'it answers through /etc/network_turbo: set instance.network_turbo = true (or instance.{field} = "{mirror}")'
     else:
         hint = f'set instance.{field} = "{mirror}" (a mirror reachable from China)'
-    code = r.get("http_code") or "none"
-    return Check(name, "fail", f"{url}{via}: unreachable (HTTP {code}; timeout {NET_TIMEOUT_S} s)", hint)
-
-
-_MARKS = {"ok": "[green]✓[/]", "warn": "[yellow]![/]", "fail": "[red]✗[/]", "info": "[dim]–[/]"}
-
-
-def render(report: dict, console: Console) -> None:
-    table = Table(title=f"{report['target']} ({report['where']})", title_justify="left", show_lines=False)
-    table.add_column("", no_wrap=True)
-    table.add_column("check", no_wrap=True)
-    table.add_column("found")
-    table.add_column("fix")
-    for c in report["checks"]:
-        table.add_row(_MARKS[c["status"]], c["name"], escape(c["detail"]), escape(c["hint"]))
-    console.print(table)
-    fails = sum(c["status"] == "fail" for c in report["checks"])
-    if fails:
-        console.print(f"[red]{fails} problem{'s' if fails > 1 else ''}[/]: see the fix column")
-    else:
-        console.print("[green]ready to train[/]")
+    code = r.http_code or "none"
+    return _check(name, "fail", f"{r.url}{via}: unreachable (HTTP {code}; timeout {NET_TIMEOUT_S} s)", hint)

@@ -22,7 +22,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from client.errors import AuthError, HostKeyError, SpecError
@@ -66,6 +66,23 @@ class LoginResult:
             "changes": {k: {"old": o, "new": n} for k, (o, n) in self.changes.items()},
             "profiles_file": str(profiles.profiles_path()),
         }
+
+
+@dataclass(frozen=True)
+class TrustResult:
+    target: str
+    profile: str | None  # the profile whose pin was replaced (None: a host's entry in known_hosts)
+    address: str  # host:port
+    known_hosts: str  # the file the key is pinned in
+    old: list[str]  # fingerprints pinned before
+    new: str  # the fingerprint pinned now
+
+    @property
+    def changed(self) -> bool:
+        return self.old != [self.new]
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "changed": self.changed}
 
 
 def parse(command: str) -> tuple[str, int, str, str | None]:
@@ -177,7 +194,7 @@ def login(
     return LoginResult(profile, existing is None, used_password, key_added, fp, changes)
 
 
-def trust(target: str, port: int | None = None, *, connect_timeout: float = 15.0) -> dict:
+def trust(target: str, port: int | None = None, *, connect_timeout: float = 15.0) -> TrustResult:
     """Re-pin the host key of a profile (`target` = its name) or of HOST[:--port], after showing both keys.
 
     The explicit step after a HostKeyError, when the instance is known to have been re-created.
@@ -205,15 +222,7 @@ def trust(target: str, port: int | None = None, *, connect_timeout: float = 15.0
     key = hostkeys.fetch(t)
     new = keys.fingerprint(key)
     hostkeys.pin(file, name, key)
-    return {
-        "target": target,
-        "profile": t.profile,
-        "address": f"{t.host}:{t.port}",
-        "known_hosts": str(file),
-        "old": old,
-        "new": new,
-        "changed": old != [new],
-    }
+    return TrustResult(target, t.profile, f"{t.host}:{t.port}", str(file), old, new)
 
 
 def _port_of(name: str) -> int:

@@ -193,7 +193,7 @@ def submit(
             )
         with _step("setup", timings, log):
             info = ensure_worker_deps(transport, spec, log=log, bundle_dir=layout.bundle_dir(bundle_digest))
-            log(f"  python {info['python']}, torch {info['torch']}")
+            log(f"  python {info.python}, torch {info.torch}")
         job_id = new_job_id(spec.name)
         prefetch_model(transport, spec, layout.job(job_id), layout.bundle_dir(bundle_digest), log=log)
         record = LaunchRecord(

@@ -72,4 +72,4 @@ def sync_bundle(transport: Transport, layout: RemoteLayout) -> tuple[str, bool]:
 
 def script(name: str) -> str:
     """The text of `jobs/scripts/NAME`."""
-    return resources.files("jobs").joinpath("scripts", name).read_text()
+    return (resources.files("jobs") / "scripts" / name).read_text()

@@ -12,6 +12,7 @@ import time
 
 from client.errors import TransportError
 from client.remote import launcher
+from client.remote.setup import python_of
 from client.transport.base import Transport
 from client.transport.paths import shell_path
 from jobs.layout import JobPaths
@@ -25,12 +26,13 @@ def session(job_id: str) -> str:
 
 def start_guard(
     transport: Transport, spec: JobSpec, paths: JobPaths, job_id: str, env: dict[str, str]
-) -> dict | None:
-    """Launch the job's guard (stopping an earlier one of the same job first). None when the policy is "never"."""
+) -> launcher.LaunchStatus | None:
+    """Launch the job's guard (stopping an earlier one of the same job first): its status once it started,
+    None when the policy is "never"."""
     stop_guard(transport, spec, paths, job_id)  # also for a resumed job whose policy changed to "never"
     if spec.instance.shutdown_policy == "never":
         return None
-    argv = [spec.instance.python, "-m", "remote_worker.guard", paths.spec]
+    argv = [python_of(spec.instance), "-m", "remote_worker.guard", paths.spec]
     return launcher.launch(
         transport, paths.guard, argv, socket=spec.instance.tmux_socket, session=session(job_id), env=env
     )

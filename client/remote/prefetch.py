@@ -15,11 +15,12 @@ import json
 import posixpath
 import re
 import time
+from dataclasses import dataclass
 
 from client.errors import RemoteEnvError
 from client.remote import launcher
 from client.remote.follow import Follower, Reconnecting
-from client.remote.setup import Log, remote_root, turbo_prefix
+from client.remote.setup import Log, python_of, quiet, remote_root, turbo_prefix
 from client.transport.base import Transport, sections
 from client.transport.paths import shell_path
 from client.views.text import shown
@@ -35,6 +36,15 @@ def is_hub_id(name: str) -> bool:
     return not name.startswith(_PATHLIKE) and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None
 
 
+@dataclass(frozen=True)
+class Prefetched:
+    """What `prefetch_model` did: downloaded (`download`, the instance's own result) or `skipped`, and why."""
+
+    download: ModelDownload | None = None
+    skipped: str = ""  # why nothing was downloaded
+    wall_s: float = 0.0  # the whole step, as the laptop saw it
+
+
 # remote_worker.checkpoints.KEEP: the worker keeps this many; one more is being written at times
 KEEP_CHECKPOINTS = 2
 BYTES_PER_LORA_PARAM = 16  # a checkpoint: the adapter (4) + AdamW's two moments (8) + slack
@@ -46,15 +56,15 @@ def prefetch_model(
     spec: JobSpec,
     paths: JobPaths,
     bundle_dir: str,
-    log: Log = print,
+    log: Log = quiet,
     *,
     poll_s: float = 1.0,
     progress_every_s: float = 5.0,
     reconnect_timeout_s: float = 900.0,
-) -> dict:
+) -> Prefetched:
     """Download a hub model into HF_HOME on the instance before the job starts; see the module docstring.
 
-    Returns what happened: {"skipped": reason} or the download's result (path, bytes, seconds).
+    Returns what happened: skipped (and why) or the download's result (path, bytes, seconds).
     Raises RemoteEnvError for a download that failed or would not fit on the disk.
     """
     name = spec.model.name_or_path
@@ -64,7 +74,7 @@ def prefetch_model(
                 f"model folder {name} does not exist on {transport.where}",
                 hint="set model.name_or_path to a folder on the instance (e.g. under /root/autodl-tmp) or a hub id",
             )
-        return {"skipped": "a folder on the instance"}
+        return Prefetched(skipped="a folder on the instance")
     t0 = time.monotonic()
     layout = RemoteLayout(remote_root(spec))
     pdir = paths.prefetch
@@ -73,7 +83,7 @@ def prefetch_model(
         "targets": spec.lora.target_modules, "keep_checkpoints": KEEP_CHECKPOINTS,
         "bytes_per_param": BYTES_PER_LORA_PARAM, "margin": MARGIN_BYTES, "every": progress_every_s,
     }  # fmt: skip
-    argv = [spec.instance.python, "-m", "remote_worker.prefetch", json.dumps(args)]
+    argv = [python_of(spec.instance), "-m", "remote_worker.prefetch", json.dumps(args)]
     if spec.instance.network_turbo:  # the proxy for this download only; the worker never sees it
         argv = ["bash", "-c", turbo_prefix() + 'exec "$@"', "network_turbo", *argv]
     env = {
@@ -94,7 +104,7 @@ def prefetch_model(
     if not result.ok:
         what = "" if result.kind == "disk" else f"downloading {name} failed: "
         raise RemoteEnvError(what + (result.message or "unknown error"), hint=result.hint)
-    return result.model_dump() | {"wall_s": time.monotonic() - t0}
+    return Prefetched(download=result, wall_s=time.monotonic() - t0)
 
 
 def read_result(transport: Transport, paths: JobPaths, name: str) -> ModelDownload:

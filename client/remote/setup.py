@@ -24,6 +24,7 @@ import re
 import shlex
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from client.errors import RemoteEnvError, TransportError
@@ -36,11 +37,60 @@ from jobs.requirements import requirements_for
 from jobs.spec import AUTODL_DATA_DISK_ROOT, InstanceSpec, JobSpec
 
 Log = Callable[[str], None]
+
+
+def quiet(_message: str) -> None:
+    """The default `log`: library code prints nothing of its own (the CLI passes client.views.log.printer)."""
 NETWORK_TURBO = "/etc/network_turbo"
 # Where AutoDL images keep the python that has torch, when `python3` on PATH is another one.
 PYTHON_CANDIDATES = ("/root/miniconda3/bin/python", "/root/anaconda3/bin/python", "/opt/conda/bin/python")
 PIP_TIMEOUT_S = 1800
 APT_TIMEOUT_S = 180
+
+
+@dataclass(frozen=True)
+class Tools:
+    """What the instance has besides python (one line of the set-up probe)."""
+
+    tmux: bool
+    rsync: bool
+    apt: bool
+    apt_failed: bool  # apt-get could not install tmux before: not tried again
+    root: bool
+
+
+@dataclass(frozen=True)
+class WorkerEnv:
+    """What set-up found: a fresh probe of the python, or the marker an earlier set-up left there."""
+
+    found: EnvProbe | SetupMarker
+    tools: Tools
+
+    @property
+    def from_marker(self) -> bool:
+        return isinstance(self.found, SetupMarker)
+
+    @property
+    def python(self) -> str:
+        return self.found.python
+
+    @property
+    def executable(self) -> str | None:
+        return self.found.executable
+
+    @property
+    def torch(self) -> str | None:
+        return self.found.torch
+
+    @property
+    def missing(self) -> list[str]:
+        """Requirements the python lacks (none after a marker: it records a set-up that worked)."""
+        return self.found.missing if isinstance(self.found, EnvProbe) else []
+
+    @property
+    def outdated(self) -> dict[str, str]:
+        return self.found.outdated if isinstance(self.found, EnvProbe) else {}
+
 
 # -- the worker's packages ------------------------------------------------------------------------
 
@@ -60,6 +110,11 @@ def instance_root(instance: InstanceSpec) -> str:
     return AUTODL_DATA_DISK_ROOT
 
 
+def python_of(instance: InstanceSpec) -> str:
+    """The interpreter on the instance (the spec's validator always sets it; this says so to the types)."""
+    return instance.python or "python3"
+
+
 def _setup_path(spec: JobSpec, *names: str) -> str:
     """`{remote_root}/.setup[/name]`: set-up's own files on the instance."""
     return RemoteLayout(remote_root(spec)).setup_file(*names)
@@ -76,11 +131,11 @@ def deps_key(spec: JobSpec) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def probe(transport: Transport, spec: JobSpec, bundle_dir: str, *, use_marker: bool = True) -> dict:
+def probe(transport: Transport, spec: JobSpec, bundle_dir: str, *, use_marker: bool = True) -> WorkerEnv:
     """Tools, and either the marker's record or a fresh probe of the python. One round trip.
 
     The probe is `remote_worker.envprobe`, run from the worker bundle at `bundle_dir`."""
-    py = spec.instance.python
+    py = python_of(spec.instance)
     args = [
         _setup_path(spec, APT_FAILED), _marker_path(spec) if use_marker else "", py, bundle_dir,
         json.dumps(requirements_for(spec.quant.bits)), *PYTHON_CANDIDATES,
@@ -92,14 +147,14 @@ def probe(transport: Transport, spec: JobSpec, bundle_dir: str, *, use_marker: b
     if "tools" not in parts:
         raise RemoteEnvError(f"the setup probe printed nothing on {transport.where}: {res.tail(3)}")
     t, r, a, f, uid = (parts["tools"][0].split() + ["0"] * 5)[:5]
-    tools = {"tmux": t == "1", "rsync": r == "1", "apt": a == "1", "apt_failed": f == "1", "root": uid == "0"}
+    tools = Tools(tmux=t == "1", rsync=r == "1", apt=a == "1", apt_failed=f == "1", root=uid == "0")
     if "marker" in parts:
         where = f"{_marker_path(spec)} on {transport.where}"
         try:
             marker = read_model(SetupMarker, "\n".join(parts["marker"]), where)
         except ProtocolError:  # not ours, or cut short: check again
             return probe(transport, spec, bundle_dir, use_marker=False)
-        return marker.model_dump() | {"tools": tools, "from_marker": True}
+        return WorkerEnv(marker, tools)
     lines = [ln for ln in parts.get("probe", []) if ln.startswith("{")]
     if not res.ok or not lines:
         found = [c for c in parts.get("candidates", []) if c.strip()]
@@ -117,12 +172,12 @@ def probe(transport: Transport, spec: JobSpec, bundle_dir: str, *, use_marker: b
         raise RemoteEnvError(
             str(exc), hint="the worker bundle there may be from another autodl-run version"
         ) from None
-    return info.model_dump() | {"tools": tools, "from_marker": False}
+    return WorkerEnv(info, tools)
 
 
 def ensure_worker_deps(
-    transport: Transport, spec: JobSpec, log: Log = print, *, bundle_dir: str | None = None
-) -> dict:
+    transport: Transport, spec: JobSpec, log: Log = quiet, *, bundle_dir: str | None = None
+) -> WorkerEnv:
     """Make sure the worker can import what it needs; returns the probe (python, torch, tools).
 
     `bundle_dir`: the worker bundle on the instance (the probe runs from it); sent first when not given.
@@ -131,50 +186,52 @@ def ensure_worker_deps(
         layout = RemoteLayout(remote_root(spec))
         bundle_dir = layout.bundle_dir(sync_bundle(transport, layout)[0])
     info = probe(transport, spec, bundle_dir)
-    if info["from_marker"]:
+    if info.from_marker:
         log("  packages checked before (a marker on the instance says so)")
     else:
         info = _install_missing(transport, spec, info, log, bundle_dir)
         _write_marker(transport, spec, info)
     if not spec.instance.is_local:
-        _ensure_tmux(transport, spec, info["tools"], log)
-        if not info["tools"]["rsync"]:
+        _ensure_tmux(transport, spec, info.tools, log)
+        if not info.tools.rsync:
             log("  no rsync on the instance: files go over SFTP (apt-get install -y rsync there is faster)")
     return info
 
 
-def _install_missing(transport: Transport, spec: JobSpec, info: dict, log: Log, bundle_dir: str) -> dict:
+def _install_missing(
+    transport: Transport, spec: JobSpec, info: WorkerEnv, log: Log, bundle_dir: str
+) -> WorkerEnv:
     py = spec.instance.python
     reqs = requirements_for(spec.quant.bits)
-    if "torch" in info["missing"]:
+    if "torch" in info.missing:
         raise RemoteEnvError(
             f"`{py}` on {transport.where} has no torch",
             hint="pick an instance image with PyTorch, or point `instance.python` at the python that has it",
         )
-    if "torch" in info["outdated"]:
+    if "torch" in info.outdated:
         raise RemoteEnvError(
-            f"torch {info['outdated']['torch']} on {transport.where} is older than the worker needs ({reqs['torch']})",
+            f"torch {info.outdated['torch']} on {transport.where} is older than the worker needs ({reqs['torch']})",
             hint="pick an image with a newer PyTorch; autodl-run never replaces the instance's torch, "
             "whose CUDA build has to match the driver",
         )
-    need = info["missing"] + [m for m in info["outdated"] if m not in info["missing"]]
+    need = info.missing + [m for m in info.outdated if m not in info.missing]
     if not need:
         return info
-    if not info["torch"]:
+    if not info.torch:
         raise RemoteEnvError(
             f"cannot tell the version of torch in `{py}` on {transport.where}, so pip cannot be kept from replacing it",
             hint=f"install the missing packages yourself: {py} -m pip install {' '.join(reqs[m] for m in need)}",
         )
     wanted = [reqs[m] for m in need]
     if not spec.instance.install_deps:
-        what = ", ".join(info["missing"] + [f"{m} (has {v})" for m, v in info["outdated"].items()])
+        what = ", ".join(info.missing + [f"{m} (has {v})" for m, v in info.outdated.items()])
         raise RemoteEnvError(
             f"`{py}` on {transport.where} lacks: {what}",
             hint=f"run `{py} -m pip install {' '.join(wanted)}` there, or set `instance.install_deps = true`",
         )
     via = f" from {spec.instance.pip_index_url}" if spec.instance.pip_index_url else ""
-    log(f"  installing on the instance{via}: {' '.join(wanted)} (torch {info['torch']} pinned)")
-    res = transport.run(pip_command(spec, info["torch"], wanted), check=False, timeout=PIP_TIMEOUT_S)
+    log(f"  installing on the instance{via}: {' '.join(wanted)} (torch {info.torch} pinned)")
+    res = transport.run(pip_command(spec, info.torch, wanted), check=False, timeout=PIP_TIMEOUT_S)
     if not res.ok:
         raise RemoteEnvError(
             f"pip could not install {', '.join(need)} on {transport.where} (exit {res.exited}):\n"
@@ -182,7 +239,7 @@ def _install_missing(transport: Transport, spec: JobSpec, info: dict, log: Log, 
             hint=_pip_hint(spec, res.stdout + res.stderr),
         )
     after = probe(transport, spec, bundle_dir, use_marker=False)
-    still = after["missing"] + list(after["outdated"])
+    still = after.missing + list(after.outdated)
     if still:
         raise RemoteEnvError(f"still missing after pip install on {transport.where}: {', '.join(still)}")
     return after
@@ -203,7 +260,7 @@ def pip_command(spec: JobSpec, torch_version: str | None, wanted: list[str]) -> 
         "c=$(mktemp) || exit 1\ntrap 'rm -f \"$c\"' EXIT\n"
         f'printf %s {pins} > "$c"\n'
         + (turbo_prefix() if inst.network_turbo else "")
-        + f"{shell_path(inst.python)} {quoted}"
+        + f"{shell_path(python_of(inst))} {quoted}"
     )
 
 
@@ -228,9 +285,9 @@ def _pip_hint(spec: JobSpec, output: str) -> str:
     )
 
 
-def _write_marker(transport: Transport, spec: JobSpec, info: dict) -> None:
+def _write_marker(transport: Transport, spec: JobSpec, info: WorkerEnv) -> None:
     marker = SetupMarker(
-        python=info["python"], executable=info.get("executable"), torch=info.get("torch"),
+        python=info.python, executable=info.executable, torch=info.torch,
         requirements=sorted(requirements_for(spec.quant.bits).values()),
         checked_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )  # fmt: skip
@@ -241,14 +298,14 @@ def _write_marker(transport: Transport, spec: JobSpec, info: dict) -> None:
     )
 
 
-def _ensure_tmux(transport: Transport, spec: JobSpec, tools: dict, log: Log) -> None:
-    if tools["tmux"]:
+def _ensure_tmux(transport: Transport, spec: JobSpec, tools: Tools, log: Log) -> None:
+    if tools.tmux:
         return
     fallback = "the job runs under setsid nohup instead (same state and exit-code files)"
-    if not (tools["apt"] and tools["root"]):
+    if not (tools.apt and tools.root):
         log(f"  no tmux on the instance and no apt-get as root to install it: {fallback}")
         return
-    if tools["apt_failed"]:
+    if tools.apt_failed:
         log(f"  no tmux (apt-get could not install it before): {fallback}")
         return
     log("  no tmux on the instance: apt-get install tmux")

@@ -1,4 +1,4 @@
-"""The rich rendering of a prepare/check report, and of `--show N` examples.
+"""The dataset for a person: `check`'s summary, `prepare`'s report, and `--show N` examples.
 
 Examples are shown exactly as the model sees them (its chat template, special tokens
 included), trained tokens in green, the prompt dim. Without a tokenizer they are shown in
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -26,6 +27,15 @@ INVALID_SHOWN = 10
 
 def _n(v: Any) -> str:
     return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def check_summary(job_file: str, name: str, instance: str, report: dict, console: Console) -> None:
+    """`autodl-run check`: the spec and the dataset are usable."""
+    console.print(f"[green]✓[/] {escape(job_file)}: job `{escape(name)}` on {escape(instance)}")
+    console.print(
+        f"[green]✓[/] dataset: {report['records_out']:,} records ok"
+        + (f", {len(report['invalid'])} skipped as invalid" if report.get("invalid") else "")
+    )
 
 
 def render_report(report: dict, console: Console) -> None:
