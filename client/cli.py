@@ -22,6 +22,7 @@ from client.errors import AutodlRunError
 from client.ledger import Ledger
 from client.views import jobs as jobs_view
 from client.views.log import printer
+from client.views.text import shown
 
 EXIT_CODES = """Exit codes: 0 ok, 1 unexpected error, 2 bad job spec or usage, 3 bad dataset, 4 cannot reach or talk
 to the instance, 5 the instance lacks something, 6 the job failed or is unknown, 7 a fetched file failed
@@ -413,7 +414,9 @@ def main() -> None:
         # typer turns Ctrl-C into Exit(130) and, with standalone_mode=False, returns that code
         rc = app(standalone_mode=False)
     except AutodlRunError as exc:
-        err_console.print(f"[red]error:[/] {escape(str(exc))}")
+        # the message may quote the instance (a command's stderr): its control characters are escaped
+        text = "\n".join(shown(line) for line in str(exc).split("\n"))
+        err_console.print(f"[red]error:[/] {escape(text)}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         rc = 130

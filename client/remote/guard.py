@@ -47,9 +47,12 @@ def stop_guard(transport: Transport, spec: JobSpec, paths: JobPaths, job_id: str
 GUARD_READ_TIMEOUT_S = 20.0  # reading one small file; a hung instance must not hang `status`
 
 
+MAX_STATUS_BYTES = 65536  # a status.json is a few hundred bytes
+
 def guard_status(transport: Transport, paths: JobPaths) -> GuardStatus | None:
     """The guard's status.json, or None: none yet, unreadable, malformed, or the instance did not answer."""
-    cmd = f"cat -- {shell_path(paths.guard_status)} 2>/dev/null"
+    q = shell_path(paths.guard_status)
+    cmd = f"[ -f {q} ] && head -c {MAX_STATUS_BYTES} -- {q} 2>/dev/null"  # a regular file, and small
     try:
         res = transport.run(cmd, check=False, timeout=GUARD_READ_TIMEOUT_S)
     except TransportError:

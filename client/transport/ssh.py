@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 # keeps Python's last-resort handler from printing them; an application can still add its own.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
+MAX_STDOUT = 64 << 20  # the most a command's output may be: what the instance sends is read into memory
+MAX_STDERR = 1 << 20  # of stderr, the last this many bytes are kept
 EXIT_STATUS_GRACE = 2.0  # seconds to wait for EOF after the exit status (a daemon may hold stdout)
 
 
@@ -176,8 +178,16 @@ class SshTransport:
         while True:
             while chan.recv_ready():
                 out += chan.recv(65536)
+                if len(out) > MAX_STDOUT:
+                    self._drop()  # the command may go on sending: the connection goes with it
+                    raise TransportError(
+                        f"{self.where} sent more than {MAX_STDOUT >> 20} MiB of output for: {command}",
+                        hint="no command of autodl-run prints that much: the instance is not behaving; "
+                        "check what is in the job's folder there",
+                    )
             while chan.recv_stderr_ready():
                 err += chan.recv_stderr(65536)
+                del err[: max(0, len(err) - MAX_STDERR)]  # its end is what error messages show
             if chan.exit_status_ready():
                 if chan.eof_received or chan.closed:
                     if not (chan.recv_ready() or chan.recv_stderr_ready()):
