@@ -108,11 +108,11 @@ def prepare(
 ) -> None:
     """Prepare the dataset locally: canonical jsonl, checked, with token statistics (no GPU is paid for)."""
     from client import dataset
-    from client.ledger import home
+    from client.home import prepared_dir
     from client.specfile import load_spec
 
     spec = load_spec(job_file)
-    prepared = dataset.prepare(spec, job_file.resolve(), home() / "prepared")
+    prepared = dataset.prepare(spec, job_file.resolve(), prepared_dir())
     if as_json:
         _print_json(prepared.report)
         return

@@ -49,6 +49,7 @@ from transformers import (
     set_seed,
 )
 
+from jobs import autodl
 from jobs.events import Done, EventWriter, Phase
 from jobs.layout import JobPaths
 from jobs.manifest import write_manifest
@@ -225,7 +226,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if looks_like_path and not Path(expanded).exists():
         raise ModelNotFound(
             f"model folder {expanded} does not exist on the instance",
-            hint="set model.name_or_path to a folder on the instance (e.g. under /root/autodl-tmp) or a hub id",
+            hint=f"set model.name_or_path to a folder on the instance (e.g. under {autodl.DATA_DISK}) or a hub id",
         )
     return expanded
 
@@ -239,7 +240,7 @@ def load_tokenizer(model_path: str, spec: JobSpec):
         raise ModelNotFound(
             f"cannot load the tokenizer of {model_path}: {exc}",
             hint="check model.name_or_path; for a hub id without a proxy set instance.hf_endpoint "
-            '(e.g. "https://hf-mirror.com")',
+            f'(e.g. "{autodl.HF_MIRROR}")',
         ) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
