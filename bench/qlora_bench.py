@@ -133,17 +133,9 @@ def gen_sequences(n_tokens: int, vocab: int, seed: int = 0, task: str = "random"
 
 
 def pack(seqs, budget: int):
-    """Greedy, in order: fill micro-batches up to `budget` tokens (no sequence is split)."""
-    groups, cur, n = [], [], 0
-    for s in seqs:
-        if cur and n + len(s) > budget:
-            groups.append(cur)
-            cur, n = [], 0
-        cur.append(s)
-        n += len(s)
-    if cur:
-        groups.append(cur)
-    return groups
+    """In order, next-fit into micro-batches of `budget` tokens (no sequence is split): the worker's packer."""
+    from jobs import packing
+    return [[seqs[i] for i in g] for g in packing.pack([len(s) for s in seqs], budget)]
 
 
 def packed_item(group, varlen: bool = False):
@@ -372,29 +364,20 @@ def cmd_worker(a):
 
 
 class Ours:
-    """Our candidate built in this process from the worker's functions, exactly as recipe.run does it
-    (fast.choose -> load_model -> prepare_for_training -> get_peft_model -> fused LoRA), for the sweep,
-    the profile and the quality guard."""
+    """Our candidate built in this process by the worker's own functions, as recipe.run does it
+    (set_seed -> probe -> fast.choose -> recipe.build_model), for the sweep, the profile and the quality guard."""
 
     def __init__(self, model_dir, opts):
-        from peft import get_peft_model
         from transformers import set_seed
 
         from remote_worker.probe import probe
         self.wdata, fast, self.wrecipe = worker_modules()
         self.opts = dict(opts)
         self.spec = ours_spec(model_dir, self.opts, targets=self.opts.get("targets", "all"))
+        set_seed(self.spec.train.seed)  # first, as recipe.run does: LoRA's initial weights follow it
         self.machine = probe("auto")
         self.paths = fast.choose(model_dir, self.spec, self.machine)
-        m = self.wrecipe.load_model(model_dir, self.spec, self.machine, self.paths)
-        ckpt = self.wrecipe.use_gradient_checkpointing(self.spec.train.gradient_checkpointing,
-                                                       self.machine.device, m.num_parameters())
-        m = self.wrecipe.prepare_for_training(m, self.spec, self.machine, ckpt)
-        set_seed(int(self.opts.get("seed", 42)))
-        m = get_peft_model(m, self.wrecipe.lora_config(self.spec))
-        self.paths.enable_fused_lora(m, self.spec)
-        m.train()
-        self.model = m
+        self.model, _ = self.wrecipe.build_model(model_dir, self.spec, self.machine, self.paths)
         log(f"ours (worker functions): {self.status()}")
 
     def status(self):

@@ -106,12 +106,12 @@ def prepare(
 ) -> None:
     """Prepare the dataset locally: canonical jsonl, checked, with token statistics (no GPU is paid for)."""
     from client import dataset
-    from client.ledger import home
+    from client.home import prepared_dir
     from client.specfile import load_spec
     from client.views.dataset import render_examples, render_report
 
     spec = load_spec(job_file)
-    prepared = dataset.prepare(spec, job_file.resolve(), home() / "prepared")
+    prepared = dataset.prepare(spec, job_file.resolve(), prepared_dir())
     if as_json:
         _print_json(prepared.report)
         return

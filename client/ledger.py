@@ -7,7 +7,6 @@ the instance (jobs.layout), so another laptop can reattach with the job id and t
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from client.errors import JobError, LedgerError
+from client.home import home, ledger_file  # noqa: F401  (home: re-exported)
 from jobs.spec import JobSpec
 
 _SCHEMA = """
@@ -34,12 +34,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     fetched_to    TEXT
 );
 """
-
-
-def home() -> Path:
-    path = Path(os.environ.get("AUTODL_RUN_HOME") or Path.home() / ".autodl-run").expanduser()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 @dataclass
@@ -76,7 +70,7 @@ class Ledger:
     """Every sqlite error becomes a LedgerError naming the file and the repair (never a traceback)."""
 
     def __init__(self, path: Path | None = None):
-        self.path = path or home() / "ledger.sqlite"
+        self.path = path or ledger_file()
         with self._guard("open"):
             self._db = sqlite3.connect(self.path, timeout=30)
             self._db.row_factory = sqlite3.Row
@@ -194,7 +188,7 @@ def repair(path: Path | None = None) -> tuple[Path | None, int]:
 
     Returns (where the damaged file went, or None when there was none; how many jobs were kept).
     """
-    path = path or home() / "ledger.sqlite"
+    path = path or ledger_file()
     rows: list[tuple] = []
     if path.exists():
         try:

@@ -16,9 +16,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from jobs import autodl
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 LOCAL_HOST = "local"
-AUTODL_DATA_DISK_ROOT = "/root/autodl-tmp/autodl-run"
+AUTODL_DATA_DISK_ROOT = autodl.REMOTE_ROOT
 
 
 class _Strict(BaseModel):
@@ -35,7 +37,7 @@ class InstanceSpec(_Strict):
     profile: str | None = Field(None, description="a host profile saved by `autodl-run login`")
     identity_file: str | None = None
     remote_root: str | None = Field(
-        None, description="state on the instance; default /root/autodl-tmp/autodl-run (local: $AUTODL_RUN_HOME/local)"
+        None, description=f"state on the instance; default {autodl.REMOTE_ROOT} (local: $AUTODL_RUN_HOME/local)"
     )
     python: str | None = Field(
         None, description='the interpreter on the instance; default "python3" (local: the python running autodl-run)'
@@ -46,15 +48,15 @@ class InstanceSpec(_Strict):
     currency: str = "CNY"
     install_deps: bool = Field(True, description="pip-install the worker's missing packages on the instance")
     pip_index_url: str | None = None
-    hf_endpoint: str | None = Field(None, description="a Hugging Face mirror, e.g. https://hf-mirror.com")
-    network_turbo: bool = Field(False, description="source /etc/network_turbo (AutoDL's proxy) for downloads only")
+    hf_endpoint: str | None = Field(None, description=f"a Hugging Face mirror, e.g. {autodl.HF_MIRROR}")
+    network_turbo: bool = Field(False, description=f"source {autodl.NETWORK_TURBO} (AutoDL's proxy) for downloads only")
     # Deadlines and shutdown (never lose an adapter, never pay for an idle GPU).
     expires_at: datetime | None = Field(None, description="when the instance goes away; the job stops in time to save and fetch")
     max_hours: float | None = Field(None, gt=0, description="a hard limit on the job's run time: save and stop")
     shutdown_after: Literal["fetched", "done", "never"] | None = Field(
         None, description='what the guard does when the job ends; default "fetched" ("never" for host = "local")'
     )
-    shutdown_command: str = Field("/usr/bin/shutdown", description="stops AutoDL billing when run on the instance")
+    shutdown_command: str = Field(autodl.SHUTDOWN, description="stops AutoDL billing when run on the instance")
     idle_grace_minutes: float = Field(60, ge=0, description="how long the guard waits for the fetch before shutting down")
 
     @field_validator("remote_root")
@@ -63,7 +65,7 @@ class InstanceSpec(_Strict):
         if v is None:
             return v
         if not (v.startswith("/") or v.startswith("~")):
-            raise ValueError("must be an absolute path on the instance, e.g. /root/autodl-tmp/autodl-run")
+            raise ValueError(f"must be an absolute path on the instance, e.g. {autodl.REMOTE_ROOT}")
         return v.rstrip("/") or "/"
 
     @field_validator("ssh")

@@ -33,10 +33,9 @@ calibration sees as memory.
 
 Packing off: one sequence a row, rows right-padded to the longest, with an attention_mask.
 
-Order: sequences are shuffled once with train.seed, then cut into micro-batches in that order
-(a micro-batch closes when the next sequence would overflow it; a sequence longer than the
-budget gets a micro-batch of its own). The Trainer's sampler, seeded with train.seed too,
-shuffles the micro-batches each epoch; their make-up stays the same across epochs.
+Order: which sequences share a micro-batch is `jobs.packing.pack` (shuffled once with train.seed,
+then next-fit), the packer the laptop's report estimates with too. The Trainer's sampler, seeded
+with train.seed too, shuffles the micro-batches each epoch; their make-up stays the same across epochs.
 """
 
 from __future__ import annotations
@@ -52,6 +51,7 @@ import torch
 
 from jobs import tokenize
 from jobs.layout import DATASET_MANIFEST
+from jobs.packing import pack
 from jobs.protocol import DatasetManifest, ProtocolError, read_model
 from jobs.spec import TrainSpec
 from remote_worker import DataError
@@ -170,27 +170,6 @@ def _trainable(split: Split) -> Split:
 # --- batching --------------------------------------------------------------------------------
 
 
-def group(lengths: Sequence[int], budget: int, padded: bool = False) -> list[list[int]]:
-    """Cut sequence indices, in order, into micro-batches of at most `budget` tokens.
-
-    Packed, a micro-batch costs the sum of its lengths; padded, rows × the longest row.
-    """
-    groups: list[list[int]] = []
-    current: list[int] = []
-    cost = longest = 0
-    for i, n in enumerate(lengths):
-        grown = (len(current) + 1) * max(longest, n) if padded else cost + n
-        if current and grown > budget:
-            groups.append(current)
-            current, cost, longest = [], 0, 0
-            grown = n
-        current.append(i)
-        cost, longest = grown, max(longest, n)
-    if current:
-        groups.append(current)
-    return groups
-
-
 def packed_row(seqs: Sequence[Seq], pad_to: int = 0, pad_id: int = 0, varlen: bool = False) -> dict:
     """Sequences end to end in one row, position_ids restarting at each, labels masked at each start.
 
@@ -260,8 +239,6 @@ class MicroBatches(torch.utils.data.Dataset):
         seed: int | None = None,
         pad_to: int = 0,
     ):
-        if seed is not None:
-            sequences = [sequences[i] for i in np.random.default_rng(seed).permutation(len(sequences))]
         self.sequences = sequences
         self.packing = packing
         self.pad_id = pad_id
@@ -269,7 +246,7 @@ class MicroBatches(torch.utils.data.Dataset):
         self.varlen = False  # packed rows only: add cu_seq_lens_q/k and max_length_q/k
         self.extra: dict = {}  # added to every item as is
         lengths = [len(s.ids) for s in self.sequences]
-        self.groups = group(lengths, micro_batch_tokens, padded=not packing)
+        self.groups = pack(lengths, micro_batch_tokens, seed, padded=not packing)  # indices into sequences
         self.tokens = sum(lengths)  # non-pad tokens in one pass over the data
 
     def __len__(self) -> int:

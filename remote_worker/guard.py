@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from jobs import autodl
 from jobs.jobstate import parse_exit_code, resolve
 from jobs.layout import LEASE_PREFIX, MANIFEST, JobPaths, checkpoint_step
 from jobs.manifest import ManifestError, verify_manifest
@@ -75,10 +76,10 @@ from jobs.spec import InstanceSpec, WorkerJob
 USAGE = "usage: python -m remote_worker.guard JOB_JSON"
 LEASE_S = 60.0  # a lease whose mtime did not change for this long is stale (touched every 15 s)
 LAUNCH_S = 600.0  # a launch.json without a pid counts as a launch in progress this long
-FS_ROOTS = ("~/autodl-fs", "/root/autodl-fs")  # AutoDL's network disk: survives the instance's release
+FS_ROOTS = autodl.FS_ROOTS  # AutoDL's network disk: survives the instance's release
 DEFAULT_COMMAND = InstanceSpec.model_fields["shutdown_command"].default
-AUTODL_ENV = ("AutoDLContainerUUID", "AutoDLRegion", "AutoDLDataCenter")
-AUTODL_FILES = ("/init/others/help", "/etc/network_turbo")
+AUTODL_ENV = autodl.ENV_VARS
+AUTODL_FILES = autodl.MARKER_FILES
 
 
 def on_autodl() -> bool:

@@ -20,6 +20,7 @@ import time
 import traceback
 from typing import NoReturn
 
+from jobs import autodl
 from jobs.events import EventWriter, Phase
 from jobs.layout import JobPaths
 from jobs.protocol import ModelDownload, dump_model
@@ -108,7 +109,7 @@ def classify(
         return "disk", f"the disk filled up: {text}", f"free space on the data disk (df -h {hf_home})"
     if names & NETWORK_ERRORS:
         if "huggingface.co" in endpoint:
-            hint = 'huggingface.co is not reachable from the instance: set instance.hf_endpoint = "https://hf-mirror.com", or instance.network_turbo = true on AutoDL'
+            hint = f'huggingface.co is not reachable from the instance: set instance.hf_endpoint = "{autodl.HF_MIRROR}", or instance.network_turbo = true on AutoDL'
         else:
             hint = f"{endpoint} is not reachable from the instance: check instance.hf_endpoint (autodl-run doctor tests it), or try network_turbo = true"
         return "network", f"cannot download from {endpoint}: {text}", hint

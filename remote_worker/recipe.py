@@ -49,6 +49,7 @@ from transformers import (
     set_seed,
 )
 
+from jobs import autodl
 from jobs.events import Done, EventWriter, Phase
 from jobs.layout import JobPaths
 from jobs.manifest import write_manifest
@@ -106,15 +107,7 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
     phase("loading model", spec.model.name_or_path)
     paths = fast.choose(model_path, spec, machine)  # attention self-check, Liger patches: before loading
     phase("loading model", paths.describe())
-    model = load_model(model_path, spec, machine, paths)
-    total_params = model.num_parameters()
-    checkpointing = use_gradient_checkpointing(
-        spec.train.gradient_checkpointing, machine.device, total_params
-    )
-    model = prepare_for_training(model, spec, machine, checkpointing)
-    model = get_peft_model(model, lora_config(spec))
-    paths.enable_fused_lora(model, spec)
-    model.train()  # before any forward: bnb 4-bit run in eval mode first trains nothing (anchors §5)
+    model, checkpointing = build_model(model_path, spec, machine, paths)
     trainable_params, all_params = model.get_nb_trainable_parameters()
 
     # 4. The micro-batch shape: measured on the GPU (remote_worker.calibrate), kept on a resume.
@@ -233,7 +226,7 @@ def resolve_model_path(name_or_path: str) -> str:
     if looks_like_path and not Path(expanded).exists():
         raise ModelNotFound(
             f"model folder {expanded} does not exist on the instance",
-            hint="set model.name_or_path to a folder on the instance (e.g. under /root/autodl-tmp) or a hub id",
+            hint=f"set model.name_or_path to a folder on the instance (e.g. under {autodl.DATA_DISK}) or a hub id",
         )
     return expanded
 
@@ -247,7 +240,7 @@ def load_tokenizer(model_path: str, spec: JobSpec):
         raise ModelNotFound(
             f"cannot load the tokenizer of {model_path}: {exc}",
             hint="check model.name_or_path; for a hub id without a proxy set instance.hf_endpoint "
-            '(e.g. "https://hf-mirror.com")',
+            f'(e.g. "{autodl.HF_MIRROR}")',
         ) from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -284,6 +277,18 @@ def load_model(model_path: str, spec: JobSpec, machine: Probe, paths: fast.FastP
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
     return model
+
+
+def build_model(model_path: str, spec: JobSpec, machine: Probe, paths: fast.FastPaths):
+    """The model to train, LoRA adapters on, and whether checkpointing is on: load, freeze and set
+    up checkpointing, add the adapters, fuse them (remote_worker.fast). The bench builds "ours" with it."""
+    model = load_model(model_path, spec, machine, paths)
+    checkpointing = use_gradient_checkpointing(spec.train.gradient_checkpointing, machine.device, model.num_parameters())
+    model = prepare_for_training(model, spec, machine, checkpointing)
+    model = get_peft_model(model, lora_config(spec))
+    paths.enable_fused_lora(model, spec)
+    model.train()  # before any forward: bnb 4-bit run in eval mode first trains nothing (anchors §5)
+    return model, checkpointing
 
 
 def prepare_for_training(model, spec: JobSpec, machine: Probe, checkpointing: bool):

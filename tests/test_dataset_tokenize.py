@@ -8,7 +8,15 @@ from conftest_dataset import tiny_tokenizer
 from tinymodel import load_tokenizer
 
 from jobs import tokenize
-from jobs.tokenize import Encoded, encode, encode_many, load_tokenized, tokenizer_fingerprint, write_tokenized
+from jobs.tokenize import (
+    Encoded,
+    encode,
+    encode_many,
+    encoding,
+    load_tokenized,
+    tokenizer_fingerprint,
+    write_tokenized,
+)
 
 S, U1, A1, U2, A2 = "Be terse.", "What is the capital of France?", "Paris.", "And of Italy?", "Rome, 你好。"
 CHAT = {
@@ -170,5 +178,5 @@ def test_edge_lookup_matches_every_offset(tok, template):
         text, spans = tokenize.render_chat(t, rec["messages"])
         enc = t.backend_tokenizer.encode(text, add_special_tokens=False)
         n = len(enc.ids)
-        assert tokenize._mask(enc, n, len(text), spans) == tokenize._mask_by_offsets(enc, n, spans)
-        assert sum(tokenize._mask(enc, n, len(text), spans)) > 0
+        assert encoding._mask(enc, n, len(text), spans) == encoding._mask_by_offsets(enc, n, spans)
+        assert sum(encoding._mask(enc, n, len(text), spans)) > 0

@@ -2,16 +2,16 @@
 
 Percentiles are nearest-rank (an actual length from the data). Without a tokenizer, tokens
 are estimated at 4 bytes of UTF-8 a token (about right for English and for Chinese alike).
-Packing efficiency mirrors the worker's packer (remote_worker/data.py): sequences shuffled
-with the seed, then laid end to end into micro-batches of `capacity` tokens, a micro-batch
-closing when the next sequence would overflow it; efficiency = tokens / (micro-batches x capacity).
+Packing efficiency is the worker's own packer (`jobs.packing`: shuffled with the seed, then
+next-fit into micro-batches of `capacity` tokens); efficiency = tokens / (micro-batches x capacity).
 """
 
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Sequence
+
+from jobs import packing
 
 BYTES_PER_TOKEN = 4
 
@@ -33,16 +33,4 @@ def estimate_tokens(nbytes: int) -> int:
 
 
 def packing_efficiency(lengths: Sequence[int], capacity: int, seed: int = 42) -> float | None:
-    if not len(lengths) or capacity <= 0:
-        return None
-    order = list(lengths)
-    random.Random(seed).shuffle(order)
-    batches, fill = 0, capacity  # start "full" so the first sequence opens a micro-batch
-    slots = 0
-    for n in order:
-        if fill + n > capacity:
-            batches += 1
-            slots += max(capacity, n)
-            fill = 0
-        fill += n
-    return round(sum(order) / slots, 4) if slots else None
+    return packing.efficiency(lengths, capacity, seed)

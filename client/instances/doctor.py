@@ -26,18 +26,19 @@ from client.remote.bundle import script, sync_bundle
 from client.remote.setup import NETWORK_TURBO, PYTHON_CANDIDATES, instance_root
 from client.transport import connect
 from client.transport.base import Transport, sections
+from jobs import autodl
 from jobs.layout import RemoteLayout
 from jobs.protocol import EnvProbe, ProtocolError, read_model
 from jobs.requirements import QLORA_REQUIREMENTS, WORKER_REQUIREMENTS
 from jobs.spec import InstanceSpec
 
 NET_TIMEOUT_S = 5
-DATA_DISK = "/root/autodl-tmp"
-AUTODL_FS = "/root/autodl-fs"
+DATA_DISK = autodl.DATA_DISK
+AUTODL_FS = autodl.FS
 GB = 1e9
 MIRRORS = {
-    "pip": "https://pypi.tuna.tsinghua.edu.cn/simple",
-    "hf": "https://hf-mirror.com",
+    "pip": autodl.PIP_MIRROR,
+    "hf": autodl.HF_MIRROR,
 }
 
 
@@ -447,16 +448,16 @@ def _disk_check(path: str, role: str, d: Disk) -> Check:
         status = "fail" if ino_free < 1000 else ("warn" if status == "ok" else status)
         hints.append(f"few inodes left on {path}: remove small files (pip caches, old runs)")
     if role == "system disk" and status != "ok":
-        hints.append("AutoDL: keep models and data on /root/autodl-tmp, not /")
+        hints.append(f"AutoDL: keep models and data on {DATA_DISK}, not /")
     return _check(role, status, detail, "; ".join(hints))
 
 
 def _net_check(name: str, r: Endpoint, field: str, mirror: str, instance: InstanceSpec) -> Check:
-    via = " (through /etc/network_turbo)" if instance.network_turbo else ""
+    via = f" (through {NETWORK_TURBO})" if instance.network_turbo else ""
     if r.reachable:
         return _check(name, "ok", f"{r.url}{via}: HTTP {r.http_code} in {r.seconds or 0:.2f} s")
     if r.through_turbo and r.through_turbo.reachable:
-        hint = f'it answers through /etc/network_turbo: set instance.network_turbo = true (or instance.{field} = "{mirror}")'
+        hint = f'it answers through {NETWORK_TURBO}: set instance.network_turbo = true (or instance.{field} = "{mirror}")'
     else:
         hint = f'set instance.{field} = "{mirror}" (a mirror reachable from China)'
     code = r.http_code or "none"

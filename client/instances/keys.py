@@ -17,13 +17,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from client.errors import AuthError
-from client.ledger import home
+from client.home import keys_dir
 
 KEY_NAME = "id_ed25519"
 
 
 def default_key_path() -> Path:
-    return home() / "keys" / KEY_NAME
+    return keys_dir() / KEY_NAME
 
 
 def ensure_key(path: Path | None = None) -> Path:

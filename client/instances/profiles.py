@@ -24,12 +24,11 @@ from pathlib import Path
 import tomllib
 
 from client.errors import AutodlRunError, TransportError
-from client.ledger import home
+from client.home import hostkeys_dir, profiles_file
+from jobs import autodl
 from jobs.spec import NAME_RE
 
-PROFILES_FILE = "profiles.toml"
-HOSTKEYS_DIR = "hostkeys"
-_AUTODL_SUFFIXES = (".autodl.com", ".seetacloud.com", ".autodl.art")
+_AUTODL_SUFFIXES = autodl.HOST_SUFFIXES
 
 
 @dataclass
@@ -64,11 +63,11 @@ def now() -> str:
 
 
 def profiles_path() -> Path:
-    return home() / PROFILES_FILE
+    return profiles_file()
 
 
 def hostkeys_path(name: str) -> Path:
-    return home() / HOSTKEYS_DIR / check_name(name)
+    return hostkeys_dir() / check_name(name)
 
 
 def host_key_alias(name: str) -> str:

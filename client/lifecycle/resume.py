@@ -27,7 +27,8 @@ from pydantic import ValidationError
 
 from client import dataset
 from client.errors import JobError, Problem, SpecError, VerifyError
-from client.ledger import JobRecord, Ledger, home
+from client.home import prepared_dir
+from client.ledger import JobRecord, Ledger
 from client.lifecycle.fetch import fetch_checkpoint, job_root, local_checkpoints, remote_steps
 from client.lifecycle.submit import (
     deadline_for,
@@ -267,7 +268,7 @@ def _prepare_and_launch(
     """
     digest = record.data_digest
     if not remote_exists(transport, layout.data_dir(digest) + "/" + DATASET_MANIFEST):
-        prepared = dataset.prepare(spec, Path(record.job_file), home() / "prepared")
+        prepared = dataset.prepare(spec, Path(record.job_file), prepared_dir())
         if prepared.digest != digest:
             raise JobError(
                 f"the dataset of {record.id} changed since it was submitted ({digest[:12]} -> {prepared.digest[:12]})",

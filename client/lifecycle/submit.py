@@ -22,7 +22,8 @@ from pathlib import Path
 
 from client import dataset
 from client.errors import AutodlRunError, JobError, Problem, RemoteCommandError, RemoteEnvError, SpecError
-from client.ledger import JobRecord, Ledger, home
+from client.home import prepared_dir
+from client.ledger import JobRecord, Ledger
 from client.remote import guard as guard_launch
 from client.remote import launcher, submission
 from client.remote.bundle import sync_bundle
@@ -169,7 +170,7 @@ def submit(
         deadline = deadline_for(spec, job_file, deadline_unix)
         ledger.check()  # a damaged ledger fails here, before anything runs that it could not record
     with _step("prepare", timings, log):
-        prepared = dataset.prepare(spec, job_file, home() / "prepared")
+        prepared = dataset.prepare(spec, job_file, prepared_dir())
         r = prepared.report
         log(
             f"  {r['records_out']:,} records ({r['train_records']:,} train, {r['eval_records']:,} eval), "

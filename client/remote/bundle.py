@@ -17,7 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 import jobs
-from client.ledger import home
+from client.home import bundle_cache
 from client.remote.sync import sync_dir
 from client.transport.base import Transport
 from jobs.layout import RemoteLayout
@@ -65,7 +65,7 @@ def stage_bundle(cache: Path) -> Bundle:
 
 def sync_bundle(transport: Transport, layout: RemoteLayout) -> tuple[str, bool]:
     """Stage the worker bundle here and send it unless the instance has it: (its digest, sent)."""
-    bundle = stage_bundle(home() / "bundles")
+    bundle = stage_bundle(bundle_cache())
     sent = sync_dir(transport, bundle.dir, layout.bundle_dir(bundle.digest), marker=MARKER)
     return bundle.digest, sent
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from client.errors import JobError, RemoteCommandError, TransportError
+from client.retry import Backoff
 from client.transport.base import Transport
 from jobs.events import MAX_LINE, split_complete
 from jobs.jobstate import parse_exit_code, resolve
@@ -27,6 +28,7 @@ from jobs.protocol import JobState
 
 CHUNK = MAX_LINE + 1  # at most this many bytes a poll (the longest line and its newline)
 POLL_TIMEOUT_S = 60.0  # one poll reads at most CHUNK bytes; a slower read counts as a dropped link
+RECONNECT = Backoff(initial=1.0, factor=2.0, cap=30.0)  # 1, 2, 4 ... 30 s apart, until reconnect_timeout_s
 NOT_REGULAR = "not a regular file"
 
 # Header lines: the folder exists, first line of state, exit_code, a pid is recorded, it runs,
@@ -191,7 +193,7 @@ class Follower:
                         hint="the job keeps running on the instance; `autodl-run tail` reattaches when it is reachable",
                     ) from None
                 attempt += 1
-                wait = min(30.0, 0.5 * 2 ** min(attempt, 6))
+                wait = RECONNECT.wait(attempt)
                 yield Reconnecting(attempt, exc.message.splitlines()[0], wait)
                 self._sleep(wait)
                 continue

@@ -24,6 +24,7 @@ from client.remote.setup import Log, python_of, quiet, remote_root, turbo_prefix
 from client.transport.base import Transport, sections
 from client.transport.paths import shell_path
 from client.views.text import shown
+from jobs import autodl
 from jobs import events as ev
 from jobs.layout import JobPaths, RemoteLayout
 from jobs.protocol import ModelDownload, ProtocolError, read_model
@@ -72,7 +73,7 @@ def prefetch_model(
         if name.startswith(("/", "~")) and not transport.run(f"test -e {shell_path(name)}", check=False).ok:
             raise RemoteEnvError(
                 f"model folder {name} does not exist on {transport.where}",
-                hint="set model.name_or_path to a folder on the instance (e.g. under /root/autodl-tmp) or a hub id",
+                hint=f"set model.name_or_path to a folder on the instance (e.g. under {autodl.DATA_DISK}) or a hub id",
             )
         return Prefetched(skipped="a folder on the instance")
     t0 = time.monotonic()

@@ -31,17 +31,18 @@ from client.errors import RemoteEnvError, TransportError
 from client.remote.bundle import script, sync_bundle
 from client.transport.base import Transport, sections
 from client.transport.paths import shell_path
+from jobs import autodl
 from jobs.layout import APT_FAILED, RemoteLayout
 from jobs.protocol import EnvProbe, ProtocolError, SetupMarker, dump_model, read_model
 from jobs.requirements import requirements_for
 from jobs.spec import AUTODL_DATA_DISK_ROOT, InstanceSpec, JobSpec
 
 Log = Callable[[str], None]
+NETWORK_TURBO = autodl.NETWORK_TURBO
 
 
 def quiet(_message: str) -> None:
     """The default `log`: library code prints nothing of its own (the CLI passes client.views.log.printer)."""
-NETWORK_TURBO = "/etc/network_turbo"
 # Where AutoDL images keep the python that has torch, when `python3` on PATH is another one.
 PYTHON_CANDIDATES = ("/root/miniconda3/bin/python", "/root/anaconda3/bin/python", "/opt/conda/bin/python")
 PIP_TIMEOUT_S = 1800
@@ -104,9 +105,9 @@ def instance_root(instance: InstanceSpec) -> str:
     if instance.remote_root:
         return instance.remote_root
     if instance.is_local:
-        from client.ledger import home
+        from client.home import local_root
 
-        return str(home() / "local")
+        return str(local_root())
     return AUTODL_DATA_DISK_ROOT
 
 
@@ -281,7 +282,7 @@ def _pip_hint(spec: JobSpec, output: str) -> str:
         return f"is {spec.instance.pip_index_url} reachable from the instance? `autodl-run doctor` checks it"
     return (
         "set `instance.pip_index_url` to a mirror the instance can reach, e.g. "
-        "https://pypi.tuna.tsinghua.edu.cn/simple (or `network_turbo = true` on AutoDL)"
+        f"{autodl.PIP_MIRROR} (or `network_turbo = true` on AutoDL)"
     )
 
 

@@ -32,6 +32,6 @@ def sync_dir(transport: Transport, local: Path, dest: str, *, marker: str) -> bo
 
 
 def _laptop() -> str:
-    from client.ledger import home
+    from client.home import home
 
     return hashlib.sha256(f"{socket.gethostname()}:{home()}".encode()).hexdigest()[:12]

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from client.errors import ConnectError, RemoteEnvError, TransferError, TransportError
+from client.retry import Backoff
+from jobs import autodl
 
 # rsync exit codes worth another try: 10 socket I/O, 12 protocol data stream (usually a
 # dropped link), 30 I/O timeout, 35 connection timeout, 255 ssh itself failed.
@@ -83,9 +85,13 @@ def run_rsync(
     backoff: float = 1.0,
     classify: Callable[[str], TransportError | None] | None = None,
 ) -> None:
-    """Run rsync, retrying transient failures; raise a TransportError when it gives up."""
+    """Run rsync, retrying transient failures (`attempts` tries, waits of backoff, 2x, 4x ... seconds);
+    raise a TransportError when it gives up."""
+    policy = Backoff(attempts=attempts, initial=backoff, factor=2.0)
     rc, stderr, connect_err = 0, "", None
-    for attempt in range(1, attempts + 1):
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
@@ -103,9 +109,9 @@ def run_rsync(
         if mapped is not None and not isinstance(mapped, ConnectError):
             raise mapped  # a refused key or a changed host key does not get better by retrying
         connect_err = mapped
-        if rc not in TRANSIENT or attempt == attempts:
+        if rc not in TRANSIENT or not policy.retries_after(attempt):
             break
-        time.sleep(backoff * 2 ** (attempt - 1))
+        time.sleep(policy.wait(attempt))
     if connect_err is not None:
         raise connect_err
     src, dest = argv[-2], argv[-1]
@@ -119,7 +125,7 @@ def run_rsync(
 
 def _hint(rc: int, stderr: str, argv: list[str]) -> str:
     if "No space left" in stderr:
-        return "the destination disk is full: free space (df -h) or use the data disk (/root/autodl-tmp)"
+        return f"the destination disk is full: free space (df -h) or use the data disk ({autodl.DATA_DISK})"
     if "No such file or directory" in stderr and rc == 23:
         return f"the source does not exist: {argv[-2]}"
     if "Permission denied" in stderr:

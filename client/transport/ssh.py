@@ -36,6 +36,7 @@ from client.errors import (
     TransferError,
     TransportError,
 )
+from client.home import known_hosts_file
 from client.transport import hostkeys, rsync, sftp
 from client.transport.base import Command, Result, check_result, to_shell
 from client.transport.errors_map import SshTarget, auth_error, from_exception, from_ssh_stderr
@@ -76,7 +77,7 @@ def _tcp_keepalive(sock: object, every: int) -> None:
 
 
 def default_known_hosts() -> Path:
-    return Path(os.environ.get("AUTODL_RUN_HOME") or "~/.autodl-run").expanduser() / "known_hosts"
+    return known_hosts_file()
 
 
 class SshTransport:

@@ -1,0 +1,172 @@
+"""One canonical record -> token ids + loss mask (+ what data.overlong does to it).
+
+Token i is trained (mask 1) when its first character lies inside a span `chat.render_chat` gives.
+Every token of a text record is trained, with EOS appended.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+from typing import Any
+
+from jobs.tokenize.chat import TemplateError, _renderer, render_chat
+
+OVERLONG = ("drop", "truncate", "fail", "keep")  # "keep": flag only (used for statistics)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    mask: list[int]  # 1 = trained token
+    overlong: bool = False
+    full_length: int = 0  # tokens before truncation
+
+    @property
+    def trained(self) -> int:
+        return sum(self.mask)
+
+
+def explain(tokenizer: Any, record: dict) -> tuple[list[tuple[str, bool]], int, int]:
+    """The record as the model sees it, cut into (text, trained) pieces at token boundaries;
+    plus the token count and the trained token count. For `--show`."""
+    enc = encode(tokenizer, record, 1 << 62, "keep")
+    assert enc is not None
+    n, trained = len(enc.input_ids), sum(enc.mask)
+    if "messages" not in record:
+        eos = getattr(tokenizer, "eos_token", None)
+        return [(record["text"], True)] + ([(str(eos), True)] if eos else []), n, trained
+    text, _ = render_chat(tokenizer, record["messages"])
+    starts = [o[0] for o in tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).offsets]
+    pieces: list[tuple[str, bool]] = []
+    cut = 0
+    for i in range(1, n + 1):
+        if i == n or enc.mask[i] != enc.mask[i - 1]:
+            end = len(text) if i == n else starts[i]
+            pieces.append((text[cut:end], bool(enc.mask[i - 1])))
+            cut = end
+    return pieces, n, trained
+
+
+def encode(tokenizer: Any, record: dict, max_length: int, overlong: str) -> Encoded | None:
+    """Token ids and loss mask of one canonical record.
+
+    overlong: "truncate" cuts to max_length (None if nothing trainable is left), "drop" and
+    "fail" return None when the record is longer than max_length (the caller counts or raises),
+    "keep" returns it whole with `overlong` set.
+    """
+    return next(iter(_encode_chunk(tokenizer, [record], max_length, overlong)))
+
+
+@dataclass
+class _Staged:
+    n: int
+    chat_texts: list[str]
+    chat_spans: list[list[tuple[int, int]]]
+    chat_at: list[int]
+    plain_texts: list[str]
+    plain_at: list[int]
+
+
+def _encode_chunk(tokenizer: Any, records: list[dict], max_length: int, overlong: str) -> list[Encoded | None]:
+    staged = _stage(tokenizer, records)
+    return _finish(tokenizer, staged, _tokenize_staged(tokenizer, staged), max_length, overlong)
+
+
+def _stage(tokenizer: Any, records: list[dict]) -> _Staged:
+    """Render the conversations (Python, holds the GIL)."""
+    rend = _renderer(tokenizer)
+    st = _Staged(len(records), [], [], [], [], [])
+    for i, rec in enumerate(records):
+        if "messages" in rec:
+            try:
+                text, spans = rend.chat(rec["messages"])
+            except TemplateError as exc:
+                exc.index = i
+                raise
+            st.chat_texts.append(text)
+            st.chat_spans.append(spans)
+            st.chat_at.append(i)
+        else:
+            st.plain_texts.append(rec["text"])
+            st.plain_at.append(i)
+    return st
+
+
+def _tokenize_staged(tokenizer: Any, st: _Staged) -> tuple[list, list]:
+    """The fast tokenizer's batch API (Rust, all cores, releases the GIL)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise TypeError(f"a fast tokenizer (with character offsets) is required, got {type(tokenizer).__name__}")
+    chat = backend.encode_batch(st.chat_texts, add_special_tokens=False) if st.chat_texts else []
+    plain = backend.encode_batch(st.plain_texts, add_special_tokens=True) if st.plain_texts else []
+    return chat, plain
+
+
+def _finish(tokenizer: Any, st: _Staged, encodings: tuple[list, list], max_length: int, overlong: str):
+    """Ids and masks from the encodings (Python)."""
+    chat, plain = encodings
+    out: list[Encoded | None] = [None] * st.n
+    for i, enc, spans, text in zip(st.chat_at, chat, st.chat_spans, st.chat_texts, strict=True):
+        ids = enc.ids
+        out[i] = _limit(ids, _mask(enc, len(ids), len(text), spans), max_length, overlong)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    for i, enc in zip(st.plain_at, plain, strict=True):
+        ids = enc.ids
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        out[i] = _limit(ids, [1] * len(ids), max_length, overlong)
+    return out
+
+
+def _mask(enc: Any, n: int, chars: int, spans: list[tuple[int, int]]) -> list[int]:
+    """1 for the tokens whose first character lies in a span. Looks up only the span edges
+    (char_to_token); falls back to every token's offsets when an edge is not inside a token."""
+    edges = []
+    for s, e in spans:
+        a, b = _first_token_from(enc, s, n, chars), _first_token_from(enc, e, n, chars)
+        if a is None or b is None:
+            return _mask_by_offsets(enc, n, spans)
+        edges.append((a, b))
+    mask: list[int] = []
+    for a, b in edges:
+        mask += [0] * (a - len(mask)) + [1] * (b - a)
+    mask += [0] * (n - len(mask))
+    return mask
+
+
+def _first_token_from(enc: Any, char: int, n: int, chars: int) -> int | None:
+    if char >= chars:
+        return n
+    t = enc.char_to_token(char)
+    if t is None:
+        return None
+    return t if enc.token_to_chars(t)[0] >= char else t + 1
+
+
+def _mask_by_offsets(enc: Any, n: int, spans: list[tuple[int, int]]) -> list[int]:
+    starts = [o[0] for o in enc.offsets]
+    mask = [0] * n
+    for s, e in spans:
+        a, b = bisect_left(starts, s), bisect_left(starts, e)
+        mask[a:b] = [1] * (b - a)
+    return mask
+
+
+def _limit(ids: list[int], mask: list[int], max_length: int, overlong: str) -> Encoded | None:
+    n = len(ids)
+    if n <= max_length:
+        return Encoded(ids, mask, False, n)
+    if overlong == "keep":
+        return Encoded(ids, mask, True, n)
+    if overlong == "truncate":
+        mask = mask[:max_length]
+        if not any(mask):
+            return None
+        return Encoded(ids[:max_length], mask, True, n)
+    return None
+
+
+def apply_overlong(enc: Encoded, max_length: int, overlong: str) -> Encoded | None:
+    """Apply data.overlong to a record encoded whole (overlong="keep")."""
+    return _limit(enc.input_ids, enc.mask, max_length, overlong)
