@@ -300,3 +300,31 @@ def test_an_interrupted_refetch_keeps_the_verified_copy(inst: Instance, how: str
     assert got == second and verify_manifest(dest, second) == second
     assert not dest.with_name("adapter.partial").exists() and not dest.with_name("adapter.old").exists()
     assert sha256_file(dest / "adapter_model.safetensors") == hashlib.sha256(weights).hexdigest()
+
+
+# -- found by the breaker --------------------------------------------------------------------------
+
+
+def test_a_refused_refetch_cannot_change_the_modes_of_the_verified_copy(inst: Instance) -> None:
+    """The re-fetch is seeded with hard links to the verified copy: rsync must not chmod their inodes."""
+    first = inst.manifest()
+    dest, _ = inst.fetch()
+    cfg = dest / "adapter_config.json"
+    inst.ack.unlink()
+    (inst.adapter / "adapter_config.json").chmod(0o6777)  # same content, a mode of the instance's choosing
+    (inst.adapter / "adapter_model.safetensors").write_bytes(b"not what the manifest says")
+    with pytest.raises(AutodlRunError):
+        inst.fetch()
+    assert verify_manifest(dest, first) == first
+    assert stat.S_IMODE(cfg.stat().st_mode) == 0o644
+
+
+def test_an_rsync_that_never_answers_cannot_hold_a_fetch(inst: Instance, monkeypatch) -> None:
+    from client.transport import rsync
+
+    monkeypatch.setattr(rsync, "IO_TIMEOUT_S", 3)
+    inst.manifest()
+    inst.lie("rsync", "exec sleep 120\n")  # rsync's far end: alive, keep-alives answered, silent (and gone soon)
+    with pytest.raises(AutodlRunError):
+        inst.fetch()  # rsync gives up after its I/O timeout (and its retries); a hang would hit no end
+    assert not inst.ack.exists() and not inst.dest.exists()

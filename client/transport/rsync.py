@@ -52,7 +52,13 @@ def supports_mkpath() -> bool:
     return v is not None and v >= (3, 2, 3)
 
 
-REGULAR_ONLY = ("--no-links", "--no-devices", "--no-specials")
+# What comes from the instance: regular files only, and modes, owners and groups are not the instance's
+# to set (with --no-perms rsync leaves an existing file's mode alone: a file hard-linked to a copy
+# verified earlier keeps it; the fetch then gives every file a plain mode of its own).
+REGULAR_ONLY = ("--no-links", "--no-devices", "--no-specials", "--no-perms", "--no-owner", "--no-group")
+# No data either way for this long and rsync gives up (exit 30): an instance that stops answering
+# cannot hold a transfer forever. SSH keep-alives alone do not catch a peer that answers them but sends nothing.
+IO_TIMEOUT_S = 300
 
 
 def rsync_argv(
@@ -64,7 +70,7 @@ def rsync_argv(
     mkpath: bool = True,
     regular_only: bool = False,
 ) -> list[str]:
-    argv = ["rsync", "-a", "--partial"]
+    argv = ["rsync", "-a", "--partial", f"--timeout={IO_TIMEOUT_S}"]
     if regular_only:
         argv += REGULAR_ONLY
     if mkpath:
