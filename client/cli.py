@@ -11,7 +11,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -21,6 +21,9 @@ from rich.table import Column, Table
 from client import __version__
 from client.errors import AutodlRunError
 from client.ledger import Ledger
+
+if TYPE_CHECKING:
+    from client.lifecycle.pipeline import StepResult
 
 EXIT_CODES = """Exit codes: 0 ok, 1 unexpected error, 2 bad job spec or usage, 3 bad dataset, 4 cannot reach or talk
 to the instance, 5 the instance lacks something, 6 the job failed or is unknown, 7 a fetched file failed
@@ -71,6 +74,13 @@ def _print_json(obj: object) -> None:
 
 def _log(msg: str) -> None:
     err_console.print(msg)
+
+
+def _step(result: StepResult) -> None:
+    """A finished lifecycle step (client.lifecycle.pipeline.StepResult): ✓ name, seconds, its detail."""
+    err_console.print(f"[green]✓[/] {result.name:<8} {result.seconds:6.2f}s")
+    if result.detail:
+        err_console.print(f"  {escape(result.detail)}")
 
 
 @app.callback(invoke_without_command=True)
@@ -134,7 +144,7 @@ def submit(
     from client.lifecycle.submit import submit as do_submit
 
     ledger = Ledger()
-    result = do_submit(job_file, ledger=ledger, log=_log, deadline_unix=_deadline(deadline))
+    result = do_submit(job_file, ledger=ledger, log=_log, report=_step, deadline_unix=_deadline(deadline))
     if as_json:
         _print_json(result.as_dict())
     else:
@@ -145,16 +155,9 @@ def submit(
 
 
 def _tail(ledger: Ledger, job: str | None, raw: bool, as_json: bool, fetch: bool = True) -> None:
-    from client.errors import TransportError
-    from client.lifecycle.submit import ensure_guard_for
     from client.lifecycle.tail import tail as do_tail
 
     record = ledger.get(job)
-    try:
-        if ensure_guard_for(record):
-            _log(f"started the guard of {record.id} (it was not running)")
-    except TransportError:
-        pass  # the follower below reconnects and says so
     progress = do_tail(record, ledger, console, raw=raw, as_json=as_json, fetch=fetch)
     if not as_json and not raw and progress.done:
         where = progress.laptop or f"on the instance; fetch it with: autodl-run fetch {record.id}"
@@ -185,7 +188,7 @@ def status(job: JobId = None, as_json: JsonOpt = False) -> None:
     from client.views.text import shown  # what the instance wrote: no control characters, no markup
 
     ledger = Ledger()
-    info = do_status(ledger.get(job), ledger)
+    info = do_status(ledger.get(job), ledger).as_dict()
     if as_json:
         _print_json(info)
         return
@@ -262,13 +265,13 @@ def fetch(
     record = ledger.get(job)
     result = fetch_all(record, ledger, to, checkpoints=checkpoints)
     if as_json:
-        _print_json(result)
+        _print_json(result.as_dict())
         return
-    if result["checkpoint"]:
-        c = result["checkpoint"]
-        console.print(f"[green]✓[/] checkpoint step-{c['step']} verified, whole → {escape(c['path'])}")
-    if result["adapter"]:
-        digest, dest = result["manifest_sha256"], result["adapter"]
+    if result.checkpoint:
+        c = result.checkpoint
+        console.print(f"[green]✓[/] checkpoint step-{c.step} verified, whole → {escape(str(c.path))}")
+    if result.adapter:
+        digest, dest = result.manifest_sha256, str(result.adapter)
         console.print(f"[green]✓[/] adapter verified (manifest sha256 {digest[:16]}…) → {escape(dest)}")
         console.print("Load it with:")
         console.print(escape(LOAD_SNIPPET.format(base=record.spec.model.name_or_path, adapter=dest)))
@@ -279,15 +282,13 @@ def cancel(job: Annotated[str, typer.Argument(help="job id or a unique prefix")]
     """Stop a job on its instance: it saves a checkpoint first (`autodl-run resume` continues it)."""
     from client.errors import JobError
     from client.remote import launcher
-    from client.transport import connect
-    from jobs.layout import layout_for
+    from client.session import open_session
     from jobs.protocol import JobState
 
     ledger = Ledger()
     record = ledger.get(job)
-    paths = layout_for(record.spec).job(record.id)
-    transport = connect(record.spec.instance)
-    try:
+    with open_session(record) as session:
+        transport, paths = session.transport, session.layout.job(record.id)
         before = launcher.job_status(transport, paths)
         if not before.active:
             raise JobError(
@@ -298,8 +299,6 @@ def cancel(job: Annotated[str, typer.Argument(help="job id or a unique prefix")]
             transport, paths, socket=record.spec.instance.tmux_socket,
             session=record.id, grace=120,  # SIGINT, then the worker finishes its step and saves a checkpoint
         )  # fmt: skip
-    finally:
-        transport.close()
     ledger.update(record.id, state=after.state.value)
     if after.state is JobState.CANCELLED:
         console.print(f"cancelled {record.id}")
@@ -342,7 +341,7 @@ def resume(
         instance = instance_from_file(instance_from)
     elif profile:
         instance = instance_for_profile(record.spec.instance, profile)
-    result = do_resume(record, ledger, instance=instance, deadline_unix=_deadline(deadline), log=_log)
+    result = do_resume(record, ledger, instance=instance, deadline_unix=_deadline(deadline), log=_log, report=_step)
     if as_json:
         _print_json(result.as_dict())
     else:
@@ -365,14 +364,14 @@ def recover(
 
     result = do_recover(instance_file, Ledger(), log=_log)
     if as_json:
-        _print_json(result)
+        _print_json(result.as_dict())
         return
-    for job_id in result["added"]:
+    for job_id in result.added:
         console.print(f"[green]✓[/] added {job_id}")
-    for why in result["skipped"]:
+    for why in result.skipped:
         _log(f"[yellow]skipped[/] {escape(why)}")
-    console.print(f"{len(result['added'])} job(s) added, {len(result['known'])} known already, "
-                  f"{len(result['skipped'])} skipped")  # fmt: skip
+    console.print(f"{len(result.added)} job(s) added, {len(result.known)} known already, "
+                  f"{len(result.skipped)} skipped")  # fmt: skip
 
 
 ledger_app = typer.Typer(help="The local job ledger ($AUTODL_RUN_HOME/ledger.sqlite).", no_args_is_help=True)
