@@ -11,7 +11,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -23,6 +23,9 @@ from client.ledger import Ledger
 from client.views import jobs as jobs_view
 from client.views.log import printer
 from client.views.text import shown
+
+if TYPE_CHECKING:
+    from client.lifecycle.pipeline import StepResult
 
 EXIT_CODES = """Exit codes: 0 ok, 1 unexpected error, 2 bad job spec or usage, 3 bad dataset, 4 cannot reach or talk
 to the instance, 5 the instance lacks something, 6 the job failed or is unknown, 7 a fetched file failed
@@ -72,6 +75,10 @@ def _print_json(obj: object) -> None:
 
 
 _log = printer(err_console)  # the library's progress messages: plain text, never markup
+
+
+def _step(result: StepResult) -> None:
+    jobs_view.step(result, err_console)
 
 
 @app.callback(invoke_without_command=True)
@@ -133,7 +140,7 @@ def submit(
     from client.lifecycle.submit import submit as do_submit
 
     ledger = Ledger()
-    result = do_submit(job_file, ledger=ledger, log=_log, deadline_unix=_deadline(deadline))
+    result = do_submit(job_file, ledger=ledger, log=_log, report=_step, deadline_unix=_deadline(deadline))
     if as_json:
         _print_json(result.as_dict())
     else:
@@ -144,16 +151,9 @@ def submit(
 
 
 def _tail(ledger: Ledger, job: str | None, raw: bool, as_json: bool, fetch: bool = True) -> None:
-    from client.errors import TransportError
-    from client.lifecycle.submit import ensure_guard_for
     from client.lifecycle.tail import tail as do_tail
 
     record = ledger.get(job)
-    try:
-        if ensure_guard_for(record):
-            _log(f"started the guard of {record.id} (it was not running)")
-    except TransportError:
-        pass  # the follower below reconnects and says so
     progress = do_tail(record, ledger, console, raw=raw, as_json=as_json, fetch=fetch)
     if not as_json and not raw and progress.done:
         where = progress.laptop or f"on the instance; fetch it with: autodl-run fetch {record.id}"
@@ -182,7 +182,7 @@ def status(job: JobId = None, as_json: JsonOpt = False) -> None:
     from client.lifecycle.tail import status as do_status
 
     ledger = Ledger()
-    info = do_status(ledger.get(job), ledger)
+    info = do_status(ledger.get(job), ledger).as_dict()
     if as_json:
         _print_json(info)
         return
@@ -218,10 +218,10 @@ def fetch(
     record = ledger.get(job)
     result = fetch_all(record, ledger, to, checkpoints=checkpoints)
     if as_json:
-        _print_json(result)
+        _print_json(result.as_dict())
         return
-    snippet = LOAD_SNIPPET.format(base=record.spec.model.name_or_path, adapter=result["adapter"])
-    jobs_view.fetched(result, snippet, console)
+    snippet = LOAD_SNIPPET.format(base=record.spec.model.name_or_path, adapter=str(result.adapter))
+    jobs_view.fetched(result.as_dict(), snippet, console)
 
 
 @app.command()
@@ -229,14 +229,12 @@ def cancel(job: Annotated[str, typer.Argument(help="job id or a unique prefix")]
     """Stop a job on its instance: it saves a checkpoint first (`autodl-run resume` continues it)."""
     from client.errors import JobError
     from client.remote import launcher
-    from client.transport import connect
-    from jobs.layout import layout_for
+    from client.session import open_session
 
     ledger = Ledger()
     record = ledger.get(job)
-    paths = layout_for(record.spec).job(record.id)
-    transport = connect(record.spec.instance)
-    try:
+    with open_session(record) as session:
+        transport, paths = session.transport, session.layout.job(record.id)
         before = launcher.job_status(transport, paths)
         if not before.active:
             raise JobError(
@@ -247,8 +245,6 @@ def cancel(job: Annotated[str, typer.Argument(help="job id or a unique prefix")]
             transport, paths, socket=record.spec.instance.tmux_socket,
             session=record.id, grace=120,  # SIGINT, then the worker finishes its step and saves a checkpoint
         )  # fmt: skip
-    finally:
-        transport.close()
     ledger.update(record.id, state=after.state.value)
     jobs_view.cancelled(record.id, after.state.value, console)
 
@@ -288,7 +284,7 @@ def resume(
         instance = instance_from_file(instance_from)
     elif profile:
         instance = instance_for_profile(record.spec.instance, profile)
-    result = do_resume(record, ledger, instance=instance, deadline_unix=_deadline(deadline), log=_log)
+    result = do_resume(record, ledger, instance=instance, deadline_unix=_deadline(deadline), log=_log, report=_step)
     if as_json:
         _print_json(result.as_dict())
     else:
@@ -311,9 +307,9 @@ def recover(
 
     result = do_recover(instance_file, Ledger(), log=_log)
     if as_json:
-        _print_json(result)
+        _print_json(result.as_dict())
         return
-    jobs_view.recovered(result, console, err_console)
+    jobs_view.recovered(result.as_dict(), console, err_console)
 
 
 ledger_app = typer.Typer(help="The local job ledger ($AUTODL_RUN_HOME/ledger.sqlite).", no_args_is_help=True)

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from client.errors import JobError, LedgerError
 from client.home import home, ledger_file  # noqa: F401  (home: re-exported)
+from jobs.layout import Placement, RemoteLayout, layout_for
 from jobs.spec import JobSpec
 
 _SCHEMA = """
@@ -31,9 +32,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     submitted_at  REAL NOT NULL,
     state         TEXT NOT NULL,
     finished_at   REAL,
-    fetched_to    TEXT
+    fetched_to    TEXT,
+    remote_root   TEXT
 );
 """
+# Columns added since the first ledgers: added to an older file when it is opened.
+_ADDED = {"remote_root": "TEXT"}
+_COLUMNS = ("id", "name", "job_file", "spec_json", "data_digest", "bundle_digest", "submitted_at", "state",
+            "finished_at", "fetched_to", "remote_root")  # fmt: skip
 
 
 @dataclass
@@ -48,6 +54,21 @@ class JobRecord:
     state: str
     finished_at: float | None
     fetched_to: str | None
+    remote_root: str | None = None  # resolved on the instance when it was placed (the spec keeps its own)
+
+    @property
+    def placement(self) -> Placement:
+        """Where the job lives: the stored placement, or (a row from before it was stored apart) the
+        spec's remote_root, which submit resolved then."""
+        root = self.remote_root or self.spec.instance.remote_root
+        if not root:
+            raise LedgerError(f"the ledger row of {self.id} does not say where the job lives on its instance",
+                              hint="`autodl-run recover JOB.toml` adds it back from the instance")
+        return Placement(root, python=self.spec.instance.python)
+
+    @property
+    def layout(self) -> RemoteLayout:
+        return layout_for(self.placement)
 
     def as_dict(self) -> dict:
         return {
@@ -75,6 +96,11 @@ class Ledger:
             self._db = sqlite3.connect(self.path, timeout=30)
             self._db.row_factory = sqlite3.Row
             self._db.executescript(_SCHEMA)
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(jobs)")}
+            for col, kind in _ADDED.items():
+                if col not in have:
+                    self._db.execute(f"ALTER TABLE jobs ADD COLUMN {col} {kind}")
+            self._db.commit()
 
     @contextmanager
     def _guard(self, doing: str) -> Iterator[None]:
@@ -123,13 +149,15 @@ class Ledger:
         *,
         state: str = "running",
         submitted_at: float | None = None,
+        placement: Placement | None = None,
     ) -> None:
+        """`spec` as the user wrote it; `placement`: where it was put on the instance."""
         with self._guard("add a job"), self._db:
             self._db.execute(
-                "INSERT INTO jobs (id, name, job_file, spec_json, data_digest, bundle_digest, submitted_at, state)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs (id, name, job_file, spec_json, data_digest, bundle_digest, submitted_at, state,"
+                " remote_root) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (job_id, spec.name, str(job_file), spec.model_dump_json(), data_digest, bundle_digest,
-                 submitted_at or time.time(), state),
+                 submitted_at or time.time(), state, placement.remote_root if placement else None),
             )  # fmt: skip
 
     def has(self, job_id: str) -> bool:
@@ -193,9 +221,10 @@ def repair(path: Path | None = None) -> tuple[Path | None, int]:
     if path.exists():
         try:
             old = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            old.row_factory = sqlite3.Row
             try:
                 for row in old.execute("SELECT * FROM jobs NOT INDEXED"):
-                    rows.append(tuple(row))
+                    rows.append(tuple(row[c] if c in row.keys() else None for c in _COLUMNS))
             finally:
                 old.close()
         except sqlite3.Error:
@@ -216,7 +245,9 @@ def repair(path: Path | None = None) -> tuple[Path | None, int]:
                 JobSpec.model_validate_json(row[3])
             except (ValidationError, ValueError, TypeError, IndexError):
                 continue
-            cur = fresh._db.execute("INSERT OR IGNORE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row[:10])
+            cur = fresh._db.execute(
+                f"INSERT OR IGNORE INTO jobs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", row
+            )
             kept += cur.rowcount
     fresh.close()
     return aside, kept
@@ -234,4 +265,5 @@ def _record(row: sqlite3.Row) -> JobRecord:
         state=row["state"],
         finished_at=row["finished_at"],
         fetched_to=row["fetched_to"],
+        remote_root=row["remote_root"],
     )

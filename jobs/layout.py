@@ -39,6 +39,7 @@ from __future__ import annotations
 import posixpath
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -78,10 +79,43 @@ def checkpoint_step(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def layout_for(spec: JobSpec) -> RemoteLayout:
-    """The layout of a submitted job: its spec's remote_root was resolved at submit time."""
-    assert spec.instance.remote_root, "the remote root is resolved at submit time"
-    return RemoteLayout(spec.instance.remote_root)
+@dataclass(frozen=True)
+class Placement:
+    """Where a job lives on its instance, resolved once per connection (client.session): never the
+    user's spec, which keeps `remote_root` as written (`~` and all)."""
+
+    remote_root: str  # absolute: `~` resolved against `home`
+    home: str | None = None  # the login user's $HOME there (None: not asked, e.g. a ledger row)
+    python: str = "python3"
+
+
+def layout_for(placement: Placement | JobSpec) -> RemoteLayout:
+    """The layout of a placed job. A JobSpec is accepted for a spec whose remote_root is absolute
+    already (records from before placements were stored apart)."""
+    root = placement.remote_root if isinstance(placement, Placement) else placement.instance.remote_root
+    assert root and not root.startswith("~"), "the remote root is resolved when the job is placed"
+    return RemoteLayout(root)
+
+
+@dataclass(frozen=True)
+class LocalCopy:
+    """The laptop's copy of a job, `<fetch.to>/<job id>/`: the final adapter and the checkpoints."""
+
+    root: Path
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / checkpoint_name(step)
+
+    def checkpoint_adapter(self, step: int) -> Path:
+        return self.checkpoint(step) / CHECKPOINT_ADAPTER
 
 
 @dataclass(frozen=True)

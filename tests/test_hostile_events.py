@@ -81,7 +81,7 @@ def test_malformed_unknown_and_wrong_lines_are_skipped_and_counted(
 ) -> None:
     bad = b'{"type": "step", "step": \n' + b'{"type": "reboot", "t": 1}\n' + b'{"type": "step", "step": "x"}\n'
     record, ledger, _ = _job(sshd, tmp_path, GOOD + bad + _step(1) + _step(2) + DONE)
-    info = _within(lambda: status(record, Ledger()))  # sqlite: a ledger per thread
+    info = _within(lambda: status(record, Ledger()).as_dict())  # sqlite: a ledger per thread
     assert (info["state"], info["step"], info["skipped_lines"]) == ("done", 2, 3)
     assert "skipped 3 unreadable event lines" in info["warning"]
 
@@ -107,7 +107,7 @@ def test_invalid_utf8_does_not_move_the_offset_and_the_next_event_arrives(
     assert [ev.parse(x).step for x in poll.lines] == [7]
     assert offset == len(first) + len(_step(7))
     Path(paths.state).write_text("done")
-    info = _within(lambda: status(record, Ledger()))  # sqlite: a ledger per thread
+    info = _within(lambda: status(record, Ledger()).as_dict())  # sqlite: a ledger per thread
     assert (info["step"], info["skipped_lines"]) == (7, 1)
 
 
@@ -121,7 +121,7 @@ def test_a_line_over_one_mib_is_skipped_whole_and_the_next_event_arrives(
     assert len(at_limit) == ev.MAX_LINE + 1
     record, ledger, paths = _job(sshd, tmp_path, GOOD + huge + _step(3) + at_limit + _step(4) + DONE)
     size = Path(paths.events).stat().st_size
-    info = _within(lambda: status(record, Ledger()))  # sqlite: a ledger per thread
+    info = _within(lambda: status(record, Ledger()).as_dict())  # sqlite: a ledger per thread
     assert (info["step"], info["skipped_lines"], info["state"]) == (4, 1, "done")
 
     def read_all() -> tuple[list[bytes], int, int]:
@@ -155,7 +155,7 @@ def test_a_fifo_events_file_does_not_hang_status(sshd, tmp_path: Path) -> None:
     os.unlink(paths.events)
     os.mkfifo(paths.events)
     try:
-        info = _within(lambda: status(record, Ledger()))  # sqlite: a ledger per thread
+        info = _within(lambda: status(record, Ledger()).as_dict())  # sqlite: a ledger per thread
         assert "not a regular file" in info["warning"]
         assert info["step"] == 0
     finally:  # the old code's reader blocks on the FIFO forever: let it go

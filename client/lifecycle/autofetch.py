@@ -21,11 +21,10 @@ from pathlib import Path
 
 from client.errors import AutodlRunError
 from client.ledger import JobRecord
-from client.lifecycle.fetch import FetchedCheckpoint, fetch_checkpoint, job_root, report_speed
-from client.transport import connect
-from client.transport.base import Transport
+from client.lifecycle.fetch import FetchedCheckpoint, fetch_checkpoint, local_copy, report_speed
+from client.session import Session, open_session
 from jobs import events as ev
-from jobs.layout import CHECKPOINT_ADAPTER, MANIFEST, checkpoint_name, layout_for
+from jobs.layout import MANIFEST
 from jobs.manifest import sha256_file
 
 ATTEMPTS = 3
@@ -41,7 +40,7 @@ class AutoFetcher:
         self._closing = False
         self._abandon = False  # close(wait=False): drop what is pending, retries too
         self._attempts: dict[int, int] = {}
-        self._transport: Transport | None = None
+        self._session: Session | None = None  # its own connection: the follower keeps the other
         self._thread = threading.Thread(target=self._run, name="auto-fetch", daemon=True)
         self._thread.start()
 
@@ -62,9 +61,9 @@ class AutoFetcher:
                 self._want, self._abandon = None, True
             self._cond.notify_all()
         self._thread.join(timeout if wait else 5.0)
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        if self._session is not None:
+            self._session.close()
+            self._session = None
         return self.latest
 
     # -- the background thread ---------------------------------------------------------------------
@@ -81,9 +80,9 @@ class AutoFetcher:
                 self._fetch(event)
             except Exception as exc:  # never let the view die of a background fetch
                 message = exc.message if isinstance(exc, AutodlRunError) else repr(exc)
-                if self._transport is not None:
-                    self._transport.close()
-                    self._transport = None
+                if self._session is not None:
+                    self._session.close()
+                    self._session = None
                 attempt = self._attempts[event.step] = self._attempts.get(event.step, 0) + 1
                 with self._cond:
                     if self._want is not None:
@@ -96,23 +95,23 @@ class AutoFetcher:
                 self.log(f"could not fetch checkpoint step-{event.step} ({message.splitlines()[0]})")
 
     def _fetch(self, event: ev.Checkpoint) -> None:
-        local = job_root(self.record, self.to) / "checkpoints" / checkpoint_name(event.step)
-        manifest = local / CHECKPOINT_ADAPTER / MANIFEST
+        copy = local_copy(self.record, self.to)
+        manifest = copy.checkpoint_adapter(event.step) / MANIFEST
         if manifest.is_file() and sha256_file(manifest) == event.adapter_manifest_sha256:
-            self.latest = FetchedCheckpoint(event.step, local, event.adapter_manifest_sha256, False, 0, 0.0)
+            self.latest = FetchedCheckpoint(
+                event.step, copy.checkpoint(event.step), event.adapter_manifest_sha256, False, 0, 0.0
+            )
             return  # already here, verified before (a second `tail` of the same job)
-        if self._transport is None:
-            self._transport = connect(self.record.spec.instance)
+        if self._session is None:
+            self._session = open_session(self.record)
         got = fetch_checkpoint(
             self.record,
             to=self.to,
             full=False,
             step=event.step,
             expected_sha256=event.adapter_manifest_sha256,
-            transport=self._transport,
+            session=self._session,
         )
-        report_speed(
-            self._transport, layout_for(self.record.spec).job(self.record.id), got.bytes, got.seconds
-        )
+        report_speed(self._session.transport, self._session.layout.job(self.record.id), got.bytes, got.seconds)
         self.latest = got
         self.log(f"checkpoint step-{got.step}: adapter fetched and verified -> {got.adapter}")

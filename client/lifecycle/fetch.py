@@ -30,6 +30,8 @@ import secrets
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +39,10 @@ from pydantic import BaseModel
 
 from client.errors import JobError, TransportError, VerifyError
 from client.ledger import JobRecord, Ledger
-from client.transport import connect
+from client.session import Session, open_session
 from client.transport.base import Transport
 from client.transport.paths import shell_path
-from jobs.layout import CHECKPOINT_ADAPTER, MANIFEST, JobPaths, checkpoint_name, checkpoint_step, layout_for
+from jobs.layout import CHECKPOINT_ADAPTER, MANIFEST, JobPaths, LocalCopy, checkpoint_step
 from jobs.manifest import ManifestError, entries, load_manifest, shown, verify_manifest
 from jobs.protocol import FetchAck, TransferSpeed, dump_model
 
@@ -50,14 +52,28 @@ model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}")
 LEASE_REFRESH_S = 15.0
 
 
-def job_root(record: JobRecord, to: Path | None = None) -> Path:
+def local_copy(record: JobRecord, to: Path | None = None) -> LocalCopy:
     """`<fetch.to>/<job id>` on the laptop (fetch.to relative to the job file), or `<to>/<job id>`."""
     if to is not None:
-        return (Path(to).expanduser() / record.id).resolve()
+        return LocalCopy((Path(to).expanduser() / record.id).resolve())
     base = Path(record.spec.fetch.to).expanduser()
     if not base.is_absolute():
         base = Path(record.job_file).parent / base
-    return (base / record.id).resolve()
+    return LocalCopy((base / record.id).resolve())
+
+
+def job_root(record: JobRecord, to: Path | None = None) -> Path:
+    return local_copy(record, to).root
+
+
+@contextmanager
+def _session(record: JobRecord, session: Session | None) -> Iterator[Session]:
+    """The caller's session (left open), or one of our own for the duration."""
+    if session is not None:
+        yield session
+        return
+    with open_session(record) as own:
+        yield own
 
 
 # --- on the instance: lease, acknowledgement, speed ---------------------------------------------
@@ -241,7 +257,7 @@ def fetch(
     to: Path | None = None,
     *,
     expected_sha256: str | None = None,
-    transport: Transport | None = None,
+    session: Session | None = None,
 ) -> tuple[Path, str]:
     """Pull and verify the final adapter, acknowledge it on the instance. Returns (folder, manifest sha256)."""
     if record.state in ("failed", "cancelled", "lost"):
@@ -250,11 +266,9 @@ def fetch(
             hint=f"its newest checkpoint: `autodl-run fetch {record.id} --checkpoints`; "
             f"continue it: `autodl-run resume {record.id}`",
         )
-    dest = job_root(record, to) / "adapter"
-    paths = layout_for(record.spec).job(record.id)
-    own = transport is None
-    transport = transport or connect(record.spec.instance)
-    try:
+    dest = local_copy(record, to).adapter
+    with _session(record, session) as s:
+        transport, paths = s.transport, s.layout.job(record.id)
         if not transport.run(["test", "-f", paths.adapter + "/" + MANIFEST], check=False).ok:
             raise JobError(
                 f"job {record.id} has no final adapter yet on {transport.where}",
@@ -267,9 +281,6 @@ def fetch(
             seconds = time.monotonic() - t
             acknowledge(transport, paths, manifest_sha256=digest)
         report_speed(transport, paths, size, seconds)
-    finally:
-        if own:
-            transport.close()
     ledger.update(record.id, fetched_to=str(dest))
     return dest, digest
 
@@ -307,10 +318,10 @@ def remote_steps(transport: Transport, paths: JobPaths) -> list[int]:
     return sorted({n for ln in res.stdout.split("\n") if (n := checkpoint_step(ln)) is not None})
 
 
-def local_checkpoints(root: Path) -> list[tuple[int, Path, bool]]:
-    """(step, folder, full) for each checkpoint under `<job root>/checkpoints`, oldest first."""
+def local_checkpoints(copy: LocalCopy) -> list[tuple[int, Path, bool]]:
+    """(step, folder, full) for each checkpoint of the laptop's copy, oldest first."""
     found = []
-    folder = root / "checkpoints"
+    folder = copy.checkpoints
     if folder.is_dir():
         for p in folder.iterdir():
             n = checkpoint_step(p.name)
@@ -323,9 +334,9 @@ def local_checkpoints(root: Path) -> list[tuple[int, Path, bool]]:
     return sorted(found)
 
 
-def prune_local(root: Path) -> None:
+def prune_local(copy: LocalCopy) -> None:
     """Keep the newest checkpoint, and the newest full one (to resume elsewhere); remove the rest."""
-    found = local_checkpoints(root)
+    found = local_checkpoints(copy)
     keep = {found[-1][1]} if found else set()
     full = [p for _, p, is_full in found if is_full]
     if full:
@@ -343,14 +354,12 @@ def fetch_checkpoint(
     full: bool = True,
     step: int | None = None,
     expected_sha256: str | None = None,
-    transport: Transport | None = None,
+    session: Session | None = None,
 ) -> FetchedCheckpoint:
     """Pull the newest (or a given) checkpoint: whole with `full`, else its adapter alone; verified."""
-    paths = layout_for(record.spec).job(record.id)
-    root = job_root(record, to)
-    own = transport is None
-    transport = transport or connect(record.spec.instance)
-    try:
+    copy = local_copy(record, to)
+    with _session(record, session) as s:
+        transport, paths = s.transport, s.layout.job(record.id)
         for attempt in (1, 2):  # the worker may rotate a checkpoint away while we copy it: take the newer one
             steps = remote_steps(transport, paths) if step is None else []  # a given step needs no listing
             if step is None and not steps:
@@ -360,8 +369,8 @@ def fetch_checkpoint(
                 )
             n = step if step is not None else steps[-1]
             remote = paths.checkpoint(n) if full else paths.checkpoint(n) + "/" + CHECKPOINT_ADAPTER
-            local = root / "checkpoints" / checkpoint_name(n)
-            dest = local if full else local / CHECKPOINT_ADAPTER
+            local = copy.checkpoint(n)
+            dest = local if full else copy.checkpoint_adapter(n)
             try:
                 with Lease(transport, paths):
                     t = time.monotonic()
@@ -371,43 +380,50 @@ def fetch_checkpoint(
             except (TransportError, VerifyError):
                 if attempt == 2 or step is not None or n in remote_steps(transport, paths):
                     raise
-        prune_local(root)
+        prune_local(copy)
         return FetchedCheckpoint(n, local, digest, full, size, seconds)
-    finally:
-        if own:
-            transport.close()
+
+
+@dataclass
+class Fetched:
+    """What `autodl-run fetch` got: the final adapter (verified) and/or the newest checkpoint, whole."""
+
+    job_id: str
+    adapter: Path | None = None
+    manifest_sha256: str | None = None
+    checkpoint: FetchedCheckpoint | None = None
+
+    @property
+    def verified(self) -> bool:
+        return self.adapter is not None
+
+    def as_dict(self) -> dict:
+        return {
+            "job_id": self.job_id,
+            "adapter": str(self.adapter) if self.adapter else None,
+            "manifest_sha256": self.manifest_sha256,
+            "verified": self.verified,
+            "checkpoint": self.checkpoint.as_dict() if self.checkpoint else None,
+        }
 
 
 def fetch_all(
     record: JobRecord, ledger: Ledger, to: Path | None = None, *, checkpoints: bool = False
-) -> dict:
+) -> Fetched:
     """`autodl-run fetch`: the final adapter; with `checkpoints`, first the newest checkpoint, whole.
-
-    With `checkpoints`, a job without a final adapter (failed, stopped, still running) is no error.
-    """
-    out: dict = {
-        "job_id": record.id,
-        "adapter": None,
-        "manifest_sha256": None,
-        "verified": False,
-        "checkpoint": None,
-    }
-    transport = connect(record.spec.instance) if checkpoints else None  # one connection for both pulls
-    try:
+    One session for both. With `checkpoints`, a job without a final adapter (failed, stopped, still
+    running) is no error."""
+    out = Fetched(record.id)
+    with open_session(record) as session:
         if checkpoints:
             try:
-                out["checkpoint"] = fetch_checkpoint(record, to=to, full=True, transport=transport).as_dict()
+                out.checkpoint = fetch_checkpoint(record, to=to, full=True, session=session)
             except JobError:
                 if record.state != "done":
                     raise
         try:
-            dest, digest = fetch(record, ledger, to, transport=transport)
+            out.adapter, out.manifest_sha256 = fetch(record, ledger, to, session=session)
         except JobError:
-            if out["checkpoint"] is None:
+            if out.checkpoint is None:
                 raise
-            return out
-    finally:
-        if transport is not None:
-            transport.close()
-    out.update(adapter=str(dest), manifest_sha256=digest, verified=True)
     return out

@@ -9,49 +9,54 @@ are untrusted: a bad one is skipped and named, never a traceback.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from client.errors import AutodlRunError
 from client.ledger import Ledger
 from client.lifecycle.resume import instance_from_file
-from client.lifecycle.submit import resolve_remote_root
 from client.remote import launcher
 from client.remote.submission import launch_records
-from client.transport import connect
-from jobs.layout import RemoteLayout
+from client.session import open_session
 from jobs.protocol import JobState
 from jobs.spec import JobSpec
 
 
-def recover(instance_file: Path, ledger: Ledger, log: Callable[[str], None] = print) -> dict:
-    """{added: [job ids], known: [job ids], skipped: [why]} for the instance of INSTANCE_FILE."""
+@dataclass
+class Recovered:
+    instance: str
+    added: list[str] = field(default_factory=list)  # job ids
+    known: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # why, one line each
+
+    def as_dict(self) -> dict:
+        return {"instance": self.instance, "added": self.added, "known": self.known, "skipped": self.skipped}
+
+
+def recover(instance_file: Path, ledger: Ledger, log: Callable[[str], None] = print) -> Recovered:
+    """The jobs of the instance of INSTANCE_FILE: added to the ledger, known already, or skipped (and why)."""
     ledger.check()
     instance = instance_from_file(instance_file)
-    transport = connect(instance)
-    added: list[str] = []
-    known: list[str] = []
-    try:
-        probe = JobSpec.model_construct(instance=instance)  # only its instance is read
-        instance.remote_root = resolve_remote_root(probe, transport)
-        layout = RemoteLayout(instance.remote_root)
-        found = launch_records(transport, layout)
+    out = Recovered(instance.describe())
+    with open_session(instance) as session:
+        layout = session.layout
+        found = launch_records(session.transport, layout)
+        out.skipped = found.skipped
         for rec in sorted(found.records, key=lambda r: r.at):
             if ledger.has(rec.job_id):
-                known.append(rec.job_id)
+                out.known.append(rec.job_id)
                 continue
             # the spec the job runs, reached the way this laptop reaches the instance
             spec = JobSpec.model_validate_json(rec.spec_json)
             spec = spec.model_copy(update={"instance": instance.model_copy()})
             try:
-                status = launcher.job_status(transport, layout.job(rec.job_id))
+                status = launcher.job_status(session.transport, layout.job(rec.job_id))
             except AutodlRunError as exc:
-                found.skipped.append(f"{rec.job_id}: cannot read its state: {exc.message}")
+                out.skipped.append(f"{rec.job_id}: cannot read its state: {exc.message}")
                 continue
             state = JobState.RUNNING if status.state is JobState.STARTING else status.state
             ledger.add(rec.job_id, spec, rec.job_file, rec.data_digest, rec.bundle_digest,
-                       state=state.value, submitted_at=rec.at)  # fmt: skip
-            added.append(rec.job_id)
+                       state=state.value, submitted_at=rec.at, placement=session.placement)  # fmt: skip
+            out.added.append(rec.job_id)
             log(f"  {rec.job_id}: {state}")
-    finally:
-        transport.close()
-    return {"instance": instance.describe(), "added": added, "known": known, "skipped": found.skipped}
+    return out

@@ -29,24 +29,16 @@ from client import dataset
 from client.errors import JobError, Problem, SpecError, VerifyError
 from client.home import prepared_dir
 from client.ledger import JobRecord, Ledger
-from client.lifecycle.fetch import fetch_checkpoint, job_root, local_checkpoints, remote_steps
-from client.lifecycle.submit import (
-    deadline_for,
-    ensure_guard,
-    launch_job,
-    new_job_id,
-    resolve_remote_root,
-    sync_bundle,
-)
+from client.lifecycle import steps
+from client.lifecycle.fetch import fetch_checkpoint, local_checkpoints, local_copy, remote_steps
+from client.lifecycle.pipeline import Pipeline, Report, Step
+from client.lifecycle.steps import deadline_for
 from client.lifecycle.tail import status_progress
 from client.remote import launcher
-from client.remote.prefetch import prefetch_model
-from client.remote.setup import ensure_worker_deps
 from client.remote.submission import submission_key, write_launch_record
-from client.remote.sync import remote_exists, sync_dir
-from client.transport import connect
-from client.transport.base import Transport
-from jobs.layout import DATASET_MANIFEST, MANIFEST, RemoteLayout, layout_for
+from client.remote.sync import sync_dir
+from client.session import Session
+from jobs.layout import MANIFEST
 from jobs.manifest import ManifestError, verify_manifest
 from jobs.protocol import JobState, LaunchRecord
 from jobs.spec import InstanceSpec, JobSpec
@@ -127,6 +119,15 @@ def same_target(a: InstanceSpec, b: InstanceSpec) -> bool:
 # --- resume ----------------------------------------------------------------------------------------------
 
 
+def _check(spec: JobSpec, job_file: Path, ledger: Ledger, deadline_unix: float | None) -> float | None:
+    deadline = deadline_for(spec, job_file, deadline_unix)
+    ledger.check()  # before launching: a damaged ledger could not record it
+    return deadline
+
+
+CHECK = Step("check", _check)
+
+
 def resume(
     record: JobRecord,
     ledger: Ledger,
@@ -134,70 +135,70 @@ def resume(
     instance: InstanceSpec | None = None,
     deadline_unix: float | None = None,
     log: Log = print,
+    report: Report | None = None,
 ) -> Resumed:
+    """check → connect → sync (checkpoint, data, worker) → setup → model → launch: submit's steps,
+    timed and reported the same way (client.lifecycle.pipeline)."""
+    run = Pipeline(report, log)
     if instance is None or same_target(instance, record.spec.instance):
-        return _in_place(record, ledger, deadline_unix, log)
-    return _elsewhere(record, ledger, instance, deadline_unix, log)
+        return _in_place(record, ledger, deadline_unix, run, log)
+    return _elsewhere(record, ledger, instance, deadline_unix, run, log)
 
 
-def _in_place(record: JobRecord, ledger: Ledger, deadline_unix: float | None, log: Log) -> Resumed:
+def _in_place(record: JobRecord, ledger: Ledger, deadline_unix: float | None, run: Pipeline, log: Log) -> Resumed:
     spec = record.spec
-    layout = layout_for(spec)
-    paths = layout.job(record.id)
-    transport = connect(spec.instance)
-    try:
-        status = launcher.job_status(transport, paths)
-        where = transport.where
+    deadline = run.run(CHECK, spec, Path(record.job_file), ledger, deadline_unix)
+    with run.run(steps.CONNECT, record) as session:
+        paths = session.layout.job(record.id)
+        status = launcher.job_status(session.transport, paths)
+        where = session.where
         if status.active:
             log(f"job {record.id} is {status.state} on {where}: reattaching (nothing started)")
-            if status.alive and record.bundle_digest:
-                ensure_guard(transport, spec, layout, record.id, record.bundle_digest)
+            if status.alive:
+                steps.ensure_guard(session, spec, record.id, record.bundle_digest)
             return Resumed(record.id, record.id, where, None, reattached=True)
-        if status.state is JobState.MISSING:
+        missing = status.state is JobState.MISSING
+        if missing:
             log(f"the job folder is gone from {where}: uploading the checkpoint fetched last")
-            step = _upload_local_checkpoint(record, transport, layout, record.id, log)
         else:
-            _refuse_if_finished(record, transport)
-            steps = remote_steps(transport, paths)
-            step = steps[-1] if steps else None
-        deadline = deadline_for(spec, Path(record.job_file), deadline_unix)
-        ledger.check()  # before launching: a damaged ledger could not record it
-        bundle = _prepare_and_launch(record, spec, transport, layout, record.id, deadline, log)
-    finally:
-        transport.close()
+            _refuse_if_finished(record, session)
+        found = [] if missing else remote_steps(session.transport, paths)
+
+        def checkpoint() -> int | None:
+            if missing:
+                return _upload_local_checkpoint(record, session, record.id, log)
+            return found[-1] if found else None
+
+        step, bundle = _sync_and_launch(run, session, record, spec, record.id, deadline, checkpoint, log)
     ledger.update(record.id, state="running", finished_at=None, bundle_digest=bundle)
     log(f"resumed {record.id} on {where} " + (f"from checkpoint step-{step}" if step else "from the start"))
     return Resumed(record.id, record.id, where, step)
 
 
 def _elsewhere(
-    record: JobRecord, ledger: Ledger, instance: InstanceSpec, deadline_unix: float | None, log: Log
+    record: JobRecord, ledger: Ledger, instance: InstanceSpec, deadline_unix: float | None, run: Pipeline, log: Log
 ) -> Resumed:
     spec = record.spec.model_copy(update={"instance": instance.model_copy()})
     job_file = Path(record.job_file)
-    deadline = deadline_for(spec, job_file, deadline_unix)
-    ledger.check()
-    transport = connect(spec.instance)
-    try:
-        transport.run(["true"])  # an unreachable host fails here, before anything else
-        spec.instance.remote_root = resolve_remote_root(spec, transport)
-        layout = layout_for(spec)
-        job_id = new_job_id(spec.name)
-        step = _upload_local_checkpoint(record, transport, layout, job_id, log)
+    deadline = run.run(CHECK, spec, job_file, ledger, deadline_unix)
+    with run.run(steps.CONNECT, spec) as session:
+        job_id = steps.new_job_id(spec.name)
 
         def record_first(bundle_digest: str) -> None:  # the laptop and the instance know the job before it runs
-            ledger.add(job_id, spec, job_file, record.data_digest, bundle_digest, state="launching")
-            write_launch_record(transport, layout, LaunchRecord(
-                job_id=job_id, name=spec.name, submit_key=submission_key(spec, record.data_digest),
+            ledger.add(job_id, spec, job_file, record.data_digest, bundle_digest, state="launching",
+                       placement=session.placement)  # fmt: skip
+            write_launch_record(session.transport, session.layout, LaunchRecord(
+                job_id=job_id, name=spec.name, submit_key=submission_key(session.placed(spec), record.data_digest),
                 data_digest=record.data_digest, bundle_digest=bundle_digest, job_file=str(job_file),
-                spec_json=spec.model_dump_json(),
+                spec_json=session.placed(spec).model_dump_json(),
             ))  # fmt: skip
 
-        _prepare_and_launch(record, spec, transport, layout, job_id, deadline, log, record_first)
+        step, _ = _sync_and_launch(
+            run, session, record, spec, job_id, deadline,
+            lambda: _upload_local_checkpoint(record, session, job_id, log), log, record_first,
+        )  # fmt: skip
         ledger.update(job_id, state="running")
-        where = transport.where
-    finally:
-        transport.close()
+        where = session.where
     log(f"{record.id} continues as {job_id} on {where} from checkpoint step-{step}")
     return Resumed(job_id, record.id, where, step, moved=True)
 
@@ -205,8 +206,47 @@ def _elsewhere(
 # --- the pieces -------------------------------------------------------------------------------------------
 
 
-def _refuse_if_finished(record: JobRecord, transport: Transport) -> None:
-    progress, _ = status_progress(record, transport)
+def _sync_and_launch(
+    run: Pipeline,
+    session: Session,
+    record: JobRecord,
+    spec: JobSpec,
+    job_id: str,
+    deadline: float | None,
+    checkpoint: Callable[[], int | None],
+    log: Log,
+    before_launch: Callable[[str], None] | None = None,
+) -> tuple[int | None, str]:
+    """sync (the checkpoint, the data prepared again only if the instance lacks it, the worker), setup,
+    model, launch. Returns (the checkpoint's step, the worker bundle's digest)."""
+
+    def sync() -> tuple[int | None, steps.Synced]:
+        step = checkpoint()
+        return step, steps.sync(session, record.data_digest, lambda: _prepare_again(record, spec))
+
+    step, synced = run.run(Step("sync", sync, lambda r: r[1].describe()))
+    bundle = synced.bundle_digest
+    run.run(steps.SETUP, session, spec, bundle, log)
+    run.run(steps.MODEL, session, spec, job_id, bundle, log)
+    if before_launch is not None:
+        before_launch(bundle)
+    run.run(steps.LAUNCH, session, spec, job_id, record.data_digest, bundle, deadline)
+    return step, bundle
+
+
+def _prepare_again(record: JobRecord, spec: JobSpec) -> Path:
+    prepared = dataset.prepare(spec, Path(record.job_file), prepared_dir())
+    if prepared.digest != record.data_digest:
+        raise JobError(
+            f"the dataset of {record.id} changed since it was submitted "
+            f"({record.data_digest[:12]} -> {prepared.digest[:12]})",
+            hint="resuming needs the same data; submit the job again to train on the new data",
+        )
+    return prepared.dir
+
+
+def _refuse_if_finished(record: JobRecord, session: Session) -> None:
+    progress, _ = status_progress(record, session)
     done = progress.done
     if done is not None and not done.stopped:
         raise JobError(
@@ -217,7 +257,7 @@ def _refuse_if_finished(record: JobRecord, transport: Transport) -> None:
 
 def _local_full_checkpoint(record: JobRecord, log: Log) -> tuple[int, Path]:
     """The newest whole checkpoint on the laptop, fetched from the old instance first when needed."""
-    full = [(n, p) for n, p, is_full in local_checkpoints(job_root(record)) if is_full]
+    full = [(n, p) for n, p, is_full in local_checkpoints(local_copy(record)) if is_full]
     if not full:
         log(
             f"the laptop holds no whole checkpoint of {record.id}: fetching the newest from {record.spec.instance.describe()}"
@@ -242,44 +282,9 @@ def _local_full_checkpoint(record: JobRecord, log: Log) -> tuple[int, Path]:
     return step, path
 
 
-def _upload_local_checkpoint(
-    record: JobRecord, transport: Transport, layout: RemoteLayout, job_id: str, log: Log
-) -> int:
+def _upload_local_checkpoint(record: JobRecord, session: Session, job_id: str, log: Log) -> int:
     step, local = _local_full_checkpoint(record, log)
-    dest = layout.job(job_id).checkpoint(step)
-    sent = sync_dir(transport, local, dest, marker=MANIFEST)
+    dest = session.layout.job(job_id).checkpoint(step)
+    sent = sync_dir(session.transport, local, dest, marker=MANIFEST)
     log(f"  checkpoint step-{step} {'uploaded' if sent else 'already on the instance'}")
     return step
-
-
-def _prepare_and_launch(
-    record: JobRecord,
-    spec: JobSpec,
-    transport: Transport,
-    layout: RemoteLayout,
-    job_id: str,
-    deadline: float | None,
-    log: Log,
-    before_launch: Callable[[str], None] | None = None,
-) -> str:
-    """Data (prepared again only if the instance lacks it), worker, packages, then job.json, worker and guard.
-
-    Returns the worker bundle's digest.
-    """
-    digest = record.data_digest
-    if not remote_exists(transport, layout.data_dir(digest) + "/" + DATASET_MANIFEST):
-        prepared = dataset.prepare(spec, Path(record.job_file), prepared_dir())
-        if prepared.digest != digest:
-            raise JobError(
-                f"the dataset of {record.id} changed since it was submitted ({digest[:12]} -> {prepared.digest[:12]})",
-                hint="resuming needs the same data; submit the job again to train on the new data",
-            )
-        sync_dir(transport, prepared.dir, layout.data_dir(digest), marker=DATASET_MANIFEST)
-        log("  data uploaded")
-    bundle_digest, _ = sync_bundle(transport, layout)
-    ensure_worker_deps(transport, spec, log=log, bundle_dir=layout.bundle_dir(bundle_digest))
-    prefetch_model(transport, spec, layout.job(job_id), layout.bundle_dir(bundle_digest), log=log)
-    if before_launch is not None:
-        before_launch(bundle_digest)
-    launch_job(transport, spec, job_id, layout, digest, bundle_digest, deadline)
-    return bundle_digest

@@ -8,42 +8,28 @@ worker's `deadline_unix`: it stops in time to save and fetch. With a shutdown po
 
 from __future__ import annotations
 
-import json
-import posixpath
-import re
-import secrets
-import tempfile
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 from pathlib import Path
 
 from client import dataset
-from client.errors import AutodlRunError, JobError, Problem, RemoteCommandError, RemoteEnvError, SpecError
+from client.errors import AutodlRunError, JobError, RemoteCommandError, RemoteEnvError
 from client.home import prepared_dir
 from client.ledger import JobRecord, Ledger
-from client.remote import guard as guard_launch
+from client.lifecycle import steps
+from client.lifecycle.pipeline import Log, Pipeline, Report, Step
+from client.lifecycle.steps import deadline_for, parse_deadline  # noqa: F401  (the CLI's --deadline)
 from client.remote import launcher, submission
-from client.remote.bundle import sync_bundle
-from client.remote.prefetch import prefetch_model
-from client.remote.setup import ensure_worker_deps, remote_root
-from client.remote.sync import sync_dir
+from client.session import Session, open_session
 from client.specfile import load_spec
-from client.transport import connect
-from client.transport.base import Transport
-from jobs.layout import DATASET_MANIFEST, JobPaths, RemoteLayout, layout_for
+from jobs.layout import Placement
 from jobs.protocol import LaunchRecord
-from jobs.spec import JobSpec, WorkerJob
-
-Log = Callable[[str], None]
+from jobs.spec import JobSpec
 
 
 @dataclass
 class Submitted:
     job_id: str
-    spec: JobSpec
+    spec: JobSpec  # as the user wrote it
     job_file: Path
     report: dict
     data_sent: bool
@@ -52,12 +38,13 @@ class Submitted:
     reattached: bool = False  # the same job was running already: nothing was launched
     deadline_unix: float | None = None
     guard: bool = False  # a guard was launched beside the job
+    placement: Placement | None = None
 
     def as_dict(self) -> dict:
         return {
             "job_id": self.job_id,
             "instance": self.spec.instance.describe(),
-            "remote_root": self.spec.instance.remote_root,
+            "remote_root": self.placement.remote_root if self.placement else self.spec.instance.remote_root,
             "data_digest": self.report.get("digest"),
             "data_sent": self.data_sent,
             "bundle_sent": self.bundle_sent,
@@ -69,166 +56,87 @@ class Submitted:
         }
 
 
-@contextmanager
-def _step(name: str, timings: dict[str, float], log: Log) -> Iterator[None]:
-    t = time.monotonic()
-    yield
-    timings[name] = time.monotonic() - t
-    log(f"[green]✓[/] {name:<8} {timings[name]:6.2f}s")
+def _check(job_file: Path, ledger: Ledger, deadline_unix: float | None) -> tuple[JobSpec, float | None]:
+    spec = load_spec(job_file)
+    deadline = deadline_for(spec, job_file, deadline_unix)
+    ledger.check()  # a damaged ledger fails here, before anything runs that it could not record
+    return spec, deadline
 
 
-def new_job_id(name: str) -> str:
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+def _prepare(spec: JobSpec, job_file: Path) -> dataset.Prepared:
+    return dataset.prepare(spec, job_file, prepared_dir())
 
 
-def resolve_remote_root(spec: JobSpec, transport: Transport) -> str:
-    root = remote_root(spec)
-    if root.startswith("~"):
-        remote_home = transport.run(["bash", "-c", 'printf %s "$HOME"']).stdout.strip()
-        root = remote_home + root[1:]
-    return root
+def _describe_prepared(prepared: dataset.Prepared) -> str:
+    r = prepared.report
+    return (
+        f"{r['records_out']:,} records ({r['train_records']:,} train, {r['eval_records']:,} eval), "
+        f"{r['duplicates_removed']:,} duplicates removed, {r['overlong']['count']:,} over max_length "
+        f"({r['overlong']['action']}); dataset {prepared.digest[:12]}"
+    )
 
 
-def worker_env(spec: JobSpec, layout: RemoteLayout, bundle_dir: str) -> dict[str, str]:
-    env = {
-        "PYTHONPATH": bundle_dir,
-        "PYTHONUNBUFFERED": "1",
-        "HF_HOME": layout.hf_home(),
-        # Without it the CUDA allocator reserved 70 GB for 28 GB allocated (shared/anchors.md).
-        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    if spec.instance.hf_endpoint:
-        env["HF_ENDPOINT"] = spec.instance.hf_endpoint
-    return env
-
-
-_DURATION = re.compile(
-    r"^\+?(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$"
-)
-
-
-def parse_deadline(text: str, now: float | None = None) -> float:
-    """`--deadline`: a duration from now (`90m`, `3h`, `1h30m`, `+45s`, `2d`), a clock time today
-    (`18:30`, tomorrow if already past), or a date and time (`2026-12-01 18:00`, ISO 8601, local
-    time unless it names an offset). Returns unix time; raises ValueError."""
-    now = time.time() if now is None else now
-    text = text.strip()
-    m = _DURATION.match(text.lower())
-    if text and m and any(m.groups()):
-        d, h, mi, sec = (float(g) if g else 0.0 for g in m.groups())
-        return now + d * 86400 + h * 3600 + mi * 60 + sec
-    try:
-        clock = re.match(r"^(\d{1,2}):(\d{2})$", text)
-        if clock:
-            base = datetime.fromtimestamp(now)
-            at = base.replace(hour=int(clock.group(1)), minute=int(clock.group(2)), second=0, microsecond=0)
-            if at.timestamp() <= now:
-                at += timedelta(days=1)
-            return at.timestamp()
-        return datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        raise ValueError(
-            f"cannot read the deadline {text!r}: give a duration (90m, 3h, 1h30m), a time (18:30) "
-            "or a date and time (2026-12-01 18:00)"
-        ) from None
-
-
-def deadline_for(
-    spec: JobSpec, job_file: Path, deadline_unix: float | None, now: float | None = None
-) -> float | None:
-    """The sooner of `instance.expires_at` and `--deadline`; an error if it has passed already."""
-    now = time.time() if now is None else now
-    candidates: list[tuple[float, str]] = []
-    if spec.instance.expires_at is not None:
-        candidates.append((spec.instance.expires_at.timestamp(), "instance.expires_at"))
-    if deadline_unix is not None:
-        candidates.append((deadline_unix, "--deadline"))
-    if not candidates:
-        return None
-    at, field = min(candidates)
-    if at <= now:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
-        raise SpecError(
-            f"the deadline has passed ({when})",
-            [Problem(str(job_file), None, field, f"{when} is in the past")],
-            hint="give a later time, or leave the deadline out",
-        )
-    return at
+CHECK = Step("check", _check)
+PREPARE = Step("prepare", _prepare, _describe_prepared)
 
 
 def submit(
-    job_file: Path, *, ledger: Ledger, log: Log = print, deadline_unix: float | None = None
+    job_file: Path,
+    *,
+    ledger: Ledger,
+    log: Log = print,
+    deadline_unix: float | None = None,
+    report: Report | None = None,
 ) -> Submitted:
-    """Check → prepare → connect → sync → setup → claim → launch. The ledger is checked before connecting,
-    and the job's identity is recorded on the laptop (state `launching`) and on the instance before it
-    is launched (client.remote.submission); the same job launching or running there is reattached to."""
-    timings: dict[str, float] = {}
+    """Check → prepare → connect → sync → setup → model → claim → launch, each step timed and reported
+    (`report`; plain lines to `log` without one). The ledger is checked before connecting, and the job's
+    identity is recorded on the laptop (state `launching`) and on the instance before it is launched
+    (client.remote.submission); the same job launching or running there is reattached to."""
+    run = Pipeline(report, log)
     job_file = Path(job_file).resolve()
-    with _step("check", timings, log):
-        spec = load_spec(job_file)
-        deadline = deadline_for(spec, job_file, deadline_unix)
-        ledger.check()  # a damaged ledger fails here, before anything runs that it could not record
-    with _step("prepare", timings, log):
-        prepared = dataset.prepare(spec, job_file, prepared_dir())
-        r = prepared.report
-        log(
-            f"  {r['records_out']:,} records ({r['train_records']:,} train, {r['eval_records']:,} eval), "
-            f"{r['duplicates_removed']:,} duplicates removed, {r['overlong']['count']:,} over max_length "
-            f"({r['overlong']['action']}); dataset {prepared.digest[:12]}"
-        )
-    with _step("connect", timings, log):
-        transport = connect(spec.instance)
-        transport.run(["true"])  # connect now, so an unreachable host fails here and says so
-    try:
-        root = resolve_remote_root(spec, transport)
-        spec.instance.remote_root = root
-        layout = layout_for(spec)
-        key = submission.submission_key(spec, prepared.digest)
-        found = submission.current(transport, layout, key)
+    spec, deadline = run.run(CHECK, job_file, ledger, deadline_unix)
+    prepared = run.run(PREPARE, spec, job_file)
+    with run.run(steps.CONNECT, spec) as session:
+        layout = session.layout
+        key = submission.submission_key(session.placed(spec), prepared.digest)
+        found = submission.current(session.transport, layout, key)
         if found is not None:
-            return _reattach(found, transport, spec, job_file, prepared, ledger, timings, log)
-        with _step("sync", timings, log):
-            data_sent, bundle_digest, bundle_sent = sync_worker(
-                transport, layout, prepared.dir, prepared.digest, log
-            )
-        with _step("setup", timings, log):
-            info = ensure_worker_deps(transport, spec, log=log, bundle_dir=layout.bundle_dir(bundle_digest))
-            log(f"  python {info.python}, torch {info.torch}")
-        job_id = new_job_id(spec.name)
-        prefetch_model(transport, spec, layout.job(job_id), layout.bundle_dir(bundle_digest), log=log)
+            return _reattach(found, session, spec, job_file, prepared, ledger, run, log)
+        synced = run.run(steps.SYNC, session, prepared.digest, prepared.dir)
+        bundle_digest = synced.bundle_digest
+        run.run(steps.SETUP, session, spec, bundle_digest, log)
+        job_id = steps.new_job_id(spec.name)
+        run.run(steps.MODEL, session, spec, job_id, bundle_digest, log)
         record = LaunchRecord(
             job_id=job_id, name=spec.name, submit_key=key, data_digest=prepared.digest,
-            bundle_digest=bundle_digest, job_file=str(job_file), spec_json=spec.model_dump_json(),
+            bundle_digest=bundle_digest, job_file=str(job_file), spec_json=session.placed(spec).model_dump_json(),
         )  # fmt: skip
-        ledger.add(job_id, spec, job_file, prepared.digest, bundle_digest, state="launching")
-        claim = submission.claim(transport, layout, record)
+        ledger.add(job_id, spec, job_file, prepared.digest, bundle_digest, state="launching",
+                   placement=session.placement)  # fmt: skip
+        claim = submission.claim(session.transport, layout, record)
         if not claim.mine:
             ledger.remove(job_id)
-            return _reattach(claim, transport, spec, job_file, prepared, ledger, timings, log)
+            return _reattach(claim, session, spec, job_file, prepared, ledger, run, log)
         if claim.superseded and claim.superseded != job_id and ledger.has(claim.superseded):
             ledger.update(claim.superseded, state="lost")
-        with _step("launch", timings, log):
-            try:
-                guard = launch_job(transport, spec, job_id, layout, prepared.digest, bundle_digest, deadline)
-            except (JobError, RemoteEnvError, RemoteCommandError, KeyboardInterrupt):
-                # The instance answers. If the worker runs (its guard failed), both records stay; if
-                # not, they go. (A cut link leaves both records: submit again reattaches.)
-                _drop_unless_running(transport, layout, key, job_id, ledger)
-                raise
+        try:
+            guard = run.run(steps.LAUNCH, session, spec, job_id, prepared.digest, bundle_digest, deadline)
+        except (JobError, RemoteEnvError, RemoteCommandError, KeyboardInterrupt):
+            # The instance answers. If the worker runs (its guard failed), both records stay; if
+            # not, they go. (A cut link leaves both records: submit again reattaches.)
+            _drop_unless_running(session, key, job_id, ledger)
+            raise
         ledger.update(job_id, state="running")
-    finally:
-        transport.close()
-    return Submitted(job_id, spec, job_file, prepared.report, data_sent, bundle_sent, timings,
-                     deadline_unix=deadline, guard=guard)  # fmt: skip
+    return Submitted(job_id, spec, job_file, prepared.report, synced.data_sent, synced.bundle_sent, run.timings,
+                     deadline_unix=deadline, guard=guard, placement=session.placement)  # fmt: skip
 
 
-def _drop_unless_running(transport: Transport, layout: RemoteLayout, key: str, job_id: str, ledger: Ledger) -> None:
+def _drop_unless_running(session: Session, key: str, job_id: str, ledger: Ledger) -> None:
     try:
-        if launcher.job_status(transport, layout.job(job_id)).alive:
+        if launcher.job_status(session.transport, session.layout.job(job_id)).alive:
             ledger.update(job_id, state="running")
             return
-        submission.unclaim(transport, layout, key, job_id)
+        submission.unclaim(session.transport, session.layout, key, job_id)
     except AutodlRunError:
         return  # it cannot be told now: both records stay, and a later submit finds the job
     ledger.remove(job_id)
@@ -236,12 +144,12 @@ def _drop_unless_running(transport: Transport, layout: RemoteLayout, key: str, j
 
 def _reattach(
     found: submission.Claim,
-    transport: Transport,
+    session: Session,
     spec: JobSpec,
     job_file: Path,
     prepared: dataset.Prepared,
     ledger: Ledger,
-    timings: dict[str, float],
+    run: Pipeline,
     log: Log,
 ) -> Submitted:
     """The same job is launching or running there already: nothing is launched; the ledger learns of it
@@ -252,102 +160,26 @@ def _reattach(
     if not ledger.has(job_id):
         submitted_at = rec.at if rec else None
         ledger.add(job_id, spec, rec.job_file if rec and rec.job_file else job_file, prepared.digest,
-                   bundle_digest, state=state, submitted_at=submitted_at)  # fmt: skip
+                   bundle_digest, state=state, submitted_at=submitted_at, placement=session.placement)  # fmt: skip
     else:
         ledger.update(job_id, state=state)
     guard = False
     if found.status is not None and found.status.alive and bundle_digest:
-        guard = ensure_guard(transport, spec, layout_for(spec), job_id, bundle_digest)
-    log(f"[green]✓[/] job {job_id} is {state} already on {transport.where}: reattaching (nothing launched)")
+        guard = steps.ensure_guard(session, spec, job_id, bundle_digest)
+    log(f"✓ job {job_id} is {state} already on {session.where}: reattaching (nothing launched)")
     if state == "launching":
         log(f"  another submit is launching it; if none is, submit again after {submission.LAUNCH_STALE_S // 60} "
             "minutes to launch it anew")
-    return Submitted(job_id, spec, job_file, prepared.report, False, False, timings, reattached=True,
-                     guard=guard)  # fmt: skip
-
-
-def ensure_guard(transport: Transport, spec: JobSpec, layout: RemoteLayout, job_id: str, bundle_digest: str) -> bool:
-    """A running job whose guard is not running gets one (unless the policy is "never"). Returns whether
-    one was started."""
-    if spec.instance.shutdown_policy == "never":
-        return False
-    paths = layout.job(job_id)
-    if launcher.job_status(transport, paths.guard).active:
-        return False
-    env = worker_env(spec, layout, layout.bundle_dir(bundle_digest))
-    return guard_launch.start_guard(transport, spec, paths, job_id, env) is not None
+    return Submitted(job_id, spec, job_file, prepared.report, False, False, run.timings, reattached=True,
+                     guard=guard, placement=session.placement)  # fmt: skip
 
 
 def ensure_guard_for(record: JobRecord) -> bool:
-    """`tail`'s check: the job runs, so its guard must too. One connection; False when it cannot tell."""
-    spec = record.spec
-    if spec.instance.shutdown_policy == "never" or not record.bundle_digest:
+    """The job runs, so its guard must too. One connection; False when it cannot tell.
+    (`tail` does this on its own session: client.lifecycle.tail.)"""
+    if record.spec.instance.shutdown_policy == "never" or not record.bundle_digest:
         return False
-    transport = connect(spec.instance)
-    try:
-        layout = layout_for(spec)
-        if not launcher.job_status(transport, layout.job(record.id)).alive:
+    with open_session(record) as session:
+        if not launcher.job_status(session.transport, session.layout.job(record.id)).alive:
             return False
-        return ensure_guard(transport, spec, layout, record.id, record.bundle_digest)
-    finally:
-        transport.close()
-
-
-def sync_worker(
-    transport: Transport, layout: RemoteLayout, data_dir: Path, digest: str, log: Log
-) -> tuple[bool, str, bool]:
-    """Send the prepared data and the worker bundle unless the instance has them.
-
-    Returns (data sent, bundle digest, bundle sent).
-    """
-    data_sent = sync_dir(transport, data_dir, layout.data_dir(digest), marker=DATASET_MANIFEST)
-    bundle_digest, bundle_sent = sync_bundle(transport, layout)
-    log(
-        f"  data {'uploaded' if data_sent else 'already on the instance'}, "
-        f"worker {'uploaded' if bundle_sent else 'already on the instance'}"
-    )
-    return data_sent, bundle_digest, bundle_sent
-
-
-def launch_job(
-    transport: Transport,
-    spec: JobSpec,
-    job_id: str,
-    layout: RemoteLayout,
-    digest: str,
-    bundle_digest: str,
-    deadline_unix: float | None,
-) -> bool:
-    """Write job.json, start the worker under tmux, then its guard (unless the policy is "never").
-
-    Returns whether a guard was started. The worker resumes from the newest checkpoint in its job folder.
-    """
-    paths = layout.job(job_id)
-    env = worker_env(spec, layout, layout.bundle_dir(bundle_digest))
-    _upload_job_json(transport, spec, job_id, paths, layout, digest, deadline_unix)
-    argv = [spec.instance.python, "-m", "remote_worker", paths.spec]
-    launcher.launch(transport, paths, argv, socket=spec.instance.tmux_socket, session=job_id, env=env)
-    return guard_launch.start_guard(transport, spec, paths, job_id, env) is not None
-
-
-def _upload_job_json(
-    transport: Transport,
-    spec: JobSpec,
-    job_id: str,
-    paths: JobPaths,
-    layout: RemoteLayout,
-    digest: str,
-    deadline_unix: float | None = None,
-) -> None:
-    job = WorkerJob(
-        job_id=job_id,
-        spec=spec,
-        data_dir=layout.data_dir(digest),
-        job_dir=paths.dir,
-        hf_home=layout.hf_home(),
-        deadline_unix=deadline_unix,
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(tmp) / posixpath.basename(paths.spec)
-        local.write_text(json.dumps(job.model_dump(mode="json"), indent=2))
-        transport.put(local, paths.spec)
+        return steps.ensure_guard(session, record.spec, record.id, record.bundle_digest)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.live import Live
@@ -21,23 +22,27 @@ from rich.text import Text
 
 from client.errors import AutodlRunError, JobError, TransportError
 from client.ledger import JobRecord, Ledger
+from client.lifecycle import steps
 from client.lifecycle.autofetch import AutoFetcher
+from client.lifecycle.fetch import fetch as fetch_adapter
+from client.lifecycle.fetch import fetch_checkpoint
 from client.remote import guard as guard_launch
+from client.remote import launcher
 from client.remote.follow import Follower, JobStatus, Reconnecting, Skipped, poll_once
-from client.transport import connect
-from client.transport.base import Transport
+from client.session import Session, open_session
 from client.views.render import Progress, event_line, panel
 from client.views.text import json_line, log_line, shown
 from jobs import events as ev
-from jobs.layout import JOB_FILES, layout_for
+from jobs.layout import JOB_FILES
 from jobs.protocol import GuardStatus, JobState
 
 
-def _follower(record: JobRecord, filename: str, poll_s: float, reconnect_timeout_s: float) -> Follower:
-    paths = layout_for(record.spec).job(record.id)
+def _follower(session: Session, job_id: str, filename: str, poll_s: float, reconnect_timeout_s: float) -> Follower:
+    """The follower reads through the session's transport: after a drop it closes it, and the transport
+    connects again on its next command (the same session, so everything after the follow reuses it)."""
     return Follower(
-        lambda: connect(record.spec.instance),
-        paths,
+        lambda: session.transport,
+        session.layout.job(job_id),
         filename,
         poll_s=poll_s,
         reconnect_timeout_s=reconnect_timeout_s,
@@ -86,7 +91,8 @@ def tail(
     Raises JobError when the job did not end as `done`.
     """
     progress = Progress(record.id, record.spec.instance.price_per_hour, record.spec.instance.currency)
-    follower = _follower(record, JOB_FILES["log" if raw else "events"], poll_s, reconnect_timeout_s)
+    session = open_session(record)  # one connection for all of it; the auto-fetch has the only other
+    follower = _follower(session, record.id, JOB_FILES["log" if raw else "events"], poll_s, reconnect_timeout_s)
     live = console.is_terminal and not raw and not as_json
     note = ""
     view = (
@@ -100,6 +106,7 @@ def tail(
     try:
         if view:
             view.start()
+        _ensure_guard(record, session, say)
         for item in follower:
             if isinstance(item, Reconnecting):
                 note = (
@@ -146,10 +153,10 @@ def tail(
             if held:
                 progress.laptop = f"checkpoint step-{held.step} adapter at {held.adapter}"
         if raw and final.state is not JobState.DONE:
-            progress, _ = status_progress(record)
+            progress, _ = status_progress(record, session)
         if fetch and final.state is JobState.DONE:
-            _fetch_final(record, ledger, progress, say)
-        _report_guard(record, progress, final, say)
+            _fetch_final(record, ledger, progress, say, session)
+        _report_guard(record, progress, final, say, session)
         if view:
             view.update(panel(progress, final.state, ""))
     finally:
@@ -158,6 +165,7 @@ def tail(
         if view:
             view.stop()
         follower.close()
+        session.close()
     _finish(record, ledger, final, progress)
     return progress
 
@@ -176,22 +184,34 @@ def _sayer(view: Live | None, log: Callable[[str], None] | None) -> Callable[[st
     return say
 
 
-def _fetch_final(record: JobRecord, ledger: Ledger, progress: Progress, say: Callable[[str], None]) -> None:
+def _ensure_guard(record: JobRecord, session: Session, say: Callable[[str], None]) -> None:
+    """The job runs, so its guard must too (unless the policy is "never")."""
+    if record.spec.instance.shutdown_policy == "never" or not record.bundle_digest:
+        return
+    try:
+        if launcher.job_status(session.transport, session.layout.job(record.id)).alive and steps.ensure_guard(
+            session, record.spec, record.id, record.bundle_digest
+        ):
+            say(f"started the guard of {record.id} (it was not running)")
+    except TransportError:
+        pass  # the follower reconnects and says so
+
+
+def _fetch_final(
+    record: JobRecord, ledger: Ledger, progress: Progress, say: Callable[[str], None], session: Session
+) -> None:
     """The final adapter, verified and acknowledged. Stopped by its deadline (the instance is going away),
     first the whole checkpoint too, so the job can be resumed elsewhere; before the acknowledgement, so
     the guard does not shut down in between."""
-    from client.lifecycle.fetch import fetch as fetch_adapter
-    from client.lifecycle.fetch import fetch_checkpoint
-
     expected = progress.done.manifest_sha256 if progress.done else None
     if progress.done and progress.done.stopped == "deadline":
         try:
-            got = fetch_checkpoint(record, full=True)
+            got = fetch_checkpoint(record, full=True, session=session)
             say(f"checkpoint step-{got.step} fetched whole (to resume elsewhere) -> {got.path}")
         except AutodlRunError as exc:
             say(f"could not fetch the whole checkpoint: {exc.message.splitlines()[0]}")
     try:
-        dest, digest = fetch_adapter(record, ledger, expected_sha256=expected)
+        dest, digest = fetch_adapter(record, ledger, expected_sha256=expected, session=session)
     except AutodlRunError as exc:
         exc.hint = (
             exc.hint + "; " if exc.hint else ""
@@ -202,14 +222,16 @@ def _fetch_final(record: JobRecord, ledger: Ledger, progress: Progress, say: Cal
     say(f"adapter fetched and verified -> {dest}")
 
 
-def _report_guard(record: JobRecord, progress: Progress, final: JobStatus, say: Callable[[str], None]) -> None:
+def _report_guard(
+    record: JobRecord, progress: Progress, final: JobStatus, say: Callable[[str], None], session: Session
+) -> None:
     """Say what happens to the instance now: what the guard did, or, until it acts, what it will do."""
     inst = record.spec.instance
     policy = inst.shutdown_policy
     acts_now = final.state is JobState.DONE and (policy == "done" or (policy == "fetched" and record.fetched_to))
     status = None
     if policy != "never":
-        status = _guard_status(record, wait_s=GUARD_WAIT_S if acts_now else 0.0)
+        status = _guard_status(record, session, wait_s=GUARD_WAIT_S if acts_now else 0.0)
     if status and status.phase.acted:
         text = shown(guard_launch.describe(status))
     elif policy == "never":
@@ -237,32 +259,28 @@ def _report_guard(record: JobRecord, progress: Progress, final: JobStatus, say: 
 GUARD_WAIT_S = 5.0  # the guard looks once a second
 
 
-def _guard_status(record: JobRecord, wait_s: float) -> GuardStatus | None:
+def _guard_status(record: JobRecord, session: Session, wait_s: float) -> GuardStatus | None:
     """The guard's status; with `wait_s`, waits that long for it to act (it polls once a second)."""
-    paths = layout_for(record.spec).job(record.id)
+    paths = session.layout.job(record.id)
     deadline = time.monotonic() + wait_s
     try:
-        transport = connect(record.spec.instance)
-        try:
-            while True:
-                status = guard_launch.guard_status(transport, paths)
-                if (status and status.phase.acted) or time.monotonic() >= deadline:
-                    return status
-                time.sleep(0.5)
-        finally:
-            transport.close()
+        while True:
+            status = guard_launch.guard_status(session.transport, paths)
+            if (status and status.phase.acted) or time.monotonic() >= deadline:
+                return status
+            time.sleep(0.5)
     except TransportError:
         return None
 
 
-def status_progress(record: JobRecord, transport: Transport | None = None) -> tuple[Progress, JobStatus]:
+def status_progress(record: JobRecord, session: Session | None = None) -> tuple[Progress, JobStatus]:
     """Replay the job's whole event file once (no following), and read what its guard is doing.
 
-    Uses `transport` when given (left open), else a connection of its own."""
+    Uses `session` when given (left open), else one of its own."""
     progress = Progress(record.id, record.spec.instance.price_per_hour, record.spec.instance.currency)
-    paths = layout_for(record.spec).job(record.id)
-    own = transport is None
-    transport = transport or connect(record.spec.instance)
+    own = session is None
+    session = session or open_session(record)
+    transport, paths = session.transport, session.layout.job(record.id)
     try:
         offset, skipping = 0, False
         while True:
@@ -278,15 +296,27 @@ def status_progress(record: JobRecord, transport: Transport | None = None) -> tu
             progress.guard = shown(guard_launch.describe(guard_launch.guard_status(transport, paths)))
     finally:
         if own:
-            transport.close()
+            session.close()
     if record.fetched_to:
         progress.laptop = f"adapter at {record.fetched_to}"
     return progress, poll.state
 
 
-def status(record: JobRecord, ledger: Ledger) -> dict:
+@dataclass
+class StatusReport:
+    """`autodl-run status`: the ledger's row, the instance's state, and the replayed progress."""
+
+    record: JobRecord
+    state: JobStatus
+    progress: Progress
+
+    def as_dict(self) -> dict:
+        return {**self.record.as_dict(), "state": self.state.state.value, "exit_code": self.state.exit_code,
+                **self.progress.as_dict()}  # fmt: skip
+
+
+def status(record: JobRecord, ledger: Ledger) -> StatusReport:
     progress, state = status_progress(record)
     if state.finished and record.state == "running":
         ledger.update(record.id, state=state.state.value, finished_at=time.time())
-    return {**record.as_dict(), "state": state.state.value, "exit_code": state.exit_code, **progress.as_dict()}
-
+    return StatusReport(record, state, progress)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -18,6 +18,9 @@ from rich.table import Column, Table
 from client.ledger import JobRecord
 from client.views.render import fmt_duration
 from client.views.text import shown
+
+if TYPE_CHECKING:
+    from client.lifecycle.pipeline import StepResult
 
 
 def _safe(text: object) -> str:
@@ -117,3 +120,10 @@ def ledger_repaired(aside: Path | None, kept: int, console: Console) -> None:
         return
     console.print(f"moved the damaged ledger to {escape(str(aside))}; the fresh one keeps {kept} job(s)")
     console.print("add back the jobs each instance knows: autodl-run recover JOB.toml")
+
+
+def step(result: StepResult, console: Console) -> None:
+    """A finished lifecycle step (client.lifecycle.pipeline.StepResult): ✓ name, seconds, its detail."""
+    console.print(f"[green]✓[/] {escape(result.name):<8} {result.seconds:6.2f}s")
+    if result.detail:
+        console.print(f"  {escape(shown(result.detail))}")

@@ -1,0 +1,199 @@
+"""The steps `submit` and `resume` are made of (client.lifecycle.pipeline), and what they share.
+
+connect → sync → setup → model → launch each take the session (client.session) and the spec as the
+user wrote it; what runs on the instance gets `session.placed(spec)` (the resolved remote root).
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import secrets
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from client.errors import Problem, SpecError
+from client.lifecycle.pipeline import Log, Step
+from client.remote import guard as guard_launch
+from client.remote import launcher
+from client.remote.bundle import sync_bundle
+from client.remote.prefetch import Prefetched, prefetch_model
+from client.remote.setup import ensure_worker_deps
+from client.remote.sync import remote_exists, sync_dir
+from client.session import Session, open_session
+from jobs.layout import DATASET_MANIFEST, RemoteLayout
+from jobs.spec import JobSpec, WorkerJob
+
+
+def new_job_id(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+# --- check: the deadline -------------------------------------------------------------------------------
+
+_DURATION = re.compile(
+    r"^\+?(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$"
+)
+
+
+def parse_deadline(text: str, now: float | None = None) -> float:
+    """`--deadline`: a duration from now (`90m`, `3h`, `1h30m`, `+45s`, `2d`), a clock time today
+    (`18:30`, tomorrow if already past), or a date and time (`2026-12-01 18:00`, ISO 8601, local
+    time unless it names an offset). Returns unix time; raises ValueError."""
+    now = time.time() if now is None else now
+    text = text.strip()
+    m = _DURATION.match(text.lower())
+    if text and m and any(m.groups()):
+        d, h, mi, sec = (float(g) if g else 0.0 for g in m.groups())
+        return now + d * 86400 + h * 3600 + mi * 60 + sec
+    try:
+        clock = re.match(r"^(\d{1,2}):(\d{2})$", text)
+        if clock:
+            base = datetime.fromtimestamp(now)
+            at = base.replace(hour=int(clock.group(1)), minute=int(clock.group(2)), second=0, microsecond=0)
+            if at.timestamp() <= now:
+                at += timedelta(days=1)
+            return at.timestamp()
+        return datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ValueError(
+            f"cannot read the deadline {text!r}: give a duration (90m, 3h, 1h30m), a time (18:30) "
+            "or a date and time (2026-12-01 18:00)"
+        ) from None
+
+
+def deadline_for(
+    spec: JobSpec, job_file: Path, deadline_unix: float | None, now: float | None = None
+) -> float | None:
+    """The sooner of `instance.expires_at` and `--deadline`; an error if it has passed already."""
+    now = time.time() if now is None else now
+    candidates: list[tuple[float, str]] = []
+    if spec.instance.expires_at is not None:
+        candidates.append((spec.instance.expires_at.timestamp(), "instance.expires_at"))
+    if deadline_unix is not None:
+        candidates.append((deadline_unix, "--deadline"))
+    if not candidates:
+        return None
+    at, field = min(candidates)
+    if at <= now:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+        raise SpecError(
+            f"the deadline has passed ({when})",
+            [Problem(str(job_file), None, field, f"{when} is in the past")],
+            hint="give a later time, or leave the deadline out",
+        )
+    return at
+
+
+# --- sync: data and worker -----------------------------------------------------------------------------
+
+
+@dataclass
+class Synced:
+    data_sent: bool
+    bundle_digest: str
+    bundle_sent: bool
+
+    def describe(self) -> str:
+        return (
+            f"data {'uploaded' if self.data_sent else 'already on the instance'}, "
+            f"worker {'uploaded' if self.bundle_sent else 'already on the instance'}"
+        )
+
+
+def sync(session: Session, digest: str, data: Path | Callable[[], Path]) -> Synced:
+    """Send the prepared data (unless the instance has it) and the worker bundle (likewise).
+
+    `data`: the prepared folder, or a function that prepares it, called only when the instance lacks it."""
+    layout = session.layout
+    dest = layout.data_dir(digest)
+    if callable(data) and remote_exists(session.transport, posixpath.join(dest, DATASET_MANIFEST)):
+        data_sent = False
+    else:
+        data_sent = sync_dir(session.transport, data() if callable(data) else data, dest, marker=DATASET_MANIFEST)
+    bundle_digest, bundle_sent = sync_bundle(session.transport, layout)
+    return Synced(data_sent, bundle_digest, bundle_sent)
+
+
+# --- setup, model, launch --------------------------------------------------------------------------------
+
+
+def setup(session: Session, spec: JobSpec, bundle_digest: str, log: Log) -> dict:
+    return ensure_worker_deps(
+        session.transport, session.placed(spec), log=log, bundle_dir=session.layout.bundle_dir(bundle_digest)
+    )
+
+
+def model(session: Session, spec: JobSpec, job_id: str, bundle_digest: str, log: Log) -> dict:
+    """The model download before launch (a hub model into HF_HOME on the instance), with its progress lines."""
+    layout = session.layout
+    return prefetch_model(
+        session.transport, session.placed(spec), layout.job(job_id), layout.bundle_dir(bundle_digest), log=log
+    )
+
+
+def _describe_model(result: Prefetched) -> str:
+    return f"model download skipped: {result.skipped}" if result.skipped else ""
+
+
+def worker_env(spec: JobSpec, layout: RemoteLayout, bundle_dir: str) -> dict[str, str]:
+    env = {
+        "PYTHONPATH": bundle_dir,
+        "PYTHONUNBUFFERED": "1",
+        "HF_HOME": layout.hf_home(),
+        # Without it the CUDA allocator reserved 70 GB for 28 GB allocated (shared/anchors.md).
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    if spec.instance.hf_endpoint:
+        env["HF_ENDPOINT"] = spec.instance.hf_endpoint
+    return env
+
+
+def launch(
+    session: Session, spec: JobSpec, job_id: str, digest: str, bundle_digest: str, deadline_unix: float | None
+) -> bool:
+    """Write job.json, start the worker under tmux, then its guard (unless the policy is "never").
+
+    Returns whether a guard was started. The worker resumes from the newest checkpoint in its job folder.
+    """
+    layout, placed = session.layout, session.placed(spec)
+    paths = layout.job(job_id)
+    env = worker_env(placed, layout, layout.bundle_dir(bundle_digest))
+    job = WorkerJob(
+        job_id=job_id, spec=placed, data_dir=layout.data_dir(digest), job_dir=paths.dir,
+        hf_home=layout.hf_home(), deadline_unix=deadline_unix,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / posixpath.basename(paths.spec)
+        local.write_text(json.dumps(job.model_dump(mode="json"), indent=2))
+        session.transport.put(local, paths.spec)
+    argv = [placed.instance.python, "-m", "remote_worker", paths.spec]
+    launcher.launch(session.transport, paths, argv, socket=placed.instance.tmux_socket, session=job_id, env=env)
+    return guard_launch.start_guard(session.transport, placed, paths, job_id, env) is not None
+
+
+def ensure_guard(session: Session, spec: JobSpec, job_id: str, bundle_digest: str) -> bool:
+    """A running job whose guard is not running gets one (unless the policy is "never"). Returns whether
+    one was started."""
+    if spec.instance.shutdown_policy == "never" or not bundle_digest:
+        return False
+    layout = session.layout
+    paths = layout.job(job_id)
+    if launcher.job_status(session.transport, paths.guard).active:
+        return False
+    placed = session.placed(spec)
+    env = worker_env(placed, layout, layout.bundle_dir(bundle_digest))
+    return guard_launch.start_guard(session.transport, placed, paths, job_id, env) is not None
+
+
+CONNECT = Step("connect", open_session)
+SYNC = Step("sync", sync, Synced.describe)
+SETUP = Step("setup", setup, lambda info: f"python {info.python}, torch {info.torch}")
+MODEL = Step("model", model, _describe_model)
+LAUNCH = Step("launch", launch)
