@@ -221,7 +221,7 @@ def fetch(
         _print_json(result.as_dict())
         return
     snippet = LOAD_SNIPPET.format(base=record.spec.model.name_or_path, adapter=str(result.adapter))
-    jobs_view.fetched(result.as_dict(), snippet, console)
+    jobs_view.fetched(result, snippet, console)
 
 
 @app.command()

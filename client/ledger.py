@@ -64,7 +64,7 @@ class JobRecord:
         if not root:
             raise LedgerError(f"the ledger row of {self.id} does not say where the job lives on its instance",
                               hint="`autodl-run recover JOB.toml` adds it back from the instance")
-        return Placement(root, python=self.spec.instance.python)
+        return Placement(root, python=self.spec.instance.python or "python3")
 
     @property
     def layout(self) -> RemoteLayout:

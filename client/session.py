@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from client.ledger import JobRecord
-from client.remote.setup import instance_root
+from client.remote.setup import instance_root, python_of
 from client.transport import connect
 from client.transport.base import Transport
 from jobs.layout import Placement, RemoteLayout, layout_for
@@ -53,7 +53,7 @@ def resolve_placement(instance: InstanceSpec, transport: Transport) -> Placement
     root = instance_root(instance)
     if root.startswith("~"):
         root = home + root[1:]
-    return Placement(root, home=home, python=instance.python)
+    return Placement(root, home=home, python=python_of(instance))
 
 
 def open_session(target: JobSpec | InstanceSpec | JobRecord) -> Session:

@@ -151,6 +151,11 @@ class JobView:
     def busy(self) -> bool:
         return self.running or self.launching is not None
 
+    @property
+    def what(self) -> str:
+        """Its output as a path in the job's output folder (`adapter`, `checkpoints/step-N`)."""
+        return self.output.rel if self.output is not None else "output"
+
 
 def alive(job_dir: Path) -> bool:
     """The job's wrapper (its pid file) still runs, in that folder (a reused pid does not count)."""
@@ -260,6 +265,8 @@ class Guard:
             self.ended.pop(job_id, None)
         else:
             self.ended.setdefault(job_id, now)
+        policy: str | None
+        grace: float | None
         if own:
             policy, grace = self.policy, self.grace_s
         else:
@@ -369,7 +376,7 @@ class Guard:
             v, t = max(waiting, key=lambda w: w[1])
             return Decision(
                 "wait", Reason.OTHER_JOB,
-                f"{ready.message}, but job {v.job_id}'s {v.output.rel} is neither fetched nor on autodl-fs: "
+                f"{ready.message}, but job {v.job_id}'s {v.what} is neither fetched nor on autodl-fs: "
                 f"waiting {t / 60:.0f} min for its fetch",
             )  # fmt: skip
         return ready
@@ -398,7 +405,7 @@ class Guard:
 
     @staticmethod
     def fs_dest(root: Path, v: JobView) -> Path:
-        return root / "autodl-run" / v.job_id / v.output.rel
+        return root / "autodl-run" / v.job_id / v.what
 
     def kept_at(self, dest: Path, sha256: str | None) -> bool:
         """`dest` is a verified copy of the output whose manifest has this sha256."""
@@ -448,12 +455,12 @@ class Guard:
                 continue
             path = self.preserve(v)
             if path:
-                notes.append(f"job {v.job_id}'s {v.output.rel} copied to {path}")
+                notes.append(f"job {v.job_id}'s {v.what} copied to {path}")
             else:
                 lost.append(v)
         if lost:
             where = "there is no autodl-fs" if fs_root() is None else "copying to autodl-fs failed"
-            jobs = ", ".join(f"{v.job_id} ({v.output.rel})" for v in lost)
+            jobs = ", ".join(f"{v.job_id} ({v.what})" for v in lost)
             notes.append(f"{where}: kept only on this instance's data disk: {jobs}")
         return copied, "".join(f"; {n}" for n in notes)
 
@@ -516,9 +523,10 @@ class Guard:
                              shutdown_at=at, t=self.clock(), **extra)  # fmt: skip
         prev, times = self._status, {"t", "shutdown_at"}
         same = prev is not None and status.model_dump(exclude=times) == prev.model_dump(exclude=times)
-        if same and prev.shutdown_at is not None and at is not None and abs(at - prev.shutdown_at) < 5:
+        if same and prev is not None and prev.shutdown_at is not None and at is not None \
+                and abs(at - prev.shutdown_at) < 5:
             return  # unchanged but for the clock: keep the file (and the log) quiet
-        if same and prev.shutdown_at is None and at is None:
+        if same and prev is not None and prev.shutdown_at is None and at is None:
             return
         self._status = status
         path = Path(self.paths.guard_status)

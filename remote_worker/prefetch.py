@@ -85,7 +85,7 @@ def _causes(exc: BaseException) -> list[BaseException]:
 
 
 def classify(
-    exc: BaseException, repo: str, revision: str, endpoint: str, hf_home: str
+    exc: BaseException, repo: str, revision: str | None, endpoint: str, hf_home: str
 ) -> tuple[str, str, str]:
     """(kind, message, hint) of a failed download."""
     chain = _causes(exc)

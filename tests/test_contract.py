@@ -89,7 +89,6 @@ def _offences(path: Path) -> list[str]:
     return found
 
 
-@pytest.mark.xfail(reason="issue 11: the areas are being converted; made strict once they are", strict=False)
 def test_no_remote_file_name_or_shared_key_outside_jobs() -> None:
     offences = [o for p in _sources() for o in _offences(p)]
     assert not offences, "spell these through jobs.layout / read them through jobs.protocol:\n" + "\n".join(

@@ -23,7 +23,7 @@ from client.remote import guard as guard_launch
 from client.remote import launcher
 from client.remote.bundle import sync_bundle
 from client.remote.prefetch import Prefetched, prefetch_model
-from client.remote.setup import ensure_worker_deps
+from client.remote.setup import WorkerEnv, ensure_worker_deps, python_of
 from client.remote.sync import remote_exists, sync_dir
 from client.session import Session, open_session
 from jobs.layout import DATASET_MANIFEST, RemoteLayout
@@ -123,13 +123,13 @@ def sync(session: Session, digest: str, data: Path | Callable[[], Path]) -> Sync
 # --- setup, model, launch --------------------------------------------------------------------------------
 
 
-def setup(session: Session, spec: JobSpec, bundle_digest: str, log: Log) -> dict:
+def setup(session: Session, spec: JobSpec, bundle_digest: str, log: Log) -> WorkerEnv:
     return ensure_worker_deps(
         session.transport, session.placed(spec), log=log, bundle_dir=session.layout.bundle_dir(bundle_digest)
     )
 
 
-def model(session: Session, spec: JobSpec, job_id: str, bundle_digest: str, log: Log) -> dict:
+def model(session: Session, spec: JobSpec, job_id: str, bundle_digest: str, log: Log) -> Prefetched:
     """The model download before launch (a hub model into HF_HOME on the instance), with its progress lines."""
     layout = session.layout
     return prefetch_model(
@@ -173,7 +173,7 @@ def launch(
         local = Path(tmp) / posixpath.basename(paths.spec)
         local.write_text(json.dumps(job.model_dump(mode="json"), indent=2))
         session.transport.put(local, paths.spec)
-    argv = [placed.instance.python, "-m", "remote_worker", paths.spec]
+    argv = [python_of(placed.instance), "-m", "remote_worker", paths.spec]
     launcher.launch(session.transport, paths, argv, socket=placed.instance.tmux_socket, session=job_id, env=env)
     return guard_launch.start_guard(session.transport, placed, paths, job_id, env) is not None
 
@@ -194,6 +194,10 @@ def ensure_guard(session: Session, spec: JobSpec, job_id: str, bundle_digest: st
 
 CONNECT = Step("connect", open_session)
 SYNC = Step("sync", sync, Synced.describe)
-SETUP = Step("setup", setup, lambda info: f"python {info.python}, torch {info.torch}")
+def _describe_setup(env: WorkerEnv) -> str:
+    return f"python {env.python}, torch {env.torch}"
+
+
+SETUP = Step("setup", setup, _describe_setup)
 MODEL = Step("model", model, _describe_model)
 LAUNCH = Step("launch", launch)

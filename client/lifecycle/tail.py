@@ -149,9 +149,9 @@ def tail(
             what = "log lines over 1 MiB" if raw else "unreadable event lines"
             print(f"skipped {progress.skipped} {what}", file=sys.stderr, flush=True)
         if fetcher:
-            held = fetcher.close(wait=True)
-            if held:
-                progress.laptop = f"checkpoint step-{held.step} adapter at {held.adapter}"
+            newest = fetcher.close(wait=True)
+            if newest:
+                progress.laptop = f"checkpoint step-{newest.step} adapter at {newest.adapter}"
         if raw and final.state is not JobState.DONE:
             progress, _ = status_progress(record, session)
         if fetch and final.state is JobState.DONE:

@@ -20,6 +20,7 @@ from client.views.render import fmt_duration
 from client.views.text import shown
 
 if TYPE_CHECKING:
+    from client.lifecycle.fetch import Fetched
     from client.lifecycle.pipeline import StepResult
 
 
@@ -84,13 +85,13 @@ def jobs(records: Sequence[JobRecord], console: Console) -> None:
     console.print(t)
 
 
-def fetched(result: dict[str, Any], load_snippet: str, console: Console) -> None:
+def fetched(result: Fetched, load_snippet: str, console: Console) -> None:
     """`load_snippet`: how to load the adapter (client.lifecycle.fetch.LOAD_SNIPPET, filled in)."""
-    if result["checkpoint"]:
-        c = result["checkpoint"]
-        console.print(f"[green]✓[/] checkpoint step-{c['step']} verified, whole → {escape(c['path'])}")
-    if result["adapter"]:
-        digest, dest = result["manifest_sha256"], result["adapter"]
+    if result.checkpoint:
+        c = result.checkpoint
+        console.print(f"[green]✓[/] checkpoint step-{c.step} verified, whole → {escape(str(c.path))}")
+    if result.adapter:
+        digest, dest = result.manifest_sha256 or "", str(result.adapter)
         console.print(
             f"[green]✓[/] adapter verified (manifest sha256 {escape(digest[:16])}…) → {escape(dest)}"
         )
