@@ -120,8 +120,8 @@ class LaunchRecord(_File):
     job_id: str
     name: str
     submit_key: str = Field(description="sha256 of the spec and the data digest: the same submission")
-    data_digest: str
-    bundle_digest: str
+    data_digest: str = Field(pattern=r"^[0-9a-f]{1,64}$")  # hex: it becomes a remote path
+    bundle_digest: str = Field(pattern=r"^[0-9a-f]{1,64}$")
     job_file: str = ""
     spec_json: str = Field("", description="the resolved spec, to rebuild a laptop ledger from the instance")
     at: float = Field(default_factory=time.time)

@@ -159,7 +159,9 @@ def _reattach(
     state = "running" if found.status is not None and found.status.alive else "launching"
     if not ledger.has(job_id):
         submitted_at = rec.at if rec else None
-        ledger.add(job_id, spec, rec.job_file if rec and rec.job_file else job_file, prepared.digest,
+        # this laptop's own spec and job file: the instance's record names the job, it never chooses what
+        # the laptop reads or where it writes
+        ledger.add(job_id, spec, job_file, prepared.digest,
                    bundle_digest, state=state, submitted_at=submitted_at, placement=session.placement)  # fmt: skip
     else:
         ledger.update(job_id, state=state)
