@@ -13,12 +13,12 @@ connection.
 
 from __future__ import annotations
 
-import shlex
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from client.errors import JobError, RemoteCommandError, TransportError
+from client.remote.bundle import script
 from client.retry import Backoff
 from client.transport.base import Transport
 from jobs.events import MAX_LINE, split_complete
@@ -31,23 +31,7 @@ POLL_TIMEOUT_S = 60.0  # one poll reads at most CHUNK bytes; a slower read count
 RECONNECT = Backoff(initial=1.0, factor=2.0, cap=30.0)  # 1, 2, 4 ... 30 s apart, until reconnect_timeout_s
 NOT_REGULAR = "not a regular file"
 
-# Header lines: the folder exists, first line of state, exit_code, a pid is recorded, it runs,
-# launch.json exists, what the file to read is; then the file's bytes. Every read is of a regular
-# file and bounded, so no file on the instance can make it hang or flood the header.
-_POLL = r"""
-first() { [ -f "$1" ] && head -c 64 -- "$1" 2>/dev/null | head -n 1 | tr -d '\r\000'; }
-cd "$1" 2>/dev/null || { printf '0\n\n\n0\n0\n0\nabsent\n'; exit 0; }
-s=$(first @state@); e=$(first @exit_code@); p=$(first @pid@); a=0; hp=0; l=0; f=absent
-[ -n "$p" ] && hp=1 && kill -0 "$p" 2>/dev/null && a=1
-[ -f @launch@ ] && l=1
-if [ -f "$3" ]; then f=file; elif [ -e "$3" ]; then f=other; fi
-printf '1\n%s\n%s\n%s\n%s\n%s\n%s\n' "$s" "$e" "$hp" "$a" "$l" "$f"
-[ "$f" = file ] && tail -c +"$2" -- "$3" 2>/dev/null | head -c "$4"
-exit 0
-"""
-for _key, _name in JOB_FILES.items():
-    _POLL = _POLL.replace(f"@{_key}@", shlex.quote(_name))
-_HEADER_LINES = 7
+_HEADER_LINES = 7  # jobs/scripts/poll.sh prints them before the bytes
 
 
 @dataclass
@@ -84,7 +68,8 @@ def poll_once(
 
     `skipping`: the bytes at `offset` continue a too-long line (the last Poll's `skipping`)."""
     res = transport.run(
-        ["bash", "-c", _POLL, "_", paths.dir, str(offset + 1), filename, str(CHUNK)],
+        ["bash", "-c", script("poll.sh"), "poll", paths.dir, str(offset + 1), filename, str(CHUNK),
+         JOB_FILES["state"], JOB_FILES["exit_code"], JOB_FILES["pid"], JOB_FILES["launch"]],
         check=False,
         timeout=timeout,
     )
