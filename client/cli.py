@@ -296,13 +296,15 @@ def resume(
 @app.command()
 def recover(
     instance_file: Annotated[
-        Path, typer.Argument(metavar="JOB.toml", help="a job.toml (or any TOML with an [instance] table) of the instance")
+        Path, typer.Argument(metavar="JOB.toml", help="the job.toml the jobs were submitted with")
     ],
     as_json: JsonOpt = False,
 ) -> None:
     """Add the jobs an instance knows and this laptop does not (a cut link, another laptop, a repaired ledger).
 
-    Reads each job's launch.json there (the instance's own record); an unreadable one is skipped and named."""
+    Reads each job's launch.json there (the instance's own record of which jobs exist); an unreadable one
+    is skipped and named. The jobs get JOB.toml's own spec: the instance never chooses where the laptop
+    writes or what it reads; jobs launched under another name are skipped."""
     from client.lifecycle.recover import recover as do_recover
 
     result = do_recover(instance_file, Ledger(), log=_log)
