@@ -142,3 +142,28 @@ def test_no_price_no_spend() -> None:
     p = Progress("j")
     p.apply(ev.Step(step=1, total_steps=2, epoch=0.5, loss=1.0, lr=1.0, t=5.0))
     assert p.spend() is None and p.as_dict()["spent"] is None
+
+
+def test_a_zombie_wrapper_is_not_a_running_job(tmp_path: Path, local_home: Path) -> None:
+    """A tmux server may be slow to reap the job's ended wrapper: kill -0 still answers for the zombie,
+    which made `tail` follow a finished job forever. The pid must run in the job's folder."""
+    import subprocess
+    import time
+
+    from jobs.protocol import JobState
+
+    paths = JobPaths(str(tmp_path / "job"))
+    Path(paths.dir).mkdir()
+    child = subprocess.Popen(["sh", "-c", "exit 0"], cwd=paths.dir)  # never waited for: a zombie
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{child.pid}/stat").read_text().split()[2] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        Path(paths.pid).write_text(f"{child.pid}\n")
+        Path(paths.state).write_text("done\n")
+        Path(paths.exit_code).write_text("0\n")
+        poll, _ = poll_once(LocalTransport(), paths, "events.jsonl", 0)
+        assert poll.state.state is JobState.DONE and not poll.state.alive
+    finally:
+        child.wait()
