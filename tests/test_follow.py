@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 from rich.console import Console
@@ -39,9 +38,20 @@ def _step(n: int, total: int = 3, loss: float = 1.0) -> str:
 
 
 def test_poll_consumes_only_complete_lines(tmp_path: Path) -> None:
+    import subprocess
+
     paths = JobPaths(str(tmp_path))
     (tmp_path / "state").write_text("running")
-    (tmp_path / "pid").write_text(str(os.getpid()))  # a process that runs (jobs.jobstate.resolve)
+    worker = subprocess.Popen(["sleep", "300"], cwd=tmp_path)  # a process that runs in the job's folder
+    (tmp_path / "pid").write_text(str(worker.pid))
+    try:
+        _consumes_only_complete_lines(tmp_path, paths)
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def _consumes_only_complete_lines(tmp_path: Path, paths: JobPaths) -> None:
     first = _step(1)
     _write(tmp_path / "events.jsonl", first + _step(2)[:10])  # the second line is half-written
     t = LocalTransport()
