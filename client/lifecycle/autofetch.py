@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from client.errors import AutodlRunError
+from client.errors import AutodlRunError, CommandTimedOut, ConnectError
 from client.ledger import JobRecord
 from client.lifecycle.fetch import FetchedCheckpoint, fetch_checkpoint, local_copy, report_speed
 from client.session import Session, open_session
@@ -80,7 +80,9 @@ class AutoFetcher:
                 self._fetch(event)
             except Exception as exc:  # never let the view die of a background fetch
                 message = exc.message if isinstance(exc, AutodlRunError) else repr(exc)
-                if self._session is not None:
+                # a dead or wedged link is opened anew; a checkpoint rotated away (the common case) or a
+                # refused file leaves a healthy connection as it is
+                if isinstance(exc, ConnectError | CommandTimedOut) and self._session is not None:
                     self._session.close()
                     self._session = None
                 attempt = self._attempts[event.step] = self._attempts.get(event.step, 0) + 1
