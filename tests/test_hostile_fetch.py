@@ -278,7 +278,10 @@ def test_an_interrupted_refetch_keeps_the_verified_copy(inst: Instance, how: str
 
     (inst.adapter / "adapter_config.json").write_text('{"r": 16}\n')  # a new adapter, same names
     weights = bytes(range(255, -1, -1)) * 40
-    (inst.adapter / "adapter_model.safetensors").write_bytes(weights)
+    model = inst.adapter / "adapter_model.safetensors"
+    was = model.stat().st_mtime
+    model.write_bytes(weights)
+    os.utime(model, (was, was))  # same size, same second: rsync's quick check alone would skip it
     second = inst.manifest()
     if how == "sftp-lies-midway":
         inst.no_rsync()  # the first file comes, then the second one's listed sha256 is a lie

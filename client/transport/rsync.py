@@ -72,7 +72,10 @@ def rsync_argv(
 ) -> list[str]:
     argv = ["rsync", "-a", "--partial", f"--timeout={IO_TIMEOUT_S}"]
     if regular_only:
-        argv += REGULAR_ONLY
+        # --checksum: a fetch is seeded with the copy verified before, whose files can have the same size
+        # and modification second as changed ones; rsync's quick check would skip them, and every
+        # retry would fail verification the same way. Content decides.
+        argv += [*REGULAR_ONLY, "--checksum"]
     if mkpath:
         argv.append("--mkpath")
     if delete:
