@@ -170,11 +170,6 @@ class JobPaths:
     def transfer(self) -> str:
         return self._p("transfer.json")
 
-    @property
-    def fetching(self) -> str:
-        """The lease prefix: the client adds a token of its own (`fetching.<token>`)."""
-        return self._p(LEASE_PREFIX.rstrip("."))
-
     def lease(self, token: str) -> str:
         return self._p(LEASE_PREFIX + token)
 
