@@ -46,7 +46,6 @@ it. Standard library, pydantic and jobs only: no torch.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -60,7 +59,7 @@ from pathlib import Path
 from jobs import autodl
 from jobs.jobstate import parse_exit_code, resolve
 from jobs.layout import LEASE_PREFIX, MANIFEST, JobPaths, checkpoint_step
-from jobs.manifest import ManifestError, verify_manifest
+from jobs.manifest import ManifestError, sha256_file, verify_manifest
 from jobs.protocol import (
     FetchAck,
     GuardPhase,
@@ -175,7 +174,7 @@ def alive(job_dir: Path) -> bool:
 
 def sha256_of(path: Path) -> str | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return sha256_file(path)
     except OSError:
         return None
 
