@@ -90,19 +90,67 @@ def _main(
         raise typer.Exit()
 
 
+GpuOpt = Annotated[
+    list[str] | None,
+    typer.Option("--gpu", help="a card of the plan's table (RTX 4090, A800 80GB, ...); repeat for several"),
+]
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", help="the model's config.json (or its folder) on this laptop, instead of model.name_or_path"),
+]
+
+
 @app.command()
-def check(job_file: JobFile, as_json: JsonOpt = False) -> None:
-    """Validate the job spec and the dataset, without any network. Reports every error at once."""
+def check(job_file: JobFile, gpu: GpuOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Validate the job spec and the dataset, without any network. Reports every error at once.
+
+    With --gpu NAME, also plans the job for that card and refuses it (exit 5) when it cannot fit; that reads
+    the model's config.json (--config, a local path, the cache, or one small download)."""
     from client import dataset
     from client.specfile import load_spec
     from client.views.dataset import check_summary
 
     spec = load_spec(job_file)
     report = dataset.check(spec, job_file.resolve())
+    planned = None
+    if gpu:
+        from client.plan import check_fits
+
+        planned = check_fits(spec, job_file.resolve(), report, gpu, config)
     if as_json:
-        _print_json({"ok": True, "name": spec.name, "instance": spec.instance.describe(), "dataset": report})
+        out = {"ok": True, "name": spec.name, "instance": spec.instance.describe(), "dataset": report}
+        if planned is not None:
+            out["plan"] = planned.as_dict()
+        _print_json(out)
         return
     check_summary(str(job_file), spec.name, spec.instance.describe(), report, console)
+    if planned is not None:
+        from client.views.plan import render
+
+        render(planned, console)
+
+
+@app.command()
+def plan(
+    job_file: JobFile,
+    gpu: GpuOpt = None,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="GPUs an instance (a what-if: the worker trains on one)")] = 1,
+    deadline: DeadlineOpt = None,
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Before renting: for each card, predicted peak memory, tokens/s, time and CNY, and whether it fits.
+
+    Offline but for one small download of the model's config.json (cached; or --config). Prepares the dataset
+    for its real token counts. Names the cheapest card that fits (and meets --deadline), or what to change."""
+    from client.plan import plan_job
+    from client.views.plan import render
+
+    result = plan_job(job_file, gpu or [], gpus, _deadline(deadline), config)
+    if as_json:
+        _print_json(result.as_dict())
+        return
+    render(result, console)
 
 
 @app.command()
@@ -132,15 +180,20 @@ def submit(
     job_file: JobFile,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="then follow it like `tail`, exit with its outcome")] = False,
     deadline: DeadlineOpt = None,
+    gpu: Annotated[
+        str | None, typer.Option("--gpu", help="plan for this card instead of the one the instance reports")
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check, prepare, upload and launch a job on its instance (under tmux); print the job id.
+
+    Before uploading anything it plans the job for the instance's GPU and stops when it cannot fit.
 
     The same job submitted again while it runs is reattached to, not launched twice."""
     from client.lifecycle.submit import submit as do_submit
 
     ledger = Ledger()
-    result = do_submit(job_file, ledger=ledger, log=_log, report=_step, deadline_unix=_deadline(deadline))
+    result = do_submit(job_file, ledger=ledger, log=_log, report=_step, deadline_unix=_deadline(deadline), gpu=gpu)
     if as_json:
         _print_json(result.as_dict())
     else:

@@ -192,6 +192,93 @@ def ensure_guard(session: Session, spec: JobSpec, job_id: str, bundle_digest: st
     return guard_launch.start_guard(session.transport, placed, paths, job_id, env) is not None
 
 
+# --- plan: will the job fit the instance's card? -----------------------------------------------------
+
+GPU_QUERY = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"]
+CONFIG_MAX_BYTES = 1 << 20
+
+
+@dataclass
+class Planned:
+    """What the plan step found: the card it planned for (None: no GPU reported, nothing planned)."""
+
+    card: str | None
+    plan: object | None = None  # client.plan.Plan
+    skipped: str = ""
+
+    def describe(self) -> str:
+        if self.plan is None:
+            return f"plan skipped: {self.skipped}"
+        row = self.plan.rows[0]  # type: ignore[attr-defined]
+        return (
+            f"{row.card.name} ({row.card.memory_gb:g} GB): about {row.estimate.peak / 1e9:.1f} GB at "
+            f"{row.shape.micro_batch_tokens:,} tokens, {row.shape.checkpointed} layers checkpointed; "
+            f"the calibration on the card decides"
+        )
+
+
+def instance_gpu(session: Session) -> tuple[str, float] | None:
+    """(name, memory GB) of the instance's first GPU as nvidia-smi reports it; None without one."""
+    res = session.transport.run(GPU_QUERY, check=False, timeout=30)
+    if not res.ok:
+        return None
+    for line in res.stdout.splitlines():
+        name, _, mib = line.rpartition(",")
+        try:
+            return name.strip(), float(mib) * 1048576 / 1e9
+        except ValueError:
+            continue
+    return None
+
+
+def _model_config(session: Session, spec: JobSpec) -> tuple[dict, str]:
+    """The model's config.json: read on the instance for a path there, else as `autodl-run plan` does."""
+    from client.home import home
+    from client.plan import CONFIGS
+    from client.plan import config as configs
+
+    name = spec.model.name_or_path
+    if configs.looks_like_path(name):
+        path = posixpath.join(name, "config.json")
+        res = session.transport.run(["head", "-c", str(CONFIG_MAX_BYTES), path], check=False, timeout=30)
+        if not res.ok:
+            raise configs.ConfigError(f"no {path} on {session.where}", hint="check model.name_or_path")
+        try:
+            return json.loads(res.stdout), f"{session.where}:{path}"
+        except ValueError as exc:
+            raise configs.ConfigError(f"{session.where}:{path} is not JSON: {exc}") from exc
+    return configs.load(name, revision=spec.model.revision, hf_endpoint=spec.instance.hf_endpoint,
+                        cache=home() / CONFIGS, timeout=5.0)  # fmt: skip
+
+
+def plan(session: Session, spec: JobSpec, report: dict, gpu: str | None = None) -> Planned:
+    """Plan the job for the instance's card (or `gpu`, a card of the table: `submit --gpu`), and refuse it
+    (client.plan.DoesNotFit) when it cannot fit, before anything is synced or downloaded. Without a GPU, or
+    without the model's config, nothing is planned: the worker's calibration decides as before."""
+    from client.home import home
+    from client.plan import config as configs
+    from client.plan import load_cards, make_plan, pick_cards, refusal
+    from jobs import cards as cardtable
+
+    table = load_cards(home())
+    if gpu:
+        card = pick_cards([gpu], table)[0]
+    else:
+        found = instance_gpu(session)
+        if found is None:
+            return Planned(None, skipped=f"no GPU reported by nvidia-smi on {session.where}")
+        card = cardtable.measured(found[0], found[1], table)
+    try:
+        cfg, where = _model_config(session, spec)
+        arch = configs.arch(cfg, where)
+    except configs.ConfigError as exc:
+        return Planned(card.name, skipped=f"no model config ({exc.message})")
+    result = make_plan(spec, arch, where, report, [card])
+    if not result.any_fits:
+        raise refusal(result, f"the instance's card on {session.where}" if not gpu else f"--gpu {gpu}")
+    return Planned(card.name, result)
+
+
 CONNECT = Step("connect", open_session)
 SYNC = Step("sync", sync, Synced.describe)
 def _describe_setup(env: WorkerEnv) -> str:
@@ -200,4 +287,5 @@ def _describe_setup(env: WorkerEnv) -> str:
 
 SETUP = Step("setup", setup, _describe_setup)
 MODEL = Step("model", model, _describe_model)
+PLAN = Step("plan", plan, Planned.describe)
 LAUNCH = Step("launch", launch)

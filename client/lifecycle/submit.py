@@ -1,4 +1,7 @@
-"""`submit`: check → prepare → connect → sync → setup → launch, each step timed and shown.
+"""`submit`: check → prepare → connect → plan → sync → setup → model → launch, each step timed and shown.
+
+The plan step (client.lifecycle.steps.plan) plans the job for the card the instance reports and stops before
+anything is uploaded or downloaded when it cannot fit.
 
 Submitting a job that is already launching or running on its instance (the same resolved spec and
 data, from any laptop) reattaches to it instead of launching a second copy (client.remote.submission). `--deadline` (or `instance.expires_at`, whichever is sooner) becomes the
@@ -87,8 +90,9 @@ def submit(
     log: Log = print,
     deadline_unix: float | None = None,
     report: Report | None = None,
+    gpu: str | None = None,
 ) -> Submitted:
-    """Check → prepare → connect → sync → setup → model → claim → launch, each step timed and reported
+    """Check → prepare → connect → plan → sync → setup → model → claim → launch, each step timed and reported
     (`report`; plain lines to `log` without one). The ledger is checked before connecting, and the job's
     identity is recorded on the laptop (state `launching`) and on the instance before it is launched
     (client.remote.submission); the same job launching or running there is reattached to."""
@@ -102,6 +106,7 @@ def submit(
         found = submission.current(session.transport, layout, key)
         if found is not None:
             return _reattach(found, session, spec, job_file, prepared, ledger, run, log)
+        run.run(steps.PLAN, session, spec, prepared.report, gpu)  # refuses what cannot fit, before any upload
         synced = run.run(steps.SYNC, session, prepared.digest, prepared.dir)
         bundle_digest = synced.bundle_digest
         run.run(steps.SETUP, session, spec, bundle_digest, log)

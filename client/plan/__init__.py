@@ -1,0 +1,316 @@
+"""`autodl-run plan`: which card, how much memory, how long and how many CNY, before anything is rented.
+
+Offline and fast: no torch. Inputs are the job spec, the model's config.json (client.plan.config), the
+prepared dataset's real token counts (client.dataset.prepare, cached) and the card table (jobs.cards, with
+the user's `$AUTODL_RUN_HOME/cards.toml`). The memory and speed model is jobs.memory, the one the worker's
+calibration uses to order its candidate shapes; on the card the calibration's measurement decides.
+
+    config  the model's config.json: a local path, the cache, or a small GET from the hub/mirror/ModelScope
+    core    (this module) the plan of each card, the cheapest that fits, and what to change when none does
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import tomllib
+
+from client.errors import AutodlRunError, RemoteEnvError, SpecError
+from jobs import cards as cardtable
+from jobs import memory
+from jobs.spec import JobSpec
+
+# Time a run pays for besides training (seconds; assumptions, documented in docs/plan.md).
+SETUP_S = 300.0  # a fresh image: pip-installing the worker's packages (nothing when already set up)
+DOWNLOAD_BPS = 50e6  # shared/anchors.md §7: ModelScope, about 5 minutes for 15 GB on AutoDL
+LOAD_BPS = 1e9  # reading and quantizing the 16-bit checkpoint
+CALIBRATE_S = 90.0  # remote_worker.calibrate's budget
+SAVE_S = 30.0
+DEFAULT_PACKING = 0.95  # packed-row efficiency when the dataset report has none
+CONFIGS = "configs"  # the fetched config.json cache under $AUTODL_RUN_HOME
+CARDS_FILE = "cards.toml"
+
+
+class DoesNotFit(RemoteEnvError):
+    """The plan says the job cannot fit the card(s) asked about (exit 5: the instance lacks memory)."""
+
+
+@dataclass(frozen=True)
+class RunTokens:
+    total: int  # tokens of the training set (prompt and answer: every one goes through the model)
+    records: int
+    source: str  # "tokenizer" or "estimated from bytes (no tokenizer on the laptop)"
+    packing: float  # real tokens / micro-batch capacity
+    epochs: float
+    max_steps: int
+
+    @property
+    def mean_seq(self) -> float:
+        return self.total / self.records if self.records else 512.0
+
+
+@dataclass
+class CardPlan:
+    card: cardtable.Card
+    gpus: int
+    shape: memory.Shape
+    estimate: memory.Estimate
+    fits: bool
+    tokens_per_s: float  # real (non-pad) tokens a second, all GPUs
+    train_s: float
+    total_s: float  # set-up, download, load, calibration, training, saving, the guard's idle grace
+    cny: float | None
+    meets_deadline: bool | None = None
+
+    def as_dict(self) -> dict:
+        return {
+            "card": self.card.name, "gpus": self.gpus, "memory_gb": self.card.memory_gb,
+            "micro_batch_tokens": self.shape.micro_batch_tokens, "checkpointed_layers": self.shape.checkpointed,
+            "peak_gb": round(self.estimate.peak / 1e9, 2), "allocated_gb": round(self.estimate.allocated / 1e9, 2),
+            "breakdown_gb": {k: round(v / 1e9, 3) for k, v in self.estimate.as_dict().items()},
+            "fits": self.fits, "tokens_per_s": round(self.tokens_per_s), "train_s": round(self.train_s),
+            "total_s": round(self.total_s), "cny": None if self.cny is None else round(self.cny, 2),
+            "price_per_hour": self.card.price_per_hour, "price_source": self.card.price_source,
+            "meets_deadline": self.meets_deadline,
+        }  # fmt: skip
+
+
+@dataclass
+class Plan:
+    model: str
+    config_from: str
+    arch: memory.Arch
+    setup: memory.Setup
+    tokens: RunTokens
+    rows: list[CardPlan]
+    overhead_s: dict[str, float]
+    deadline_unix: float | None = None
+    advice: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cheapest(self) -> CardPlan | None:
+        ok = [r for r in self.rows if r.fits and r.meets_deadline is not False and r.cny is not None]
+        return min(ok, key=lambda r: r.cny or 0.0) if ok else None
+
+    @property
+    def any_fits(self) -> bool:
+        return any(r.fits for r in self.rows)
+
+    def as_dict(self) -> dict:
+        best = self.cheapest
+        return {
+            "model": self.model, "config_from": self.config_from,
+            "params": self.arch.params, "layers": self.arch.layers,
+            "bits": self.setup.bits, "r": self.setup.r, "fused_loss": self.setup.fused_loss,
+            "tokens": {"total": self.tokens.total, "source": self.tokens.source, "packing": self.tokens.packing,
+                       "epochs": self.tokens.epochs, "max_steps": self.tokens.max_steps},
+            "overhead_s": {k: round(v) for k, v in self.overhead_s.items()},
+            "deadline_unix": self.deadline_unix,
+            "cards": [r.as_dict() for r in self.rows],
+            "cheapest": best.card.name if best else None,
+            "advice": self.advice, "notes": self.notes,
+            "constants": memory.DEFAULT.as_dict(),
+        }  # fmt: skip
+
+
+def setup_of(spec: JobSpec, mean_seq: float = 512.0) -> memory.Setup:
+    targets = spec.lora.target_modules
+    return memory.Setup(
+        bits=spec.quant.bits, r=spec.lora.r,
+        targets=targets if isinstance(targets, str) else tuple(targets),
+        fused_loss=spec.train.liger != "off", mean_seq=mean_seq,
+    )  # fmt: skip
+
+
+def sizes_of(spec: JobSpec) -> list[int]:
+    return memory.sizes_for(spec.data.max_length, spec.train.micro_batch_tokens)
+
+
+def plan_card(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, card: cardtable.Card, gpus: int,
+              tokens: RunTokens, overhead_s: float, deadline_unix: float | None, now: float) -> CardPlan:
+    """One card: the shape the calibration is predicted to choose there, its memory, speed, time and price.
+
+    Several GPUs: the worker trains on one GPU today, so `gpus` > 1 is priced as data-parallel (every GPU
+    holds the whole model; memory per GPU unchanged) at 90% scaling, a what-if."""
+    c = memory.DEFAULT
+    choice = memory.choose(arch, setup, card.memory_bytes, card.bf16_tflops or 1.0, card.bandwidth or 1e12,
+                           sizes_of(spec), spec.train.gradient_checkpointing, c)  # fmt: skip
+    scale = gpus * (0.9 if gpus > 1 else 1.0)
+    real_tps = choice.tokens_per_s * tokens.packing * scale if card.bf16_tflops else 0.0
+    if tokens.max_steps:
+        ga = 1 if not spec.train.global_batch_tokens else max(
+            1, round(spec.train.global_batch_tokens / choice.shape.micro_batch_tokens))
+        run_tokens = tokens.max_steps * ga * choice.shape.micro_batch_tokens * tokens.packing
+    else:
+        run_tokens = tokens.total * tokens.epochs
+    train_s = run_tokens / real_tps if real_tps else math.inf
+    total_s = train_s + overhead_s
+    cny = None if card.price_per_hour is None or not math.isfinite(total_s) else card.price_per_hour * gpus * total_s / 3600
+    meets = None if deadline_unix is None else now + total_s <= deadline_unix
+    return CardPlan(card, gpus, choice.shape, choice.estimate, choice.fits, real_tps, train_s, total_s, cny, meets)
+
+
+def overheads(spec: JobSpec, arch: memory.Arch) -> dict[str, float]:
+    ckpt_bytes = arch.params * 2  # the hub's 16-bit checkpoint
+    policy = spec.instance.shutdown_policy
+    return {
+        "setup": SETUP_S,
+        "download": ckpt_bytes / DOWNLOAD_BPS if not spec.instance.is_local else 0.0,
+        "load": ckpt_bytes / LOAD_BPS,
+        "calibrate": CALIBRATE_S,
+        "save": SAVE_S,
+        "idle_grace": spec.instance.idle_grace_minutes * 60 if policy == "fetched" else 0.0,
+    }
+
+
+def advise(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, cards: list[cardtable.Card]) -> list[str]:
+    """When no card fits: single changes that make the largest card of the list fit, each said as a setting."""
+    if not cards:
+        return []
+    big = max(cards, key=lambda k: k.memory_gb)
+
+    def fits(s: memory.Setup, sizes: list[int], mode: str) -> bool:
+        return memory.choose(arch, s, big.memory_bytes, 1.0, 1e12, sizes, mode).fits
+
+    out = []
+    mode = spec.train.gradient_checkpointing
+    if mode != "auto" and fits(setup, sizes_of(spec), "auto"):
+        out.append('train.gradient_checkpointing = "auto" (checkpoint as many layers as memory needs)')
+    if spec.train.micro_batch_tokens and fits(setup, memory.sizes_for(spec.data.max_length), mode):
+        out.append("train.micro_batch_tokens = 0 (let the worker choose)")
+    ml = spec.data.max_length
+    for smaller in (ml // 2, ml // 4):
+        if smaller >= 512 and fits(setup, memory.sizes_for(smaller, spec.train.micro_batch_tokens), mode):
+            out.append(f"data.max_length = {smaller}")
+            break
+    if not setup.fused_loss and fits(replace(setup, fused_loss=True), sizes_of(spec), mode):
+        out.append('train.liger = "auto" with liger-kernel installed (fused loss head)')
+    if setup.bits == 16 and fits(replace(setup, bits=4), sizes_of(spec), mode):
+        out.append("quant.bits = 4 (QLoRA)")
+    if setup.r > 8 and fits(replace(setup, r=8), sizes_of(spec), mode):
+        out.append("lora.r = 8")
+    bigger = [k for k in cardtable.CARDS if k.memory_gb > big.memory_gb
+              and memory.choose(arch, setup, k.memory_bytes, 1.0, 1e12, sizes_of(spec), mode).fits]  # fmt: skip
+    if bigger:
+        out.append(f"a card with more memory: {', '.join(k.name for k in bigger)}")
+    else:
+        out.append("more GPUs do not help yet: the worker trains on one GPU and does not shard the model")
+    return out
+
+
+def load_cards(home: Path | None) -> list[cardtable.Card]:
+    """The card table with `$AUTODL_RUN_HOME/cards.toml` applied (when present)."""
+    f = home / CARDS_FILE if home else None
+    if f is None or not f.is_file():
+        return cardtable.table()
+    try:
+        parsed = cardtable.CardsFile.model_validate(tomllib.loads(f.read_text(encoding="utf-8")))
+        return cardtable.table(parsed)
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise SpecError(f"{f} is not a valid cards file", [], hint=str(exc).splitlines()[0]) from exc
+
+
+def pick_cards(names: list[str], table: list[cardtable.Card]) -> list[cardtable.Card]:
+    if not names:
+        return [c for c in table if c.price_per_hour is not None or c.name != "H200"]
+    out = []
+    for n in names:
+        c = cardtable.find(n, table)
+        if c is None:
+            raise AutodlRunError(
+                f"--gpu {n}: no such card in the table",
+                hint=f"one of: {', '.join(k.name for k in table)}; or add it to $AUTODL_RUN_HOME/{CARDS_FILE}",
+            )
+        out.append(c)
+    return out
+
+
+def run_tokens(report: dict, spec: JobSpec) -> RunTokens:
+    tok = report.get("tokens") or {}
+    records = int(report.get("train_records") or report.get("records_out") or 0)
+    if tok.get("total"):
+        total, source = int(tok["total"]), "tokenizer"
+        packing = float(tok.get("packing_efficiency_gpu") or DEFAULT_PACKING)
+    else:
+        est = (report.get("chars") or {}).get("est_tokens_total") or 0
+        frac = records / max(1, int(report.get("records_out") or records or 1))
+        total, source, packing = int(est * frac), "estimated from bytes (no tokenizer on this laptop)", DEFAULT_PACKING
+    return RunTokens(total, records, source, packing, spec.train.epochs, spec.train.max_steps)
+
+
+def make_plan(spec: JobSpec, arch: memory.Arch, config_from: str, report: dict, cards: list[cardtable.Card],
+              gpus: int = 1, deadline_unix: float | None = None, now: float | None = None) -> Plan:
+    now = time.time() if now is None else now
+    tokens = run_tokens(report, spec)
+    setup = setup_of(spec, tokens.mean_seq)
+    over = overheads(spec, arch)
+    rows = [plan_card(arch, setup, spec, c, gpus, tokens, sum(over.values()), deadline_unix, now) for c in cards]
+    plan = Plan(spec.model.name_or_path, config_from, arch, setup, tokens, rows, over, deadline_unix)
+    if not plan.any_fits:
+        plan.advice = advise(arch, setup, spec, cards)
+    if setup.fused_loss:
+        plan.notes.append("assumes the fused loss head (liger-kernel on the instance); without it the "
+                          f"loss head needs about {memory.DEFAULT.unfused_loss_v * arch.vocab / 1e6:.1f} MB a token")
+    if gpus > 1:
+        plan.notes.append("several GPUs are a what-if: the worker trains on one GPU today")
+    if any(r.card.price_per_hour is None for r in rows):
+        plan.notes.append(f"cards without a price: set price_per_hour in $AUTODL_RUN_HOME/{CARDS_FILE}")
+    return plan
+
+
+def refusal(plan: Plan, where: str) -> DoesNotFit:
+    """The error `check --gpu` and `submit` raise for a plan where nothing fits."""
+    row = min(plan.rows, key=lambda r: r.estimate.allocated)
+    need = row.estimate.allocated / 1e9
+    usable = memory.usable_limit(row.card.memory_bytes) / 1e9
+    return DoesNotFit(
+        f"{plan.model} does not fit {where} ({row.card.name}, {row.card.memory_gb:g} GB): the smallest shape "
+        f"({row.shape.micro_batch_tokens:,} tokens, {row.shape.checkpointed} of {plan.arch.layers} layers "
+        f"checkpointed) needs about {need:.1f} GB, {usable:.1f} GB usable",
+        hint="change " + "; or ".join(plan.advice) if plan.advice else "rent a card with more memory",
+    )
+
+
+def plan_job(job_file: Path, gpu_names: list[str] | None = None, gpus: int = 1, deadline_unix: float | None = None,
+             config: str | None = None, timeout: float | None = None) -> Plan:
+    """The plan of JOB.toml: its spec, the prepared dataset's token counts (prepared now, or the cached
+    copy), the model's config.json (`config`, or `model.name_or_path`), each card of `gpu_names` (default:
+    the whole table)."""
+    from client import dataset
+    from client.home import home, prepared_dir
+    from client.specfile import load_spec
+
+    job_file = Path(job_file).resolve()
+    spec = load_spec(job_file)
+    chosen = pick_cards(gpu_names or [], load_cards(home()))
+    arch, where = _arch_of(spec, job_file, config, timeout)
+    prepared = dataset.prepare(spec, job_file, prepared_dir())
+    return make_plan(spec, arch, where, prepared.report, chosen, gpus, deadline_unix)
+
+
+def _arch_of(spec: JobSpec, job_file: Path, config: str | None, timeout: float | None = None) -> tuple[memory.Arch, str]:
+    from client.home import home
+    from client.plan import config as configs
+
+    kwargs = {"timeout": timeout} if timeout else {}
+    cfg, where = configs.load(config or spec.model.name_or_path, revision=spec.model.revision,
+                              hf_endpoint=spec.instance.hf_endpoint, cache=home() / CONFIGS,
+                              base=job_file.parent if config else None, **kwargs)  # fmt: skip
+    return configs.arch(cfg, where), where
+
+
+def check_fits(spec: JobSpec, job_file: Path, report: dict, gpu_names: list[str], config: str | None = None) -> Plan:
+    """`check --gpu NAME`: the plan for those cards from `check`'s report (tokens estimated from bytes);
+    DoesNotFit when none of them fits."""
+    from client.home import home
+
+    chosen = pick_cards(gpu_names, load_cards(home()))
+    arch, where = _arch_of(spec, job_file, config)
+    result = make_plan(spec, arch, where, report, chosen)
+    if not result.any_fits:
+        raise refusal(result, "--gpu " + ", ".join(gpu_names))
+    return result

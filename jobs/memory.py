@@ -1,0 +1,365 @@
+"""One memory and speed model of a (Q)LoRA training step, shared by `autodl-run plan` (the laptop, before
+renting) and the worker's calibration (remote_worker.calibrate: which shapes to measure first, which to
+skip). The calibration's measurement on the card stays the final word; this model only predicts.
+
+Units: bytes (decimal GB = 1e9 bytes in what is shown), tokens, seconds, FLOP. Standard library only: the
+laptop imports it without torch, the worker without pydantic.
+
+What a step holds at its peak (`estimate`):
+- weights: every decoder linear in nf4 with double quantization (0.5 byte a weight, an 8-bit absmax a
+  block of 64, an fp32 second-level scale a block of 256 absmaxes: bitsandbytes' layout), or 2 bytes
+  at bits = 16; embeddings and an untied lm_head stay 16-bit (2 bytes); norms are negligible.
+- LoRA: r·(in + out) parameters a targeted linear, fp32 (peft keeps adapters in fp32): the weight, its
+  gradient and AdamW's two moments, 16 bytes a parameter.
+- activations: a layer that is not checkpointed keeps `act_h·hidden + act_kv·kv_dim + act_i·intermediate`
+  16-bit values a token for its backward (inputs of the norms, q/k/v, the attention output, the
+  SwiGLU's gate, up and product; anchors §6 measured 7B at 8k tokens without checkpointing: 42.8 GB);
+  a checkpointed one keeps its input only (`ckpt_h·hidden`), and the backward of one layer at a time
+  re-materialises a full layer's worth (`transient_layers`).
+- the loss head: Liger's fused linear cross-entropy keeps a chunk of logits (`fused_loss_h·hidden` a
+  token); unfused, the logits in 16 and 32 bits and their gradient (`unfused_loss_v·vocab` bytes a token;
+  the anchors' "about 6·V bytes a token").
+- overhead: what the allocator reserves beyond what is allocated (`alloc_frac`) and the CUDA context
+  (`context_bytes`), neither counted by torch.cuda.max_memory_allocated.
+
+Speed (`tokens_per_s`): FLOP a token = 4·N for frozen-base LoRA (forward 2N, input gradients 2N; anchors
+§1), plus 2·N_layer for each checkpointed layer's recomputed forward, plus causal attention
+(6·s·d_attn a layer, s the mean packed sequence length), over the card's dense bf16 rate × `efficiency`;
+plus the dequantization of every nf4 weight (read 0.5 byte, write 2) once a forward, once a backward and
+once a recompute, at the card's memory bandwidth × `bw_efficiency`.
+
+The constants (`Constants`) are fitted to the GPU measurements of bench/memory_fit.py (`--fit`); the
+defaults come from anchors §6 (7B and 14B at 24 and 80 GB on an H200), to be refreshed by that fit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+
+GB = 1e9
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit weight + 8-bit absmax per 64 + fp32 scale per 256 blocks
+LORA_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weight, fp32 gradient, AdamW's two fp32 moments
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What the worker keeps free of the usable memory when it chooses (remote_worker.calibrate uses these).
+HEADROOM = 0.06
+MIN_HEADROOM_BYTES = 1 << 30
+SIZES = (16384, 8192, 4096)  # micro-batch tokens tried when train.micro_batch_tokens = 0
+
+
+@dataclass(frozen=True)
+class Constants:
+    """Every fitted number of the model, in one place (bench/memory_fit.py --fit prints a new set)."""
+
+    act_h: float = 7.0  # 16-bit values a token a non-checkpointed layer keeps, per hidden unit
+    act_kv: float = 2.0  # ... per key/value unit (k and v for the attention kernel)
+    act_i: float = 3.0  # ... per intermediate unit (gate, up, their product)
+    ckpt_h: float = 1.0  # a checkpointed layer keeps its input: 16-bit values per hidden unit
+    transient_layers: float = 1.0  # full layers of activations alive at once in the backward
+    fused_loss_h: float = 4.0  # bytes a token for the fused loss head, per hidden unit
+    unfused_loss_v: float = 6.0  # bytes a token for the unfused loss head, per vocabulary entry
+    alloc_frac: float = 0.03  # reserved beyond allocated (expandable_segments keeps it small)
+    context_bytes: float = 0.5e9  # CUDA context and kernels: memory the allocator never sees
+    # achieved / the datasheet's dense bf16 rate (jobs.cards) on the matmuls; anchors §6 on an H200 (989 on
+    # the datasheet, 790 measured on an 8192^3 matmul): 8k and 16k rows of 7B
+    efficiency: float = 0.50
+    # achieved / peak bandwidth for the per-pass cost of nf4 layers; low because it lumps in every other
+    # fixed cost of a layer pass (launches, norms, small kernels): fitted so that 8k -> 16k tokens gains
+    # what anchors §6 measured (15,513 -> 16,439 tokens/s)
+    bw_efficiency: float = 0.12
+    recompute_cost: float = 1.0  # a recomputed forward costs this many forwards (fitted)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+DEFAULT = Constants()
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A decoder-only transformer, as its config.json describes it."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool = False
+    head_dim: int = 0  # 0: hidden // heads
+    max_position: int = 0
+    model_type: str = ""
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> Arch:
+        """From a Hugging Face config.json (Llama, Qwen2, Mistral, GLM-4 "-hf"; ChatGLM's own names too).
+
+        Raises ValueError naming the missing key."""
+        if "text_config" in cfg and "hidden_size" not in cfg:
+            cfg = {**cfg["text_config"], "model_type": cfg.get("model_type", "")}
+
+        def get(*names: str, default: object = None) -> object:
+            for n in names:
+                if cfg.get(n) is not None:
+                    return cfg[n]
+            if default is None:
+                raise ValueError(f"config.json has none of {', '.join(names)}")
+            return default
+
+        heads = int(get("num_attention_heads", "n_head"))  # type: ignore[arg-type]
+        return cls(
+            hidden=int(get("hidden_size", "n_embd")),  # type: ignore[arg-type]
+            intermediate=int(get("intermediate_size", "ffn_hidden_size")),  # type: ignore[arg-type]
+            layers=int(get("num_hidden_layers", "num_layers", "n_layer")),  # type: ignore[arg-type]
+            heads=heads,
+            kv_heads=int(get("num_key_value_heads", "multi_query_group_num", default=heads)),  # type: ignore[arg-type]
+            vocab=int(get("vocab_size", "padded_vocab_size")),  # type: ignore[arg-type]
+            tied=bool(cfg.get("tie_word_embeddings", False)),
+            head_dim=int(cfg.get("head_dim") or cfg.get("kv_channels") or 0),
+            max_position=int(cfg.get("max_position_embeddings") or cfg.get("seq_length") or 0),
+            model_type=str(cfg.get("model_type", "")),
+        )
+
+    @property
+    def dim(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.dim
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(name, in, out) of each linear of one decoder layer."""
+        h, i = self.hidden, self.intermediate
+        return [
+            ("q_proj", h, self.q_dim), ("k_proj", h, self.kv_dim), ("v_proj", h, self.kv_dim),
+            ("o_proj", self.q_dim, h), ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h),
+        ]  # fmt: skip
+
+    @property
+    def layer_params(self) -> int:
+        return sum(a * b for _, a, b in self.linears())
+
+    @property
+    def embed_params(self) -> int:
+        """The input embedding and, when untied, the lm_head."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.layer_params + self.embed_params
+
+    @property
+    def matmul_params(self) -> int:
+        """Parameters a token multiplies through: the decoder's linears and the lm_head (not the lookup)."""
+        return self.layers * self.layer_params + self.vocab * self.hidden
+
+
+def lora_params(arch: Arch, r: int, targets: str | Sequence[str] = "all-linear") -> int:
+    names = set(ALL_LINEAR if targets == "all-linear" else targets)
+    return arch.layers * sum(r * (a + b) for n, a, b in arch.linears() if n in names)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the job and the card fix, besides the shape."""
+
+    bits: int = 4  # 4: nf4 + double quant; 16: plain LoRA on the 16-bit model
+    r: int = 16
+    targets: str | tuple[str, ...] = "all-linear"
+    fused_loss: bool = True  # Liger's fused linear cross-entropy
+    dtype_bytes: int = 2  # bf16/fp16 activations and unquantized weights
+    mean_seq: float = 512.0  # mean packed sequence length (attention FLOP grow with it)
+
+
+@dataclass(frozen=True)
+class Shape:
+    micro_batch_tokens: int
+    checkpointed: int  # decoder layers checkpointed, 0..layers
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Predicted bytes of one training step at its peak, by part."""
+
+    weights: float
+    lora: float  # LoRA weights, gradients and AdamW state
+    activations: float
+    loss_head: float
+    overhead: float  # allocator reserve and CUDA context, outside torch's allocated count
+
+    @property
+    def allocated(self) -> float:
+        """What torch.cuda.max_memory_allocated plus the optimizer state would show (the calibration's number)."""
+        return self.weights + self.lora + self.activations + self.loss_head
+
+    @property
+    def peak(self) -> float:
+        return self.allocated + self.overhead
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "allocated": self.allocated, "peak": self.peak}
+
+
+def weight_bytes(arch: Arch, setup: Setup) -> float:
+    per = NF4_BYTES if setup.bits == 4 else setup.dtype_bytes
+    return arch.layers * arch.layer_params * per + arch.embed_params * setup.dtype_bytes
+
+
+def layer_activation_bytes(arch: Arch, tokens: int, c: Constants = DEFAULT, dtype_bytes: int = 2) -> float:
+    """Bytes a non-checkpointed decoder layer keeps for its backward."""
+    per_token = c.act_h * arch.hidden + c.act_kv * arch.kv_dim + c.act_i * arch.intermediate
+    return tokens * per_token * dtype_bytes
+
+
+def estimate(arch: Arch, setup: Setup, shape: Shape, c: Constants = DEFAULT) -> Estimate:
+    t, k = shape.micro_batch_tokens, max(0, min(shape.checkpointed, arch.layers))
+    full = layer_activation_bytes(arch, t, c, setup.dtype_bytes)
+    kept = t * c.ckpt_h * arch.hidden * setup.dtype_bytes
+    acts = (arch.layers - k) * full + k * kept + (c.transient_layers * full if k else 0.0)
+    loss = t * (c.fused_loss_h * arch.hidden if setup.fused_loss else c.unfused_loss_v * arch.vocab)
+    weights = weight_bytes(arch, setup)
+    lora = lora_params(arch, setup.r, setup.targets) * LORA_BYTES_PER_PARAM
+    allocated = weights + lora + acts + loss
+    return Estimate(weights, lora, acts, loss, allocated * c.alloc_frac + c.context_bytes)
+
+
+def usable_limit(card_bytes: float, c: Constants = DEFAULT) -> float:
+    """The allocated bytes a card of `card_bytes` leaves for a step: minus the CUDA context, minus the
+    headroom the worker keeps when it chooses (remote_worker.calibrate)."""
+    usable = card_bytes - c.context_bytes
+    return usable - max(MIN_HEADROOM_BYTES, usable * HEADROOM)
+
+
+def fits(arch: Arch, setup: Setup, shape: Shape, card_bytes: float, c: Constants = DEFAULT) -> bool:
+    """What the calibration accepts: allocated bytes (weights, LoRA state, activations, loss head) within
+    the usable memory less the headroom."""
+    return estimate(arch, setup, shape, c).allocated <= usable_limit(card_bytes, c)
+
+
+# --- speed ---------------------------------------------------------------------------------------
+
+
+def flops_per_token(arch: Arch, setup: Setup, shape: Shape, c: Constants = DEFAULT) -> float:
+    """FLOP a trained token costs: 4·N (forward and input gradients; frozen base weights get no gradient),
+    the recomputed forwards of checkpointed layers, causal attention, and LoRA's own small matmuls."""
+    k = max(0, min(shape.checkpointed, arch.layers))
+    seq = max(1.0, min(setup.mean_seq, shape.micro_batch_tokens))
+    attn_fwd = 2.0 * seq * arch.q_dim  # QK^T and PV over a causal half: 2·(2·s·d)/2 a layer
+    layer_fwd = 2.0 * arch.layer_params + attn_fwd
+    lora = 6.0 * lora_params(arch, setup.r, setup.targets)  # fwd, input and weight gradients
+    base = arch.layers * (2 * layer_fwd + attn_fwd) + 4.0 * arch.vocab * arch.hidden + lora
+    return base + k * layer_fwd * c.recompute_cost
+
+
+def dequant_seconds(arch: Arch, setup: Setup, shape: Shape, bandwidth: float, c: Constants = DEFAULT) -> float:
+    """Seconds a micro-batch spends dequantizing nf4 weights (zero at bits = 16)."""
+    if setup.bits != 4:
+        return 0.0
+    k = max(0, min(shape.checkpointed, arch.layers))
+    passes = 2 * arch.layers + k  # forward, backward, and the recompute of checkpointed layers
+    return passes * arch.layer_params * (NF4_BYTES + 2) / (bandwidth * c.bw_efficiency)
+
+
+def tokens_per_s(
+    arch: Arch, setup: Setup, shape: Shape, tflops: float, bandwidth: float, c: Constants = DEFAULT
+) -> float:
+    """Predicted trained tokens a second on a card of `tflops` dense bf16 TFLOP/s and `bandwidth` bytes/s."""
+    t = shape.micro_batch_tokens
+    seconds = t * flops_per_token(arch, setup, shape, c) / (tflops * 1e12 * c.efficiency)
+    seconds += dequant_seconds(arch, setup, shape, bandwidth, c)
+    return t / seconds
+
+
+# --- the shape the worker would choose --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Choice:
+    shape: Shape
+    estimate: Estimate
+    tokens_per_s: float
+    fits: bool
+
+
+def sizes_for(max_length: int, micro_batch_tokens: int = 0) -> list[int]:
+    if micro_batch_tokens:
+        return [micro_batch_tokens]
+    return [t for t in SIZES if t >= max_length] or [max_length]
+
+
+def layer_options(arch: Arch, mode: str) -> list[int]:
+    """Checkpointed-layer counts `train.gradient_checkpointing` allows: on = all, off = none, auto = any."""
+    return {"on": [arch.layers], "off": [0]}.get(mode, list(range(arch.layers + 1)))
+
+
+def fewest_checkpointed(
+    arch: Arch, setup: Setup, tokens: int, card_bytes: float, options: Iterable[int], c: Constants = DEFAULT
+) -> int | None:
+    """The fewest checkpointed layers among `options` with which `tokens` fit (fewer recompute less)."""
+    for k in sorted(options):
+        if fits(arch, setup, Shape(tokens, k), card_bytes, c):
+            return k
+    return None
+
+
+def candidates(
+    arch: Arch, setup: Setup, card_bytes: float, sizes: Sequence[int], mode: str = "auto", c: Constants = DEFAULT
+) -> list[Shape]:
+    """Shapes predicted to fit, one per size (its fewest checkpointed layers), fastest first by prediction
+    with a unit rate (the card's rate scales every shape alike; only dequantization differs)."""
+    found = []
+    for t in sizes:
+        k = fewest_checkpointed(arch, setup, t, card_bytes, layer_options(arch, mode), c)
+        if k is not None:
+            found.append(Shape(t, k))
+    return sorted(found, key=lambda s: -tokens_per_s(arch, setup, s, 1000.0, 4e12, c))
+
+
+def choose(
+    arch: Arch,
+    setup: Setup,
+    card_bytes: float,
+    tflops: float,
+    bandwidth: float,
+    sizes: Sequence[int],
+    mode: str = "auto",
+    c: Constants = DEFAULT,
+) -> Choice:
+    """The shape the worker's calibration is predicted to pick on this card: the fastest predicted to fit.
+    When none fits, the least-memory shape allowed, with fits = False."""
+    best: Choice | None = None
+    for t in sizes:
+        k = fewest_checkpointed(arch, setup, t, card_bytes, layer_options(arch, mode), c)
+        if k is None:
+            continue
+        shape = Shape(t, k)
+        speed = tokens_per_s(arch, setup, shape, tflops, bandwidth, c)
+        if best is None or speed > best.tokens_per_s:
+            best = Choice(shape, estimate(arch, setup, shape, c), speed, True)
+    if best is not None:
+        return best
+    shape = Shape(min(sizes), max(layer_options(arch, mode)))
+    return Choice(shape, estimate(arch, setup, shape, c), tokens_per_s(arch, setup, shape, tflops, bandwidth, c), False)
+
+
+def with_constants(values: dict) -> Constants:
+    """Constants from a dict (a fit's output); unknown keys are ignored."""
+    known = {f for f in Constants.__dataclass_fields__}
+    return replace(DEFAULT, **{k: float(v) for k, v in values.items() if k in known})
+
+
+def gb(n: float) -> float:
+    return math.floor(n / GB * 10 + 0.5) / 10
+
+
+__all__ = [
+    "Arch", "Setup", "Shape", "Estimate", "Constants", "Choice", "DEFAULT", "estimate", "fits", "tokens_per_s",
+    "choose", "candidates", "lora_params", "usable_limit", "flops_per_token", "with_constants",
+]  # fmt: skip
