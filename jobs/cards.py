@@ -46,6 +46,7 @@ class Card:
     source: str  # of the hardware figures
     price_source: str
     aliases: tuple[str, ...] = ()  # what nvidia-smi / torch call it, lower case, without "nvidia"
+    family: str = ""  # cards of one family differ by memory only (a 24 or 48 GB 4090)
 
     @property
     def memory_bytes(self) -> float:
@@ -57,19 +58,19 @@ class Card:
 
 
 CARDS: tuple[Card, ...] = (
-    Card("RTX 3090", 24, 71, 936, 1.5, GA102, f"{ANCHORS}: 1.3-1.7", ("geforce rtx 3090", "rtx 3090", "3090")),
+    Card("RTX 3090", 24, 71, 936, 1.5, GA102, f"{ANCHORS}: 1.3-1.7", ("geforce rtx 3090", "rtx 3090", "3090"), family="3090"),
     Card("RTX 4090", 24, 165.2, 1008, 2.0, AD102, f"{ANCHORS}: 2.0-2.2; §4: 1.9-2.0",
-         ("geforce rtx 4090", "rtx 4090", "4090")),
+         ("geforce rtx 4090", "rtx 4090", "4090"), family="4090"),
     Card("RTX 4090 48GB", 48, 165.2, 1008, None, f"{AD102}; 48 GB: modified boards rented in China", NO_PRICE,
-         ("geforce rtx 4090 48gb", "rtx 4090 48gb", "4090 48gb")),
+         ("geforce rtx 4090 48gb", "rtx 4090 48gb", "4090 48gb"), family="4090"),
     Card("L20", 48, 119.5, 864, 2.9, L20, f"{ANCHORS}: 2.9", ("l20",)),
-    Card("A100 40GB", 40, 312, 1555, None, A100, NO_PRICE, ("a100-pcie-40gb", "a100-sxm4-40gb", "a100 40gb")),
+    Card("A100 40GB", 40, 312, 1555, None, A100, NO_PRICE, ("a100-pcie-40gb", "a100-sxm4-40gb", "a100 40gb"), family="a100"),
     Card("A100 80GB", 80, 312, 1935, None, A100, NO_PRICE,
-         ("a100-pcie-80gb", "a100-sxm4-80gb", "a100 80gb", "a100 80gb pcie")),
+         ("a100-pcie-80gb", "a100-sxm4-80gb", "a100 80gb", "a100 80gb pcie"), family="a100"),
     Card("A800 40GB", 40, 312, 1555, None, f"{A100}; A800: A100 compute, slower NVLink", NO_PRICE,
-         ("a800-pcie-40gb", "a800 40gb")),
+         ("a800-pcie-40gb", "a800 40gb"), family="a800"),
     Card("A800 80GB", 80, 312, 1935, 5.0, f"{A100}; A800: A100 compute, slower NVLink", f"{ANCHORS}: 5.0",
-         ("a800-sxm4-80gb", "a800 80gb pcie", "a800-pcie-80gb", "a800 80gb", "a800")),
+         ("a800-sxm4-80gb", "a800 80gb pcie", "a800-pcie-80gb", "a800 80gb", "a800"), family="a800"),
     Card("H20", 96, 148, 4000, None, H20, NO_PRICE, ("h20",)),
     Card("H800", 80, 989, 3350, 10.5, H100, f"{ANCHORS}: 10.5", ("h800", "h800 pcie")),
     Card("H200", 141, 989, 4800, None, H200, "not rented on AutoDL as far as known; the benches' card", ("h200",)),
@@ -124,6 +125,8 @@ def find(name: str, cards: list[Card], memory_gb: float | None = None) -> Card |
     if not hits:
         hits = [c for c in cards if any(a in key for a in c.aliases) or _key(c.name) in key]
     if memory_gb is not None and hits:
+        families = {c.family for c in hits if c.family}
+        hits += [c for c in cards if c.family in families and c not in hits]
         return min(hits, key=lambda c: abs(c.memory_gb - memory_gb))
     if not hits:
         return None

@@ -1,0 +1,218 @@
+"""The plan before renting: jobs.memory against the anchors' GPU measurements, the card table, config.json
+from a path or a (loopback) hub, `autodl-run plan` and `check --gpu`, offline and without torch."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from jobfiles import cli, write_job
+
+from client.plan import config as configs
+from jobs import cards, memory
+
+CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+# Parameter counts as their model cards publish them (billions), biases and norms aside.
+PUBLISHED_B = {
+    "qwen2.5-0.5b": 0.49, "qwen2.5-7b": 7.61, "qwen2.5-14b": 14.7, "qwen2.5-32b": 32.5, "qwen2.5-72b": 72.7,
+    "llama-3-8b": 8.03, "llama-3-70b": 70.6, "glm-4-9b": 9.4,
+}  # fmt: skip
+
+
+def arch(name: str) -> memory.Arch:
+    return memory.Arch.from_config(json.loads((CONFIGS / f"{name}.json").read_text()))
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_B))
+def test_the_fixtures_are_the_published_architectures(name: str) -> None:
+    assert arch(name).params / 1e9 == pytest.approx(PUBLISHED_B[name], rel=0.02)
+
+
+def test_chatglm_names_read_like_the_hf_ones() -> None:
+    glm = {"hidden_size": 4096, "ffn_hidden_size": 13696, "num_layers": 40, "num_attention_heads": 32,
+           "multi_query_group_num": 2, "padded_vocab_size": 151552, "kv_channels": 128, "seq_length": 131072}
+    assert memory.Arch.from_config(glm) == memory.replace(arch("glm-4-9b"), model_type="") if hasattr(
+        memory, "replace") else memory.Arch.from_config(glm).params == arch("glm-4-9b").params
+    with pytest.raises(ValueError, match="intermediate_size"):
+        memory.Arch.from_config({"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1, "vocab_size": 8})
+
+
+SHORT = memory.Setup(mean_seq=250)
+
+
+@pytest.mark.parametrize(
+    "name, tokens, ckpt, measured_gb",
+    [  # shared/anchors.md §6: one H200 capped by torch's allocator; 7B and 14B, nf4, all-linear r=16, fused loss
+        ("qwen2.5-7b", 8192, 0, 42.8),
+        ("qwen2.5-7b", 16384, 28, 12.1),
+        ("qwen2.5-14b", 16384, 48, 20.7),
+    ],
+)
+def test_peak_memory_is_within_ten_percent_of_the_anchors(name, tokens, ckpt, measured_gb) -> None:
+    e = memory.estimate(arch(name), SHORT, memory.Shape(tokens, ckpt))
+    assert e.allocated / 1e9 == pytest.approx(measured_gb, rel=0.10)
+
+
+def test_each_checkpointed_layer_saves_memory_and_costs_speed() -> None:
+    a = arch("qwen2.5-7b")
+    peaks = [memory.estimate(a, SHORT, memory.Shape(16384, k)).allocated for k in range(1, a.layers + 1)]
+    speeds = [memory.tokens_per_s(a, SHORT, memory.Shape(16384, k), 989, 4.8e12) for k in range(1, a.layers + 1)]
+    assert peaks == sorted(peaks, reverse=True) and speeds == sorted(speeds, reverse=True)
+
+
+def test_the_worker_uses_the_whole_card_with_partial_checkpointing() -> None:
+    """Anchors §6: 7B rows of ~6k tokens on 40 GB trained in 12 GB of 40 with every layer checkpointed, since
+    none needs 46 GB. The plan's choice checkpoints only some layers and uses most of the card."""
+    a, long_rows = arch("qwen2.5-7b"), memory.Setup(mean_seq=6000)
+    c = memory.choose(a, long_rows, 40e9, 989, 4.8e12, memory.sizes_for(8192))
+    assert c.fits and 0 < c.shape.checkpointed < a.layers
+    assert 30e9 < c.estimate.allocated <= memory.usable_limit(40e9)
+    none = memory.estimate(a, long_rows, memory.Shape(8192, 0)).allocated
+    assert none > memory.usable_limit(40e9)  # no checkpointing does not fit, as measured
+    assert memory.choose(a, long_rows, 40e9, 989, 4.8e12, [8192], "on").shape.checkpointed == a.layers
+
+
+def test_a_72b_model_in_16_bits_fits_no_card() -> None:
+    c = memory.choose(arch("qwen2.5-72b"), memory.Setup(bits=16), 141e9, 989, 4.8e12, [4096])
+    assert not c.fits and c.shape.checkpointed == 80
+
+
+def test_cards_are_found_by_what_nvidia_smi_reports() -> None:
+    table = cards.table()
+    assert cards.find("NVIDIA GeForce RTX 4090", table, 25.4).name == "RTX 4090"
+    assert cards.find("NVIDIA GeForce RTX 4090", table, 51.0).name == "RTX 4090 48GB"
+    assert cards.find("NVIDIA A800 80GB PCIe", table, 85.0).name == "A800 80GB"
+    assert cards.find("NVIDIA A100-SXM4-40GB", table).name == "A100 40GB"
+    assert cards.find("no such card", table) is None
+    odd = cards.measured("Tesla X9", 30.0, table)
+    assert odd.memory_gb == 30.0 and odd.price_per_hour is None
+    assert all(c.source and c.price_source for c in table)
+
+
+def test_the_users_cards_file_overrides_and_adds(autodl_home: Path) -> None:
+    from client.errors import SpecError
+    from client.plan import load_cards
+
+    (autodl_home / "cards.toml").write_text(
+        '[cards."RTX 4090"]\nprice_per_hour = 1.23\n[cards."Mine"]\nmemory_gb = 32\nbf16_tflops = 100\n'
+        "bandwidth_gbs = 1000\nprice_per_hour = 3\n"
+    )
+    table = load_cards(autodl_home)
+    assert cards.find("RTX 4090", table).price_per_hour == 1.23
+    assert cards.find("RTX 4090", table).price_source.endswith("cards.toml")
+    assert cards.find("Mine", table).memory_gb == 32
+    (autodl_home / "cards.toml").write_text('[cards."Other"]\nmemory_gb = 32\n')
+    with pytest.raises(SpecError, match="cards.toml"):
+        load_cards(autodl_home)
+
+
+@pytest.fixture
+def hub(tmp_path: Path):
+    """A loopback HTTP server laid out like the hub: /{repo}/resolve/main/config.json; `hits` counts GETs."""
+    root = tmp_path / "hub" / "Org" / "Model-7B" / "resolve" / "main"
+    root.mkdir(parents=True)
+    (root / "config.json").write_text((CONFIGS / "qwen2.5-7b.json").read_text())
+    hits: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(tmp_path / "hub"), **kw)
+
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", hits
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_hub_config_is_fetched_once_then_cached(hub, tmp_path: Path) -> None:
+    url, hits = hub
+    cache = tmp_path / "cache"
+    urls = [f"{url}/Org/Missing/resolve/main/config.json", f"{url}/Org/Model-7B/resolve/main/config.json"]
+    cfg = configs.fetch("Org/Model-7B", None, urls, cache, timeout=5)
+    assert memory.Arch.from_config(cfg) == arch("qwen2.5-7b")
+    assert len(hits) == 2  # the first URL answered 404, the second the config
+    assert configs.fetch("Org/Model-7B", None, urls, cache, timeout=5) == cfg
+    assert len(hits) == 2  # from the cache
+    with pytest.raises(configs.ConfigError, match="cannot fetch"):
+        configs.fetch("Org/Other", None, [f"{url}/Org/Other/resolve/main/config.json"], cache, timeout=5)
+
+
+def test_hub_urls_try_the_endpoint_the_mirror_and_modelscope(monkeypatch) -> None:
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    urls = configs.hub_urls("Qwen/Qwen2.5-7B-Instruct", None, "http://mirror.example")
+    assert urls[0] == "http://mirror.example/Qwen/Qwen2.5-7B-Instruct/resolve/main/config.json"
+    assert any("hf-mirror.com" in u for u in urls) and "modelscope.cn" in urls[-1]
+
+
+def plan_job(tmp_path: Path, *, model: str = "Org/Model-7B", bits: int = 4, rows: int = 64) -> Path:
+    instance = {"ssh": "ssh -p 38076 root@region-41.autodl.com"}
+    return write_job(tmp_path / "job", model=model, instance=instance, rows=rows, bits=bits,
+                     data={"max_length": 2048}, train={"device": "auto", "max_steps": 0, "epochs": 2})  # fmt: skip
+
+
+def test_plan_prints_every_card_and_the_cheapest_that_fits(tmp_path: Path) -> None:
+    job = plan_job(tmp_path)
+    out = json.loads(cli("plan", str(job), "--config", str(CONFIGS / "qwen2.5-7b.json"), "--json").stdout)
+    names = [c["card"] for c in out["cards"]]
+    assert {"RTX 3090", "RTX 4090", "L20", "A800 80GB", "H800"} <= set(names)
+    assert all(c["fits"] for c in out["cards"])
+    priced = [c for c in out["cards"] if c["cny"] is not None]
+    assert out["cheapest"] == min(priced, key=lambda c: c["cny"])["card"]
+    assert out["tokens"]["total"] > 0 and out["tokens"]["epochs"] == 2
+    text = cli("plan", str(job), "--config", str(CONFIGS / "qwen2.5-7b.json"), "--gpu", "RTX 4090").stdout
+    assert "RTX 4090" in text and "cheapest that fits: RTX 4090" in text and "L20" not in text
+
+
+def test_plan_reads_the_config_from_the_hub_endpoint(tmp_path: Path, hub) -> None:
+    url, hits = hub
+    job = plan_job(tmp_path)
+    text = job.read_text().replace('[instance]\n', f'[instance]\nhf_endpoint = "{url}"\n')
+    job.write_text(text)
+    out = json.loads(cli("plan", str(job), "--gpu", "L20", "--json").stdout)
+    assert out["layers"] == 28 and hits[0] == "/Org/Model-7B/resolve/main/config.json"
+
+
+def test_when_nothing_fits_the_plan_says_what_to_change(tmp_path: Path) -> None:
+    job = plan_job(tmp_path, bits=16)
+    out = json.loads(cli("plan", str(job), "--config", str(CONFIGS / "qwen2.5-32b.json"), "--gpu", "RTX 4090",
+                         "--gpu", "L20", "--json").stdout)  # fmt: skip
+    assert out["cheapest"] is None and not any(c["fits"] for c in out["cards"])
+    assert any("quant.bits = 4" in a for a in out["advice"])
+
+
+def test_check_gpu_refuses_a_run_that_cannot_fit(tmp_path: Path) -> None:
+    job = plan_job(tmp_path, bits=16)
+    res = cli("check", str(job), "--gpu", "RTX 3090", "--config", str(CONFIGS / "qwen2.5-14b.json"), check=False)
+    assert res.returncode == 5, res.stderr
+    assert "does not fit" in res.stderr and "quant.bits = 4" in res.stderr
+    ok = cli("check", str(job), "--gpu", "RTX 3090", "--config", str(CONFIGS / "qwen2.5-0.5b.json"), "--json")
+    assert json.loads(ok.stdout)["plan"]["cards"][0]["fits"] is True
+
+
+def test_plan_never_imports_torch(tmp_path: Path) -> None:
+    job = plan_job(tmp_path)
+    code = (
+        "import sys\nfrom client.cli import app\n"
+        f"app([ 'plan', {str(job)!r}, '--config', {str(CONFIGS / 'qwen2.5-14b.json')!r}, '--json'],"
+        " standalone_mode=False)\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', file=sys.stderr)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stderr.strip().endswith("NO-TORCH")
+    assert json.loads(res.stdout)["layers"] == 48
