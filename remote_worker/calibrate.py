@@ -13,6 +13,14 @@ Why measure rather than guess (docs/benchmarks.md, random Qwen2.5-7B, nf4, all-l
 What fits depends on the model, the LoRA targets, max_length and the card. The speed of each
 shape depends on the card too.
 
+Partial checkpointing uses the whole card: a shape may checkpoint only its first `layers` decoder layers,
+as many as memory requires (a 40 GB card trained 7B on rows of ~6k tokens with every layer checkpointed
+in 12 GB of its 40, because none checkpointed needed 46: shared/anchors.md §6). On CUDA, with
+`gradient_checkpointing = "auto"`, jobs.memory (the model `autodl-run plan` uses) predicts for each size
+the fewest checkpointed layers that fit; those shapes join the candidates, shapes predicted to need far
+more than the card has are not run, and what is predicted fastest is measured first (`guide`). The
+measurement decides.
+
 A shape given in full (both settings fixed) is still run once: if it does not fit, the job fails
 now, naming the settings to change, rather than hours into a paid run.
 
@@ -28,13 +36,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from jobs import memory
 from jobs.spec import TrainSpec
 from remote_worker import WorkerError
 
-SIZES = (16384, 8192, 4096)  # tokens tried when micro_batch_tokens = 0 (at least max_length)
+SIZES = memory.SIZES  # tokens tried when micro_batch_tokens = 0 (at least max_length)
 BUDGET_S = 90.0  # stop timing more shapes after this, once one fits
-HEADROOM = 0.06  # of the usable memory, kept free: fragmentation, evaluation, saving
-MIN_HEADROOM_BYTES = 1 << 30
+HEADROOM = memory.HEADROOM  # of the usable memory, kept free: fragmentation, evaluation, saving
+MIN_HEADROOM_BYTES = memory.MIN_HEADROOM_BYTES
+PRUNE_OVER = 1.3  # a shape predicted to need this much more than the limit is not run
 ENV_MEMORY_CAP = "AUTODL_RUN_GPU_MEMORY_GB"
 
 
@@ -46,9 +56,19 @@ class DoesNotFit(WorkerError):
 class Shape:
     micro_batch_tokens: int
     checkpointing: bool
+    layers: int | None = None  # with checkpointing: only the first `layers` decoder layers (None: all)
 
     def label(self) -> str:
+        if self.checkpointing and self.layers is not None:
+            return f"{self.micro_batch_tokens:,} tokens, checkpointing {self.layers} layers"
         return f"{self.micro_batch_tokens:,} tokens, checkpointing {'on' if self.checkpointing else 'off'}"
+
+    @property
+    def checkpointed(self) -> float:
+        """How many layers recompute: 0 off, `layers` partial, infinity for all (whatever their number)."""
+        if not self.checkpointing:
+            return 0
+        return float("inf") if self.layers is None else self.layers
 
 
 @dataclass
@@ -73,12 +93,43 @@ class Choice:
 
 def candidates(train: TrainSpec, max_length: int) -> list[Shape]:
     """The shapes to measure, checkpointing off first, larger micro-batches first."""
-    if train.micro_batch_tokens:
-        sizes = [train.micro_batch_tokens]
-    else:
-        sizes = [t for t in SIZES if t >= max_length] or [max_length]
+    sizes = memory.sizes_for(max_length, train.micro_batch_tokens)
     modes = {"on": [True], "off": [False], "auto": [False, True]}[train.gradient_checkpointing]
     return [Shape(t, c) for c in modes for t in sizes]
+
+
+def to_memory_shape(shape: Shape, layers: int) -> memory.Shape:
+    k = 0 if not shape.checkpointing else (layers if shape.layers is None else shape.layers)
+    return memory.Shape(shape.micro_batch_tokens, k)
+
+
+def guide(
+    shapes: Sequence[Shape], arch: memory.Arch, setup: memory.Setup, usable_bytes: int | None, mode: str = "auto"
+) -> list[Shape]:
+    """The shapes to measure on a card of `usable_bytes`, as jobs.memory predicts them: with "auto"
+    checkpointing, each size also gets the partial shape with the fewest checkpointed layers predicted to
+    fit; shapes predicted to need over PRUNE_OVER x the limit are dropped (the least-memory one is kept);
+    those predicted to fit first, fastest first. Unchanged where memory is unknown (the CPU)."""
+    if usable_bytes is None or not shapes:
+        return list(shapes)
+    out = list(shapes)
+    card = usable_bytes + memory.DEFAULT.context_bytes  # usable_limit takes a card's whole memory
+    if mode == "auto":
+        for t in dict.fromkeys(s.micro_batch_tokens for s in shapes):
+            k = memory.fewest_checkpointed(arch, setup, t, card, range(1, arch.layers))
+            if k is not None:
+                out.append(Shape(t, True, k))
+    limit = memory.usable_limit(card)
+
+    def need(s: Shape) -> float:
+        return memory.estimate(arch, setup, to_memory_shape(s, arch.layers)).allocated
+
+    smallest = min(out, key=need)
+    out = [s for s in out if s == smallest or need(s) <= limit * PRUNE_OVER]
+    def speed(s: Shape) -> float:
+        return memory.tokens_per_s(arch, setup, to_memory_shape(s, arch.layers), 1000.0, 4e12)
+
+    return sorted(out, key=lambda s: (need(s) > limit, -speed(s)))
 
 
 def choose(
@@ -92,8 +143,8 @@ def choose(
     """The fastest shape whose peak plus `state_bytes` (the optimizer's) fits `usable_bytes`.
 
     `measure(shape, timed)` runs the passes and returns a Trial (oom=True when it ran out of memory).
-    A shape is skipped without a run when a shape already found to fit is at least as large with
-    checkpointing off while it has it on (that one is faster). With one shape only, memory alone
+    A shape is skipped without a run when a shape already found to fit is at least as large and
+    checkpoints fewer layers (that one is faster). With one shape only, memory alone
     decides: the headroom applies to choices, not to what the user fixed.
     """
     headroom = 0 if usable_bytes is None else max(MIN_HEADROOM_BYTES, int(usable_bytes * HEADROOM))
@@ -106,9 +157,7 @@ def choose(
         if fitting and clock() - t0 > budget_s:
             break
         if any(
-            not f.shape.checkpointing
-            and shape.checkpointing
-            and f.shape.micro_batch_tokens >= shape.micro_batch_tokens
+            f.shape.checkpointed < shape.checkpointed and f.shape.micro_batch_tokens >= shape.micro_batch_tokens
             for f in fitting
         ):
             continue
@@ -187,8 +236,17 @@ def is_checkpointing(model) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in base.modules())
 
 
-def set_checkpointing(model, on: bool) -> None:
-    """Non-reentrant gradient checkpointing on (with input grads, which it needs) or off.
+def decoder_layers(model) -> list:
+    """The layers transformers can checkpoint (its GradientCheckpointingLayer), in model order."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in _base(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def set_checkpointing(model, on: bool, layers: int | None = None) -> None:
+    """Non-reentrant gradient checkpointing on (with input grads, which it needs) or off; with `layers`,
+    only the first `layers` decoder layers are checkpointed (partial checkpointing: the others keep their
+    activations, and recompute nothing).
 
     transformers >= 5.2x names it activation checkpointing and warns on the old names.
     """
@@ -208,6 +266,9 @@ def set_checkpointing(model, on: bool) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if getattr(base, "_require_grads_hook", None) is None:
         base.enable_input_require_grads()
+    if layers is not None:
+        for i, layer in enumerate(decoder_layers(base)):
+            layer.gradient_checkpointing = i < layers
 
 
 def worst_row(sequences, tokens: int, build_row: Callable) -> tuple[dict, int]:
@@ -247,7 +308,7 @@ def measurer(model, sequences, build_row: Callable, dtype) -> Callable[[Shape, b
         del loss
 
     def measure(shape: Shape, timed: bool) -> Trial:
-        set_checkpointing(model, shape.checkpointing)
+        set_checkpointing(model, shape.checkpointing, shape.layers)
         row, real = worst_row(
             ordered, shape.micro_batch_tokens, lambda seqs: build_row(seqs, shape.micro_batch_tokens)
         )
@@ -288,23 +349,34 @@ def optimizer_state_bytes(model) -> int:
     return sum(2 * 4 * p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def calibrate(model, shapes: Sequence[Shape], sequences, build_row: Callable, dtype) -> Choice:
+def arch_of(model) -> memory.Arch | None:
+    """jobs.memory's view of the model (None when its config is not a decoder jobs.memory knows)."""
+    try:
+        return memory.Arch.from_config(_base(model).config.to_dict())
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def calibrate(
+    model, shapes: Sequence[Shape], sequences, build_row: Callable, dtype,
+    setup: memory.Setup | None = None, mode: str = "auto",
+) -> Choice:  # fmt: skip
     """Measure the shapes the spec leaves open, leave the model set up for the best one.
 
     On the GPU memory and speed decide; elsewhere (tests) memory is not known and speed alone does.
+    With `setup` (the job's bits, LoRA and loss head), the shapes are first guided by jobs.memory (`guide`).
     """
     import torch
 
     cuda = next(p.device for p in model.parameters()).type == "cuda"
     was_training = model.training
     model.train()
-    choice = choose(
-        shapes,
-        measurer(model, sequences, build_row, dtype),
-        usable_memory() if cuda else None,
-        optimizer_state_bytes(model),
-    )
-    set_checkpointing(model, choice.shape.checkpointing)
+    usable = usable_memory() if cuda else None
+    arch = arch_of(model) if setup is not None else None
+    if arch is not None and setup is not None:
+        shapes = guide(shapes, arch, setup, usable, mode)
+    choice = choose(shapes, measurer(model, sequences, build_row, dtype), usable, optimizer_state_bytes(model))
+    set_checkpointing(model, choice.shape.checkpointing, choice.shape.layers)
     model.train(was_training)
     if cuda:
         torch.cuda.reset_peak_memory_stats()

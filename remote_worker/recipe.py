@@ -8,7 +8,9 @@ Choices, each from a measurement (shared/anchors.md):
   bitsandbytes, which runs nf4 on the CPU. bits = 16: plain LoRA on the unquantized model.
 - The micro-batch size and gradient checkpointing (non-reentrant): on CUDA, what the spec leaves
   open (micro_batch_tokens = 0, gradient_checkpointing = "auto") is measured on the card before
-  training, and the fastest shape that fits is used (remote_worker.calibrate). On the CPU:
+  training, and the fastest shape that fits is used (remote_worker.calibrate), checkpointing only
+  as many decoder layers as memory requires (partial checkpointing, guided by jobs.memory). A resumed
+  run with a partial shape checkpoints every layer (its checkpoint records on/off only). On the CPU:
   max_length tokens, and "auto" checkpointing is off.
 - Padding-free packing (remote_worker.data) with `use_cache` off: a KV cache, which the model
   makes by default even in training, turns off the packed-sequence mask in transformers 5 and
@@ -49,7 +51,7 @@ from transformers import (
     set_seed,
 )
 
-from jobs import autodl
+from jobs import autodl, memory
 from jobs.events import Done, EventWriter, Phase
 from jobs.layout import JobPaths
 from jobs.manifest import write_manifest
@@ -338,9 +340,20 @@ def choose_batch_shape(model, spec: JobSpec, machine: Probe, checkpointing: bool
     def build_row(seqs, tokens):  # as the training rows are built on CUDA: filled to the micro-batch
         return data.micro_batch(seqs, spec.train.packing, pad_id, pad_to=tokens, varlen=paths.varlen_batches)
 
-    choice = calibrate.calibrate(model, shapes, sequences, build_row, machine.torch_dtype)
+    choice = calibrate.calibrate(model, shapes, sequences, build_row, machine.torch_dtype,
+                                 setup=memory_setup(spec, paths), mode=spec.train.gradient_checkpointing)
     phase("calibrating", choice.note)
     return choice.shape.micro_batch_tokens, choice.shape.checkpointing, choice.note
+
+
+def memory_setup(spec: JobSpec, paths) -> memory.Setup:
+    """The job as jobs.memory sees it, for the calibration's guess of which shapes fit (the fused loss head
+    is on when Liger's patches are)."""
+    targets = spec.lora.target_modules
+    return memory.Setup(
+        bits=spec.quant.bits, r=spec.lora.r, targets=targets if isinstance(targets, str) else tuple(targets),
+        fused_loss=str(getattr(paths, "liger", "off")).startswith("on"),
+    )
 
 
 def use_gradient_checkpointing(setting: str, device: str, params: int) -> bool:
