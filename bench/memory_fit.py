@@ -1,0 +1,418 @@
+#!/usr/bin/env python3
+"""The memory-model bench (issue 14): measure the worker's calibration grid on the GPU, fit jobs.memory's
+constants to it, and re-measure the worker's throughput with memory capped to a smaller card's.
+
+    python bench/memory_fit.py --out DIR [--archs 0.5b,7b,14b] [--budget_s 540]     the GPU run
+    python bench/memory_fit.py --smoke --out DIR                                    the same on the CPU, tiny
+    python bench/memory_fit.py --fit DIR_OR_JSONL [...] [--write constants.json]    fit (CPU, offline)
+
+The GPU run, one process an architecture (memory is given back between them), each time-boxed:
+1. a random-weight model built from tests/fixtures/configs/ (Qwen2.5 0.5B, 7B, 14B), saved with
+   bench/qlora_bench.py's tokenizer and loaded by the worker's own functions (recipe.build_model: nf4 with
+   double quant, all-linear LoRA r=16, fused LoRA, Liger and varlen attention where they import);
+2. the grid: for short rows (alpaca-like, median 200 tokens) and, for 7B, rows of ~6k tokens (max_length
+   8192): every (micro-batch tokens, checkpointed layers) case run by the calibration's own measurer
+   (remote_worker.calibrate.measurer: a warm-up pass, then one timed forward+backward of the worst row),
+   peak allocated + AdamW state, tokens/s, and the seconds the case took. Row kind "grid";
+3. capped runs (AUTODL_RUN_GPU_MEMORY_GB, enforced by torch.cuda.set_per_process_memory_fraction): the
+   worker's calibration (guided by jobs.memory, partial checkpointing) chooses a shape on the capped card,
+   then a few optimizer steps with that shape are timed (bench/qlora_bench.py's manual_run). Row kind
+   "capped": 7B long rows at 40 GB, 7B short rows at 24 GB, 14B short rows at 24 GB.
+
+Every row carries jobs.memory's prediction at the time it was written, and `case_s`. `--fit` fits the
+constants (least squares: activations from peaks; efficiency, recompute cost and per-pass cost from times)
+and prints predicted against measured for every grid row and, for caps of 24/40/48/80 GB, whether each
+shape fits (measured: peak <= cap) against what the model says.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import replace
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for p in (REPO, os.path.join(REPO, "bench")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import qlora_bench as qb  # noqa: E402  (its helpers: tokenizer, sequences, worker spec, manual loop, memory)
+
+from jobs import memory  # noqa: E402
+
+CONFIGS = os.path.join(REPO, "tests", "fixtures", "configs")
+ARCH_FILES = {"0.5b": "qwen2.5-0.5b.json", "7b": "qwen2.5-7b.json", "14b": "qwen2.5-14b.json"}
+TINY = dict(qb.ARCH["tiny"], num_hidden_layers=4)
+CAPS = (24, 40, 48, 80)
+# (arch, rows, cap GB): the capped worker runs
+CAPPED = (("7b", "long", 40), ("7b", "short", 24), ("14b", "short", 24))
+H200 = dict(tflops=989.0, bandwidth=4.8e12)  # jobs.cards' H200 figures: the card the grid ran on
+PAD, EOS = 999, 998
+
+
+def grid_cases(arch: str, layers: int, rows: str, smoke: bool) -> list[tuple[int, int]]:
+    """(micro-batch tokens, checkpointed layers) to measure: small on purpose (the run is time-boxed)."""
+    if smoke:
+        return [(t, k) for t in (128, 256) for k in (0, layers // 2, layers)]
+    sizes = (8192, 16384) if rows == "long" else (4096, 8192, 16384)
+    ks = (0, layers // 4, layers // 2, layers) if arch != "0.5b" else (0, layers)
+    return [(t, k) for t in sizes for k in ks]
+
+
+def row_lengths(rows: str, smoke: bool):
+    if smoke:
+        return 2048, (lambda n, seed: qb.gen_sequences(n, 2048, seed, max_len=100))
+    if rows == "long":
+        return 8192, long_sequences
+    return 2048, (lambda n, seed: qb.gen_sequences(n, 1000 + 151000, seed, max_len=2048))
+
+
+def long_sequences(n_tokens: int, seed: int, vocab: int = 152000):
+    """Rows of about 6k tokens (5,000-7,000, uniform): the anchors' long-row case (max_length 8192)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out, tot = [], 0
+    while tot < n_tokens:
+        n = int(torch.randint(5000, 7001, (1,), generator=g))
+        out.append(torch.randint(qb.FIRST_DATA_ID, vocab - 1, (n,), generator=g))
+        tot += n
+    return out
+
+
+def make_model(cfg: dict, out_dir: str) -> float:
+    """A random-weight Qwen2 of `cfg`, bf16, saved with qlora_bench's tokenizer; returns seconds."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    t = time.time()
+    if os.path.exists(os.path.join(out_dir, "made.json")):
+        return 0.0
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size", "max_position_embeddings", "tie_word_embeddings")  # fmt: skip
+    config = Qwen2Config(**{k: cfg[k] for k in keys}, rope_theta=1e6, rms_norm_eps=1e-6, pad_token_id=PAD,
+                         eos_token_id=EOS, bos_token_id=None)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(qb.dev()):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out_dir, max_shard_size="5GB")
+    qb.save_tokenizer(out_dir)
+    with open(os.path.join(out_dir, "made.json"), "w") as f:
+        json.dump({"params": sum(p.numel() for p in model.parameters())}, f)
+    del model
+    return time.time() - t
+
+
+def load_worker_model(model_dir: str, max_length: int, smoke: bool):
+    """The model as the worker builds it (recipe.build_model), and what the calibration needs beside it."""
+    from remote_worker import calibrate, fast, recipe
+    from remote_worker.probe import probe
+
+    spec = qb.ours_spec(model_dir, {"ckpt": None}, tokens=0, max_length=max_length)
+    if smoke:
+        spec = spec.model_copy(update={"quant": spec.quant.model_copy(update={"bits": 16})})
+    machine = probe("auto")
+    paths = fast.choose(model_dir, spec, machine)
+    model, _ = recipe.build_model(model_dir, spec, machine, paths)
+    setup = recipe.memory_setup(spec, paths)
+    return model, spec, machine, paths, setup, calibrate
+
+
+def emit(row: dict, out: str) -> None:
+    line = json.dumps(row)
+    print("RESULT " + line, flush=True)
+    with open(os.path.join(out, "rows.jsonl"), "a") as f:
+        f.write(line + "\n")
+
+
+def predicted(arch: memory.Arch, setup: memory.Setup, tokens: int, k: int, card=H200) -> dict:
+    shape = memory.Shape(tokens, k)
+    return {"pred_peak_gb": round(memory.estimate(arch, setup, shape).allocated / 1e9, 3),
+            "pred_tokens_per_s": round(memory.tokens_per_s(arch, setup, shape, card["tflops"], card["bandwidth"]))}
+
+
+def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool) -> None:
+    """Grid and capped runs of one architecture, in this process."""
+    import numpy as np
+    import torch
+
+    from remote_worker import data
+
+    t_end = time.time() + budget_s
+    cfg = dict(TINY) if smoke else json.load(open(os.path.join(CONFIGS, ARCH_FILES[name])))
+    arch = memory.Arch.from_config(cfg)
+    model_dir = os.path.join(os.environ.get("BENCH_MODELS", "/tmp/memfit_models"), name)
+    made_s = make_model(cfg, model_dir)
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    kinds = ["short", "long"] if (name == "7b" or smoke) else ["short"]
+    t0 = time.time()
+    longest = max(row_lengths(r, smoke)[0] for r in kinds)
+    model, spec, machine, paths, setup, calibrate = load_worker_model(model_dir, longest, smoke)
+    load_s = time.time() - t0
+    for rows in kinds:
+        max_length, gen = row_lengths(rows, smoke)
+        cases = grid_cases(name, arch.layers, rows, smoke)
+        seqs = [data.Seq(s.numpy(), np.ones(len(s), np.uint8)) for s in gen(max(t for t, _ in cases) * 3, 0)]
+        setup_r = memory.Setup(bits=setup.bits, r=setup.r, targets=setup.targets, fused_loss=setup.fused_loss,
+                               mean_seq=sum(len(s.ids) for s in seqs) / len(seqs))  # fmt: skip
+
+        def build_row(chosen, tokens, paths=paths):
+            return data.micro_batch(chosen, True, PAD, pad_to=tokens, varlen=paths.varlen_batches)
+
+        measure = calibrate.measurer(model, seqs, build_row, machine.torch_dtype)
+        state = calibrate.optimizer_state_bytes(model)
+        for tokens, k in cases:
+            if time.time() > t_end - 20:
+                emit({"kind": "skipped", "arch": name, "rows": rows, "tokens": tokens, "checkpointed": k}, out)
+                continue
+            tc = time.time()
+            shape = calibrate.Shape(tokens, k > 0, None if k in (0, arch.layers) else k)
+            try:
+                trial = measure(shape, True)
+                err = None
+            except Exception as exc:  # noqa: BLE001  (a bench row says what went wrong)
+                trial, err = None, f"{type(exc).__name__}: {exc}"[:300]
+            row = {"kind": "grid", "arch": name, "rows": rows, "card": card, "layers": arch.layers,
+                   "tokens": tokens, "checkpointed": k, "real_tokens": trial.tokens if trial else None,
+                   "oom": bool(trial and trial.oom), "error": err,
+                   "peak_gb": round((trial.peak_bytes + state) / 1e9, 3) if trial and trial.peak_bytes else None,
+                   "seconds": trial.seconds if trial else None,
+                   "tokens_per_s": round(trial.tokens_per_s) if trial and trial.seconds else None,
+                   "mean_seq": round(setup_r.mean_seq), "fused_loss": setup_r.fused_loss, "bits": setup_r.bits,
+                   "case_s": round(time.time() - tc, 2), "make_s": round(made_s, 1), "load_s": round(load_s, 1),
+                   **predicted(arch, setup_r, tokens, k)}  # fmt: skip
+            emit(row, out)
+        for a, r, cap in CAPPED if not smoke else (("tiny", "short", None),):
+            if a != (name if not smoke else "tiny") or r != rows:
+                continue
+            if time.time() > t_end - 60:
+                emit({"kind": "skipped", "arch": name, "rows": rows, "cap_gb": cap}, out)
+                continue
+            emit(capped_run(model, seqs, build_row, machine, setup_r, calibrate, name, rows, cap, card), out)
+    if not keep and not smoke:
+        shutil.rmtree(model_dir, ignore_errors=True)
+
+
+def capped_run(model, seqs, build_row, machine, setup, calibrate, name, rows, cap, card) -> dict:
+    """The worker's calibration on a card of `cap` GB (guided, partial checkpointing), then timed steps."""
+    import torch
+
+    from remote_worker import data
+
+    tc = time.time()
+    if cap:
+        os.environ[calibrate.ENV_MEMORY_CAP] = str(cap)
+    calibrate.BUDGET_S = 40.0  # the bench's time box; the worker's own budget is 90 s
+    sizes = memory.sizes_for(8192 if rows == "long" else 2048) if cap else [256, 128]
+    shapes = [calibrate.Shape(t, c) for c in (False, True) for t in sizes]
+    row = {"kind": "capped", "arch": name, "rows": rows, "card": card, "cap_gb": cap}
+    try:
+        choice = calibrate.calibrate(model, shapes, seqs, build_row, machine.torch_dtype, setup=setup, mode="auto")
+        shape = choice.shape
+        mb = data.MicroBatches(seqs, shape.micro_batch_tokens, True, PAD, seed=0,
+                               pad_to=shape.micro_batch_tokens if cap else 0)  # fmt: skip
+        items = [mb[i] for i in range(min(len(mb), 6))]
+        res = qb.manual_run(model, items, steps=3, warmup=1)
+        real = sum(int((it["input_ids"] != PAD).sum()) for it in items[:1]) / items[0]["input_ids"].numel()
+        row.update(chosen_tokens=shape.micro_batch_tokens, chosen_checkpointed=shape.layers if shape.layers is not None
+                   else (0 if not shape.checkpointing else "all"), note=choice.note,
+                   tokens_per_s=round(res["tok_per_s"] * real), padded_tokens_per_s=res["tok_per_s"],
+                   peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None,
+                   trials=[{"shape": t.shape.label(), "peak_gb": round(t.peak_bytes / 1e9, 3) if t.peak_bytes else None,
+                            "tokens_per_s": round(t.tokens_per_s), "oom": t.oom} for t in choice.trials])  # fmt: skip
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = f"{type(exc).__name__}: {exc}"[:400]
+        traceback.print_exc()
+    finally:
+        os.environ.pop(calibrate.ENV_MEMORY_CAP, None)
+        if torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    row["case_s"] = round(time.time() - tc, 2)
+    return row
+
+
+# --- the fit (CPU, offline) -------------------------------------------------------------------------
+
+
+def read_rows(paths: list[str]) -> list[dict]:
+    rows = []
+    for p in paths:
+        files = sorted(glob.glob(os.path.join(p, "**", "*.jsonl"), recursive=True)) if os.path.isdir(p) else [p]
+        for f in files:
+            with open(f) as fh:
+                rows += [json.loads(x) for x in fh if x.strip()]
+    return rows
+
+
+def arch_for(row: dict) -> memory.Arch:
+    if row["arch"] in ARCH_FILES:
+        return memory.Arch.from_config(json.load(open(os.path.join(CONFIGS, ARCH_FILES[row["arch"]]))))
+    return memory.Arch.from_config(TINY)
+
+
+def setup_for(row: dict) -> memory.Setup:
+    return memory.Setup(bits=row.get("bits", 4), fused_loss=row.get("fused_loss", True),
+                        mean_seq=row.get("mean_seq", 512))  # fmt: skip
+
+
+def fit(rows: list[dict], card=H200, base: memory.Constants = memory.DEFAULT) -> memory.Constants:
+    """Least squares. Memory: measured peak - weights - LoRA - loss head = act_h, act_kv, act_i (non-
+    checkpointed layers), ckpt_h (checkpointed ones) and transient_layers (one layer at base's per-token
+    size) times their features. Time: seconds = a*F_base + b*F_recompute + c*D, where a = 1/(rate*eff),
+    b = recompute_cost*a, c = 1/(bandwidth*bw_eff) (D: bytes of nf4 layer passes)."""
+    import numpy as np
+
+    grid = [r for r in rows if r.get("kind") == "grid" and not r.get("oom") and not r.get("error")]
+    out = base
+    mem = [r for r in grid if r.get("peak_gb")]
+    for _ in range(8 if len(mem) >= 3 else 0):  # transient_layers multiplies a full layer at the current act_*
+        X, y = [], []
+        for r in mem:
+            a, s, t, k = arch_for(r), setup_for(r), r["tokens"], r["checkpointed"]
+            free = memory.estimate(a, s, memory.Shape(t, 0), out)
+            fixed = free.weights + free.lora + free.loss_head
+            n = a.layers - k
+            full = memory.layer_activation_bytes(a, t, out) if k else 0.0
+            X.append([n * t * a.hidden * 2, n * t * a.kv_dim * 2, n * t * a.intermediate * 2, k * t * a.hidden * 2,
+                      full])  # fmt: skip
+            y.append(r["peak_gb"] * 1e9 - fixed)
+        coef = nnls(np.array(X), np.array(y))
+        out = replace(out, act_h=coef[0], act_kv=coef[1], act_i=coef[2], ckpt_h=coef[3],
+                      transient_layers=coef[4])  # fmt: skip
+    timed = [r for r in grid if r.get("seconds")]
+    if len(timed) >= 3:
+        X, y = [], []
+        for r in timed:
+            a, s, t, k = arch_for(r), setup_for(r), r["tokens"], r["checkpointed"]
+            f0 = memory.flops_per_token(a, s, memory.Shape(t, 0), out) * t
+            f1 = memory.flops_per_token(a, s, memory.Shape(t, k), replace(out, recompute_cost=1.0)) * t - f0
+            d = (2 * a.layers + k) * a.layer_params * (memory.NF4_BYTES + 2) if s.bits == 4 else 0.0
+            X.append([f0, f1, d])
+            y.append(r["seconds"] * t / max(1, r.get("real_tokens") or t))  # the whole row's time
+        a_, b_, c_ = nnls(np.array(X), np.array(y))
+        rate = card["tflops"] * 1e12
+        out = replace(out, efficiency=1 / (a_ * rate) if a_ else out.efficiency,
+                             recompute_cost=b_ / a_ if a_ else out.recompute_cost,
+                             bw_efficiency=1 / (c_ * card["bandwidth"]) if c_ else out.bw_efficiency)  # fmt: skip
+    return out
+
+
+def nnls(X, y):
+    """Non-negative least squares, scaled per column (numpy only): lstsq, then drop negative columns."""
+    import numpy as np
+
+    scale = np.abs(X).max(axis=0)
+    scale[scale == 0] = 1
+    Xs = X / scale
+    active = list(range(X.shape[1]))
+    coef = np.zeros(X.shape[1])
+    while active:
+        sol, *_ = np.linalg.lstsq(Xs[:, active], y, rcond=None)
+        if (sol >= 0).all():
+            coef[active] = sol
+            break
+        active = [j for j, v in zip(active, sol) if v >= 0] if (sol >= 0).any() else []
+    return coef / scale
+
+
+def report(rows: list[dict], c: memory.Constants, card=H200) -> list[str]:
+    """Predicted against measured, for every grid row; fits per cap; the capped runs."""
+    lines = ["| arch | rows | tokens | ckpt | peak GB meas / pred | err | tokens/s meas / pred | err |",
+             "|---|---|---|---|---|---|---|---|"]
+    worst_mem = worst_speed = 0.0
+    wrong: list[str] = []
+    for r in (r for r in rows if r.get("kind") == "grid"):
+        a, s = arch_for(r), setup_for(r)
+        shape = memory.Shape(r["tokens"], r["checkpointed"])
+        pm = memory.estimate(a, s, shape, c).allocated / 1e9
+        ps = memory.tokens_per_s(a, s, shape, card["tflops"], card["bandwidth"], c)
+        mm, ms = r.get("peak_gb"), r.get("tokens_per_s")
+        em = (pm - mm) / mm if mm else None
+        es = (ps - ms) / ms if ms else None
+        if em is not None:
+            worst_mem = max(worst_mem, abs(em))
+        if es is not None:
+            worst_speed = max(worst_speed, abs(es))
+        meas = "OOM" if r.get("oom") else (f"{mm:.1f}" if mm else "-")
+        lines.append(f"| {r['arch']} | {r['rows']} | {r['tokens']:,} | {r['checkpointed']}/{a.layers} | {meas} / "
+                     f"{pm:.1f} | {'' if em is None else f'{em:+.0%}'} | {ms or '-'} / {ps:,.0f} | "
+                     f"{'' if es is None else f'{es:+.0%}'} |")  # fmt: skip
+        for cap in CAPS:
+            measured_fits = bool(mm) and mm <= cap and not r.get("oom")
+            if r.get("oom") or mm:
+                if measured_fits != (pm <= cap):
+                    wrong.append(f"{r['arch']} {r['rows']} {r['tokens']}/{r['checkpointed']} at {cap} GB: measured "
+                                 f"{'fits' if measured_fits else 'does not fit'}, predicted the other")  # fmt: skip
+    lines.append(f"\nworst peak error {worst_mem:.0%} (target 10%), worst tokens/s error {worst_speed:.0%} "
+                 f"(target 20%); fits/does-not-fit wrong in {len(wrong)} case(s) over caps {CAPS}")
+    lines += [f"- {w}" for w in wrong]
+    for r in (r for r in rows if r.get("kind") == "capped"):
+        lines.append(f"capped {r['arch']} {r['rows']} at {r['cap_gb']} GB: {r.get('note') or r.get('error')}; "
+                     f"{r.get('tokens_per_s')} tokens/s, peak {r.get('peak_gb')} GB, {r.get('case_s')} s")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="where rows.jsonl and log.txt go")
+    p.add_argument("--archs", default="0.5b,7b,14b")
+    p.add_argument("--budget_s", type=float, default=540.0, help="the whole GPU run")
+    p.add_argument("--smoke", action="store_true", help="the GPU run on the CPU with a tiny 4-layer config")
+    p.add_argument("--keep", action="store_true", help="keep the made models (default: removed after use)")
+    p.add_argument("--fit", nargs="+", metavar="ROWS", help="fit the constants to rows (folders or jsonl files)")
+    p.add_argument("--write", help="with --fit: write the fitted constants here (JSON)")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one architecture
+    p.add_argument("--until", type=float, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    # as the worker's __main__ sets it, before torch is imported (here or in the children)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if a.fit:
+        rows = read_rows(a.fit)
+        c = fit(rows)
+        print("fitted constants (jobs.memory.Constants):")
+        print(json.dumps(c.as_dict(), indent=1))
+        print("\n".join(report(rows, c)))
+        if a.write:
+            with open(a.write, "w") as f:
+                json.dump(c.as_dict(), f, indent=1)
+        return 0
+    if not a.out:
+        p.error("--out is needed")
+    os.makedirs(a.out, exist_ok=True)
+    if a.one:
+        run_arch(a.one, a.out, a.smoke, max(30.0, a.until - time.time()), a.keep)
+        return 0
+    t_end = time.time() + a.budget_s
+    archs = ["tiny"] if a.smoke else a.archs.split(",")
+    share = {"0.5b": 0.12, "7b": 0.48, "14b": 0.40, "tiny": 1.0}
+    for name in archs:
+        left = t_end - time.time()
+        if left < 40:
+            emit({"kind": "skipped", "arch": name, "why": "out of time"}, a.out)
+            continue
+        rest = archs[archs.index(name):]
+        mine = time.time() + left * share.get(name, 0.3) / sum(share.get(n, 0.3) for n in rest)
+        args = [sys.executable, os.path.abspath(__file__), "--one", name, "--out", a.out, "--until", str(mine)]
+        args += ["--smoke"] * a.smoke + ["--keep"] * a.keep
+        t = time.time()
+        with open(os.path.join(a.out, "log.txt"), "a") as log:
+            try:
+                rc = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT, timeout=max(30, mine - time.time() + 30),
+                                    preexec_fn=qb._die_with_parent).returncode  # fmt: skip
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        emit({"kind": "arch_done", "arch": name, "rc": rc, "arch_s": round(time.time() - t, 1)}, a.out)
+    rows = read_rows([os.path.join(a.out, "rows.jsonl")])
+    print("\n".join(report(rows, memory.DEFAULT)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
