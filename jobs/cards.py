@@ -106,8 +106,12 @@ def table(overrides: CardsFile | None = None) -> list[Card]:
         set_ = {k: v for k, v in o.model_dump().items() if v is not None}
         i = next((j for j, c in enumerate(cards) if _key(c.name) == _key(name)), None)
         if i is not None:
-            cards[i] = replace(cards[i], **set_, **({"price_source": USER} if "price_per_hour" in set_ else {}),
-                               **({"source": USER} if set_.keys() - {"price_per_hour"} else {}))  # fmt: skip
+            card = replace(cards[i], **set_)
+            if "price_per_hour" in set_:
+                card = replace(card, price_source=USER)
+            if set_.keys() - {"price_per_hour"}:
+                card = replace(card, source=USER)
+            cards[i] = card
             continue
         missing = [f for f in ("memory_gb", "bf16_tflops", "bandwidth_gbs") if f not in set_]
         if missing:

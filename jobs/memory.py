@@ -100,22 +100,22 @@ class Arch:
         if "text_config" in cfg and "hidden_size" not in cfg:
             cfg = {**cfg["text_config"], "model_type": cfg.get("model_type", "")}
 
-        def get(*names: str, default: object = None) -> object:
+        def get(*names: str, default: int | None = None) -> int:
             for n in names:
                 if cfg.get(n) is not None:
-                    return cfg[n]
+                    return int(cfg[n])
             if default is None:
                 raise ValueError(f"config.json has none of {', '.join(names)}")
             return default
 
-        heads = int(get("num_attention_heads", "n_head"))  # type: ignore[arg-type]
+        heads = get("num_attention_heads", "n_head")
         return cls(
-            hidden=int(get("hidden_size", "n_embd")),  # type: ignore[arg-type]
-            intermediate=int(get("intermediate_size", "ffn_hidden_size")),  # type: ignore[arg-type]
-            layers=int(get("num_hidden_layers", "num_layers", "n_layer")),  # type: ignore[arg-type]
+            hidden=get("hidden_size", "n_embd"),
+            intermediate=get("intermediate_size", "ffn_hidden_size"),
+            layers=get("num_hidden_layers", "num_layers", "n_layer"),
             heads=heads,
-            kv_heads=int(get("num_key_value_heads", "multi_query_group_num", default=heads)),  # type: ignore[arg-type]
-            vocab=int(get("vocab_size", "padded_vocab_size")),  # type: ignore[arg-type]
+            kv_heads=get("num_key_value_heads", "multi_query_group_num", default=heads),
+            vocab=get("vocab_size", "padded_vocab_size"),
             tied=bool(cfg.get("tie_word_embeddings", False)),
             head_dim=int(cfg.get("head_dim") or cfg.get("kv_channels") or 0),
             max_position=int(cfg.get("max_position_embeddings") or cfg.get("seq_length") or 0),
