@@ -219,3 +219,44 @@ def disk_full_error(job_dir: Path, job_id: str, root: Path) -> DiskFull:
         hint=f"free space on the instance (`df -h {job_dir}`, `du -sh {job_dir.parent}/*`), "
         f"then continue with `autodl-run resume {job_id}`",
     )
+
+
+# --- a portable adapter ------------------------------------------------------------------------------
+
+
+def portable_name(name_or_path: str, loaded_from: str = "") -> str:
+    """A base name the laptop can resolve: the hub (or ModelScope) id the job named, or one read off a
+    download cache's layout (`models--org--name/snapshots/...`, ModelScope's `org/name`); else the
+    path as the job gave it, `~` expanded against nothing (the laptop expands it)."""
+    import re
+
+    if not name_or_path.startswith(("/", "./", "../", "~")):
+        return name_or_path  # a hub id: resolves on the laptop as it did on the instance
+    for path in (loaded_from, name_or_path):
+        m = re.search(r"models--([\w.-]+)--([\w.-]+)/snapshots/", path)
+        if m:
+            return f"{m.group(1)}/{m.group(2)}"
+        m = re.search(r"/(?:modelscope/hub/(?:models/)?)([\w.-]+)/([\w.-]+)/?$", path)
+        if m:
+            return f"{m.group(1)}/{m.group(2).replace('___', '.')}"  # ModelScope writes '.' as '___'
+    return name_or_path
+
+
+def make_portable(adapter: Path, name_or_path: str, instance_path: str, revision: str | None = None) -> str:
+    """Point adapter_config.json's base_model_name_or_path at a name the laptop resolves, and keep the
+    instance's path in base_model.json (jobs.protocol.BaseModelRecord). Returns the portable name."""
+    import json
+
+    from jobs.layout import BASE_MODEL
+    from jobs.protocol import BaseModelRecord
+
+    adapter = Path(adapter)
+    config = adapter / "adapter_config.json"  # PEFT's file name
+    name = portable_name(name_or_path, instance_path)
+    if config.is_file():
+        data = json.loads(config.read_text())
+        data["base_model_name_or_path"] = name
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    record = BaseModelRecord(name=name, instance_path=os.path.expanduser(instance_path), revision=revision)
+    (adapter / BASE_MODEL).write_text(dump_model(record))
+    return name
