@@ -27,6 +27,7 @@
         prefetch/                  the model download, launched like a job; result.json (ModelDownload)
         post/{task}/               after training (eval, export-merged, export-gguf-q8_0, ...), launched like a job:
             run.sh pid state exit_code worker.log
+            prompts.jsonl          (eval) the prompts file the laptop sent
             result/                what it made + manifest.json (eval.json eval.md | model files export.json)
             fetched.json           the client's acknowledgement of that result (FetchAck): the guard waits for it
     {root}/submissions/{key}       which job a submission (spec + data) became: one launch per key
@@ -138,6 +139,10 @@ class LocalCopy:
 
     def checkpoint_adapter(self, step: int) -> Path:
         return self.checkpoint(step) / CHECKPOINT_ADAPTER
+
+    def post(self, task: str) -> Path:
+        """An after-training task's fetched result: `eval/`, `export/<task>/`."""
+        return self.root / "eval" if task == "eval" else self.root / "export" / post_task(task)
 
 
 @dataclass(frozen=True)
@@ -269,6 +274,11 @@ class JobPaths:
     def post(self, task: str) -> JobPaths:
         """An after-training task's folder (`post/<task>`), laid out like a job's: the launcher starts it."""
         return JobPaths(self._p(POST_DIR, post_task(task)))
+
+    @property
+    def post_prompts(self) -> str:
+        """In the eval task's folder: the prompts file the laptop sent (jsonl)."""
+        return self._p("prompts.jsonl")
 
     @property
     def post_result(self) -> str:

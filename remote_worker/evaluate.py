@@ -150,14 +150,14 @@ def evaluate(adapter: Path, out: Path, *, data: Path | None = None, prompts: Pat
     texts = [tuned_mod.chat_prompt(t.tokenizer, msgs) for msgs, _ in records]
     refs = [r for _, r in records]
     tuned_out = generate(t, texts, max_new_tokens, batch_size)
-    with_ref = [(p, r) for p, r in zip(texts, refs) if r]
+    with_ref = [(p, r) for p, r in zip(texts, refs, strict=True) if r]
     tuned_loss = reference_loss(t, with_ref)
     with t.model.disable_adapter():
         base_out = generate(t, texts, max_new_tokens, batch_size)
         base_loss = reference_loss(t, with_ref)
     scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Tokens())
     samples = []
-    for (msgs, ref), b, u in zip(records, base_out, tuned_out):
+    for (msgs, ref), b, u in zip(records, base_out, tuned_out, strict=True):
         s = EvalSample(prompt=msgs[-1]["content"] if msgs else "", reference=ref, base=b, tuned=u)
         if ref:
             s.base_rouge_l = scorer.score(ref, b)["rougeL"].fmeasure
@@ -210,6 +210,35 @@ def write(result: EvalResult, out: Path) -> None:
     write_manifest(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+
+
+def at_end(job, events) -> None:
+    """`[eval] at_end = true`: run it in the worker after training, into post/eval/result. A failure is
+    reported as a phase event and never fails the job (its adapter is saved already)."""
+    from jobs.events import Phase
+    from jobs.layout import JobPaths
+
+    spec = job.spec.eval
+    paths = JobPaths(job.job_dir)
+    task = paths.post("eval")
+    prompts = Path(task.post_prompts)
+    events.emit(Phase(phase="evaluating", message="base vs tuned on held-out prompts"))
+    try:
+        import gc
+
+        import torch
+
+        gc.collect()  # the training model is gone: give its memory back before loading the base again
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        result = evaluate(Path(paths.adapter), Path(task.post_result), data=Path(job.data_dir),
+                          prompts=prompts if prompts.is_file() else None, base=None,
+                          max_new_tokens=spec.max_new_tokens, limit=spec.limit)  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - the adapter is safe; the eval can be run again
+        events.emit(Phase(phase="evaluating", message=f"eval failed: {type(exc).__name__}: {exc}"))
+        return
+    t, b = result.tuned, result.base
+    events.emit(Phase(phase="evaluating", message=f"eval done: loss {b.loss} -> {t.loss}, ROUGE-L {b.rouge_l} -> {t.rouge_l}"))
 
 
 def main(argv: list[str] | None = None) -> int:
