@@ -99,6 +99,48 @@ def require(check: MergeCheck) -> None:
         )
 
 
+def quantize_linears(model, device: str) -> None:
+    """Replace each base linear weight (not the LoRA's, not lm_head: as bitsandbytes' 4-bit load) by its
+    nf4 round trip (double quantization, block 64): the weights QLoRA computes with."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and "lora_" not in name and name.split(".")[-1] != "lm_head":
+            w = mod.weight.data
+            q, st = bnbf.quantize_4bit(w.to(device), quant_type="nf4", blocksize=64, compress_statistics=True)
+            mod.weight.data = bnbf.dequantize_4bit(q, st).to(w.dtype)
+
+
+def nf4_gap(adapter: Path, base: str | None = None, device: str = "cpu") -> dict:
+    """What merging onto the dequantized nf4 weights instead would change, measured (docs/export.md).
+
+    Logits on the check texts of: the model as trained (nf4 base + LoRA, unmerged: the dequantized
+    weights, as bitsandbytes computes with them), the LoRA merged onto the 16-bit base (what we ship),
+    and merged onto the dequantized nf4 base. Returns the max |diff| of each pair and the base's own
+    nf4 error."""
+    def run(nf4: bool, merge: bool):
+        t = tuned_mod.load_tuned(adapter, base, device)
+        if nf4:
+            quantize_linears(t.model.base_model.model, device)
+        inputs, _ = check_inputs(t.tokenizer, t.device)
+        model = t.model.merge_and_unload() if merge else t.model
+        return logits_of(model, inputs)
+
+    trained, ours, onto_nf4 = run(True, False), run(False, True), run(True, True)
+    base16 = tuned_mod.load_base(tuned_mod.base_name(adapter, base), device, trained.dtype)
+    tok = tuned_mod.load_tokenizer(adapter)
+    inputs, _ = check_inputs(tok, device)
+    plain = logits_of(base16, inputs)
+    gap = lambda a, b: (a - b).abs().max().item()  # noqa: E731
+    return {
+        "merged_16bit_vs_merged_nf4": gap(ours, onto_nf4),
+        "merged_16bit_vs_trained": gap(ours, trained),
+        "merged_nf4_vs_trained": gap(onto_nf4, trained),
+        "adapter_effect_16bit": gap(ours, plain),
+    }
+
+
 def save_merged(merged, tokenizer, out: Path, dtype) -> list[str]:
     merged = merged.to(dtype)
     merged.save_pretrained(out, safe_serialization=True)
@@ -281,7 +323,7 @@ def modelfile(tokenizer, gguf_file: str, stop: list[int]) -> str:
     src = getattr(tokenizer, "chat_template", None) or ""
     if "<|im_start|>" in src:
         template = CHATML
-        m = re.search(r"<\|im_start\|>system\\n(.+?)<\|im_end\|>", src)
+        m = re.search(r"<\|im_start\|>system(?:\\n|\n)([^{}'\"\\<]+)<\|im_end\|>", src)
     elif "<|start_header_id|>" in src:
         template, m = LLAMA3, None
     else:
@@ -291,7 +333,7 @@ def modelfile(tokenizer, gguf_file: str, stop: list[int]) -> str:
         )
     words = [tokenizer.convert_ids_to_tokens(i) for i in stop]
     lines = [f"FROM ./{gguf_file}", f'TEMPLATE """{template}"""']
-    if m and "'" not in m.group(1) and '"' not in m.group(1):
+    if m:
         lines.append(f'SYSTEM """{m.group(1)}"""')
     lines += [f'PARAMETER stop "{w}"' for w in dict.fromkeys(words) if w and '"' not in w]
     return "\n".join(lines) + "\n"

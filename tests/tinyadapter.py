@@ -14,8 +14,10 @@ QUESTION = "What is the capital of France?"
 ANSWER = "Paris is the capital of France."  # the random base never says it; the adapter must
 
 
-def train_fact(root: Path, steps: int = 150, lr: float = 1e-2, seed: int = 0) -> tuple[Path, Path]:
-    """(base folder, adapter folder): LoRA on a tiny random Qwen2, trained until it answers QUESTION with ANSWER."""
+def train_fact(root: Path, steps: int = 150, lr: float = 1e-2, seed: int = 0, nf4: bool = False) -> tuple[Path, Path]:
+    """(base folder, adapter folder): LoRA on a tiny random Qwen2, trained until it answers QUESTION with ANSWER.
+
+    `nf4`: trained on the base's nf4-dequantized weights, as QLoRA computes (the saved base stays 16-bit)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -27,6 +29,10 @@ def train_fact(root: Path, steps: int = 150, lr: float = 1e-2, seed: int = 0) ->
     base = make_model(root / "base", seed=seed)
     tok = load_tokenizer(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if nf4:
+        from remote_worker.export import quantize_linears
+
+        quantize_linears(model, "cpu")
     torch.manual_seed(seed)
     model = get_peft_model(
         model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
