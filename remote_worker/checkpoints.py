@@ -260,6 +260,8 @@ def make_portable(adapter: Path, name_or_path: str | None = None, instance_path:
     data = json.loads(config.read_text()) if config.is_file() else {}
     loaded = data.get("base_model_name_or_path") or ""
     name_or_path = name_or_path or loaded
+    if not name_or_path:
+        return ""  # PEFT recorded no base: nothing to make portable
     instance_path = instance_path or loaded or name_or_path
     name = portable_name(name_or_path, instance_path)
     if data:

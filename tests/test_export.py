@@ -176,3 +176,21 @@ def test_the_snippet_fetch_prints_works_as_printed(fact, tmp_path):
         cfg.write_text(saved)
     note = load_snippet(adapter, "x")
     assert note.startswith("from peft")  # the fixture's base exists here: no comment
+
+
+def test_a_checkpoint_s_adapter_names_a_base_the_laptop_resolves(tmp_path):
+    from jobs.protocol import BaseModelRecord
+    from remote_worker import checkpoints
+
+    snap = "/root/autodl-tmp/autodl-run/hf/hub/models--Qwen--Qwen2.5-7B-Instruct/snapshots/0123abcd"
+    d = tmp_path / "checkpoint-5"
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": snap, "r": 8}))
+    (d / "adapter_model.safetensors").write_bytes(b"w")
+    done = checkpoints.finalize(d, 5)
+    for folder in (done.path, done.adapter_path):
+        assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "Qwen/Qwen2.5-7B-Instruct"
+        rec = BaseModelRecord.model_validate_json((folder / "base_model.json").read_text())
+        assert (rec.name, rec.instance_path) == ("Qwen/Qwen2.5-7B-Instruct", snap)
+    assert checkpoints.portable_name("/root/autodl-tmp/Qwen/Qwen2___5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+    assert checkpoints.portable_name("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
