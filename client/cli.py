@@ -211,6 +211,26 @@ def _tail(ledger: Ledger, job: str | None, raw: bool, as_json: bool, fetch: bool
     if not as_json and not raw and progress.done:
         where = progress.laptop or f"on the instance; fetch it with: autodl-run fetch {record.id}"
         jobs_view.done(record.id, where, err_console)
+        if record.spec.eval is not None and record.spec.eval.at_end:
+            _fetch_eval_at_end(record)
+        fetched_to = ledger.get(record.id).fetched_to
+        if fetched_to and (Path(fetched_to) / "adapter_config.json").is_file():
+            from client.lifecycle.fetch import load_snippet
+
+            jobs_view.load_with(load_snippet(Path(fetched_to), record.spec.model.name_or_path), err_console)
+
+
+def _fetch_eval_at_end(record) -> None:
+    """`[eval] at_end`: the worker evaluates after its `done` event; fetch that result (the guard waits for it)."""
+    from client.lifecycle.evaluate import fetch_eval
+    from client.session import open_session
+    from client.views.post import evaluated
+
+    try:
+        with open_session(record) as session:
+            evaluated(fetch_eval(record, session=session, wait_s=3600), err_console)
+    except AutodlRunError as exc:
+        _log(f"the eval at the end was not fetched: {exc}; run: autodl-run eval {record.id}")
 
 
 @app.command()
@@ -265,7 +285,7 @@ def fetch(
     as_json: JsonOpt = False,
 ) -> None:
     """Pull the final LoRA adapter back and verify it against the worker's sha256 manifest."""
-    from client.lifecycle.fetch import LOAD_SNIPPET, fetch_all
+    from client.lifecycle.fetch import fetch_all, load_snippet
 
     ledger = Ledger()
     record = ledger.get(job)
@@ -273,8 +293,84 @@ def fetch(
     if as_json:
         _print_json(result.as_dict())
         return
-    snippet = LOAD_SNIPPET.format(base=record.spec.model.name_or_path, adapter=str(result.adapter))
+    snippet = load_snippet(result.adapter, record.spec.model.name_or_path) if result.adapter else ""
     jobs_view.fetched(result, snippet, console)
+
+
+HereOpt = Annotated[bool, typer.Option("--here", help="run on this machine from the fetched adapter, not on the instance")]
+BaseOpt = Annotated[str | None, typer.Option("--base-model", help="where the base model is (default: the adapter's)")]
+
+
+@app.command("eval")
+def eval_(
+    job: JobId = None,
+    prompts: Annotated[Path | None, typer.Option(help="a prompts file (jsonl or one prompt a line); default: the eval split")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="default: [eval] max_new_tokens, else 256")] = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many prompts (default: [eval] limit, else 50)")] = None,
+    here: HereOpt = False,
+    base_model: BaseOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Answers of the base and the tuned model side by side on held-out prompts, with loss, exact match, ROUGE-L.
+
+    Runs on the instance's GPU (or --here); the result lands in <fetch.to>/<job id>/eval/ (eval.md, eval.json), verified."""
+    from client.lifecycle.evaluate import evaluate
+    from client.views.post import evaluated
+
+    record = Ledger().get(job)
+    result = evaluate(record, here=here, prompts=prompts, base=base_model, max_new_tokens=max_new_tokens,
+                      limit=limit, log=_log)  # fmt: skip
+    if as_json:
+        _print_json(result.as_dict())
+        return
+    evaluated(result, console)
+
+
+@app.command()
+def chat(
+    job: JobId = None,
+    base: Annotated[bool, typer.Option("--base", help="talk to the base model alone (adapter off)")] = False,
+    here: HereOpt = False,
+    base_model: BaseOpt = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="the longest answer (default 512)")] = None,
+) -> None:
+    """Talk to the tuned model in this terminal (streamed), with the chat template and stop tokens of training.
+
+    Runs on the instance (or --here, from the fetched adapter); /reset starts over, /exit or Ctrl-D quits."""
+    from client.lifecycle.chat import chat as do_chat
+
+    rc = do_chat(Ledger().get(job), use_base=base, here=here, base=base_model, max_new_tokens=max_new_tokens, log=_log)
+    if rc:
+        raise typer.Exit(rc)
+
+
+@app.command("export")
+def export_(
+    job: JobId = None,
+    merged: Annotated[bool, typer.Option("--merged", help="a merged 16-bit safetensors model")] = False,
+    gguf: Annotated[str | None, typer.Option("--gguf", help="a GGUF file: f16, bf16, f32, q8_0, q5_0, q4_0")] = None,
+    ollama: Annotated[str | None, typer.Option("--ollama", help="a GGUF file of this type plus an Ollama Modelfile")] = None,
+    here: HereOpt = False,
+    base_model: BaseOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Merge the adapter into its base (the 16-bit weights, also for QLoRA) and export it, checked against PEFT.
+
+    Runs on the instance (or --here); the files land in <fetch.to>/<job id>/export/<what>/, verified."""
+    from client.lifecycle.export import export as do_export
+    from client.views.post import exported
+
+    chosen = [k for k, v in (("merged", merged), ("gguf", gguf), ("ollama", ollama)) if v]
+    if len(chosen) != 1:
+        from client.errors import SpecError
+
+        raise SpecError("give one of --merged, --gguf TYPE, --ollama TYPE", [])
+    kind = chosen[0]
+    result = do_export(Ledger().get(job), kind, gguf or ollama or "", here=here, base=base_model, log=_log)
+    if as_json:
+        _print_json(result.as_dict())
+        return
+    exported(result, console)
 
 
 @app.command()

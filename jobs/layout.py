@@ -25,6 +25,11 @@
             run.sh pid state exit_code worker.log   (client.remote.launcher)
             status.json            what the guard is doing or did: waiting, copied, shut down
         prefetch/                  the model download, launched like a job; result.json (ModelDownload)
+        post/{task}/               after training (eval, export-merged, export-gguf-q8_0, ...), launched like a job:
+            run.sh pid state exit_code worker.log
+            prompts.jsonl          (eval) the prompts file the laptop sent
+            result/                what it made + manifest.json (eval.json eval.md | model files export.json)
+            fetched.json           the client's acknowledgement of that result (FetchAck): the guard waits for it
     {root}/submissions/{key}       which job a submission (spec + data) became: one launch per key
     {root}/submissions/{key}.lock  held (a directory, its `owner` token inside) while a client claims the key
     {root}/.setup/                 set-up's markers (deps-KEY.json: SetupMarker; apt-tmux-failed)
@@ -53,6 +58,13 @@ LEASE_PREFIX = "fetching."  # fetching.<token>: a client's lease while it fetche
 WRAPPER = "run.sh"  # the launcher's wrapper script in a job (or guard, prefetch) folder
 WRAPPER_PATH = ".path"  # the PATH the launching shell had
 SETUP_DIR = ".setup"
+BASE_MODEL = "base_model.json"  # jobs.protocol.BaseModelRecord, in an adapter folder: the base it was trained on
+EVAL_JSON = "eval.json"  # jobs.protocol.EvalResult, in post/eval/result/
+EVAL_MD = "eval.md"  # the same, side by side, for a person
+EXPORT_JSON = "export.json"  # jobs.protocol.ExportRecord, in post/export-*/result/
+MODELFILE = "Modelfile"  # Ollama's, beside the GGUF file
+POST_DIR = "post"  # after-training tasks, each in a folder laid out like a job's
+_TASK_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 APT_FAILED = "apt-tmux-failed"  # in .setup/: apt-get could not install tmux; never tried again
 # The file names of a job folder, for the shell scripts that work inside one (client.remote.launcher,
 # client.remote.follow): they get these from here, never spell them.
@@ -77,6 +89,17 @@ def checkpoint_step(name: str) -> int | None:
     """The step of a checkpoint folder's name (`step-N`), or None for anything else."""
     m = _STEP_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+def gguf_name(qtype: str) -> str:
+    return f"model-{qtype}.gguf"
+
+
+def post_task(name: str) -> str:
+    """An after-training task's folder name (`eval`, `export-merged`, `export-gguf-q8_0`), checked."""
+    if not _TASK_RE.match(name):
+        raise ValueError(f"bad task name {name!r}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -116,6 +139,10 @@ class LocalCopy:
 
     def checkpoint_adapter(self, step: int) -> Path:
         return self.checkpoint(step) / CHECKPOINT_ADAPTER
+
+    def post(self, task: str) -> Path:
+        """An after-training task's fetched result: `eval/`, `export/<task>/`."""
+        return self.root / "eval" if task == "eval" else self.root / "export" / post_task(task)
 
 
 @dataclass(frozen=True)
@@ -239,3 +266,21 @@ class JobPaths:
     @property
     def prefetch_result(self) -> str:
         return self._p("prefetch", "result.json")
+
+    @property
+    def post_dir(self) -> str:
+        return self._p(POST_DIR)
+
+    def post(self, task: str) -> JobPaths:
+        """An after-training task's folder (`post/<task>`), laid out like a job's: the launcher starts it."""
+        return JobPaths(self._p(POST_DIR, post_task(task)))
+
+    @property
+    def post_prompts(self) -> str:
+        """In the eval task's folder: the prompts file the laptop sent (jsonl)."""
+        return self._p("prompts.jsonl")
+
+    @property
+    def post_result(self) -> str:
+        """In a task's folder: what it made, with its manifest (fetched and verified like the adapter)."""
+        return self._p("result")

@@ -19,6 +19,10 @@ lives is `jobs.layout`'s business; what it holds is this module's.
     (stdout of envprobe)        EnvProbe            worker bundle (probe)   client (doctor, set-up)
     data/DIGEST/dataset.json    DatasetManifest     client (prepare)        worker
     .../manifest.json           FolderManifest      worker                  client (jobs.manifest)
+    adapter/base_model.json     BaseModelRecord     worker                  laptop (eval/chat/export --here)
+    post/eval/result/eval.json  EvalResult          worker (evaluate)       client
+    post/export-*/result/export.json ExportRecord   worker (export)         client
+    post/*/fetched.json         FetchAck            client (after verify)   guard
 
 Enums, not free strings, for what a program branches on: `JobState`, `GuardPhase`, `StopReason`,
 `CheckpointReason`. Everything the instance writes is untrusted on the laptop: parse it with
@@ -130,7 +134,7 @@ class LaunchRecord(_File):
 class FetchAck(_File):
     """`fetched.json`: the laptop holds this adapter, verified. Says nothing about the laptop itself."""
 
-    what: Literal["adapter", "checkpoint"] = "adapter"
+    what: Literal["adapter", "checkpoint", "eval", "export"] = "adapter"
     manifest_sha256: str
     step: int | None = None
     at: float = Field(default_factory=time.time)
@@ -251,6 +255,77 @@ class DatasetManifest(_File):
     report: dict[str, Any] = Field(default_factory=dict)
 
 
+class BaseModelRecord(_File):
+    """`base_model.json` in an adapter: the base it was trained on, by a name the laptop can resolve
+    (`name`, also adapter_config.json's base_model_name_or_path) and where it was on the instance."""
+
+    name: str
+    instance_path: str = ""
+    revision: str | None = None
+
+
+class EvalScores(_File):
+    loss: float | None = None  # mean over the references' tokens (held-out)
+    exact_match: float | None = None  # share of answers equal to the reference (after trimming)
+    rouge_l: float | None = None  # mean ROUGE-L F1 (rouge-score; CJK split by character)
+
+
+class EvalSample(_File):
+    prompt: str
+    reference: str | None = None
+    base: str
+    tuned: str
+    base_rouge_l: float | None = None
+    tuned_rouge_l: float | None = None
+
+
+class EvalResult(_File):
+    """`post/eval/result/eval.json`: the base and the tuned model side by side on held-out prompts."""
+
+    base_model: str
+    prompts_from: str
+    max_new_tokens: int
+    device: str = ""
+    base: EvalScores = Field(default_factory=EvalScores)
+    tuned: EvalScores = Field(default_factory=EvalScores)
+    samples: list[EvalSample] = Field(default_factory=list)
+    seconds: float = 0.0
+
+
+class MergeCheck(_File):
+    """Merged logits against base + adapter (PEFT, unmerged) on the same inputs."""
+
+    dtype: str
+    max_abs_diff: float  # merged vs PEFT
+    lora_effect: float  # PEFT vs the base alone: what a merge that lost the LoRA would differ by
+    tolerance: float
+    passed: bool
+
+
+class GgufCheck(_File):
+    """The GGUF file read back (dequantized) against the merged model's logits."""
+
+    qtype: str
+    max_abs_diff: float
+    rel_l2: float  # ||gguf - merged|| / ||merged||
+    top1_agree: float
+    tolerance: float
+    passed: bool
+
+
+class ExportRecord(_File):
+    """`post/export-*/result/export.json`: what an export made and how it was checked."""
+
+    kind: Literal["merged", "gguf", "ollama"]
+    base_model: str
+    merged_onto: str = ""  # "16-bit base" (never the dequantized nf4 weights: docs/export.md)
+    qtype: str = ""
+    files: list[str] = Field(default_factory=list)
+    merge_check: MergeCheck | None = None
+    gguf_check: GgufCheck | None = None
+    seconds: float = 0.0
+
+
 class ProtocolError(ValueError):
     """A crossing file did not match its model: says which file and what was wrong."""
 
@@ -274,6 +349,7 @@ def dump_model(obj: BaseModel) -> str:
 
 
 __all__ = [
+    "BaseModelRecord", "EvalResult", "EvalSample", "EvalScores", "ExportRecord", "GgufCheck", "MergeCheck",
     "BatchShape", "CheckpointReason", "DatasetManifest", "EnvProbe", "FetchAck", "FolderManifest", "GuardPhase",
     "GuardStatus", "JobState", "LaunchRecord", "ManifestEntry", "ModelDownload", "OUTCOMES", "ProtocolError",
     "SetupMarker", "StopReason", "TorchGpu", "TransferSpeed", "dump_model", "read_model",

@@ -33,3 +33,8 @@ def requirements_for(bits: int) -> dict[str, str]:
 def optional_requirements_for(liger: str = "auto") -> dict[str, str]:
     """The extras worth trying to install for a job (train.liger = "off" needs none)."""
     return {} if liger == "off" else dict(OPTIONAL_CUDA_REQUIREMENTS)
+
+
+# After training (remote_worker.evaluate, remote_worker.export): checked and installed when `eval` or
+# `export` runs on the instance, not by the training set-up.
+POST_REQUIREMENTS: dict[str, str] = {"gguf": "gguf>=0.17", "rouge_score": "rouge-score>=0.1.2"}

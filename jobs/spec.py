@@ -246,6 +246,15 @@ class TrainSpec(_Strict):
     fused_lora: bool = Field(True, description="fused LoRA forward/backward where supported (no dropout, no DoRA)")
 
 
+class EvalSpec(_Strict):
+    """`[eval]`: generations of the base and the tuned model on held-out prompts (remote_worker.evaluate)."""
+
+    prompts: str | None = Field(None, description="a prompts file on the laptop (jsonl or txt); default: the eval split")
+    max_new_tokens: int = Field(256, ge=1, le=32768)
+    limit: int = Field(50, ge=1, description="at most this many prompts")
+    at_end: bool = Field(False, description="run it on the instance when training ends, before the guard may shut down")
+
+
 class FetchSpec(_Strict):
     to: str = Field("runs", description="where adapters land on the laptop, relative to the job file")
 
@@ -259,6 +268,7 @@ class JobSpec(_Strict):
     quant: QuantSpec = Field(default_factory=QuantSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     fetch: FetchSpec = Field(default_factory=FetchSpec)
+    eval: EvalSpec | None = None
 
     @field_validator("name")
     @classmethod

@@ -53,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         # Imported only now: transformers and huggingface_hub read HF_HOME when first imported.
         from remote_worker import recipe
 
-        recipe.run(job, events)
+        done = recipe.run(job, events)
+        if job.spec.eval is not None and job.spec.eval.at_end and not done.stopped:
+            from remote_worker import evaluate
+
+            evaluate.at_end(job, events)  # before `done`: the guard waits while the worker runs
     except BaseException as exc:  # KeyboardInterrupt too: `state` must never stay "running"
         checkpoints.release_reserve(job_dir)  # on a full disk, the room to write the failure down
         code = _fail(job_dir, exc, hint_for(exc, job), events)

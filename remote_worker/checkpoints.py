@@ -81,6 +81,7 @@ def _is_training_state(name: str) -> bool:
 
 def finalize(written: Path, step: int) -> Finalized:
     """Give the Trainer's `checkpoint-N` its adapter folder and manifests, then rename it to `step-N`."""
+    make_portable(written)
     adapter = written / CHECKPOINT_ADAPTER
     shutil.rmtree(adapter, ignore_errors=True)
     adapter.mkdir()
@@ -219,3 +220,56 @@ def disk_full_error(job_dir: Path, job_id: str, root: Path) -> DiskFull:
         hint=f"free space on the instance (`df -h {job_dir}`, `du -sh {job_dir.parent}/*`), "
         f"then continue with `autodl-run resume {job_id}`",
     )
+
+
+# --- a portable adapter ------------------------------------------------------------------------------
+
+
+def portable_name(name_or_path: str, loaded_from: str = "") -> str:
+    """A base name the laptop can resolve: the hub (or ModelScope) id the job named, or one read off a
+    download's layout (HF cache `models--org--name/snapshots/...`; ModelScope `org/name`, with '.'
+    written as '___'); else the path itself (the laptop then needs `--base`)."""
+    import re
+
+    if not name_or_path.startswith(("/", "./", "../", "~")):
+        return name_or_path  # a hub id: resolves on the laptop as it did on the instance
+    for path in (loaded_from, name_or_path):
+        m = re.search(r"models--([\w.-]+?)--([\w.-]+)/snapshots/", path)
+        if m:
+            return f"{m.group(1)}/{m.group(2)}"
+        m = re.search(r"(?:^|/)([\w.-]+)/([\w-]*___[\w.-]*)/?$", path) or re.search(
+            r"modelscope/hub/(?:models/)?([\w.-]+)/([\w.-]+)/?$", path
+        )
+        if m:
+            return f"{m.group(1)}/{m.group(2).replace('___', '.')}"
+    return os.path.expanduser(name_or_path)
+
+
+def make_portable(adapter: Path, name_or_path: str | None = None, instance_path: str | None = None,
+                  revision: str | None = None) -> str:  # fmt: skip
+    """Point adapter_config.json's base_model_name_or_path at a name the laptop resolves, and keep the
+    instance's path in base_model.json (jobs.protocol.BaseModelRecord). Without arguments the base is
+    the one the adapter was saved with. Returns the portable name."""
+    import json
+
+    from jobs.layout import BASE_MODEL
+    from jobs.protocol import BaseModelRecord
+
+    adapter = Path(adapter)
+    config = adapter / "adapter_config.json"  # PEFT's file name
+    data = json.loads(config.read_text()) if config.is_file() else {}
+    loaded = data.get("base_model_name_or_path") or ""
+    name_or_path = name_or_path or loaded
+    if not name_or_path:
+        return ""  # PEFT recorded no base: nothing to make portable
+    instance_path = instance_path or loaded or name_or_path
+    name = portable_name(name_or_path, instance_path)
+    if data:
+        data["base_model_name_or_path"] = name
+        tmp = config.with_name(config.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        tmp.replace(config)  # a new file: never writes through a hard link into an older checkpoint
+    path = os.path.expanduser(instance_path)
+    record = BaseModelRecord(name=name, instance_path=path if path.startswith("/") else "", revision=revision)
+    (adapter / BASE_MODEL).write_text(dump_model(record))
+    return name

@@ -29,6 +29,8 @@ the GPU paid beyond the longest grace. An unreadable file counts as "not safe": 
 gives that job this guard's own grace, a bad `fetched.json` acknowledges nothing. While another
 job runs, that job's guard decides: this one copies its own output if it is not safe, and exits.
 If this job runs again (`autodl-run resume` on the same instance), the guard goes back to watching.
+After-training tasks (`post/<task>/`: eval, export) count as the job: while one runs the job runs,
+and the job's adapter counts as acknowledged only once each task's result is acknowledged too.
 
 Durations are measured on the monotonic clock, so a jump of the instance's wall clock neither ends
 a grace nor ages a lease: a lease (`fetching.<token>`, touched by the client every 15 s while it
@@ -206,6 +208,30 @@ def fs_root() -> Path | None:
     return None
 
 
+def post_tasks(paths: JobPaths) -> list[JobPaths]:
+    """The job's after-training tasks (eval, export), each in a folder laid out like a job's."""
+    try:
+        names = sorted(p.name for p in Path(paths.post_dir).iterdir() if p.is_dir())
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        try:
+            out.append(paths.post(name))
+        except ValueError:  # not a task folder name: nothing of ours
+            continue
+    return out
+
+
+def post_acked(task: JobPaths) -> bool:
+    """A task's result is safe: it made none, or a client acknowledged that very result."""
+    sha = sha256_of(Path(task.post_result) / MANIFEST)
+    if sha is None:
+        return True
+    ack = read_file(FetchAck, task.fetched)
+    return bool(ack and ack.manifest_sha256 == sha)
+
+
 def newest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint (`step-N` with its manifest) under `root`."""
     try:
@@ -246,7 +272,8 @@ class Guard:
         job_id = job_dir.name
         paths = JobPaths(str(job_dir))
         wrapper = alive(job_dir)
-        running = wrapper or alive(Path(paths.prefetch.dir))
+        tasks = post_tasks(paths)
+        running = wrapper or alive(Path(paths.prefetch.dir)) or any(alive(Path(t.dir)) for t in tasks)
         has_pid = Path(paths.pid).exists()
         record = read_file(LaunchRecord, paths.launch)
         state = resolve(
@@ -276,6 +303,7 @@ class Guard:
         output = self.output_of(paths)
         ack = read_file(FetchAck, paths.fetched)
         acked = bool(ack and output and output.sha256 and ack.manifest_sha256 == output.sha256)
+        acked = acked and all(post_acked(t) for t in tasks)  # eval and export results are fetched too
         return JobView(job_id, job_dir, state, running, launching, policy, grace, output, acked)
 
     @staticmethod

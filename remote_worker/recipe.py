@@ -419,6 +419,7 @@ def save_adapter(model, tokenizer, adapter_dir: Path) -> str:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        checkpoints.make_portable(tmp)  # a base the laptop resolves; the instance path in base_model.json
         sha = write_manifest(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave half an adapter (a full disk needs the room)

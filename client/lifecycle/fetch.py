@@ -47,8 +47,27 @@ from jobs.manifest import ManifestError, entries, load_manifest, shown, verify_m
 from jobs.protocol import FetchAck, TransferSpeed, dump_model
 
 LOAD_SNIPPET = """from peft import PeftModel
-from transformers import AutoModelForCausalLM
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{base}"), "{adapter}")"""
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained({adapter!r})  # the chat template and stop tokens of training
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {adapter!r})"""
+
+
+def load_snippet(adapter: Path, base: str) -> str:
+    """The Python that loads the fetched adapter, working as printed: the base as the adapter names it
+    (remote_worker.checkpoints makes that a hub id where the job used one), `~` expanded, strings quoted
+    as Python literals. A base that is a path missing on this laptop gets a comment saying so."""
+    import json
+
+    try:
+        named = json.loads((Path(adapter) / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = named if isinstance(named, str) and named else base
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    base = os.path.expanduser(base)
+    code = LOAD_SNIPPET.format(base=base, adapter=str(Path(adapter).expanduser().resolve()))
+    if base.startswith(("/", ".")) and not Path(base).exists():
+        code = f"# {base} is where the base model was on the instance: put your copy's folder (or its hub id) there\n" + code
+    return code
 LEASE_REFRESH_S = 15.0
 
 

@@ -95,8 +95,12 @@ def fetched(result: Fetched, load_snippet: str, console: Console) -> None:
         console.print(
             f"[green]✓[/] adapter verified (manifest sha256 {escape(digest[:16])}…) → {escape(dest)}"
         )
-        console.print("Load it with:")
-        console.print(escape(load_snippet))
+        load_with(load_snippet, console)
+
+
+def load_with(load_snippet: str, console: Console) -> None:
+    console.print("Load it with:")
+    console.print(escape(load_snippet))
 
 
 def cancelled(job: str, state: str, console: Console) -> None:
