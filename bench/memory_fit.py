@@ -10,7 +10,7 @@ The GPU run, one process an architecture (memory is given back between them), ea
 1. a random-weight model built from tests/fixtures/configs/ (Qwen2.5 0.5B, 7B, 14B), saved with
    bench/qlora_bench.py's tokenizer and loaded by the worker's own functions (recipe.build_model: nf4 with
    double quant, all-linear LoRA r=16, fused LoRA, Liger and varlen attention where they import);
-2. the grid: for short rows (alpaca-like, median 200 tokens) and, for 7B, rows of ~6k tokens (max_length
+2. capped runs, first (they are what issue 14 re-measures; see 3.), then the grid: for short rows (alpaca-like, median 200 tokens) and, for 7B, rows of ~6k tokens (max_length
    8192): every (micro-batch tokens, checkpointed layers) case run by the calibration's own measurer
    (remote_worker.calibrate.measurer: a warm-up pass, then one timed forward+backward of the worst row),
    peak allocated + AdamW state, tokens/s, and the seconds the case took. Row kind "grid";
@@ -166,6 +166,14 @@ def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool) -> N
         def build_row(chosen, tokens, paths=paths):
             return data.micro_batch(chosen, True, PAD, pad_to=tokens, varlen=paths.varlen_batches)
 
+        for a, r, cap in CAPPED if not smoke else (("tiny", "short", None),):
+            if a != (name if not smoke else "tiny") or r != rows:
+                continue
+            if time.time() > t_end - 60:
+                emit({"kind": "skipped", "arch": name, "rows": rows, "cap_gb": cap}, out)
+                continue
+            emit(capped_run(model, seqs, build_row, machine, setup_r, calibrate, name, rows, cap, card,
+                             paths.varlen_batches), out)
         measure = calibrate.measurer(model, seqs, build_row, machine.torch_dtype)
         state = calibrate.optimizer_state_bytes(model)
         for tokens, k in cases:
@@ -189,18 +197,11 @@ def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool) -> N
                    "case_s": round(time.time() - tc, 2), "make_s": round(made_s, 1), "load_s": round(load_s, 1),
                    **predicted(arch, setup_r, tokens, k)}  # fmt: skip
             emit(row, out)
-        for a, r, cap in CAPPED if not smoke else (("tiny", "short", None),):
-            if a != (name if not smoke else "tiny") or r != rows:
-                continue
-            if time.time() > t_end - 60:
-                emit({"kind": "skipped", "arch": name, "rows": rows, "cap_gb": cap}, out)
-                continue
-            emit(capped_run(model, seqs, build_row, machine, setup_r, calibrate, name, rows, cap, card), out)
     if not keep and not smoke:
         shutil.rmtree(model_dir, ignore_errors=True)
 
 
-def capped_run(model, seqs, build_row, machine, setup, calibrate, name, rows, cap, card) -> dict:
+def capped_run(model, seqs, build_row, machine, setup, calibrate, name, rows, cap, card, varlen=False) -> dict:
     """The worker's calibration on a card of `cap` GB (guided, partial checkpointing), then timed steps."""
     import torch
 
@@ -218,6 +219,7 @@ def capped_run(model, seqs, build_row, machine, setup, calibrate, name, rows, ca
         shape = choice.shape
         mb = data.MicroBatches(seqs, shape.micro_batch_tokens, True, PAD, seed=0,
                                pad_to=shape.micro_batch_tokens if cap else 0)  # fmt: skip
+        mb.varlen = varlen  # as FastPaths.configure sets it for the worker's own batches
         items = [mb[i] for i in range(min(len(mb), 6))]
         res = qb.manual_run(model, items, steps=3, warmup=1)
         real = sum(int((it["input_ids"] != PAD).sum()) for it in items[:1]) / items[0]["input_ids"].numel()

@@ -30,6 +30,7 @@ Use it to share a card, or to check on a large card what a smaller one would cho
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import time
@@ -116,8 +117,8 @@ def guide(
     card = usable_bytes + memory.DEFAULT.context_bytes  # usable_limit takes a card's whole memory
     if mode == "auto":
         for t in dict.fromkeys(s.micro_batch_tokens for s in shapes):
-            k = memory.fewest_checkpointed(arch, setup, t, card, range(1, arch.layers))
-            if k is not None:
+            k = memory.fewest_checkpointed(arch, setup, t, card, range(arch.layers))
+            if k is not None and k > 0:  # 0: off fits, and off is among the shapes already
                 out.append(Shape(t, True, k))
     limit = memory.usable_limit(card)
 
@@ -374,6 +375,9 @@ def calibrate(
     usable = usable_memory() if cuda else None
     arch = arch_of(model) if setup is not None else None
     if arch is not None and setup is not None:
+        lengths = [len(s.ids) for s in sequences]
+        if lengths:
+            setup = dataclasses.replace(setup, mean_seq=sum(lengths) / len(lengths))
         shapes = guide(shapes, arch, setup, usable, mode)
     choice = choose(shapes, measurer(model, sequences, build_row, dtype), usable, optimizer_state_bytes(model))
     set_checkpointing(model, choice.shape.checkpointing, choice.shape.layers)

@@ -217,3 +217,23 @@ def test_plan_never_imports_torch(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert res.stderr.strip().endswith("NO-TORCH")
     assert json.loads(res.stdout)["layers"] == 48
+
+
+def test_a_deadline_no_card_meets_leaves_no_cheapest() -> None:
+    from client.plan import make_plan
+    from jobs.spec import JobSpec
+
+    spec = JobSpec.model_validate({"name": "t", "model": {"name_or_path": "Org/M"}, "data": {"train": "x"},
+                                   "instance": {"ssh": "ssh -p 1 root@h"}})  # fmt: skip
+    report = {"train_records": 1000, "records_out": 1000, "tokens": {"total": 2_000_000}}
+    table = [cards.find("RTX 4090", cards.table()), cards.find("H800", cards.table())]
+    now = 1_000_000.0
+    soon = make_plan(spec, arch("qwen2.5-7b"), "fixture", report, table, deadline_unix=now + 600, now=now)
+    assert all(r.fits and r.meets_deadline is False for r in soon.rows) and soon.cheapest is None
+    later = make_plan(spec, arch("qwen2.5-7b"), "fixture", report, table, deadline_unix=now + 86400, now=now)
+    assert later.cheapest is not None and later.cheapest.card.name == "RTX 4090"
+    h800 = next(r for r in later.rows if r.card.name == "H800")
+    assert h800.train_s < later.cheapest.train_s  # faster, dearer
+    # the run's time is the epochs over the real token count at the predicted speed
+    row = later.rows[0]
+    assert row.train_s == pytest.approx(2_000_000 * 3 / row.tokens_per_s)
