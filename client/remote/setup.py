@@ -33,6 +33,7 @@ from client.transport.base import Transport, sections
 from client.transport.paths import shell_path
 from jobs import autodl
 from jobs.layout import APT_FAILED, RemoteLayout
+from jobs.modelsource import uses_modelscope
 from jobs.protocol import EnvProbe, ProtocolError, SetupMarker, dump_model, read_model
 from jobs.requirements import requirements_for
 from jobs.spec import AUTODL_DATA_DISK_ROOT, InstanceSpec, JobSpec
@@ -125,9 +126,14 @@ def _marker_path(spec: JobSpec) -> str:
     return _setup_path(spec, f"deps-{deps_key(spec)}.json")
 
 
+def _requirements(spec: JobSpec) -> dict[str, str]:
+    m = spec.model
+    return requirements_for(spec.quant.bits, modelscope=uses_modelscope(m.source, m.name_or_path, m.revision))
+
+
 def deps_key(spec: JobSpec) -> str:
     """The marker's key: the requirements and the python that must satisfy them."""
-    reqs = sorted(requirements_for(spec.quant.bits).values())
+    reqs = sorted(_requirements(spec).values())
     blob = json.dumps({"python": spec.instance.python, "requirements": reqs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -139,7 +145,7 @@ def probe(transport: Transport, spec: JobSpec, bundle_dir: str, *, use_marker: b
     py = python_of(spec.instance)
     args = [
         _setup_path(spec, APT_FAILED), _marker_path(spec) if use_marker else "", py, bundle_dir,
-        json.dumps(requirements_for(spec.quant.bits)), *PYTHON_CANDIDATES,
+        json.dumps(_requirements(spec)), *PYTHON_CANDIDATES,
     ]  # fmt: skip
     res = transport.run(
         ["bash", "-c", script("setup_probe.sh"), "setup-probe", *args], check=False, timeout=120
@@ -203,7 +209,7 @@ def _install_missing(
     transport: Transport, spec: JobSpec, info: WorkerEnv, log: Log, bundle_dir: str
 ) -> WorkerEnv:
     py = spec.instance.python
-    reqs = requirements_for(spec.quant.bits)
+    reqs = _requirements(spec)
     if "torch" in info.missing:
         raise RemoteEnvError(
             f"`{py}` on {transport.where} has no torch",
@@ -223,6 +229,9 @@ def _install_missing(
             f"cannot tell the version of torch in `{py}` on {transport.where}, so pip cannot be kept from replacing it",
             hint=f"install the missing packages yourself: {py} -m pip install {' '.join(reqs[m] for m in need)}",
         )
+    if not spec.instance.install_deps and spec.model.source == "auto" and need == ["modelscope"]:
+        log("  no modelscope library on the instance: the model comes from Hugging Face (pip install modelscope there)")
+        return info
     wanted = [reqs[m] for m in need]
     if not spec.instance.install_deps:
         what = ", ".join(info.missing + [f"{m} (has {v})" for m, v in info.outdated.items()])
@@ -289,7 +298,7 @@ def _pip_hint(spec: JobSpec, output: str) -> str:
 def _write_marker(transport: Transport, spec: JobSpec, info: WorkerEnv) -> None:
     marker = SetupMarker(
         python=info.python, executable=info.executable, torch=info.torch,
-        requirements=sorted(requirements_for(spec.quant.bits).values()),
+        requirements=sorted(_requirements(spec).values()),
         checked_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )  # fmt: skip
     path = _marker_path(spec)
