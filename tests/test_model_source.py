@@ -160,3 +160,26 @@ def test_the_mirror_and_the_requirements_follow_the_source() -> None:
     assert "modelscope" in requirements_for(4, modelscope=uses_modelscope("auto", "Qwen/Qwen2.5-7B"))
     assert "modelscope" not in requirements_for(4, modelscope=uses_modelscope("auto", "mistralai/Mistral-7B"))
     assert "modelscope" not in requirements_for(4, modelscope=uses_modelscope("hf", "Qwen/Qwen2.5-7B"))
+
+
+def test_submit_s_model_step_downloads_from_modelscope_into_the_data_disk_cache(
+    tmp_path, hubs, tiny, monkeypatch
+) -> None:
+    from client.remote.prefetch import prefetch_model
+    from client.transport.local import LocalTransport
+    from jobs.spec import JobSpec
+
+    ms, hf = hubs
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", ms.url)  # what the instance would reach as modelscope.cn
+    spec = JobSpec.model_validate(
+        {"name": "t", "instance": {"host": "local", "remote_root": str(tmp_path / "root"), "hf_endpoint": hf.url},
+         "model": {"name_or_path": "THUDM/tiny-glm"}, "data": {"train": "t.jsonl"}, "lora": {"r": 8}}
+    )  # fmt: skip
+    layout = RemoteLayout(str(tmp_path / "root"))
+    lines: list[str] = []
+    got = prefetch_model(LocalTransport(), spec, layout.job("job-1"), str(REPO), lines.append, poll_s=0.1)
+    d = got.download
+    assert d is not None and d.ok and d.source == "modelscope" and d.repo == "ZhipuAI/tiny-glm"
+    assert d.path.startswith(layout.modelscope_cache() + "/") and hf.requests == []
+    same_files(d.path, tiny)
+    assert any("downloaded" in ln for ln in lines) and "model.source = auto" in lines[0]

@@ -94,6 +94,7 @@ def prefetch_model(
         "PYTHONUNBUFFERED": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # our own progress, as events
         "HF_HUB_DISABLE_XET": "1",  # Xet transfers do not go through mirrors
+        "TQDM_DISABLE": "1",  # modelscope's bars (\r by the thousand in worker.log)
         "MODELSCOPE_CACHE": layout.modelscope_cache(),  # on the data disk too
     }
     if spec.instance.hf_endpoint:
