@@ -81,6 +81,13 @@ def _step(result: StepResult) -> None:
     jobs_view.step(result, err_console)
 
 
+def _progress():
+    """The long steps' progress (client.activity) on stderr: a live bar in a terminal, one line each piped."""
+    from client.views.progress import showing
+
+    return showing(err_console)
+
+
 @app.callback(invoke_without_command=True)
 def _main(
     version: Annotated[bool, typer.Option("--version", help="print the version and exit")] = False,
@@ -166,7 +173,8 @@ def prepare(
     from client.views.dataset import render_examples, render_report
 
     spec = load_spec(job_file)
-    prepared = dataset.prepare(spec, job_file.resolve(), prepared_dir())
+    with _progress():
+        prepared = dataset.prepare(spec, job_file.resolve(), prepared_dir())
     if as_json:
         _print_json(prepared.report)
         return
@@ -193,7 +201,8 @@ def submit(
     from client.lifecycle.submit import submit as do_submit
 
     ledger = Ledger()
-    result = do_submit(job_file, ledger=ledger, log=_log, report=_step, deadline_unix=_deadline(deadline), gpu=gpu)
+    with _progress():
+        result = do_submit(job_file, ledger=ledger, log=_log, report=_step, deadline_unix=_deadline(deadline), gpu=gpu)
     if as_json:
         _print_json(result.as_dict())
     else:
@@ -289,7 +298,8 @@ def fetch(
 
     ledger = Ledger()
     record = ledger.get(job)
-    result = fetch_all(record, ledger, to, checkpoints=checkpoints)
+    with _progress():
+        result = fetch_all(record, ledger, to, checkpoints=checkpoints)
     if as_json:
         _print_json(result.as_dict())
         return
@@ -433,7 +443,8 @@ def resume(
         instance = instance_from_file(instance_from)
     elif profile:
         instance = instance_for_profile(record.spec.instance, profile)
-    result = do_resume(record, ledger, instance=instance, deadline_unix=_deadline(deadline), log=_log, report=_step)
+    with _progress():
+        result = do_resume(record, ledger, instance=instance, deadline_unix=_deadline(deadline), log=_log, report=_step)
     if as_json:
         _print_json(result.as_dict())
     else:

@@ -34,6 +34,7 @@
     {root}/submissions/{key}.lock  held (a directory, its `owner` token inside) while a client claims the key
     {root}/.setup/                 set-up's markers (deps-KEY.json: SetupMarker; apt-tmux-failed)
     {root}/hf/                     HF_HOME on the data disk
+    {root}/modelscope/             MODELSCOPE_CACHE on the data disk (models downloaded from ModelScope)
 
 Any laptop can reattach to a job from this layout alone. This module is the only place a remote
 file name is spelled (tests/test_contract.py checks it); what each file holds is jobs.protocol.
@@ -157,6 +158,10 @@ class RemoteLayout:
 
     def hf_home(self) -> str:
         return posixpath.join(self.root, "hf")
+
+    def modelscope_cache(self) -> str:
+        """MODELSCOPE_CACHE on the data disk (model.source = "modelscope" or "auto")."""
+        return posixpath.join(self.root, "modelscope")
 
     @property
     def jobs_dir(self) -> str:

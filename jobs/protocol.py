@@ -181,8 +181,11 @@ class ModelDownload(_File):
     bytes: int = 0  # downloaded this time
     model_bytes: int = 0  # the model's files (on a disk refusal: those still to download)
     seconds: float = 0.0
-    cached: bool = False  # every file was already in HF_HOME
+    cached: bool = False  # every file was already in HF_HOME (or the ModelScope cache)
     revision: str = ""
+    source: str = ""  # the hub it came from: "hf" or "modelscope" (jobs.modelsource)
+    repo: str = ""  # the id on that hub (a ModelScope org can differ from the Hugging Face one)
+    endpoint: str = ""
 
 
 class SetupMarker(_File):

@@ -15,6 +15,8 @@ WORKER_REQUIREMENTS: dict[str, str] = {
 }
 # Needed only for 4-bit (QLoRA) jobs.
 QLORA_REQUIREMENTS: dict[str, str] = {"bitsandbytes": "bitsandbytes>=0.45"}
+# Needed only when the model is downloaded from ModelScope (model.source, jobs.modelsource).
+MODELSCOPE_REQUIREMENTS: dict[str, str] = {"modelscope": "modelscope>=1.18"}
 
 
 # Optional, CUDA only, never required: set-up does not install it (pip install it on the instance to
@@ -25,9 +27,15 @@ QLORA_REQUIREMENTS: dict[str, str] = {"bitsandbytes": "bitsandbytes>=0.45"}
 OPTIONAL_CUDA_REQUIREMENTS: dict[str, str] = {"liger_kernel": "liger-kernel>=0.8.5"}  # the version measured
 
 
-def requirements_for(bits: int) -> dict[str, str]:
-    """What the worker cannot run without (the optional extras are not in it)."""
-    return {**WORKER_REQUIREMENTS, **(QLORA_REQUIREMENTS if bits == 4 else {})}
+def requirements_for(bits: int, modelscope: bool = False) -> dict[str, str]:
+    """What the worker cannot run without (the optional extras are not in it).
+
+    `modelscope`: the model may come from ModelScope (jobs.modelsource.uses_modelscope)."""
+    return {
+        **WORKER_REQUIREMENTS,
+        **(QLORA_REQUIREMENTS if bits == 4 else {}),
+        **(MODELSCOPE_REQUIREMENTS if modelscope else {}),
+    }
 
 
 def optional_requirements_for(liger: str = "auto") -> dict[str, str]:

@@ -204,6 +204,11 @@ class ModelSpec(_Strict):
     tokenizer: str | None = Field(None, description="a tokenizer path on the laptop, for token statistics")
     revision: str | None = None
     trust_remote_code: bool = Field(False, description="run the model repo's own Python code (GLM4 needs it)")
+    source: Literal["auto", "hf", "modelscope"] = Field(
+        "auto",
+        description="where the instance downloads a hub id from: ModelScope for the orgs it mirrors (Qwen, GLM, "
+        "DeepSeek, ...) then a Hugging Face mirror (auto), only Hugging Face (hf), only ModelScope (modelscope)",
+    )
 
 
 class LoraSpec(_Strict):

@@ -56,7 +56,7 @@ from jobs.events import Done, EventWriter, Phase
 from jobs.layout import JobPaths
 from jobs.manifest import write_manifest
 from jobs.spec import JobSpec, WorkerJob
-from remote_worker import DataError, ModelNotFound, calibrate, checkpoints, data, fast, stopping
+from remote_worker import DataError, ModelNotFound, calibrate, checkpoints, data, fast, prefetch, stopping
 from remote_worker.callbacks import EventCallback
 from remote_worker.probe import Probe, probe
 
@@ -88,7 +88,8 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
 
     # 2. Tokenizer, then the data: a bad dataset fails before minutes go into loading the model.
     phase("loading tokenizer")
-    model_path = resolve_model_path(spec.model.name_or_path)
+    # the folder the model download put it in (ModelScope's or HF_HOME's), else the name as given
+    model_path = prefetch.downloaded_model(str(job_dir)) or resolve_model_path(spec.model.name_or_path)
     tokenizer = load_tokenizer(model_path, spec)
 
     phase("tokenizing")

@@ -25,10 +25,12 @@ import shutil
 import tempfile
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from client import activity
 from client.dataset import stats
 from client.dataset.scan import Scan, Source, sources
 from client.dataset.tokens import find_tokenizer
@@ -46,6 +48,8 @@ except ImportError:  # pragma: no cover
 FORMAT_VERSION = 1
 # What prepared data depends on besides its input files: every data.* setting.
 DATA_FIELDS = tuple(k for k in DataSpec.model_fields if k not in ("train", "eval"))
+BATCH = 1024  # rows between two progress calls (a power of two: a mask, not a division, per row)
+RowsProgress = Callable[[str, int, "int | None"], None]
 GPU_MICRO_BATCH = 16384  # the largest micro-batch the worker tries on a GPU (remote_worker/calibrate.py)
 
 
@@ -76,9 +80,15 @@ def check(spec: JobSpec, job_file: Path) -> dict:
     return report
 
 
-def prepare(spec: JobSpec, job_file: Path, out_root: Path, *, tokenizer: Any = "auto", workers: int = 0) -> Prepared:
+def prepare(
+    spec: JobSpec, job_file: Path, out_root: Path, *, tokenizer: Any = "auto", workers: int = 0,
+    progress: RowsProgress | None = None,
+) -> Prepared:  # fmt: skip
     """Prepare (or reuse) the dataset of `spec`; see the module docstring. tokenizer: "auto"
-    (find it on the laptop), None (none: estimates from characters) or a tokenizer object."""
+    (find it on the laptop), None (none: estimates from characters) or a tokenizer object.
+    progress: called per batch of rows with (phase, rows done, rows in all or None), then ("done", n, n);
+    by default client.activity's meters (shown by the CLI)."""
+    report_rows = progress or activity.rows("prepare")
     job_file = Path(job_file).resolve()
     base = job_file.parent
     out_root = Path(out_root)
@@ -97,11 +107,11 @@ def prepare(spec: JobSpec, job_file: Path, out_root: Path, *, tokenizer: Any = "
     try:
         t0 = time.perf_counter()
         with open(tmp / "all.jsonl", "wb", buffering=1 << 20) as sink:
-            scan = Scan(spec.data, srcs).run(sink)
+            scan = Scan(spec.data, srcs).run(_Counted(sink, report_rows))
         scan.raise_if_bad()
         t1 = time.perf_counter()
         flags = eval_flags(scan, spec.data)
-        out = _write_splits(tmp, scan, flags, spec.data, tok, workers)
+        out = _write_splits(tmp, scan, flags, spec.data, tok, workers, report_rows)
         (tmp / "all.jsonl").unlink()
         digest = _digest(out["hashes"], spec.data, fingerprint)
         final = out_root / digest
@@ -124,6 +134,7 @@ def prepare(spec: JobSpec, job_file: Path, out_root: Path, *, tokenizer: Any = "
         (tmp / DATASET_MANIFEST).write_text(dump_model(manifest), encoding="utf-8")
         _publish(tmp, final)
         _remember(out_root, key, digest)
+        report_rows("done", scan.kept, scan.kept)
         return Prepared(final, digest, report, False, tok)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -231,7 +242,22 @@ def _estimated_overlong(scan: Scan, data: DataSpec) -> dict:
             "dropped": 0, "truncated": 0}
 
 
-def _write_splits(tmp: Path, scan: Scan, flags: bytearray, data: DataSpec, tok: Any, workers: int) -> dict:
+class _Counted:
+    """The scan's sink, counting the rows written through it (one progress call per batch)."""
+
+    def __init__(self, sink: Any, progress: RowsProgress) -> None:
+        self.sink, self.progress, self.n = sink, progress, 0
+
+    def write(self, line: bytes) -> int:
+        self.n += 1
+        if not self.n & (BATCH - 1):
+            self.progress("reading", self.n, None)
+        return self.sink.write(line)
+
+
+def _write_splits(
+    tmp: Path, scan: Scan, flags: bytearray, data: DataSpec, tok: Any, workers: int, progress: RowsProgress
+) -> dict:
     names = ("train", "eval")
     outs = {s: open(tmp / f"{s}.jsonl", "wb", buffering=1 << 20) for s in names}
     hashes = {s: hashlib.sha256() for s in names}
@@ -240,19 +266,21 @@ def _write_splits(tmp: Path, scan: Scan, flags: bytearray, data: DataSpec, tok: 
         with open(tmp / "all.jsonl", "rb") as lines:
             if tok is None:
                 for i, line in enumerate(lines):
+                    if not i & (BATCH - 1):
+                        progress("writing", i, scan.kept)
                     split = names[flags[i]]
                     outs[split].write(line)
                     hashes[split].update(line)
                     counts[split] += 1
                 return {"hashes": hashes, "counts": counts, "overlong": _estimated_overlong(scan, data),
                         "tokens": None, "token_files": None}
-            return _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts)
+            return _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts, progress)
     finally:
         for f in outs.values():
             f.close()
 
 
-def _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts) -> dict:
+def _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts, progress) -> dict:
     names = ("train", "eval")
     writers = {s: tokenize.TokenWriter(tmp, s) for s in names}
     lengths = array("I")  # every record, before data.overlong
@@ -266,6 +294,8 @@ def _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts
             records = (_loads(line) for line in again)
             encoded = tokenize.encode_many(tok, records, data.max_length, "keep", workers)
             for i, (line, enc) in enumerate(zip(lines, encoded, strict=True)):
+                if not i & (BATCH - 1):
+                    progress("tokenizing", i, scan.kept)
                 assert enc is not None  # "keep" never drops a record
                 lengths.append(enc.full_length)
                 if enc.overlong:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from client import activity
 from client.errors import Problem, SpecError
 from client.lifecycle.pipeline import Log, Step
 from client.remote import guard as guard_launch
@@ -115,8 +116,11 @@ def sync(session: Session, digest: str, data: Path | Callable[[], Path]) -> Sync
     if callable(data) and remote_exists(session.transport, posixpath.join(dest, DATASET_MANIFEST)):
         data_sent = False
     else:
-        data_sent = sync_dir(session.transport, data() if callable(data) else data, dest, marker=DATASET_MANIFEST)
-    bundle_digest, bundle_sent = sync_bundle(session.transport, layout)
+        local = data() if callable(data) else data
+        with activity.naming("upload the dataset"):  # rsync's progress (client.activity) under this name
+            data_sent = sync_dir(session.transport, local, dest, marker=DATASET_MANIFEST)
+    with activity.naming("upload the worker"):
+        bundle_digest, bundle_sent = sync_bundle(session.transport, layout)
     return Synced(data_sent, bundle_digest, bundle_sent)
 
 

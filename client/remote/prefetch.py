@@ -1,7 +1,7 @@
 """The model download before launch.
 
-`prefetch_model` (the last step before launch) downloads a hub model into HF_HOME on the data disk
-(`{remote_root}/hf`, where the worker looks), detached on the instance so a dropped laptop
+`prefetch_model` (the last step before launch) downloads a hub model onto the data disk (HF_HOME or
+MODELSCOPE_CACHE, by `model.source`; the result names the folder the worker loads from), detached on the instance so a dropped laptop
 connection does not stop it: it launches `remote_worker.prefetch` from the worker bundle (which
 checks the disk space first), follows its progress (`phase` events in the job's events.jsonl:
 `tail` shows them) and reads its result (jobs.protocol.ModelDownload). A failure is reported as a
@@ -83,6 +83,7 @@ def prefetch_model(
         "repo": name, "revision": spec.model.revision, "job_dir": paths.dir, "lora_r": spec.lora.r,
         "targets": spec.lora.target_modules, "keep_checkpoints": KEEP_CHECKPOINTS,
         "bytes_per_param": BYTES_PER_LORA_PARAM, "margin": MARGIN_BYTES, "every": progress_every_s,
+        "source": spec.model.source, "network_turbo": spec.instance.network_turbo,
     }  # fmt: skip
     argv = [python_of(spec.instance), "-m", "remote_worker.prefetch", json.dumps(args)]
     if spec.instance.network_turbo:  # the proxy for this download only; the worker never sees it
@@ -92,10 +93,13 @@ def prefetch_model(
         "PYTHONPATH": bundle_dir,  # remote_worker.prefetch and jobs
         "PYTHONUNBUFFERED": "1",
         "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # our own progress, as events
+        "HF_HUB_DISABLE_XET": "1",  # Xet transfers do not go through mirrors
+        "TQDM_DISABLE": "1",  # modelscope's bars (\r by the thousand in worker.log)
+        "MODELSCOPE_CACHE": layout.modelscope_cache(),  # on the data disk too
     }
     if spec.instance.hf_endpoint:
         env["HF_ENDPOINT"] = spec.instance.hf_endpoint
-    log(f"  downloading {name} on the instance into {layout.hf_home()}")
+    log(f"  downloading {name} on the instance (model.source = {spec.model.source})")
     launcher.launch(
         transport, pdir, argv, socket=spec.instance.tmux_socket,
         session=posixpath.basename(paths.dir) + "-prefetch", env=env, prefer_tmux=False,

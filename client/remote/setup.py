@@ -21,18 +21,21 @@ import hashlib
 import json
 import posixpath
 import re
+import secrets
 import shlex
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from client import activity
 from client.errors import RemoteEnvError, TransportError
 from client.remote.bundle import script, sync_bundle
-from client.transport.base import Transport, sections
+from client.transport.base import Result, Transport, sections
 from client.transport.paths import shell_path
 from jobs import autodl
 from jobs.layout import APT_FAILED, RemoteLayout
+from jobs.modelsource import uses_modelscope
 from jobs.protocol import EnvProbe, ProtocolError, SetupMarker, dump_model, read_model
 from jobs.requirements import requirements_for
 from jobs.spec import AUTODL_DATA_DISK_ROOT, InstanceSpec, JobSpec
@@ -43,6 +46,8 @@ NETWORK_TURBO = autodl.NETWORK_TURBO
 
 def quiet(_message: str) -> None:
     """The default `log`: library code prints nothing of its own (the CLI passes client.views.log.printer)."""
+
+
 # Where AutoDL images keep the python that has torch, when `python3` on PATH is another one.
 PYTHON_CANDIDATES = ("/root/miniconda3/bin/python", "/root/anaconda3/bin/python", "/opt/conda/bin/python")
 PIP_TIMEOUT_S = 1800
@@ -125,9 +130,14 @@ def _marker_path(spec: JobSpec) -> str:
     return _setup_path(spec, f"deps-{deps_key(spec)}.json")
 
 
+def _requirements(spec: JobSpec) -> dict[str, str]:
+    m = spec.model
+    return requirements_for(spec.quant.bits, modelscope=uses_modelscope(m.source, m.name_or_path, m.revision))
+
+
 def deps_key(spec: JobSpec) -> str:
     """The marker's key: the requirements and the python that must satisfy them."""
-    reqs = sorted(requirements_for(spec.quant.bits).values())
+    reqs = sorted(_requirements(spec).values())
     blob = json.dumps({"python": spec.instance.python, "requirements": reqs}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -139,7 +149,7 @@ def probe(transport: Transport, spec: JobSpec, bundle_dir: str, *, use_marker: b
     py = python_of(spec.instance)
     args = [
         _setup_path(spec, APT_FAILED), _marker_path(spec) if use_marker else "", py, bundle_dir,
-        json.dumps(requirements_for(spec.quant.bits)), *PYTHON_CANDIDATES,
+        json.dumps(_requirements(spec)), *PYTHON_CANDIDATES,
     ]  # fmt: skip
     res = transport.run(
         ["bash", "-c", script("setup_probe.sh"), "setup-probe", *args], check=False, timeout=120
@@ -203,7 +213,7 @@ def _install_missing(
     transport: Transport, spec: JobSpec, info: WorkerEnv, log: Log, bundle_dir: str
 ) -> WorkerEnv:
     py = spec.instance.python
-    reqs = requirements_for(spec.quant.bits)
+    reqs = _requirements(spec)
     if "torch" in info.missing:
         raise RemoteEnvError(
             f"`{py}` on {transport.where} has no torch",
@@ -223,6 +233,11 @@ def _install_missing(
             f"cannot tell the version of torch in `{py}` on {transport.where}, so pip cannot be kept from replacing it",
             hint=f"install the missing packages yourself: {py} -m pip install {' '.join(reqs[m] for m in need)}",
         )
+    if not spec.instance.install_deps and spec.model.source == "auto" and need == ["modelscope"]:
+        log(
+            "  no modelscope library on the instance: the model comes from Hugging Face (pip install modelscope there)"
+        )
+        return info
     wanted = [reqs[m] for m in need]
     if not spec.instance.install_deps:
         what = ", ".join(info.missing + [f"{m} (has {v})" for m, v in info.outdated.items()])
@@ -232,7 +247,7 @@ def _install_missing(
         )
     via = f" from {spec.instance.pip_index_url}" if spec.instance.pip_index_url else ""
     log(f"  installing on the instance{via}: {' '.join(wanted)} (torch {info.torch} pinned)")
-    res = transport.run(pip_command(spec, info.torch, wanted), check=False, timeout=PIP_TIMEOUT_S)
+    res = run_pip(transport, spec, pip_command(spec, info.torch, wanted))
     if not res.ok:
         raise RemoteEnvError(
             f"pip could not install {', '.join(need)} on {transport.where} (exit {res.exited}):\n"
@@ -246,10 +261,63 @@ def _install_missing(
     return after
 
 
+# pip's lines worth showing while it runs (the rest is noise: "Requirement already satisfied" by the dozen)
+PIP_NEWS = re.compile(r"^\s*(Collecting|Downloading|Using cached|Building|Installing|Successfully|ERROR)")
+
+
+def pip_news(log_tail: str) -> str:
+    """pip's latest telling line, as the one line its progress is condensed into."""
+    for line in reversed(log_tail.replace("\r", "\n").splitlines()):
+        if PIP_NEWS.match(line):
+            return " ".join(line.split())[:120]
+    return ""
+
+
+def run_pip(
+    transport: Transport,
+    spec: JobSpec,
+    command: str,
+    *,
+    poll_s: float = 1.0,
+    timeout_s: float = PIP_TIMEOUT_S,
+) -> Result:
+    """Run pip's `command` detached on the instance into a log there, polling the log: its latest line is
+    reported as a client.activity Meter ("pip install on the instance"). Returns its result as a Result
+    (exit code, the log's last lines)."""
+    token = secrets.token_hex(4)
+    log_file, rc_file = _setup_path(spec, f"pip-{token}.log"), _setup_path(spec, f"pip-{token}.rc")
+    log_q, rc_q = shell_path(log_file), shell_path(rc_file)
+    inner = f"bash -c {shlex.quote(command)} >{log_q} 2>&1; echo $? >{rc_q}.tmp && mv {rc_q}.tmp {rc_q}"
+    transport.run(
+        f"mkdir -p {shell_path(_setup_path(spec))} && (nohup bash -c {shlex.quote(inner)} </dev/null >/dev/null 2>&1 &)"
+    )
+    deadline = time.monotonic() + timeout_s
+    with activity.meter("pip install on the instance") as m:
+        while True:
+            res = transport.run(f"echo @@rc; cat {rc_q} 2>/dev/null; echo @@log; tail -c 4000 {log_q} 2>/dev/null",
+                                check=False)  # fmt: skip
+            parts = sections(res.stdout)
+            news = pip_news("\n".join(parts.get("log", [])))
+            if news:
+                m.update(note=news)
+            rc = "".join(parts.get("rc", [])).strip()
+            if rc.isdigit():
+                break
+            if time.monotonic() > deadline:
+                raise RemoteEnvError(
+                    f"pip did not finish in {timeout_s / 60:.0f} minutes on {transport.where}",
+                    hint=f"see {log_file} there; a slow index: set instance.pip_index_url to a mirror",
+                )
+            time.sleep(poll_s)
+        out = transport.run(f"tail -n 60 {log_q}; rm -f {log_q} {rc_q}", check=False).stdout
+        m.end(ok=rc == "0")
+    return Result.of(command, int(rc), out.encode(), b"")
+
+
 def pip_command(spec: JobSpec, torch_version: str | None, wanted: list[str]) -> str:
     """pip install with torch pinned by a constraints file, the configured index, network_turbo if asked."""
     inst = spec.instance
-    args = ["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-q", "-c", "$c"]
+    args = ["-m", "pip", "install", "--disable-pip-version-check", "--no-input", "-c", "$c"]
     if inst.pip_index_url:
         args += ["-i", inst.pip_index_url]
         url = urlparse(inst.pip_index_url)
@@ -289,7 +357,7 @@ def _pip_hint(spec: JobSpec, output: str) -> str:
 def _write_marker(transport: Transport, spec: JobSpec, info: WorkerEnv) -> None:
     marker = SetupMarker(
         python=info.python, executable=info.executable, torch=info.torch,
-        requirements=sorted(requirements_for(spec.quant.bits).values()),
+        requirements=sorted(_requirements(spec).values()),
         checked_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )  # fmt: skip
     path = _marker_path(spec)

@@ -16,12 +16,15 @@ symlinks, devices, FIFOs and sockets on the far side are skipped instead of recr
 from __future__ import annotations
 
 import functools
+import posixpath
 import re
 import shlex
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 
+from client import activity
 from client.errors import ConnectError, RemoteEnvError, TransferError, TransportError
 from client.retry import Backoff
 from jobs import autodl
@@ -102,10 +105,13 @@ def run_rsync(
     while True:
         attempt += 1
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+            if activity.watched() and supports_progress2():
+                rc, stderr = _run_with_progress(argv)
+            else:
+                proc = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                rc, stderr = proc.returncode, proc.stderr
         except FileNotFoundError:
             raise TransferError("rsync is not installed on this machine", hint=INSTALL_HINT) from None
-        rc, stderr = proc.returncode, proc.stderr
         if rc == 0:
             return
         if "mkpath" in stderr and "unknown option" in stderr:
@@ -130,6 +136,64 @@ def run_rsync(
         + (f"\n{tail}" if tail else ""),
         hint=_hint(rc, stderr, argv),
     )
+
+
+def supports_progress2() -> bool:
+    v = rsync_version()
+    return v is not None and v >= (3, 1, 0)
+
+
+# `--info=progress2`: one line for the whole transfer, rewritten with \r:
+#   "     12,345,678  45%   11.77MB/s    0:00:01 (xfr#3, to-chk=5/10)"
+PROGRESS2 = re.compile(rb"^\s*([\d,.]+)\s+(\d+)%\s+([\d.]+)([kMGT]?)B/s")
+_SCALE = {b"": 1, b"k": 1 << 10, b"M": 1 << 20, b"G": 1 << 30, b"T": 1 << 40}
+
+
+def parse_progress2(line: bytes) -> tuple[int, int, float] | None:
+    """(bytes sent, percent of the whole, bytes a second) from one rsync progress2 line, or None."""
+    m = PROGRESS2.match(line)
+    if not m:
+        return None
+    return (
+        int(m.group(1).replace(b",", b"").replace(b".", b"")),
+        int(m.group(2)),
+        float(m.group(3)) * _SCALE[m.group(4)],
+    )
+
+
+def _label(argv: list[str]) -> str:
+    src, dest = argv[-2], argv[-1]
+    verb = "upload" if ":" in dest.split("/")[0] else "download" if ":" in src.split("/")[0] else "copy"
+    local = src if verb != "download" else dest
+    return activity.name_or(f"{verb} {posixpath.basename(local.rstrip('/')) or local}")
+
+
+def _run_with_progress(argv: list[str]) -> tuple[int, str]:
+    """rsync with `--info=progress2` (the whole transfer, not per file; --no-inc-recursive so the
+    percentage is of everything), its progress reported as a client.activity Meter. Returns (rc, stderr)."""
+    cut = argv.index("--")
+    argv = [*argv[:cut], "--info=progress2", "--no-inc-recursive", *argv[cut:]]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None and proc.stderr is not None
+    err: list[bytes] = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    with activity.Meter(_label(argv), "bytes", every=0.1) as m:
+        pending = b""
+        for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):  # type: ignore[union-attr]
+            *lines, pending = re.split(rb"[\r\n]", pending + chunk)
+            for line in reversed(lines):  # the newest complete line is enough
+                got = parse_progress2(line)
+                if got:
+                    sent, pct, rate = got
+                    m.update(sent, total=sent * 100 / pct if pct >= 1 else None, rate=rate)
+                    break
+        rc = proc.wait()
+        reader.join()
+        if rc == 0 and m.total:
+            m.update(m.done, total=m.done)  # the last line says 100%; the total is what was sent
+        m.end(ok=rc == 0)
+    return rc, b"".join(err).decode(errors="replace")
 
 
 def _hint(rc: int, stderr: str, argv: list[str]) -> str:
