@@ -19,6 +19,8 @@ lives is `jobs.layout`'s business; what it holds is this module's.
     (stdout of envprobe)        EnvProbe            worker bundle (probe)   client (doctor, set-up)
     data/DIGEST/dataset.json    DatasetManifest     client (prepare)        worker
     .../manifest.json           FolderManifest      worker                  client (jobs.manifest)
+    trainer_state.json          TrainerState        worker (at each save)   client (the run report)
+    eval_results.json           EvalResults         worker (each eval)      client (the run report)
 
 Enums, not free strings, for what a program branches on: `JobState`, `GuardPhase`, `StopReason`,
 `CheckpointReason`. Everything the instance writes is untrusted on the laptop: parse it with
@@ -251,6 +253,28 @@ class DatasetManifest(_File):
     report: dict[str, Any] = Field(default_factory=dict)
 
 
+Number = float | int | None
+
+
+class TrainerState(_File):
+    """`trainer_state.json`: transformers' TrainerState, as much of it as the run report reads."""
+
+    global_step: int = 0
+    max_steps: int = 0
+    log_history: list[dict[str, Number | str]] = Field(default_factory=list)
+
+
+class EvalResult(BaseModel):
+    step: int
+    metrics: dict[str, Number]
+
+
+class EvalResults(_File):
+    """`eval_results.json`: every evaluation of the run, in order."""
+
+    results: list[EvalResult] = Field(default_factory=list)
+
+
 class ProtocolError(ValueError):
     """A crossing file did not match its model: says which file and what was wrong."""
 
@@ -274,7 +298,7 @@ def dump_model(obj: BaseModel) -> str:
 
 
 __all__ = [
-    "BatchShape", "CheckpointReason", "DatasetManifest", "EnvProbe", "FetchAck", "FolderManifest", "GuardPhase",
+    "BatchShape", "CheckpointReason", "DatasetManifest", "EnvProbe", "EvalResult", "EvalResults", "FetchAck", "FolderManifest", "GuardPhase",
     "GuardStatus", "JobState", "LaunchRecord", "ManifestEntry", "ModelDownload", "OUTCOMES", "ProtocolError",
-    "SetupMarker", "StopReason", "TorchGpu", "TransferSpeed", "dump_model", "read_model",
+    "SetupMarker", "StopReason", "TorchGpu", "TrainerState", "TransferSpeed", "dump_model", "read_model",
 ]

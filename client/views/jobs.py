@@ -65,6 +65,8 @@ def status(info: dict[str, Any], console: Console) -> None:
         t.add_row("guard", _safe(info["guard"]))
     if info.get("warning"):
         t.add_row("warning", _safe(info["warning"]))
+    if info.get("report"):
+        t.add_row("report", escape(info["report"]) + " (from the laptop's record: the instance was not asked)")
     console.print(t)
 
 
@@ -97,6 +99,10 @@ def fetched(result: Fetched, load_snippet: str, console: Console) -> None:
         )
         console.print("Load it with:")
         console.print(escape(load_snippet))
+    if result.report:
+        console.print(f"[green]✓[/] record and run report → {escape(str(result.report))}")
+    elif result.record:
+        console.print(f"record → {escape(str(result.record))}")
 
 
 def cancelled(job: str, state: str, console: Console) -> None:
