@@ -114,7 +114,7 @@ def _append(transport, remote: str, local: Path, cap: int, *, lines: bool, out: 
     while True:
         room = cap - held
         if room <= 0:
-            out.notes.append(f"{local.name}: kept its first {cap // MiB} MiB only (the cap)")
+            out.notes.append(f"{local.name}: kept its first {held:,} bytes only (the cap is {cap // MiB} MiB)")
             return
         got = _read(transport, remote, held, min(CHUNK, room))
         if got is None:
@@ -129,7 +129,10 @@ def _append(transport, remote: str, local: Path, cap: int, *, lines: bool, out: 
         if lines and data:
             keep = data[: data.rfind(b"\n") + 1]  # whole lines only; the rest comes next time
             if not keep and len(data) == min(CHUNK, room):
-                out.notes.append(f"{local.name}: a line over {CHUNK // MiB} MiB; kept what came before it")
+                if room <= CHUNK:  # the next whole line would pass the cap
+                    out.notes.append(f"{local.name}: kept its first {held:,} bytes only (the cap is {cap // MiB} MiB)")
+                else:
+                    out.notes.append(f"{local.name}: a line over {CHUNK // MiB} MiB; kept what came before it")
                 return
         if keep:
             with open(local, "ab") as f:
