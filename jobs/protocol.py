@@ -259,7 +259,7 @@ Number = float | int | None
 class TrainerState(_File):
     """`trainer_state.json`: transformers' TrainerState, as much of it as the run report reads."""
 
-    global_step: int = 0
+    global_step: int
     max_steps: int = 0
     log_history: list[dict[str, Number | str]] = Field(default_factory=list)
 
@@ -272,7 +272,7 @@ class EvalResult(BaseModel):
 class EvalResults(_File):
     """`eval_results.json`: every evaluation of the run, in order."""
 
-    results: list[EvalResult] = Field(default_factory=list)
+    results: list[EvalResult]
 
 
 class ProtocolError(ValueError):

@@ -44,7 +44,7 @@ class EventCallback(TrainerCallback):
         job_dir: str | Path | None = None,
     ):
         self.paths = JobPaths(str(job_dir)) if job_dir is not None else None  # where the record goes
-        self.evals = EvalResults()
+        self.evals = EvalResults(results=[])
         self.events = events
         self.started = started  # the Started fields the Trainer does not know
         self.save_every_s = save_every_minutes * 60

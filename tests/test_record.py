@@ -128,7 +128,7 @@ def test_the_record_comes_back_and_answers_with_the_instance_gone(
 
     events = [json.loads(ln) for ln in (record / "events.jsonl").read_text().splitlines()]
     assert events[-1]["type"] == "done" and [e["step"] for e in events if e["type"] == "step"] == list(range(1, 7))
-    log_lines = [ln for ln in (record / "worker.log").read_text().split("\n") if ln.strip()]
+    log_lines = [ln for ln in (record / "worker.log").read_bytes().decode().split("\n") if ln.strip()]
     assert log_lines
     state = json.loads((record / "trainer_state.json").read_text())
     assert state["global_step"] == 6 and any("loss" in h for h in state["log_history"])
