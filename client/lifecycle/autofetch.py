@@ -117,6 +117,6 @@ class AutoFetcher:
             session=self._session,
         )
         report_speed(self._session.transport, self._session.layout.job(self.record.id), got.bytes, got.seconds)
-        pull_record(self.record, self._session, self.to)
+        pull_record(self.record, self._session, self.to, log=self.log)
         self.latest = got
         self.log(f"checkpoint step-{got.step}: adapter fetched and verified -> {got.adapter}")

@@ -34,7 +34,7 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,15 +296,24 @@ def fetch(
 
 
 def pull_record(
-    record: JobRecord, session: Session, to: Path | None = None, *, final: bool = False
+    record: JobRecord,
+    session: Session,
+    to: Path | None = None,
+    *,
+    final: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> job_record.RecordResult | None:
-    """The job's record into `<job id>/record/` (client.record); a failure is a note on stderr, never the
-    fetch's failure (the adapter is what must come back)."""
+    """The job's record into `<job id>/record/` (client.record); a failure is a note (`log`, default
+    stderr), never the fetch's failure (the adapter is what must come back)."""
     try:
         return job_record.pull(record, session, local_copy(record, to), final=final)
     except (AutodlRunError, OSError) as exc:
         message = exc.message if isinstance(exc, AutodlRunError) else str(exc)
-        print(f"could not fetch the record of {record.id}: {message.splitlines()[0]}", file=sys.stderr, flush=True)
+        note = f"could not fetch the record of {record.id}: {(message.splitlines() or [''])[0]}"
+        if log is not None:
+            log(note)
+        else:
+            print(note, file=sys.stderr, flush=True)
         return None
 
 

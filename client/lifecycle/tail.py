@@ -167,7 +167,7 @@ def tail(
         if fetch and final.state is JobState.DONE:
             _fetch_final(record, ledger, progress, say, session)
         elif fetch and final.state.finished:  # no final adapter: the record is what is left to keep
-            got = pull_record(record, session, final=final.state.terminal or final.state is JobState.LOST)
+            got = pull_record(record, session, final=final.state.terminal or final.state is JobState.LOST, log=say)
             if got and got.report:
                 say(f"record and run report -> {got.report}")
         _report_guard(record, progress, final, say, session)
