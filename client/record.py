@@ -25,7 +25,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from client.errors import TransportError
 from client.ledger import JobRecord
 from client.session import Session
 from jobs.layout import RECORD_APPEND, RECORD_WHOLE, TB_FILE_RE, JobPaths, LocalCopy, tensorboard_dir
@@ -37,7 +36,7 @@ TB_CAP = 256 * MiB
 TB_FILES = 64
 CHUNK = 16 * MiB  # one read; well under the transport's cap on a command's output
 READ_TIMEOUT_S = 120.0
-FINAL = ".final"  # in record/: written once the record was pulled after the job ended
+FINAL = ".final"  # in record/: the state the job ended in, written once the record was pulled after that
 MODELS = {"trainer_state": TrainerState, "eval_results": EvalResults}
 
 # $1 file, $2 offset, $3 bytes: its size on a line, then at most $3 bytes from the offset; 3 = not a regular file
@@ -56,24 +55,32 @@ class RecordResult:
     files: dict[str, int] = field(default_factory=dict)  # name in record/ -> bytes held
     notes: list[str] = field(default_factory=list)  # what was cut at its cap, refused or unreadable
     report: Path | None = None
-    final: bool = False
+    final: str | None = None  # the state the job ended in, when pulled after that
 
     def as_dict(self) -> dict:
         return {"record": str(self.folder), "report": str(self.report) if self.report else None,
                 "files": self.files, "notes": self.notes}  # fmt: skip
 
 
-def is_final(copy: LocalCopy) -> bool:
-    """The laptop holds the record as it was when the job ended."""
-    return (copy.record / FINAL).is_file()
+def is_final(copy: LocalCopy, state: str) -> bool:
+    """The laptop holds the record as it was when the job ended in `state` (the ledger's)."""
+    try:
+        return (copy.record / FINAL).read_text().split("\n", 1)[0] == state
+    except OSError:
+        return False
+
+
+def invalidate(copy: LocalCopy) -> None:
+    """The job runs again (resumed) or ended otherwise than the record says: ask the instance from now on."""
+    (copy.record / FINAL).unlink(missing_ok=True)
 
 
 def pull(
-    record: JobRecord, session: Session, copy: LocalCopy, *, final: bool = False, report: bool | None = None
+    record: JobRecord, session: Session, copy: LocalCopy, *, final: str | None = None, report: bool | None = None
 ) -> RecordResult:
-    """Bring the record up to date from the instance; with `final` (the job ended) mark it complete and,
-    unless `report` is False, write the run report. Transport errors propagate; what the instance sends
-    that does not fit is a note."""
+    """Bring the record up to date from the instance; with `final` (the state the job ended in) mark it
+    complete and, unless `report` is False, write the run report. Transport errors propagate; what the
+    instance sends that does not fit is a note."""
     transport, paths = session.transport, session.layout.job(record.id)
     copy.record.mkdir(parents=True, exist_ok=True)
     out = RecordResult(copy.record, final=final)
@@ -86,8 +93,10 @@ def pull(
     for p in sorted(copy.record.rglob("*")):
         if p.is_file() and p.name != FINAL:
             out.files[p.relative_to(copy.record).as_posix()] = p.stat().st_size
-    if final:
-        (copy.record / FINAL).write_text("\n".join(out.notes) + "\n")
+    if not final:
+        invalidate(copy)  # the job runs (again, after a resume): what the laptop holds is not its end
+    else:
+        (copy.record / FINAL).write_text("\n".join([final, *out.notes]) + "\n")
         if report is not False:
             from client.report import write_report  # matplotlib: only when a report is written
 
@@ -164,10 +173,7 @@ def _whole(transport, remote: str, local: Path, key: str, out: RecordResult) -> 
 def _tensorboard(transport, paths: JobPaths, job_id: str, copy: LocalCopy, out: RecordResult) -> None:
     """The TensorBoard files from the job folder's `tensorboard/` or AutoDL's panel folder."""
     candidates = [tensorboard_dir(paths.dir, job_id, on_autodl=False), tensorboard_dir(paths.dir, job_id, True)]
-    try:
-        res = transport.run(["bash", "-c", _LIST, "list", *candidates], check=False, timeout=READ_TIMEOUT_S)
-    except TransportError:
-        raise
+    res = transport.run(["bash", "-c", _LIST, "list", *candidates], check=False, timeout=READ_TIMEOUT_S)
     lines = res.stdout.splitlines() if res.ok else []
     if not lines or lines[0] not in candidates:
         return

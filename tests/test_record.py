@@ -61,9 +61,12 @@ def test_the_record_is_pulled_incrementally_and_only_whole_event_lines(job) -> N
     assert copy.record_file("events").read_bytes() == Path(paths.events).read_bytes()
     assert copy.record_file("log").read_text() == "line one\nline two\n"
     Path(paths.log).write_text("new\n")  # rewritten shorter on the instance: read again from the start
-    out = job_record.pull(record, session, copy, final=True)
+    out = job_record.pull(record, session, copy, final="failed")
     assert copy.record_file("log").read_text() == "new\n"
-    assert job_record.is_final(copy) and out.report == copy.report
+    assert job_record.is_final(copy, "failed") and not job_record.is_final(copy, "done")
+    assert out.report == copy.report
+    job_record.pull(record, session, copy)  # resumed, running again: the laptop's copy is no longer the end
+    assert not job_record.is_final(copy, "failed")
     report = copy.report.read_text()
     assert "| steps | 3 of 9 |" in report and "skipped 1 unreadable event line" in report
     assert (copy.plots / "loss.png").read_bytes()[:4] == b"\x89PNG"

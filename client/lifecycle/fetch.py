@@ -285,7 +285,7 @@ def fetch(
             t = time.monotonic()
             digest, size = pull_verified(transport, paths.adapter, dest, expected_sha256)
             seconds = time.monotonic() - t
-            pull_record(record, s, to, final=True)  # before the acknowledgement: the guard may shut down after it
+            pull_record(record, s, to, final="done")  # before the acknowledgement: the guard may shut down after it
             acknowledge(transport, paths, manifest_sha256=digest)
         report_speed(transport, paths, size, seconds)
     if record.state in ("running", "launching", "starting"):  # a final adapter exists: the worker is done
@@ -300,7 +300,7 @@ def pull_record(
     session: Session,
     to: Path | None = None,
     *,
-    final: bool = False,
+    final: str | None = None,
     log: Callable[[str], None] | None = None,
 ) -> job_record.RecordResult | None:
     """The job's record into `<job id>/record/` (client.record); a failure is a note (`log`, default
@@ -459,7 +459,7 @@ def fetch_all(
             if ended and record.state != state.value:
                 ledger.update(record.id, state=state.value, finished_at=time.time())
                 record.state = state.value
-            pull_record(record, session, to, final=ended)
+            pull_record(record, session, to, final=state.value if ended else None)
             _note_record(out, copy)
         if checkpoints:
             try:

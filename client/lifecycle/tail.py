@@ -167,7 +167,8 @@ def tail(
         if fetch and final.state is JobState.DONE:
             _fetch_final(record, ledger, progress, say, session)
         elif fetch and final.state.finished:  # no final adapter: the record is what is left to keep
-            got = pull_record(record, session, final=final.state.terminal or final.state is JobState.LOST, log=say)
+            ended = final.state.terminal or final.state is JobState.LOST
+            got = pull_record(record, session, final=final.state.value if ended else None, log=say)
             if got and got.report:
                 say(f"record and run report -> {got.report}")
         _report_guard(record, progress, final, say, session)
@@ -342,7 +343,7 @@ ENDED = ("done", "failed", "cancelled", "lost")
 def on_laptop(record: JobRecord, need_adapter: bool = False) -> bool:
     """The job ended and the laptop holds its whole record (and, with `need_adapter`, a done job's
     adapter): no need to ask the instance."""
-    if record.state not in ENDED or not job_record.is_final(local_copy(record)):
+    if record.state not in ENDED or not job_record.is_final(local_copy(record), record.state):
         return False
     return not (need_adapter and record.state == "done" and not record.fetched_to)
 
@@ -401,4 +402,5 @@ def status(record: JobRecord, ledger: Ledger) -> StatusReport:
     progress, state = status_progress(record)
     if state.finished and record.state == "running":
         ledger.update(record.id, state=state.state.value, finished_at=time.time())
+        job_record.invalidate(local_copy(record))  # pulled before this run ended: ask the instance until fetched
     return StatusReport(record, state, progress)
