@@ -14,6 +14,7 @@ event and a line in the log) and is switched off, never stopping the training.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import subprocess
@@ -198,14 +199,18 @@ def trackers(spec: JobSpec) -> tuple[list[str], list[str]]:
 class GuardedTracker(TrainerCallback):
     """One tracker integration; the first exception it raises is a warning, and it is switched off."""
 
-    def __init__(self, inner: TrainerCallback, name: str, events: EventWriter):
+    def __init__(self, inner: TrainerCallback, name: str, events: EventWriter, start=None):
         self.inner, self.name, self.events = inner, name, events
+        self.start = start  # called before the tracker's first on_train_begin, under the same guard
         self.failed = False
 
     def _call(self, event: str, *args, **kwargs):
         if self.failed:
             return None
         try:
+            if event == "on_train_begin" and self.start is not None:
+                self.start, start = None, self.start
+                start()
             return getattr(self.inner, event)(*args, **kwargs)
         except Exception as exc:  # a tracker never stops the training
             self.failed = True
@@ -237,22 +242,31 @@ def guard_trackers(trainer, events: EventWriter, spec: JobSpec, job_id: str, job
     paths = JobPaths(job_dir)
     project = spec.track.project or spec.name
     os.environ.setdefault("WANDB_PROJECT", project)
-    os.environ.setdefault("SWANLAB_PROJECT", project)
-    if spec.track.swanlab_mode == "local":
-        os.environ.setdefault("SWANLAB_MODE", "local")
-        os.environ.setdefault("SWANLAB_LOG_DIR", paths.swanlog)
+    local = spec.track.swanlab_mode == "local"
     kinds = {cls: name for name, cls in INTEGRATION_TO_CALLBACK.items()}
     handler = trainer.callback_handler
     for i, cb in enumerate(handler.callbacks):
         name = kinds.get(type(cb))
         if name is None:
             continue
+        start = None
         if name == "tensorboard":
             cb.logging_dir = tb_dir
-        handler.callbacks[i] = GuardedTracker(cb, name, events)
+        elif name == "swanlab":  # its integration passes the project only from SWANLAB_PROJECT, which swanlab
+            # itself parses as a setting of another shape: start the run here, the integration then joins it
+            start = functools.partial(_start_swanlab, project, job_id, paths.swanlog if local else None)
+        handler.callbacks[i] = GuardedTracker(cb, name, events, start)
     if spec.track.report_to and spec.track.network_turbo:
         turbo_for_trackers(events)
     return tb_dir
+
+
+def _start_swanlab(project: str, job_id: str, local_dir: str | None) -> None:
+    import swanlab
+
+    if swanlab.get_run() is None:
+        extra = {"mode": "local", "log_dir": local_dir} if local_dir else {}
+        swanlab.init(project=project, name=job_id, **extra)
 
 
 PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
