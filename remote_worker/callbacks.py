@@ -242,6 +242,7 @@ def guard_trackers(trainer, events: EventWriter, spec: JobSpec, job_id: str, job
     paths = JobPaths(job_dir)
     project = spec.track.project or spec.name
     os.environ.setdefault("WANDB_PROJECT", project)
+    os.environ.setdefault("WANDB_DIR", job_dir)  # its local files in the job folder, not the worker's cwd
     local = spec.track.swanlab_mode == "local"
     kinds = {cls: name for name, cls in INTEGRATION_TO_CALLBACK.items()}
     handler = trainer.callback_handler
