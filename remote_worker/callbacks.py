@@ -254,7 +254,8 @@ def guard_trackers(trainer, events: EventWriter, spec: JobSpec, job_id: str, job
         if name == "tensorboard":
             cb.logging_dir = tb_dir
         elif name == "swanlab":  # its integration passes the project only from SWANLAB_PROJECT, which swanlab
-            # itself parses as a setting of another shape: start the run here, the integration then joins it
+            # itself parses as a setting of another shape, and swanlab 0.10's get_run() raises where the
+            # integration expects None: start the run here, the integration then joins it
             start = functools.partial(_start_swanlab, project, job_id, paths.swanlog if local else None)
         handler.callbacks[i] = GuardedTracker(cb, name, events, start)
     if spec.track.report_to and spec.track.network_turbo:
@@ -265,9 +266,13 @@ def guard_trackers(trainer, events: EventWriter, spec: JobSpec, job_id: str, job
 def _start_swanlab(project: str, job_id: str, local_dir: str | None) -> None:
     import swanlab
 
-    if swanlab.get_run() is None:
-        extra = {"mode": "local", "log_dir": local_dir} if local_dir else {}
-        swanlab.init(project=project, name=job_id, **extra)
+    try:
+        if swanlab.get_run() is not None:
+            return
+    except RuntimeError:  # swanlab 0.10 raises where transformers' integration expects None
+        pass
+    extra = {"mode": "local", "log_dir": local_dir} if local_dir else {}
+    swanlab.init(project=project, name=job_id, **extra)
 
 
 PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
