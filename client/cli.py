@@ -260,7 +260,7 @@ def tail(
 
 @app.command()
 def status(job: JobId = None, as_json: JsonOpt = False) -> None:
-    """Show where a job stands (asks the instance once)."""
+    """Show where a job stands (asks the instance once; a job that ended, from its record on the laptop)."""
     from client.lifecycle.tail import status as do_status
 
     ledger = Ledger()
@@ -293,7 +293,10 @@ def fetch(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Pull the final LoRA adapter back and verify it against the worker's sha256 manifest."""
+    """Pull the final LoRA adapter back and verify it against the worker's sha256 manifest.
+
+    The job's record (events, log, trainer state, evaluations, TensorBoard files) comes too, into
+    `<job id>/record/`, with a run report (report.md and PNG plots) whose path it prints."""
     from client.lifecycle.fetch import fetch_all, load_snippet
 
     ledger = Ledger()

@@ -115,18 +115,26 @@ class Failed(_Event):
     checkpoint: str = Field("", description="the newest complete checkpoint left behind (resume starts there)")
 
 
-Event = Annotated[Phase | Started | Step | Eval | Checkpoint | Done | Failed, Field(discriminator="type")]
+class Warn(_Event):
+    """Something went wrong that does not stop the job (a tracker that cannot connect, say)."""
+
+    type: Literal["warning"] = "warning"
+    source: str = Field("", description='what warned: "swanlab", "wandb", "tensorboard"')
+    message: str
+
+
+Event = Annotated[Phase | Started | Step | Eval | Checkpoint | Done | Failed | Warn, Field(discriminator="type")]
 _ADAPTER: TypeAdapter[Any] = TypeAdapter(Event)
 
 
 MAX_LINE = 1 << 20  # bytes; a longer line is not an event the worker wrote
 
 
-def parse(line: str | bytes) -> Phase | Started | Step | Eval | Checkpoint | Done | Failed:
+def parse(line: str | bytes) -> Phase | Started | Step | Eval | Checkpoint | Done | Failed | Warn:
     return _ADAPTER.validate_json(line)
 
 
-def parse_or_none(line: str | bytes) -> Phase | Started | Step | Eval | Checkpoint | Done | Failed | None:
+def parse_or_none(line: str | bytes) -> Phase | Started | Step | Eval | Checkpoint | Done | Failed | Warn | None:
     """The event on this line, or None when it is not one (never raises)."""
     if len(line) > MAX_LINE:
         return None
@@ -181,6 +189,6 @@ def split_complete(buffer: bytes) -> tuple[list[bytes], bytes]:
 
 
 __all__ = [
-    "Phase", "Started", "Step", "Eval", "Checkpoint", "Done", "Failed", "Event",
+    "Phase", "Started", "Step", "Eval", "Checkpoint", "Done", "Failed", "Warn", "Event",
     "EventWriter", "parse", "parse_or_none", "dumps", "split_complete", "MAX_LINE",
 ]

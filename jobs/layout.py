@@ -21,6 +21,9 @@
         transfer.json              the client's measured download speed (the worker sizes its deadline margin by it)
         fetching.<token>           a lease: a client touches it while its fetch runs (the guard waits for it)
         fetched.json               the client's acknowledgement: which adapter it holds, verified (sha256)
+        trainer_state.json         the Trainer's state (log history), written by the worker at each save and at the end
+        eval_results.json          every evaluation's metrics, a JSON list (jobs.protocol.EvalResults)
+        tensorboard/               TensorBoard event files (on AutoDL: /root/tf-logs/<job id>, see tensorboard_dir)
         guard/                     the guard process (remote_worker.guard), launched like a job:
             run.sh pid state exit_code worker.log   (client.remote.launcher)
             status.json            what the guard is doing or did: waiting, copied, shut down
@@ -47,6 +50,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from jobs import autodl
 
 if TYPE_CHECKING:
     from jobs.spec import JobSpec
@@ -79,6 +84,14 @@ JOB_FILES = {
     "wrapper": WRAPPER,
     "wrapper_path": WRAPPER_PATH,
 }
+# The job's record: what the laptop keeps once the instance is gone (client.record), append-only text
+# files read from a byte offset, and whole files re-read each time.
+RECORD_APPEND = ("events", "log")
+RECORD_WHOLE = ("trainer_state", "eval_results")
+RECORD_FILES = {"trainer_state": "trainer_state.json", "eval_results": "eval_results.json"}
+TENSORBOARD = "tensorboard"
+TB_FILE_RE = re.compile(r"^events\.out\.tfevents\.[A-Za-z0-9._-]{1,200}$")  # what a TensorBoard writer names
+REPORT = "report.md"
 _STEP_RE = re.compile(r"^step-([0-9]{1,15})$")  # ASCII digits, bounded: a listing from the instance
 
 
@@ -113,6 +126,11 @@ class Placement:
     python: str = "python3"
 
 
+def tensorboard_dir(job_dir: str, job_id: str, on_autodl: bool) -> str:
+    """Where a job's TensorBoard files go: AutoDL's panel folder there, else the job folder's `tensorboard/`."""
+    return posixpath.join(autodl.TF_LOGS, job_id) if on_autodl else posixpath.join(job_dir, TENSORBOARD)
+
+
 def layout_for(placement: Placement | JobSpec) -> RemoteLayout:
     """The layout of a placed job. A JobSpec is accepted for a spec whose remote_root is absolute
     already (records from before placements were stored apart)."""
@@ -144,6 +162,26 @@ class LocalCopy:
     def post(self, task: str) -> Path:
         """An after-training task's fetched result: `eval/`, `export/<task>/`."""
         return self.root / "eval" if task == "eval" else self.root / "export" / post_task(task)
+    # -- the job's record (client.record): kept once the instance is gone ---------------------------
+    @property
+    def record(self) -> Path:
+        return self.root / "record"
+
+    def record_file(self, key: str) -> Path:
+        """`key` of RECORD_APPEND / RECORD_WHOLE: the same file name as on the instance."""
+        return self.record / (JOB_FILES.get(key) or RECORD_FILES[key])
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.record / TENSORBOARD
+
+    @property
+    def report(self) -> Path:
+        return self.record / REPORT
+
+    @property
+    def plots(self) -> Path:
+        return self.record / "plots"
 
 
 @dataclass(frozen=True)
@@ -248,6 +286,23 @@ class JobPaths:
 
     def checkpoint(self, step: int) -> str:
         return self._p("output", "checkpoints", checkpoint_name(step))
+
+    @property
+    def trainer_state(self) -> str:
+        return self._p(RECORD_FILES["trainer_state"])
+
+    @property
+    def eval_results(self) -> str:
+        return self._p(RECORD_FILES["eval_results"])
+
+    def record_file(self, key: str) -> str:
+        """`key` of RECORD_APPEND / RECORD_WHOLE (jobs.layout)."""
+        return self._p(JOB_FILES.get(key) or RECORD_FILES[key])
+
+    @property
+    def swanlog(self) -> str:
+        """SwanLab's own log folder in local mode (track.swanlab_mode = "local")."""
+        return self._p("swanlog")
 
     @property
     def reserve(self) -> str:

@@ -23,6 +23,8 @@ lives is `jobs.layout`'s business; what it holds is this module's.
     post/eval/result/eval.json  EvalResult          worker (evaluate)       client
     post/export-*/result/export.json ExportRecord   worker (export)         client
     post/*/fetched.json         FetchAck            client (after verify)   guard
+    trainer_state.json          TrainerState        worker (at each save)   client (the run report)
+    eval_results.json           EvalResults         worker (each eval)      client (the run report)
 
 Enums, not free strings, for what a program branches on: `JobState`, `GuardPhase`, `StopReason`,
 `CheckpointReason`. Everything the instance writes is untrusted on the laptop: parse it with
@@ -327,6 +329,28 @@ class ExportRecord(_File):
     merge_check: MergeCheck | None = None
     gguf_check: GgufCheck | None = None
     seconds: float = 0.0
+Number = float | int | None
+
+
+class TrainerState(_File):
+    """`trainer_state.json`: transformers' TrainerState, as much of it as the run report reads."""
+
+    global_step: int
+    max_steps: int = 0
+    log_history: list[dict[str, Number | str]] = Field(default_factory=list)
+
+
+class EvalPoint(BaseModel):
+    """One evaluation during training: the trainer's step and its metrics (eval_loss, ...)."""
+
+    step: int
+    metrics: dict[str, Number]
+
+
+class EvalResults(_File):
+    """`eval_results.json`: every evaluation of the run, in order."""
+
+    results: list[EvalPoint]
 
 
 class ProtocolError(ValueError):
@@ -353,7 +377,8 @@ def dump_model(obj: BaseModel) -> str:
 
 __all__ = [
     "BaseModelRecord", "EvalResult", "EvalSample", "EvalScores", "ExportRecord", "GgufCheck", "MergeCheck",
-    "BatchShape", "CheckpointReason", "DatasetManifest", "EnvProbe", "FetchAck", "FolderManifest", "GuardPhase",
+    "BatchShape", "CheckpointReason", "DatasetManifest", "EnvProbe", "EvalPoint", "EvalResults", "FetchAck",
+    "FolderManifest", "GuardPhase",
     "GuardStatus", "JobState", "LaunchRecord", "ManifestEntry", "ModelDownload", "OUTCOMES", "ProtocolError",
-    "SetupMarker", "StopReason", "TorchGpu", "TransferSpeed", "dump_model", "read_model",
+    "SetupMarker", "StopReason", "TorchGpu", "TrainerState", "TransferSpeed", "dump_model", "read_model",
 ]

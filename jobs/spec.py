@@ -264,6 +264,19 @@ class FetchSpec(_Strict):
     to: str = Field("runs", description="where adapters land on the laptop, relative to the job file")
 
 
+class TrackSpec(_Strict):
+    """Experiment trackers beside the TensorBoard files every job writes (transformers' own integrations)."""
+
+    report_to: list[Literal["swanlab", "wandb"]] = Field(
+        default_factory=list, description="trackers the worker also reports to; one that cannot connect only warns"
+    )
+    project: str | None = Field(None, description="the tracker's project (default: the job's name)")
+    swanlab_mode: Literal["cloud", "local"] = Field("cloud", description="local: SwanLab logs under the job folder")
+    network_turbo: bool = Field(
+        True, description=f"on AutoDL, tracker uploads go through {autodl.NETWORK_TURBO} (set after the model is loaded)"
+    )
+
+
 class JobSpec(_Strict):
     name: str
     instance: InstanceSpec = Field(default_factory=InstanceSpec)
@@ -274,6 +287,7 @@ class JobSpec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     fetch: FetchSpec = Field(default_factory=FetchSpec)
     eval: EvalSpec | None = None
+    track: TrackSpec = Field(default_factory=TrackSpec)
 
     @field_validator("name")
     @classmethod

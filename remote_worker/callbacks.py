@@ -5,17 +5,31 @@ It also decides when to save and when to stop:
 - a checkpoint and a stop when a signal, the deadline or max_hours says so (remote_worker.stopping);
 - each finished `checkpoint-N` becomes a complete `step-N` with its adapter folder and manifests
   (remote_worker.checkpoints), announced by a `checkpoint` event; the newest two are kept.
+
+And it keeps the job's record beside the events (jobs.layout RECORD_*): the Trainer's state at each
+save and at the end, every evaluation's metrics. `guard_trackers` wraps transformers' own tracker
+integrations (TensorBoard always; SwanLab, W&B from `[track]`) so that one that fails warns (a `warning`
+event and a line in the log) and is switched off, never stopping the training.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 
-from jobs.events import Checkpoint, Eval, EventWriter, Phase, Started, Step
+from jobs import autodl
+from jobs.events import Checkpoint, Eval, EventWriter, Phase, Started, Step, Warn
+from jobs.layout import JobPaths, tensorboard_dir
+from jobs.protocol import EvalPoint, EvalResults, dump_model
+from jobs.spec import JobSpec
 from remote_worker import checkpoints
 from remote_worker.stopping import Stopper
 
@@ -28,7 +42,10 @@ class EventCallback(TrainerCallback):
         stopper: Stopper,
         save_every_minutes: float = 0,
         batch_shape: tuple[int, bool] | None = None,
+        job_dir: str | Path | None = None,
     ):
+        self.paths = JobPaths(str(job_dir)) if job_dir is not None else None  # where the record goes
+        self.evals = EvalResults(results=[])
         self.events = events
         self.started = started  # the Started fields the Trainer does not know
         self.save_every_s = save_every_minutes * 60
@@ -97,6 +114,22 @@ class EventCallback(TrainerCallback):
         self.save_from = time.monotonic()  # a save right after an evaluation is timed from here
         if metrics and "eval_loss" in metrics:
             self.events.emit(Eval(step=state.global_step, eval_loss=float(metrics["eval_loss"])))
+        if metrics and self.paths is not None:
+            numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+            self.evals.results.append(EvalPoint(step=state.global_step, metrics=numbers))
+            _write_atomic(self.paths.eval_results, dump_model(self.evals))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._save_state(state)
+
+    def _save_state(self, state) -> None:
+        if self.paths is not None:
+            try:
+                tmp = self.paths.trainer_state + ".tmp"
+                state.save_to_json(tmp)
+                os.replace(tmp, self.paths.trainer_state)
+            except OSError as exc:  # the record is a convenience: a full disk stops the job elsewhere
+                print(f"could not write the trainer state: {exc}", file=sys.stderr, flush=True)
 
     # -- checkpoints ----------------------------------------------------------------------------
 
@@ -130,3 +163,140 @@ class EventCallback(TrainerCallback):
             )
         )
         checkpoints.rotate(root)
+        self._save_state(state)
+
+
+def _write_atomic(path: str, text: str) -> None:
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    except OSError as exc:
+        print(f"could not write {path}: {exc}", file=sys.stderr, flush=True)
+
+
+# --- trackers: transformers' own integrations, each unable to stop the training ----------------------
+
+TRACKER_MODULES = {"tensorboard": "tensorboard", "swanlab": "swanlab", "wandb": "wandb"}
+_EVENTS = (
+    "on_init_end", "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end", "on_step_begin",
+    "on_pre_optimizer_step", "on_optimizer_step", "on_substep_end", "on_step_end", "on_evaluate", "on_predict",
+    "on_save", "on_log", "on_prediction_step", "on_push_begin",
+)  # fmt: skip
+
+
+def on_autodl() -> bool:
+    return any(os.path.exists(f) for f in autodl.MARKER_FILES) or any(v in os.environ for v in autodl.ENV_VARS)
+
+
+def trackers(spec: JobSpec) -> tuple[list[str], list[str]]:
+    """(what the Trainer reports to, what is asked for but not installed here): TensorBoard always."""
+    wanted = ["tensorboard", *dict.fromkeys(spec.track.report_to)]
+    have = [t for t in wanted if importlib.util.find_spec(TRACKER_MODULES[t]) is not None]
+    return have, [t for t in wanted if t not in have]
+
+
+class GuardedTracker(TrainerCallback):
+    """One tracker integration; the first exception it raises is a warning, and it is switched off."""
+
+    def __init__(self, inner: TrainerCallback, name: str, events: EventWriter, start=None):
+        self.inner, self.name, self.events = inner, name, events
+        self.start = start  # called before the tracker's first on_train_begin, under the same guard
+        self.failed = False
+
+    def _call(self, event: str, *args, **kwargs):
+        if self.failed:
+            return None
+        try:
+            if event == "on_train_begin" and self.start is not None:
+                self.start, start = None, self.start
+                start()
+            return getattr(self.inner, event)(*args, **kwargs)
+        except Exception as exc:  # a tracker never stops the training
+            self.failed = True
+            warn(self.events, self.name, f"{self.name} failed in {event} and is off for this run: "
+                 f"{type(exc).__name__}: {str(exc)[:500]}")  # fmt: skip
+            return None
+
+
+for _name in _EVENTS:
+    setattr(GuardedTracker, _name, lambda self, *a, _e=_name, **k: self._call(_e, *a, **k))
+
+
+def warn(events: EventWriter, source: str, message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+    events.emit(Warn(source=source, message=message))
+
+
+def guard_trackers(trainer, events: EventWriter, spec: JobSpec, job_id: str, job_dir: str) -> str:
+    """Wrap the Trainer's tracker callbacks (GuardedTracker), point TensorBoard at its folder, set the
+    trackers' project and mode, and on AutoDL route their uploads through network_turbo. Call it once
+    the model is loaded: the proxy is set in this process from here on, so the model download never
+    goes through it. Returns the TensorBoard folder."""
+    from transformers.integrations import INTEGRATION_TO_CALLBACK
+
+    _, missing = trackers(spec)
+    for name in missing:
+        warn(events, name, f"{name} is not installed on the instance: nothing is reported to it")
+    tb_dir = tensorboard_dir(job_dir, job_id, on_autodl())
+    paths = JobPaths(job_dir)
+    project = spec.track.project or spec.name
+    os.environ.setdefault("WANDB_PROJECT", project)
+    os.environ.setdefault("WANDB_DIR", job_dir)  # its local files in the job folder, not the worker's cwd
+    local = spec.track.swanlab_mode == "local"
+    kinds = {cls: name for name, cls in INTEGRATION_TO_CALLBACK.items()}
+    handler = trainer.callback_handler
+    for i, cb in enumerate(handler.callbacks):
+        name = kinds.get(type(cb))
+        if name is None:
+            continue
+        start = None
+        if name == "tensorboard":
+            cb.logging_dir = tb_dir
+        elif name == "swanlab":  # its integration passes the project only from SWANLAB_PROJECT, which swanlab
+            # itself parses as a setting of another shape, and swanlab 0.10's get_run() raises where the
+            # integration expects None: start the run here, the integration then joins it
+            start = functools.partial(_start_swanlab, project, job_id, paths.swanlog if local else None)
+        handler.callbacks[i] = GuardedTracker(cb, name, events, start)
+    if spec.track.report_to and spec.track.network_turbo:
+        turbo_for_trackers(events)
+    return tb_dir
+
+
+def _start_swanlab(project: str, job_id: str, local_dir: str | None) -> None:
+    import swanlab
+
+    try:
+        if swanlab.get_run() is not None:
+            return
+    except RuntimeError:  # swanlab 0.10 raises where transformers' integration expects None
+        pass
+    extra = {"mode": "local", "log_dir": local_dir} if local_dir else {}
+    swanlab.init(project=project, name=job_id, **extra)
+
+
+PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
+
+
+def turbo_for_trackers(events: EventWriter, script: str = autodl.NETWORK_TURBO) -> dict[str, str]:
+    """The proxy variables AutoDL's network_turbo sets, into this process's environment (the trackers run
+    in it, W&B's service inherits it); the model was loaded before, the prefetch process never sees them."""
+    if not os.path.isfile(script):
+        return {}
+    try:
+        out = subprocess.run(
+            ["bash", "-c", '. "$1" >/dev/null 2>&1; env -0', "turbo", script],
+            capture_output=True, timeout=30, check=False,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        warn(events, "network_turbo", f"could not read {script}: {exc}")
+        return {}
+    found = {}
+    for item in out.split(b"\0"):
+        key, _, value = item.decode(errors="replace").partition("=")
+        if key in PROXY_VARS and value and os.environ.get(key) != value:
+            found[key] = value
+    os.environ.update(found)
+    print(f"tracker uploads go through {script} ({', '.join(sorted(found)) or 'it set no proxy'})",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return found

@@ -57,6 +57,7 @@ from jobs.layout import JobPaths
 from jobs.manifest import write_manifest
 from jobs.spec import JobSpec, WorkerJob
 from remote_worker import DataError, ModelNotFound, calibrate, checkpoints, data, fast, prefetch, stopping
+from remote_worker import callbacks as tracking
 from remote_worker.callbacks import EventCallback
 from remote_worker.probe import Probe, probe
 
@@ -163,6 +164,7 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
         save_every_minutes=spec.train.save_every_minutes,
         stopper=stopper,
         batch_shape=(micro_batch_tokens, checkpointing),
+        job_dir=job_dir,
     )
     trainer = Trainer(
         model=model,
@@ -173,6 +175,7 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
         processing_class=tokenizer,
         callbacks=[callback],
     )
+    tracking.guard_trackers(trainer, events, spec, job.job_id, str(job_dir))  # model loaded: trackers may use the proxy
     if resume_from is not None:
         phase(
             "resuming",
@@ -405,7 +408,10 @@ def training_arguments(spec: JobSpec, job_dir: Path, machine: Probe, grad_accum:
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=machine.device == "cuda",
         disable_tqdm=True,
-        report_to=[],
+        # TensorBoard always (its folder is set by callbacks.guard_trackers), and [track] report_to; each wrapped
+        # so that a tracker that fails only warns
+        report_to=tracking.trackers(spec)[0],
+        run_name=job_dir.name,
     )
 
 

@@ -26,7 +26,7 @@ CHECKED = ["client", "remote_worker", "scripts", "bench"]
 DISTINCT = [
     "job.json", "launch.json", "events.jsonl", "worker.log", "fetched.json", "transfer.json", "status.json",
     "result.json", "batch_shape.json", "dataset.json", "manifest.json", ".reserve", "run.sh",
-    "apt-tmux-failed", "submissions",
+    "apt-tmux-failed", "submissions", "eval_results.json",
 ]  # fmt: skip
 # Generic words that are file or folder names of the layout only when used as a path part.
 PATH_PARTS = {"state", "pid", "exit_code", "output", "checkpoints", "adapter", "guard", "prefetch", "bundles",
@@ -143,6 +143,8 @@ def test_layout_spells_every_name() -> None:
         (protocol.LaunchRecord, {"job_id": "j", "name": "n", "submit_key": "k", "data_digest": "d",
                                  "bundle_digest": "b"}),  # fmt: skip
         (protocol.FolderManifest, {"files": [{"path": "a/b.bin", "size": 1, "sha256": "0" * 64}]}),
+        (protocol.TrainerState, {"global_step": 3, "log_history": [{"loss": 1.5, "step": 1}]}),
+        (protocol.EvalResults, {"results": [{"step": 3, "metrics": {"eval_loss": 1.2}}]}),
     ],
 )
 def test_each_crossing_file_round_trips_and_refuses_garbage(model, good) -> None:

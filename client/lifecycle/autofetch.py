@@ -7,7 +7,9 @@ and keeps only the newest (client.lifecycle.fetch.prune_local). The local folder
 (jobs.layout.checkpoint_name), never from a path the instance sends; the copy is checked like
 every fetch (client.lifecycle.fetch.pull_verified). Offers arriving while a fetch runs collapse
 into the newest one, so the laptop always ends up holding the latest checkpoint, never a queue of
-stale ones. Each fetch reports its speed to the instance (the worker's deadline margin uses it).
+stale ones. Each fetch reports its speed to the instance (the worker's deadline margin uses it), and
+brings the job's record up to date (client.record: only the new bytes of the events, log and
+TensorBoard files), so the laptop keeps the run's history even if the instance vanishes mid-run.
 
 A failed fetch is tried again (ATTEMPTS in all, RETRY_S apart) unless a newer checkpoint has come
 meanwhile; `close()` waits for the newest before `tail` fetches the final adapter.
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from client.errors import AutodlRunError, CommandTimedOut, ConnectError
 from client.ledger import JobRecord
-from client.lifecycle.fetch import FetchedCheckpoint, fetch_checkpoint, local_copy, report_speed
+from client.lifecycle.fetch import FetchedCheckpoint, fetch_checkpoint, local_copy, pull_record, report_speed
 from client.session import Session, open_session
 from jobs import events as ev
 from jobs.layout import MANIFEST
@@ -115,5 +117,6 @@ class AutoFetcher:
             session=self._session,
         )
         report_speed(self._session.transport, self._session.layout.job(self.record.id), got.bytes, got.seconds)
+        pull_record(self.record, self._session, self.to, log=self.log)
         self.latest = got
         self.log(f"checkpoint step-{got.step}: adapter fetched and verified -> {got.adapter}")

@@ -19,7 +19,10 @@ While it transfers, the client holds a lease on the instance (`fetching.<token>`
 LEASE_REFRESH_S), so the guard never shuts the instance down mid-fetch. Once the final adapter is
 verified, the client writes its acknowledgement (`fetched.json`, jobs.protocol.FetchAck: what, the
 manifest's sha256, the step; nothing about the laptop); the guard shuts the instance down only on an
-acknowledgement naming that very adapter. Each fetch also reports its speed (`transfer.json`,
+acknowledgement naming that very adapter. Before it, the job's record comes too (client.record:
+events, log, trainer state, evaluations, TensorBoard files, into `<job id>/record/` with a run report),
+so nothing but the adapter is lost when the instance goes; a failed or cancelled job's `fetch` brings
+its record alone. Each fetch also reports its speed (`transfer.json`,
 jobs.protocol.TransferSpeed): the worker sizes its deadline margin by it.
 """
 
@@ -28,23 +31,26 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from client.errors import JobError, TransportError, VerifyError
+from client import record as job_record
+from client.errors import AutodlRunError, JobError, TransportError, VerifyError
 from client.ledger import JobRecord, Ledger
+from client.remote import launcher
 from client.session import Session, open_session
 from client.transport.base import Transport
 from client.transport.paths import shell_path
 from jobs.layout import CHECKPOINT_ADAPTER, MANIFEST, JobPaths, LocalCopy, checkpoint_step
 from jobs.manifest import ManifestError, entries, load_manifest, shown, verify_manifest
-from jobs.protocol import FetchAck, TransferSpeed, dump_model
+from jobs.protocol import FetchAck, JobState, TransferSpeed, dump_model
 
 LOAD_SNIPPET = """from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -298,10 +304,36 @@ def fetch(
             t = time.monotonic()
             digest, size = pull_verified(transport, paths.adapter, dest, expected_sha256)
             seconds = time.monotonic() - t
+            pull_record(record, s, to, final="done")  # before the acknowledgement: the guard may shut down after it
             acknowledge(transport, paths, manifest_sha256=digest)
         report_speed(transport, paths, size, seconds)
+    if record.state in ("running", "launching", "starting"):  # a final adapter exists: the worker is done
+        ledger.update(record.id, state="done", finished_at=time.time())
+        record.state = "done"
     ledger.update(record.id, fetched_to=str(dest))
     return dest, digest
+
+
+def pull_record(
+    record: JobRecord,
+    session: Session,
+    to: Path | None = None,
+    *,
+    final: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> job_record.RecordResult | None:
+    """The job's record into `<job id>/record/` (client.record); a failure is a note (`log`, default
+    stderr), never the fetch's failure (the adapter is what must come back)."""
+    try:
+        return job_record.pull(record, session, local_copy(record, to), final=final)
+    except (AutodlRunError, OSError) as exc:
+        message = exc.message if isinstance(exc, AutodlRunError) else str(exc)
+        note = f"could not fetch the record of {record.id}: {(message.splitlines() or [''])[0]}"
+        if log is not None:
+            log(note)
+        else:
+            print(note, file=sys.stderr, flush=True)
+        return None
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
@@ -411,6 +443,8 @@ class Fetched:
     adapter: Path | None = None
     manifest_sha256: str | None = None
     checkpoint: FetchedCheckpoint | None = None
+    record: Path | None = None  # <job id>/record/ (client.record)
+    report: Path | None = None  # its run report
 
     @property
     def verified(self) -> bool:
@@ -423,6 +457,8 @@ class Fetched:
             "manifest_sha256": self.manifest_sha256,
             "verified": self.verified,
             "checkpoint": self.checkpoint.as_dict() if self.checkpoint else None,
+            "record": str(self.record) if self.record else None,
+            "report": str(self.report) if self.report else None,
         }
 
 
@@ -431,9 +467,19 @@ def fetch_all(
 ) -> Fetched:
     """`autodl-run fetch`: the final adapter; with `checkpoints`, first the newest checkpoint, whole.
     One session for both. With `checkpoints`, a job without a final adapter (failed, stopped, still
-    running) is no error."""
+    running) is no error. The job's record comes either way (with the final adapter, or alone for a job
+    that ended without one)."""
     out = Fetched(record.id)
+    copy = local_copy(record, to)
     with open_session(record) as session:
+        if record.state != "done":  # the final adapter's fetch brings it otherwise
+            state = launcher.job_status(session.transport, session.layout.job(record.id)).state
+            ended = state in (JobState.FAILED, JobState.CANCELLED, JobState.LOST)
+            if ended and record.state != state.value:
+                ledger.update(record.id, state=state.value, finished_at=time.time())
+                record.state = state.value
+            pull_record(record, session, to, final=state.value if ended else None)
+            _note_record(out, copy)
         if checkpoints:
             try:
                 out.checkpoint = fetch_checkpoint(record, to=to, full=True, session=session)
@@ -442,7 +488,16 @@ def fetch_all(
                     raise
         try:
             out.adapter, out.manifest_sha256 = fetch(record, ledger, to, session=session)
-        except JobError:
+        except JobError as exc:
+            if out.report is not None:
+                exc.hint = (exc.hint + "; " if exc.hint else "") + f"its record and run report: {out.report}"
             if out.checkpoint is None:
                 raise
+        _note_record(out, copy)
     return out
+
+
+def _note_record(out: Fetched, copy: LocalCopy) -> None:
+    if copy.record.is_dir():
+        out.record = copy.record
+        out.report = copy.report if copy.report.is_file() else None

@@ -7,25 +7,30 @@ what the guard does. `fetch=False` (`tail --no-fetch`) leaves all fetching to `a
 
 Lines of the event file that are not events are skipped and counted (said once, and in `status`);
 every string from the instance is shown with its control characters escaped (client.views.text).
+
+A job that ended (the ledger says done, failed or cancelled) whose record the laptop holds whole
+(client.record.is_final) is answered from that record at once, by `tail` (`--raw` too) and `status`:
+the instance is not asked, so one that is shut down costs no wait.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
+from client import record as job_record
 from client.errors import AutodlRunError, JobError, TransportError
 from client.ledger import JobRecord, Ledger
 from client.lifecycle import steps
 from client.lifecycle.autofetch import AutoFetcher
 from client.lifecycle.fetch import fetch as fetch_adapter
-from client.lifecycle.fetch import fetch_checkpoint
+from client.lifecycle.fetch import fetch_checkpoint, local_copy, pull_record
 from client.remote import guard as guard_launch
 from client.remote import launcher
 from client.remote.follow import Follower, JobStatus, Reconnecting, Skipped, poll_once
@@ -49,9 +54,12 @@ def _follower(session: Session, job_id: str, filename: str, poll_s: float, recon
     )
 
 
-def _finish(record: JobRecord, ledger: Ledger, state: JobStatus, progress: Progress | None) -> None:
+def _finish(
+    record: JobRecord, ledger: Ledger, state: JobStatus, progress: Progress | None, update: bool = True
+) -> None:
     final = state.state
-    ledger.update(record.id, state=final.value, finished_at=time.time())
+    if update:
+        ledger.update(record.id, state=final.value, finished_at=time.time())
     if final is JobState.DONE:
         return
     why = ""
@@ -90,6 +98,8 @@ def tail(
 
     Raises JobError when the job did not end as `done`.
     """
+    if on_laptop(record, need_adapter=fetch and not raw):
+        return _tail_from_laptop(record, ledger, console, raw=raw, as_json=as_json, log=log)
     progress = Progress(record.id, record.spec.instance.price_per_hour, record.spec.instance.currency)
     session = open_session(record)  # one connection for all of it; the auto-fetch has the only other
     follower = _follower(session, record.id, JOB_FILES["log" if raw else "events"], poll_s, reconnect_timeout_s)
@@ -156,6 +166,11 @@ def tail(
             progress, _ = status_progress(record, session)
         if fetch and final.state is JobState.DONE:
             _fetch_final(record, ledger, progress, say, session)
+        elif fetch and final.state.finished:  # no final adapter: the record is what is left to keep
+            ended = final.state.terminal or final.state is JobState.LOST
+            got = pull_record(record, session, final=final.state.value if ended else None, log=say)
+            if got and got.report:
+                say(f"record and run report -> {got.report}")
         _report_guard(record, progress, final, say, session)
         if view:
             view.update(panel(progress, final.state, ""))
@@ -220,6 +235,9 @@ def _fetch_final(
     record.fetched_to = str(dest)
     progress.laptop = f"adapter at {dest} (verified, manifest sha256 {digest[:12]}…)"
     say(f"adapter fetched and verified -> {dest}")
+    report = local_copy(record).report
+    if report.is_file():
+        say(f"record and run report -> {report}")
 
 
 def _report_guard(
@@ -309,14 +327,80 @@ class StatusReport:
     record: JobRecord
     state: JobStatus
     progress: Progress
+    report: str | None = None  # answered from the laptop's record (client.record): its run report
 
     def as_dict(self) -> dict:
         return {**self.record.as_dict(), "state": self.state.state.value, "exit_code": self.state.exit_code,
-                **self.progress.as_dict()}  # fmt: skip
+                **self.progress.as_dict(), "from_laptop": self.report is not None,
+                "report": self.report}  # fmt: skip
+
+
+# --- a job that ended, answered from the laptop's record ---------------------------------------------
+
+ENDED = ("done", "failed", "cancelled", "lost")
+
+
+def on_laptop(record: JobRecord, need_adapter: bool = False) -> bool:
+    """The job ended and the laptop holds its whole record (and, with `need_adapter`, a done job's
+    adapter): no need to ask the instance."""
+    if record.state not in ENDED or not job_record.is_final(local_copy(record), record.state):
+        return False
+    return not (need_adapter and record.state == "done" and not record.fetched_to)
+
+
+def _local_lines(path) -> Iterator[bytes]:
+    if path.is_file():
+        with open(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    yield line.rstrip(b"\n")
+
+
+def laptop_progress(record: JobRecord) -> Progress:
+    copy = local_copy(record)
+    progress = Progress(record.id, record.spec.instance.price_per_hour, record.spec.instance.currency)
+    for line in _local_lines(copy.record_file("events")):
+        progress.feed(line)
+    progress.laptop = f"adapter at {record.fetched_to}" if record.fetched_to else f"record at {copy.record}"
+    progress.guard = "not asked: the job ended and its record is on the laptop"
+    return progress
+
+
+def _tail_from_laptop(
+    record: JobRecord, ledger: Ledger, console: Console, *, raw: bool, as_json: bool, log: Callable[[str], None] | None
+) -> Progress:
+    copy = local_copy(record)
+    progress = Progress(record.id, record.spec.instance.price_per_hour, record.spec.instance.currency)
+    if raw:
+        for line in _local_lines(copy.record_file("log")):
+            sys.stdout.write(log_line(line.decode("utf-8", "replace")) + "\n")
+    for line in _local_lines(copy.record_file("events")):
+        e = progress.feed(line)
+        if e is None or raw:
+            continue
+        if as_json:
+            sys.stdout.write(json_line(e.model_dump(mode="json")) + "\n")
+        elif not console.is_terminal and (text := event_line(e)):
+            console.print(Text(text), highlight=False)
+    sys.stdout.flush()
+    progress.laptop = f"adapter at {record.fetched_to}" if record.fetched_to else f"record at {copy.record}"
+    if console.is_terminal and not raw and not as_json:
+        console.print(panel(progress, record.state, ""))
+    say = _sayer(None, log)
+    say(f"{record.id} ended ({record.state}): shown from the laptop's record, {copy.report}")
+    state = JobStatus(JobState(record.state), None, False)
+    if state.state is not JobState.DONE:
+        _finish(record, ledger, state, progress, update=False)
+    return progress
 
 
 def status(record: JobRecord, ledger: Ledger) -> StatusReport:
+    if on_laptop(record):
+        progress = laptop_progress(record)
+        state = JobStatus(JobState(record.state), None, False)
+        return StatusReport(record, state, progress, str(local_copy(record).report))
     progress, state = status_progress(record)
     if state.finished and record.state == "running":
         ledger.update(record.id, state=state.state.value, finished_at=time.time())
+        job_record.invalidate(local_copy(record))  # pulled before this run ended: ask the instance until fetched
     return StatusReport(record, state, progress)

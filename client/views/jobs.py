@@ -65,6 +65,8 @@ def status(info: dict[str, Any], console: Console) -> None:
         t.add_row("guard", _safe(info["guard"]))
     if info.get("warning"):
         t.add_row("warning", _safe(info["warning"]))
+    if info.get("report"):
+        t.add_row("report", escape(info["report"]) + " (from the laptop's record: the instance was not asked)")
     console.print(t)
 
 
@@ -96,6 +98,10 @@ def fetched(result: Fetched, load_snippet: str, console: Console) -> None:
             f"[green]✓[/] adapter verified (manifest sha256 {escape(digest[:16])}…) → {escape(dest)}"
         )
         load_with(load_snippet, console)
+    if result.report:
+        console.print(f"[green]✓[/] record and run report → {escape(str(result.report))}")
+    elif result.record:
+        console.print(f"record → {escape(str(result.record))}")
 
 
 def load_with(load_snippet: str, console: Console) -> None:
