@@ -173,7 +173,7 @@ def launch(
         local = Path(tmp) / posixpath.basename(paths.spec)
         local.write_text(json.dumps(job.model_dump(mode="json"), indent=2))
         session.transport.put(local, paths.spec)
-    argv = [python_of(placed.instance), "-m", "remote_worker", paths.spec]
+    argv = launcher.worker_argv(python_of(placed.instance), paths.spec, placed.train)
     launcher.launch(session.transport, paths, argv, socket=placed.instance.tmux_socket, session=job_id, env=env)
     return guard_launch.start_guard(session.transport, placed, paths, job_id, env) is not None
 
