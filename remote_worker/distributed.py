@@ -66,11 +66,22 @@ def init(setting: str) -> World:
 
     if device == "cuda":
         torch.cuda.set_device(w.local_rank)
+        if cap_bytes():  # before the model loads: FSDP skips the calibration that would set it
+            total = torch.cuda.mem_get_info()[1]
+            torch.cuda.set_per_process_memory_fraction(min(1.0, cap_bytes() / total))
     if not dist.is_initialized():
         backend = "nccl" if device == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"device_id": torch.device("cuda", w.local_rank)} if device == "cuda" else {}
         dist.init_process_group(backend=backend, **kwargs)
     return w
+
+
+def cap_bytes() -> int | None:
+    """AUTODL_RUN_GPU_MEMORY_GB (remote_worker.calibrate): the memory each rank may use."""
+    try:
+        return int(float(os.environ.get("AUTODL_RUN_GPU_MEMORY_GB", "")) * 1e9) or None
+    except ValueError:
+        return None
 
 
 def device_of(device: str) -> str:

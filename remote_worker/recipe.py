@@ -529,7 +529,8 @@ def _card_bytes(machine: Probe) -> int | None:
         return None
     import torch
 
-    return torch.cuda.mem_get_info()[1]
+    total = torch.cuda.mem_get_info()[1]
+    return min(total, distributed.cap_bytes() or total)
 
 
 def _layer_classes(model) -> list[str]:
