@@ -170,3 +170,49 @@ def test_two_processes_cancelled_and_resumed_end_like_one(tmp_path, model_dir, d
     assert done_2.final_loss == pytest.approx(done_1.final_loss, abs=2e-3)
     verify_manifest(done_2.adapter_path, done_2.manifest_sha256)
     assert not any(p.name.startswith("checkpoint-") for p in Path(paths.checkpoints).iterdir())
+
+
+def test_nodes_of_a_spec_with_hosts():
+    from pydantic import ValidationError
+
+    from client.lifecycle.steps import node_of
+
+    spec = JobSpec.model_validate({
+        "name": "n", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
+        "instance": {"ssh": "ssh -p 2222 root@gw.example", "hosts": ["ssh -p 22 root@10.0.0.2"],
+                     "rdzv_host": "10.0.0.1", "rdzv_port": 29555},
+    })  # fmt: skip
+    assert node_of(spec, 0) == launcher.Node(0, 2, "10.0.0.1", 29555)
+    assert node_of(spec, 1).rank == 1
+    with pytest.raises(ValidationError, match="hosts"):
+        JobSpec.model_validate({"name": "n", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
+                                "instance": {"hosts": ["scp root@x"]}})  # fmt: skip
+    with pytest.raises(ValidationError, match="gpus"):
+        JobSpec.model_validate({"name": "n", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
+                                "train": {"gpus": 0}})  # fmt: skip
+
+
+def test_fillers_make_whole_global_batches_and_train_nothing():
+    import numpy as np
+
+    from remote_worker.data import IGNORE, MicroBatches, Seq
+
+    seqs = [Seq(np.arange(1, 11, dtype=np.int64), np.ones(10, dtype=np.uint8)) for _ in range(5)]
+    alone = MicroBatches(seqs, micro_batch_tokens=10, packing=True, pad_id=0, seed=1)
+    four = MicroBatches(seqs, micro_batch_tokens=10, packing=True, pad_id=0, seed=1, multiple=4)
+    assert len(alone) == 5 and len(four) == 8 and four.groups[:5] == alone.groups
+    for i in range(5, 8):  # a filler: one pad token, nothing trained
+        assert four[i]["input_ids"].tolist() == [[0]] and (four[i]["labels"] == IGNORE).all()
+
+
+def test_resume_onto_another_number_of_processes_keeps_the_global_batch(tmp_path):
+    from jobs.protocol import BatchShape
+    from remote_worker.checkpoints import ResumeMismatch, resumed_grad_accum
+
+    two_by_two = BatchShape(micro_batch_tokens=96, gradient_checkpointing=False, world_size=2, grad_accum=2)
+    assert resumed_grad_accum(tmp_path, two_by_two, 1, 1) == 4
+    assert resumed_grad_accum(tmp_path, two_by_two, 1, 4) == 1
+    assert resumed_grad_accum(tmp_path, None, 2, 2) == 1  # an older checkpoint: one process, two a step
+    with pytest.raises(ResumeMismatch, match="3 processes cannot split") as err:
+        resumed_grad_accum(tmp_path, two_by_two, 1, 3)
+    assert "train.gpus = one of [1, 2, 4]" in err.value.hint
