@@ -14,7 +14,8 @@ on the CPU).
 
   python bench/multigpu_bench.py suite --out $OUT [--phase ddp|fsdp|all] [--smoke] [--budget_s 540]
 
-Rows (JSON, one a line) go to $OUT/results.jsonl; the worker's logs to $OUT/<phase>/.
+Rows (JSON, one a line) go to $OUT/results.jsonl, each run's events.jsonl and worker.log to
+$OUT/<phase>/<run>/; the models, data and job folders (checkpoints) stay under --work.
 """
 
 from __future__ import annotations
@@ -134,8 +135,17 @@ def emit(out: str, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def keep_logs(a, job_dir: str, name: str) -> None:
+    """events.jsonl and worker.log of a run into $OUT (the checkpoints stay under --work)."""
+    dest = os.path.join(a.out, name)
+    os.makedirs(dest, exist_ok=True)
+    for f in ("events.jsonl", "worker.log"):
+        if os.path.exists(os.path.join(job_dir, f)):
+            shutil.copy(os.path.join(job_dir, f), os.path.join(dest, f))
+
+
 def phase_ddp(a, left) -> None:
-    root = os.path.join(a.out, "ddp")
+    root = os.path.join(a.work, "ddp")
     model_dir = os.path.join(a.models, "tiny" if a.smoke else "7b")
     made_s = make("tiny" if a.smoke else "7b", model_dir, "cpu" if a.smoke else "cuda")
     steps, warm = (4, 1) if a.smoke else (a.steps, 3)
@@ -153,6 +163,7 @@ def phase_ddp(a, left) -> None:
         path = job(model_dir, data_dir, job_dir, gpus=gpus, steps=steps + warm, smoke=a.smoke)
         rc, wall = run_worker(path, gpus, left())
         rows[gpus] = res = result(job_dir, warm)
+        keep_logs(a, job_dir, f"ddp/gpus-{gpus}")
         emit(a.out, {"bench": "ddp", "arch": "tiny" if a.smoke else "7b", "gpus": gpus, "worker_rc": rc,
                      "wall_s": round(wall, 1), "make_s": round(made_s, 1), **res})  # fmt: skip
     one, two = rows[1].get("tok_per_s"), rows[2].get("tok_per_s")
@@ -161,7 +172,7 @@ def phase_ddp(a, left) -> None:
 
 
 def phase_fsdp(a, left) -> None:
-    root = os.path.join(a.out, "fsdp")
+    root = os.path.join(a.work, "fsdp")
     arch = "tiny" if a.smoke else "32b"
     model_dir = os.path.join(a.models, arch)
     made_s = make(arch, model_dir, "cpu" if a.smoke else "cuda")
@@ -180,6 +191,7 @@ def phase_fsdp(a, left) -> None:
                    save_steps=first)  # fmt: skip
         rc, wall = run_worker(path, 2, left(), env)
         res = result(job_dir, 0)
+        keep_logs(a, job_dir, f"fsdp/run-{run}")
         emit(a.out, {"bench": "fsdp", "arch": arch, "run": run, "cap_gb": None if a.smoke else a.cap_gb,
                      "worker_rc": rc, "wall_s": round(wall, 1), "make_s": round(made_s, 1), **res})  # fmt: skip
         made_s = 0.0
@@ -189,7 +201,7 @@ def phase_fsdp(a, left) -> None:
 
 def cmd_suite(a) -> int:
     os.makedirs(a.out, exist_ok=True)
-    a.models = a.models or os.path.join(a.out, "models")
+    a.models = os.path.join(a.work, "models")
     end = time.time() + a.budget_s
 
     def left() -> float:
@@ -216,7 +228,7 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("suite")
     s.add_argument("--out", required=True)
-    s.add_argument("--models", default="", help="where the random models go (default OUT/models)")
+    s.add_argument("--work", default="/tmp/multigpu-bench", help="models, data and job folders (7B+32B: ~80 GB)")
     s.add_argument("--phase", choices=("ddp", "fsdp", "all"), default="all")
     s.add_argument("--smoke", action="store_true", help="CPU, gloo, a tiny architecture")
     s.add_argument("--steps", type=int, default=12, help="timed steps of each ddp run (after 3 warm-up steps)")

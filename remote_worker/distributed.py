@@ -203,7 +203,7 @@ def prepare_loading(mode: str) -> None:
         os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "true"
 
 
-def trainer_arguments(mode: str, layer_classes: list[str]) -> dict[str, Any]:
+def trainer_arguments(mode: str, layer_classes: list[str], device: str = "cuda") -> dict[str, Any]:
     """The TrainingArguments that make the Trainer train data-parallel or sharded."""
     if mode == DDP:
         # every LoRA weight takes part in every step: no search for unused ones (a full graph walk a step)
@@ -212,6 +212,9 @@ def trainer_arguments(mode: str, layer_classes: list[str]) -> dict[str, Any]:
         return {
             "fsdp": "full_shard auto_wrap",
             "fsdp_config": {
+                # FSDP1 with use_orig_params is the FSDP-QLoRA path bitsandbytes and peft document;
+                # AUTODL_RUN_FSDP_VERSION=2 tries FSDP2 (transformers' default; the only one on the CPU)
+                "version": int(os.environ.get("AUTODL_RUN_FSDP_VERSION", "1" if device == "cuda" else "2")),
                 "transformer_layer_cls_to_wrap": layer_classes,  # one decoder layer a unit
                 "use_orig_params": True,  # frozen 4-bit and trainable LoRA weights in one unit (FSDP1)
                 "cpu_ram_efficient_loading": True,

@@ -403,7 +403,7 @@ def training_arguments(spec: JobSpec, job_dir: Path, machine: Probe, grad_accum:
                        mode: str = "none", layer_classes: list[str] | None = None):
     t = spec.train
     return TrainingArguments(
-        **distributed.trainer_arguments(mode, layer_classes or []),
+        **distributed.trainer_arguments(mode, layer_classes or [], machine.device),
         output_dir=JobPaths(str(job_dir)).checkpoints,
         per_device_train_batch_size=1,  # an item is a whole micro-batch already
         per_device_eval_batch_size=1,
