@@ -36,6 +36,8 @@ for p in (REPO, HERE):
 
 import qlora_bench as qb  # noqa: E402  (the 7B/tiny architectures, the tokenizer, data and event readers)
 
+from jobs.layout import DATASET_MANIFEST  # noqa: E402
+
 ARCH = dict(qb.ARCH)
 # Qwen2.5-32B: 32.8 B parameters
 ARCH["32b"] = dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
@@ -100,7 +102,9 @@ def run_worker(job_json: str, gpus: int, timeout: float, env: dict | None = None
         "--nproc-per-node", str(gpus), "--max-restarts", "0", *worker]  # fmt: skip
     full_env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p),
                 "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", **(env or {})}  # fmt: skip
-    log_path = os.path.join(os.path.dirname(job_json), "worker.log")
+    from jobs.layout import JobPaths
+
+    log_path = JobPaths(os.path.dirname(job_json)).log
     t0 = time.time()
     with open(log_path, "ab") as out:
         try:
@@ -137,11 +141,13 @@ def emit(out: str, row: dict) -> None:
 
 def keep_logs(a, job_dir: str, name: str) -> None:
     """events.jsonl and worker.log of a run into $OUT (the checkpoints stay under --work)."""
+    from jobs.layout import JobPaths
+
     dest = os.path.join(a.out, name)
     os.makedirs(dest, exist_ok=True)
-    for f in ("events.jsonl", "worker.log"):
-        if os.path.exists(os.path.join(job_dir, f)):
-            shutil.copy(os.path.join(job_dir, f), os.path.join(dest, f))
+    for path in (JobPaths(job_dir).events, JobPaths(job_dir).log):
+        if os.path.exists(path):
+            shutil.copy(path, dest)
 
 
 def phase_ddp(a, left) -> None:
@@ -151,7 +157,7 @@ def phase_ddp(a, left) -> None:
     steps, warm = (4, 1) if a.smoke else (a.steps, 3)
     data_dir = os.path.join(root, "data")
     budget = 512 if a.smoke else 16384
-    if not os.path.exists(os.path.join(data_dir, "dataset.json")):
+    if not os.path.exists(os.path.join(data_dir, DATASET_MANIFEST)):
         vocab = ARCH["tiny" if a.smoke else "7b"]["vocab_size"]
         # enough for two GPUs' steps (each takes a micro-batch a step) and the calibration
         qb.write_dataset(data_dir, model_dir, vocab, int(budget * (steps + warm + 2) * 2 * 1.2),
@@ -179,7 +185,7 @@ def phase_fsdp(a, left) -> None:
     data_dir = os.path.join(root, "data")
     budget = 512 if a.smoke else 16384
     first, total = (2, 4) if a.smoke else (3, 5)
-    if not os.path.exists(os.path.join(data_dir, "dataset.json")):
+    if not os.path.exists(os.path.join(data_dir, DATASET_MANIFEST)):
         qb.write_dataset(data_dir, model_dir, ARCH[arch]["vocab_size"], int(budget * (total + 2) * 2 * 1.2),
                          max_len=256 if a.smoke else 2048)  # fmt: skip
     job_dir = os.path.join(root, "job")
