@@ -59,6 +59,8 @@ class Started(_Event):
     grad_accum: int
     gradient_checkpointing: bool
     resumed_from_step: int = 0
+    world_size: int = 1  # processes (GPUs) training together
+    distributed: str = "none"  # "none", "ddp" or "fsdp"
 
 
 class Step(_Event):
@@ -72,7 +74,8 @@ class Step(_Event):
     tokens: int = Field(0, description="non-pad tokens seen so far")
     tokens_per_s: float = 0.0
     elapsed_s: float = 0.0
-    peak_mem_gb: float | None = None
+    peak_mem_gb: float | None = None  # the largest over the ranks
+    rank_peak_mem_gb: list[float] | None = None  # each rank's, with more than one process
 
 
 class Eval(_Event):

@@ -170,6 +170,9 @@ class BatchShape(_File):
 
     micro_batch_tokens: int = Field(gt=0)
     gradient_checkpointing: bool
+    # The processes that trained it and the micro-batches per optimizer step (0: from before these were saved).
+    world_size: int = Field(1, ge=1)
+    grad_accum: int = Field(0, ge=0)
 
 
 class ModelDownload(_File):

@@ -58,6 +58,15 @@ class InstanceSpec(_Strict):
     )
     shutdown_command: str = Field(autodl.SHUTDOWN, description="stops AutoDL billing when run on the instance")
     idle_grace_minutes: float = Field(60, ge=0, description="how long the guard waits for the fetch before shutting down")
+    # More than one machine (docs/multigpu.md): this instance is node 0; each of `hosts` is one more node.
+    hosts: list[str] = Field(
+        default_factory=list,
+        description='more nodes, each an ssh login command ("ssh -p PORT root@HOST"); they must reach this one',
+    )
+    rdzv_host: str | None = Field(
+        None, description="the address the other nodes reach this one at (torchrun's rendezvous); default: host"
+    )
+    rdzv_port: int = Field(29400, ge=1, le=65535, description="torchrun's c10d rendezvous port on this instance")
 
     @field_validator("remote_root")
     @classmethod
@@ -73,6 +82,13 @@ class InstanceSpec(_Strict):
     def _parsable_login(cls, v: str | None) -> str | None:
         if v is not None:
             parse_ssh_command(v)
+        return v
+
+    @field_validator("hosts")
+    @classmethod
+    def _parsable_hosts(cls, v: list[str]) -> list[str]:
+        for login in v:
+            parse_ssh_command(login)
         return v
 
     @field_validator("tmux_socket")
@@ -249,6 +265,22 @@ class TrainSpec(_Strict):
     attention: Literal["auto", "flash_varlen", "flash_attention_2", "sdpa"] = "auto"
     liger: Literal["auto", "on", "off"] = "auto"
     fused_lora: bool = Field(True, description="fused LoRA forward/backward where supported (no dropout, no DoRA)")
+    # More than one GPU (docs/multigpu.md): the worker runs under torchrun, one process per GPU.
+    gpus: int | Literal["all"] = Field(1, description='GPUs (processes) per node: 1, N or "all"; on the CPU, processes')
+    distributed: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description='"ddp" (each GPU holds the 4-bit model), "fsdp" (sharded QLoRA), "auto" by a memory estimate'
+    )
+
+    @field_validator("gpus")
+    @classmethod
+    def _some_gpus(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 1024:
+            raise ValueError('must be 1 or more, or "all"')
+        return v
+
+    @property
+    def multi_process(self) -> bool:
+        return self.gpus != 1
 
 
 class EvalSpec(_Strict):

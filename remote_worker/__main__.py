@@ -9,6 +9,10 @@ SIGTERM/SIGINT during training: the step finishes, a checkpoint is saved, then t
 `cancelled` (resumable). A second signal, or one before training started, stops it at once
 (remote_worker.stopping). A full disk: the worker's ballast file is freed first, so the failure
 can still be written down.
+
+Under torchrun (train.gpus > 1, remote_worker.distributed) every rank runs this same main: rank 0
+writes `state` and the events; another rank writes down only its own failure (a `failed` event
+naming its rank), so an OOM on rank 3 is not hidden behind rank 0's broken collective.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from jobs.events import EventWriter, Failed
 from jobs.layout import JobPaths
 from jobs.requirements import QLORA_REQUIREMENTS, WORKER_REQUIREMENTS
 from jobs.spec import WorkerJob
-from remote_worker import checkpoints, stopping
+from remote_worker import checkpoints, distributed, stopping
 
 USAGE = "usage: python -m remote_worker JOB_JSON"
 PIP_NAMES = {**WORKER_REQUIREMENTS, **QLORA_REQUIREMENTS, "flash_attn": "flash-attn"}
@@ -46,9 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     job_dir = Path(job.job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     _set_environment(job)
-    write_state(job_dir, "running")
+    rank = distributed.world()
+    if rank.main:
+        write_state(job_dir, "running")
     stopping.install_signal_handlers()
-    events = EventWriter(JobPaths(str(job_dir)).events)
+    events = EventWriter(JobPaths(str(job_dir)).events) if rank.main else _Discard()
     try:
         # Imported only now: transformers and huggingface_hub read HF_HOME when first imported.
         from remote_worker import recipe
@@ -59,15 +65,31 @@ def main(argv: list[str] | None = None) -> int:
 
             evaluate.at_end(job, events)  # before `done`: the guard waits while the worker runs
     except BaseException as exc:  # KeyboardInterrupt too: `state` must never stay "running"
-        checkpoints.release_reserve(job_dir)  # on a full disk, the room to write the failure down
-        code = _fail(job_dir, exc, hint_for(exc, job), events)
+        if rank.main:
+            checkpoints.release_reserve(job_dir)  # on a full disk, the room to write the failure down
+            code = _fail(job_dir, exc, hint_for(exc, job), events)
+        else:
+            code = _fail_rank(job_dir, exc, hint_for(exc, job), rank.rank)
         _print_traceback()
         return code
     finally:
         events.close()
-        checkpoints.release_reserve(job_dir)
-    write_state(job_dir, "done")
+        if rank.main:
+            checkpoints.release_reserve(job_dir)
+        distributed.finish()
+    if rank.main:
+        write_state(job_dir, "done")
     return 0
+
+
+class _Discard(EventWriter):
+    """The events of a rank other than 0: rank 0 writes the one stream."""
+
+    def __init__(self) -> None:
+        self._fd = None
+
+    def emit(self, event) -> None:
+        pass
 
 
 def _print_traceback() -> None:
@@ -110,6 +132,22 @@ def _fail(job_dir: Path, exc: BaseException, hint: str, events: EventWriter | No
             f"failed: {event.error_class}: {event.message}" + (f"\nhint: {hint}" if hint else ""),
             file=sys.stderr,
         )
+    except OSError:
+        pass
+    return 1
+
+
+def _fail_rank(job_dir: Path, exc: BaseException, hint: str, rank: int) -> int:
+    """Another rank failed: its own `failed` event (not for a stop rank 0 reports too), no state."""
+    if not isinstance(exc, KeyboardInterrupt):
+        try:
+            writer = EventWriter(JobPaths(str(job_dir)).events)
+            writer.emit(Failed(error_class=type(exc).__name__, message=f"rank {rank}: {exc or repr(exc)}", hint=hint))
+            writer.close()
+        except OSError:
+            pass
+    try:
+        print(f"rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
     except OSError:
         pass
     return 1
@@ -170,6 +208,10 @@ def oom_hint(job: WorkerJob) -> str:
     knobs = [f"lower train.micro_batch_tokens (now {now})", f"data.max_length (now {d.max_length})"]
     if t.gradient_checkpointing != "on":
         knobs.append('set train.gradient_checkpointing = "on"')
+    if t.multi_process and t.distributed != "fsdp":
+        knobs.append('set train.distributed = "fsdp" (shards the model over the GPUs)')
+    elif not t.multi_process:
+        knobs.append("train on more GPUs with train.gpus (FSDP shards what does not fit one)")
     return "the GPU ran out of memory: " + ", or ".join(knobs)
 
 

@@ -10,6 +10,12 @@ And it keeps the job's record beside the events (jobs.layout RECORD_*): the Trai
 save and at the end, every evaluation's metrics. `guard_trackers` wraps transformers' own tracker
 integrations (TensorBoard always; SwanLab, W&B from `[track]`) so that one that fails warns (a `warning`
 event and a line in the log) and is switched off, never stopping the training.
+
+More than one process (remote_worker.distributed): every rank runs this callback at the same
+points; only rank 0's writer reaches events.jsonl (the others write to /dev/null). The stop and
+the timer's save are agreed each step (stopping.agree); a checkpoint is finalized by rank 0 alone,
+once every rank has written its part (a barrier before and after). The Trainer already sums the
+tokens seen over the ranks, so tokens/s is the aggregate; peak memory is gathered from each rank.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from jobs.events import Checkpoint, Eval, EventWriter, Phase, Started, Step, War
 from jobs.layout import JobPaths, tensorboard_dir
 from jobs.protocol import EvalPoint, EvalResults, dump_model
 from jobs.spec import JobSpec
-from remote_worker import checkpoints
+from remote_worker import checkpoints, distributed, stopping
 from remote_worker.stopping import Stopper
 
 
@@ -41,7 +47,7 @@ class EventCallback(TrainerCallback):
         started: dict,
         stopper: Stopper,
         save_every_minutes: float = 0,
-        batch_shape: tuple[int, bool] | None = None,
+        batch_shape: tuple | None = None,
         job_dir: str | Path | None = None,
     ):
         self.paths = JobPaths(str(job_dir)) if job_dir is not None else None  # where the record goes
@@ -50,7 +56,8 @@ class EventCallback(TrainerCallback):
         self.started = started  # the Started fields the Trainer does not know
         self.save_every_s = save_every_minutes * 60
         self.stopper = stopper
-        self.batch_shape = batch_shape  # (micro_batch_tokens, checkpointing), saved with every checkpoint
+        self.batch_shape = batch_shape  # (micro_batch_tokens, checkpointing[, world_size, grad_accum]), saved with every checkpoint
+        self.world = distributed.world()
         self.cuda = False
         self.last_loss: float | None = None
         self.stop_reason: str | None = None  # "signal", "deadline", "max_hours": stopped before the end
@@ -77,6 +84,11 @@ class EventCallback(TrainerCallback):
         now, tokens = time.monotonic(), state.num_input_tokens_seen
         self.last_loss = float(logs["loss"])
         grad_norm = logs.get("grad_norm")
+        peak = torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+        ranks = None
+        if self.world.multi:  # on_log runs on every rank at the same step: a collective is safe here
+            ranks = [round(x, 3) for x in distributed.gather(peak or 0.0)]
+            peak = max(ranks) if self.cuda else None
         self.events.emit(
             Step(
                 step=state.global_step,
@@ -88,7 +100,8 @@ class EventCallback(TrainerCallback):
                 tokens=int(tokens),
                 tokens_per_s=(tokens - self.last_tokens) / max(now - self.last_t, 1e-9),
                 elapsed_s=now - self.t0,
-                peak_mem_gb=torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None,
+                peak_mem_gb=peak,
+                rank_peak_mem_gb=ranks if self.cuda else None,
             )
         )
         self.last_t, self.last_tokens = now, tokens
@@ -97,11 +110,13 @@ class EventCallback(TrainerCallback):
         now = time.monotonic()
         self.stopper.note_step(now - self.last_step_end)
         self.last_step_end = self.save_from = now
-        self._timer_save = False
-        if self.save_every_s and now - self.last_save >= self.save_every_s and not control.should_save:
-            control.should_save = self._timer_save = True
-        if self.stop_reason is None and state.global_step < state.max_steps:
-            reason = self.stopper.check()
+        timer = bool(self.save_every_s and now - self.last_save >= self.save_every_s and not control.should_save)
+        checking = self.stop_reason is None and state.global_step < state.max_steps
+        reason, timer = stopping.agree(self.stopper.check() if checking else None, timer, distributed.most)
+        self._timer_save = timer and not control.should_save
+        if self._timer_save:
+            control.should_save = True
+        if checking:
             if reason:
                 self.stop_reason = reason
                 control.should_save = True  # a checkpoint to resume from
@@ -114,7 +129,7 @@ class EventCallback(TrainerCallback):
         self.save_from = time.monotonic()  # a save right after an evaluation is timed from here
         if metrics and "eval_loss" in metrics:
             self.events.emit(Eval(step=state.global_step, eval_loss=float(metrics["eval_loss"])))
-        if metrics and self.paths is not None:
+        if metrics and self.paths is not None and self.world.main:
             numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
             self.evals.results.append(EvalPoint(step=state.global_step, metrics=numbers))
             _write_atomic(self.paths.eval_results, dump_model(self.evals))
@@ -123,7 +138,7 @@ class EventCallback(TrainerCallback):
         self._save_state(state)
 
     def _save_state(self, state) -> None:
-        if self.paths is not None:
+        if self.paths is not None and self.world.main:
             try:
                 tmp = self.paths.trainer_state + ".tmp"
                 state.save_to_json(tmp)
@@ -136,7 +151,19 @@ class EventCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         root = Path(args.output_dir)
         written = root / f"checkpoint-{state.global_step}"
+        if self.world.multi:
+            distributed.barrier()  # every rank's part (its RNG state) is in checkpoint-N
+            if not self.world.main:
+                sizes = distributed.agree(None)
+                self.last_save = time.monotonic()
+                if sizes is not None:
+                    self.stopper.note_save(*sizes)
+                distributed.barrier()
+                return
         if not written.is_dir():
+            if self.world.multi:
+                distributed.agree(None)
+                distributed.barrier()
             return
         if self.batch_shape is not None:
             checkpoints.write_batch_shape(written, *self.batch_shape)
@@ -145,6 +172,8 @@ class EventCallback(TrainerCallback):
         save_s = now - self.save_from
         self.stopper.note_save(done.bytes, done.adapter_bytes, save_s)
         self.last_checkpoint = done
+        if self.world.multi:  # the others estimate the deadline's margin from the same measurement
+            distributed.agree((done.bytes, done.adapter_bytes, save_s))
         if self.stop_reason:
             reason = self.stop_reason
         else:
@@ -164,6 +193,8 @@ class EventCallback(TrainerCallback):
         )
         checkpoints.rotate(root)
         self._save_state(state)
+        if self.world.multi:
+            distributed.barrier()
 
 
 def _write_atomic(path: str, text: str) -> None:

@@ -9,6 +9,11 @@ The Trainer writes `checkpoint-N/`; `finalize` turns it into `step-N/` (jobs.lay
 A crash at any point leaves a stray `checkpoint-N` (removed on the next start) and the older,
 complete `step-*` folders untouched.
 
+More than one process: rank 0 alone finalizes (remote_worker.callbacks; the other ranks wrote
+their RNG state into `checkpoint-N` before the barrier). `batch_shape.json` also records the
+number of processes and the micro-batches each takes per step, so a resume onto another number of
+GPUs keeps the global batch, and with it the data order (remote_worker.data), or says why it cannot.
+
 Standard library only (no torch).
 """
 
@@ -28,11 +33,16 @@ from remote_worker import WorkerError
 KEEP = 2
 RESERVE_BYTES = 256 * 1024  # ballast freed when the disk fills: room to report it and stop cleanly
 # What the Trainer writes next to the adapter to resume; everything else goes into adapter/.
-TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "trainer_state.json", "training_args.bin", BATCH_SHAPE)
+TRAINING_STATE = ("optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "trainer_state.json",
+                  "training_args.bin", BATCH_SHAPE)  # optimizer.bin: FSDP's  # fmt: skip
 
 
 class DiskFull(WorkerError):
     """The disk holding the job folder is full."""
+
+
+class ResumeMismatch(WorkerError):
+    """A checkpoint's global batch cannot be split over this number of processes."""
 
 
 @dataclass(frozen=True)
@@ -46,9 +56,37 @@ class Finalized:
     adapter_bytes: int
 
 
-def write_batch_shape(checkpoint: Path, micro_batch_tokens: int, checkpointing: bool) -> None:
-    shape = BatchShape(micro_batch_tokens=micro_batch_tokens, gradient_checkpointing=checkpointing)
+def write_batch_shape(
+    checkpoint: Path, micro_batch_tokens: int, checkpointing: bool, world_size: int = 1, grad_accum: int = 0
+) -> None:
+    shape = BatchShape(micro_batch_tokens=micro_batch_tokens, gradient_checkpointing=checkpointing,
+                       world_size=world_size, grad_accum=grad_accum)  # fmt: skip
     (checkpoint / BATCH_SHAPE).write_text(dump_model(shape))
+
+
+def read_batch_plan(checkpoint: Path) -> BatchShape | None:
+    """Everything batch_shape.json holds; None for checkpoints from before it was saved."""
+    try:
+        return read_model(BatchShape, (checkpoint / BATCH_SHAPE).read_bytes(), str(checkpoint / BATCH_SHAPE))
+    except (OSError, ProtocolError):
+        return None
+
+
+def resumed_grad_accum(checkpoint: Path, saved: BatchShape | None, single_accum: int, world_size: int) -> int:
+    """The micro-batches per rank and step that keep the checkpoint's global batch on `world_size`
+    processes. `single_accum`: what one process used before the world size was saved."""
+    saved_world = saved.world_size if saved and saved.grad_accum else 1
+    saved_accum = saved.grad_accum if saved and saved.grad_accum else single_accum
+    total = saved_world * saved_accum
+    if total % world_size:
+        fits = [n for n in range(1, total + 1) if total % n == 0]
+        raise ResumeMismatch(
+            f"{checkpoint.name} was trained with {total} micro-batches a step ({saved_world} process(es) x "
+            f"{saved_accum}); {world_size} processes cannot split that evenly, so the data order and the "
+            "learning-rate schedule could not continue",
+            hint=f"resume with train.gpus = one of {fits}",
+        )
+    return total // world_size
 
 
 def read_batch_shape(checkpoint: Path) -> tuple[int, bool] | None:

@@ -36,6 +36,15 @@ Packing off: one sequence a row, rows right-padded to the longest, with an atten
 Order: which sequences share a micro-batch is `jobs.packing.pack` (shuffled once with train.seed,
 then next-fit), the packer the laptop's report estimates with too. The Trainer's sampler, seeded
 with train.seed too, shuffles the micro-batches each epoch; their make-up stays the same across epochs.
+
+More than one process (remote_worker.distributed): the Trainer (accelerate) deals the shuffled
+micro-batches out in turn, micro-batch i to rank i mod N, and an optimizer step takes N x grad_accum
+of them. When their number is not a multiple of that, accelerate would train the first ones of the
+epoch twice to even the ranks out; instead `multiple` adds filler micro-batches that train nothing
+(one pad token, label -100), so every token is trained once an epoch. A step's loss is divided by
+the trained tokens of the whole step, so fillers change no gradient. The padding depends only on
+N x grad_accum, the global batch: a resume onto another number of GPUs with the same global batch
+sees the same micro-batches in the same order.
 """
 
 from __future__ import annotations
@@ -238,6 +247,7 @@ class MicroBatches(torch.utils.data.Dataset):
         pad_id: int,
         seed: int | None = None,
         pad_to: int = 0,
+        multiple: int = 1,
     ):
         self.sequences = sequences
         self.packing = packing
@@ -247,15 +257,21 @@ class MicroBatches(torch.utils.data.Dataset):
         self.extra: dict = {}  # added to every item as is
         lengths = [len(s.ids) for s in self.sequences]
         self.groups = pack(lengths, micro_batch_tokens, seed, padded=not packing)  # indices into sequences
+        self.fillers = -len(self.groups) % max(1, multiple)
+        self.groups += [[] for _ in range(self.fillers)]  # [] = a filler (see the docstring)
         self.tokens = sum(lengths)  # non-pad tokens in one pass over the data
 
     def __len__(self) -> int:
         return len(self.groups)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        seqs = [self.sequences[j] for j in self.groups[i]]
+        seqs = [self.sequences[j] for j in self.groups[i]] or [_filler(self.pad_id)]
         item = micro_batch(seqs, self.packing, self.pad_id, self.pad_to, self.varlen)
         return {**item, **self.extra} if self.extra else item
+
+
+def _filler(pad_id: int) -> Seq:
+    return Seq(np.full(1, pad_id, dtype=np.int64), np.zeros(1, dtype=np.uint8))
 
 
 def first(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -56,7 +56,18 @@ from jobs.events import Done, EventWriter, Phase
 from jobs.layout import JobPaths
 from jobs.manifest import write_manifest
 from jobs.spec import JobSpec, WorkerJob
-from remote_worker import DataError, ModelNotFound, calibrate, checkpoints, data, fast, prefetch, stopping
+from remote_worker import (
+    DataError,
+    ModelNotFound,
+    WorkerError,
+    calibrate,
+    checkpoints,
+    data,
+    distributed,
+    fast,
+    prefetch,
+    stopping,
+)
 from remote_worker import callbacks as tracking
 from remote_worker.callbacks import EventCallback
 from remote_worker.probe import Probe, probe
@@ -75,11 +86,15 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
 
     # 0. What an earlier run of this job left: half-written checkpoints go; the newest complete one is resumed.
     set_seed(spec.train.seed)  # LoRA's initial weights too: every run of a job starts the same
+    rank = distributed.init(spec.train.device)  # under torchrun: join the others (remote_worker.distributed)
     checkpoint_root = Path(JobPaths(str(job_dir)).checkpoints)
-    checkpoints.remove_partials(checkpoint_root)
+    if rank.local_main:
+        checkpoints.remove_partials(checkpoint_root)
+    distributed.barrier()
     damaged: list[str] = []
-    resume_from = checkpoints.latest_verified(checkpoint_root, log=damaged.append)
-    checkpoints.make_reserve(job_dir)
+    resume_from = _agreed_checkpoint(checkpoint_root, damaged)
+    if rank.main:
+        checkpoints.make_reserve(job_dir)
 
     # 1. Where we run.
     machine = probe(spec.train.device)
@@ -111,21 +126,27 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
     phase("loading model", spec.model.name_or_path)
     paths = fast.choose(model_path, spec, machine)  # attention self-check, Liger patches: before loading
     phase("loading model", paths.describe())
-    model, checkpointing = build_model(model_path, spec, machine, paths)
+    mode = distributed.choose(spec.train.distributed, rank, _param_count(model_path, spec), spec.quant.bits,
+                              _card_bytes(machine))  # fmt: skip
+    if rank.multi:
+        phase("loading model", f"{rank.size} processes, {mode}")
+    model, checkpointing = build_model(model_path, spec, machine, paths, mode)
     trainable_params, all_params = model.get_nb_trainable_parameters()
 
     # 4. The micro-batch shape: measured on the GPU (remote_worker.calibrate), kept on a resume.
     pad_id = tokenizer.pad_token_id
     micro_batch_tokens, checkpointing, calibration = choose_batch_shape(
-        model, spec, machine, checkpointing, train_split.sequences, resume_from, paths, pad_id, phase
+        model, spec, machine, checkpointing, train_split.sequences, resume_from, paths, pad_id, phase, mode
     )
-    grad_accum = data.grad_accum(spec.train, micro_batch_tokens)
+    grad_accum = step_accum(spec, micro_batch_tokens, rank.size, resume_from)
     # On CUDA, packed rows are filled to a constant length: same-shape steps run faster (data.py).
     pad_to = micro_batch_tokens if machine.device == "cuda" else 0
     batching = functools.partial(
         data.MicroBatches, micro_batch_tokens=micro_batch_tokens, packing=spec.train.packing, pad_to=pad_to
     )
-    train_set = batching(train_split.sequences, pad_id=pad_id, seed=spec.train.seed)
+    # Whole global batches of micro-batches, the last one filled up (data.py): every token once an epoch
+    train_set = batching(train_split.sequences, pad_id=pad_id, seed=spec.train.seed,
+                         multiple=rank.size * grad_accum)  # fmt: skip
     eval_set = None
     if eval_split.sequences:
         eval_set = batching(eval_split.sequences, pad_id=pad_id)
@@ -133,11 +154,13 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
     phase(
         "batching",
         f"{len(train_set):,} micro-batches of <= {micro_batch_tokens:,} tokens x {grad_accum} a step, "
-        f"gradient checkpointing {'on' if checkpointing else 'off'}",
+        f"gradient checkpointing {'on' if checkpointing else 'off'}"
+        + (f", on {rank.size} processes ({mode}): {rank.size * grad_accum} a step" if rank.multi else ""),
     )
 
     # 5. The Trainer, fed our micro-batches one at a time.
-    args = training_arguments(spec, job_dir, machine, grad_accum, has_eval=eval_set is not None)
+    args = training_arguments(spec, job_dir, machine, grad_accum, has_eval=eval_set is not None, mode=mode,
+                              layer_classes=_layer_classes(model))  # fmt: skip
     stopper = stopping.Stopper(
         deadline_unix=job.deadline_unix,
         max_hours=spec.instance.max_hours,
@@ -159,11 +182,13 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
             "grad_accum": grad_accum,
             "gradient_checkpointing": checkpointing,
             "calibration": calibration,
+            "world_size": rank.size,
+            "distributed": mode,
             **paths.started_fields(),  # attention as resolved, liger, fused_lora
         },
         save_every_minutes=spec.train.save_every_minutes,
         stopper=stopper,
-        batch_shape=(micro_batch_tokens, checkpointing),
+        batch_shape=(micro_batch_tokens, checkpointing, rank.size, grad_accum),
         job_dir=job_dir,
     )
     trainer = Trainer(
@@ -202,7 +227,7 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
 
         # 6. The adapter, complete or absent, with a sha256 of every file.
         phase("saving")
-        manifest_sha = save_adapter(model, tokenizer, adapter_dir)
+        manifest_sha = save_adapter(model, tokenizer, adapter_dir, trainer if rank.multi else None)
     except Exception as exc:
         if checkpoints.is_disk_full(exc, job_dir):
             raise checkpoints.disk_full_error(job_dir, job.job_id, checkpoint_root) from exc
@@ -253,7 +278,8 @@ def load_tokenizer(model_path: str, spec: JobSpec):
     return tokenizer
 
 
-def load_model(model_path: str, spec: JobSpec, machine: Probe, paths: fast.FastPaths | None = None):
+def load_model(model_path: str, spec: JobSpec, machine: Probe, paths: fast.FastPaths | None = None,
+               mode: str = "none"):
     """The base model, quantized or not, with the attention of `paths` (fast.choose decides it and
     applies Liger's patches, which must come before the model is built; chosen here if not given)."""
     if paths is None:
@@ -265,15 +291,20 @@ def load_model(model_path: str, spec: JobSpec, machine: Probe, paths: fast.FastP
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=machine.torch_dtype,
+            # FSDP shards flat tensors of one dtype: the 4-bit weights go into a 16-bit container
+            **({"bnb_4bit_quant_storage": machine.torch_dtype} if mode == distributed.FSDP else {}),
         )
+    # FSDP: accelerate loads on rank 0 and hands out shards (cpu_ram_efficient_loading), no device map
+    distributed.prepare_loading(mode)
+    placement = {} if mode == distributed.FSDP else {"device_map": {"": distributed.device_of(machine.device)}}
     model = AutoModelForCausalLM.from_pretrained(
         model_path,
         revision=spec.model.revision,
         trust_remote_code=spec.model.trust_remote_code,
         dtype=machine.torch_dtype,
         quantization_config=quantization,
-        device_map={"": machine.device},
         attn_implementation=paths.attn_implementation,
+        **placement,
     )
     model.config.use_cache = False  # a cache disables the packed-sequence mask (see the docstring)
     if spec.quant.bits == 4 and machine.device == "cpu":
@@ -285,14 +316,18 @@ def load_model(model_path: str, spec: JobSpec, machine: Probe, paths: fast.FastP
     return model
 
 
-def build_model(model_path: str, spec: JobSpec, machine: Probe, paths: fast.FastPaths):
+def build_model(model_path: str, spec: JobSpec, machine: Probe, paths: fast.FastPaths, mode: str = "none"):
     """The model to train, LoRA adapters on, and whether checkpointing is on: load, freeze and set
-    up checkpointing, add the adapters, fuse them (remote_worker.fast). The bench builds "ours" with it."""
-    model = load_model(model_path, spec, machine, paths)
+    up checkpointing, add the adapters, fuse them (remote_worker.fast). The bench builds "ours" with it.
+    FSDP: checkpointing on, no fused LoRA (its kernels read whole weights, FSDP holds shards)."""
+    model = load_model(model_path, spec, machine, paths, mode)
     checkpointing = use_gradient_checkpointing(spec.train.gradient_checkpointing, machine.device, model.num_parameters())
+    if mode == distributed.FSDP and spec.train.gradient_checkpointing == "auto":
+        checkpointing = True
     model = prepare_for_training(model, spec, machine, checkpointing)
     model = get_peft_model(model, lora_config(spec))
-    paths.enable_fused_lora(model, spec)
+    if mode != distributed.FSDP:
+        paths.enable_fused_lora(model, spec)
     model.train()  # before any forward: bnb 4-bit run in eval mode first trains nothing (anchors §5)
     return model, checkpointing
 
@@ -322,7 +357,7 @@ def prepare_for_training(model, spec: JobSpec, machine: Probe, checkpointing: bo
 
 
 def choose_batch_shape(model, spec: JobSpec, machine: Probe, checkpointing: bool, sequences, resume_from, paths,
-                       pad_id: int, phase) -> tuple[int, bool, str]:
+                       pad_id: int, phase, mode: str = "none") -> tuple[int, bool, str]:
     """(micro_batch_tokens, gradient checkpointing, how it was chosen), and the model set up for it.
 
     A resumed run keeps the shape of its checkpoint, so the data order goes on where it stopped.
@@ -338,6 +373,8 @@ def choose_batch_shape(model, spec: JobSpec, machine: Probe, checkpointing: bool
         return micro, on, f"kept from {resume_from.name}"
     if machine.device != "cuda":
         return unmeasured, checkpointing, "not measured on the CPU"
+    if mode == distributed.FSDP:  # a shard cannot run a step alone: the spec's shape, or the default
+        return unmeasured, checkpointing, "not measured under FSDP"
     shapes = calibrate.candidates(spec.train, spec.data.max_length)
     phase("calibrating", f"measuring {len(shapes)} micro-batch shape(s) on the GPU: memory and speed")
 
@@ -346,8 +383,13 @@ def choose_batch_shape(model, spec: JobSpec, machine: Probe, checkpointing: bool
 
     choice = calibrate.calibrate(model, shapes, sequences, build_row, machine.torch_dtype,
                                  setup=memory_setup(spec, paths), mode=spec.train.gradient_checkpointing)
-    phase("calibrating", choice.note)
-    return choice.shape.micro_batch_tokens, choice.shape.checkpointing, choice.note
+    # Every rank measured its own card; all take rank 0's shape (a rank's OOM still shows as a failure).
+    mine = (choice.shape.micro_batch_tokens, choice.shape.checkpointing, choice.shape.layers, choice.note)
+    micro, on, layers, note = distributed.agree(mine)
+    if (on, layers) != (choice.shape.checkpointing, choice.shape.layers):
+        calibrate.set_checkpointing(model, on, layers)
+    phase("calibrating", note)
+    return micro, on, note
 
 
 def memory_setup(spec: JobSpec, paths) -> memory.Setup:
@@ -376,9 +418,11 @@ def lora_config(spec: JobSpec) -> LoraConfig:
     )
 
 
-def training_arguments(spec: JobSpec, job_dir: Path, machine: Probe, grad_accum: int, has_eval: bool):
+def training_arguments(spec: JobSpec, job_dir: Path, machine: Probe, grad_accum: int, has_eval: bool,
+                       mode: str = "none", layer_classes: list[str] | None = None):
     t = spec.train
     return TrainingArguments(
+        **distributed.trainer_arguments(mode, layer_classes or [], machine.device),
         output_dir=JobPaths(str(job_dir)).checkpoints,
         per_device_train_batch_size=1,  # an item is a whole micro-batch already
         per_device_eval_batch_size=1,
@@ -419,17 +463,38 @@ def _evaluated_at(trainer: Trainer, step: int) -> bool:
     return any("eval_loss" in log and log.get("step") == step for log in trainer.state.log_history)
 
 
-def save_adapter(model, tokenizer, adapter_dir: Path) -> str:
-    """Write the adapter (and tokenizer) to a temp folder, add the manifest, rename into place."""
+def save_adapter(model, tokenizer, adapter_dir: Path, trainer: Trainer | None = None) -> str:
+    """Write the adapter (and tokenizer) to a temp folder, add the manifest, rename into place.
+
+    With a trainer (more than one process), every rank takes part in gathering the adapter
+    (FSDP holds it in shards) and rank 0 writes; the manifest sha256 is rank 0's, on every rank.
+    """
     tmp = adapter_dir.with_name(adapter_dir.name + ".tmp")
+    if trainer is not None:
+        if trainer.is_world_process_zero():
+            shutil.rmtree(tmp, ignore_errors=True)
+        distributed.barrier()
+        trainer.save_model(str(tmp))
+        sha = None
+        if trainer.is_world_process_zero():
+            sha = _finish_adapter(tokenizer, tmp, adapter_dir)
+        return distributed.agree(sha)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave half an adapter (a full disk needs the room)
+        raise
+    return _finish_adapter(tokenizer, tmp, adapter_dir)
+
+
+def _finish_adapter(tokenizer, tmp: Path, adapter_dir: Path) -> str:
+    try:
         tokenizer.save_pretrained(tmp)
         checkpoints.make_portable(tmp)  # a base the laptop resolves; the instance path in base_model.json
         sha = write_manifest(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave half an adapter (a full disk needs the room)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     if adapter_dir.exists():  # a rerun of the same job: replace the old one
         old = adapter_dir.with_name(adapter_dir.name + ".old")
@@ -438,3 +503,60 @@ def save_adapter(model, tokenizer, adapter_dir: Path) -> str:
         shutil.rmtree(old)
     tmp.rename(adapter_dir)
     return sha
+
+
+# --- more than one process (remote_worker.distributed) --------------------------------------------------
+
+
+def _agreed_checkpoint(root: Path, damaged: list[str]) -> Path | None:
+    """Rank 0's newest verified checkpoint, on every rank; a rank whose disk lacks it (another node
+    without a shared disk) fails with what to do, rather than training from another step."""
+    mine = checkpoints.latest_verified(root, log=damaged.append) if distributed.world().main else None
+    name = distributed.agree(mine.name if mine else None)
+    if name is None:
+        return None
+    path = root / name
+    if not path.is_dir():
+        raise WorkerError(
+            f"{path} is not on this node (rank {distributed.world().rank}): the run resumes from it on rank 0",
+            hint="put the job folder's checkpoints on every node (a shared disk), or resume on one node",
+        )
+    return path
+
+
+def step_accum(spec: JobSpec, micro_batch_tokens: int, world_size: int, resume_from: Path | None) -> int:
+    """Micro-batches per rank and optimizer step: train.global_batch_tokens shared by the ranks, or a
+    checkpoint's global batch kept (checkpoints.resumed_grad_accum)."""
+    single = data.grad_accum(spec.train, micro_batch_tokens)
+    if resume_from is not None:
+        saved = checkpoints.read_batch_plan(resume_from)
+        return checkpoints.resumed_grad_accum(resume_from, saved, single, world_size)
+    return max(1, round(single / world_size)) if spec.train.global_batch_tokens else 1
+
+
+def _param_count(model_path: str, spec: JobSpec) -> int:
+    """The base model's parameters from its config, built on the meta device (no memory, no weights)."""
+    if not spec.train.multi_process or spec.train.distributed != "auto":
+        return 0
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, revision=spec.model.revision,
+                                        trust_remote_code=spec.model.trust_remote_code)  # fmt: skip
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=spec.model.trust_remote_code).num_parameters()
+
+
+def _card_bytes(machine: Probe) -> int | None:
+    if machine.device != "cuda":
+        return None
+    import torch
+
+    total = torch.cuda.mem_get_info()[1]
+    return min(total, distributed.cap_bytes() or total)
+
+
+def _layer_classes(model) -> list[str]:
+    """The decoder layer class(es) FSDP wraps one by one: the model's own `_no_split_modules`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return list(getattr(base, "_no_split_modules", None) or [])

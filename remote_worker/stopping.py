@@ -12,6 +12,12 @@ limits, the final adapter and a `done` event (so the client fetches it):
   checkpoints (`transfer.json` in the job folder; a cautious default until it has measured one).
 - **max_hours** - a hard limit on this run of the worker: stop early enough to save before it.
 
+More than one process (remote_worker.distributed): torchrun passes a signal on to every local
+rank, and a deadline is read off each rank's own clock, so ranks could see a reason at different
+steps. `agree` makes the decision one: after each step, every rank's reason (and whether its timer
+asks for a checkpoint) goes through one all-reduce, the most urgent wins, and all ranks save and
+stop at the same step; none is left waiting in a collective for a rank that stopped.
+
 Standard library only (no torch), so it is easy to test.
 """
 
@@ -154,7 +160,7 @@ class Stopper:
 
     def describe(self, reason: str, step: int) -> str:
         if reason == "signal":
-            return f"stopped by {SIGNALS.requested} at step {step}"
+            return f"stopped by {SIGNALS.requested or 'a signal to another rank'} at step {step}"
         if reason == "deadline":
             left = (self.deadline_unix or 0) - time.time()
             return (
@@ -162,3 +168,15 @@ class Stopper:
                 "to save and fetch"
             )
         return f"instance.max_hours = {self.max_hours:g} reached: stopping at step {step}"
+
+
+# --- one decision for all ranks --------------------------------------------------------------------
+
+URGENCY = (None, "max_hours", "deadline", "signal")  # the later, the more urgent
+
+
+def agree(reason: str | None, timer_save: bool, most) -> tuple[str | None, bool]:
+    """(reason, timer_save) as all ranks decide together: `most` is the element-wise maximum over
+    the ranks of a list of ints (remote_worker.distributed.most; the identity for one process)."""
+    level, timer = most([URGENCY.index(reason), int(timer_save)])
+    return URGENCY[level], bool(timer)

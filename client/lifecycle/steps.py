@@ -177,9 +177,46 @@ def launch(
         local = Path(tmp) / posixpath.basename(paths.spec)
         local.write_text(json.dumps(job.model_dump(mode="json"), indent=2))
         session.transport.put(local, paths.spec)
-    argv = [python_of(placed.instance), "-m", "remote_worker", paths.spec]
+    argv = launcher.worker_argv(python_of(placed.instance), paths.spec, placed.train, node_of(spec, 0))
     launcher.launch(session.transport, paths, argv, socket=placed.instance.tmux_socket, session=job_id, env=env)
     return guard_launch.start_guard(session.transport, placed, paths, job_id, env) is not None
+
+
+def node_of(spec: JobSpec, rank: int) -> launcher.Node:
+    """Node `rank` of this spec's machines: the instance is node 0, each of instance.hosts one more."""
+    inst = spec.instance
+    return launcher.Node(rank, 1 + len(inst.hosts), inst.rdzv_host or inst.host or "", inst.rdzv_port)
+
+
+def launch_nodes(spec: JobSpec, job_id: str, digest: str, prepared: Path, deadline_unix: float | None,
+                 log: Log) -> list[str]:  # fmt: skip
+    """The other nodes (instance.hosts), each like the instance: sync, set-up, model, then its worker
+    under torchrun with its node rank; they meet node 0 at its rendezvous. Their guards are not
+    started (node 0's guard and the follower watch the job); returns where each was launched."""
+    launched = []
+    for rank, login in enumerate(spec.instance.hosts, start=1):
+        fields = spec.instance.model_dump(exclude={"ssh", "host", "port", "user", "profile", "identity_file", "hosts"})
+        node = spec.model_copy(update={"instance": type(spec.instance).model_validate({**fields, "ssh": login})})
+        with open_session(node) as session:
+            bundle_digest = sync(session, digest, prepared).bundle_digest
+            setup(session, node, bundle_digest, log)
+            model(session, node, job_id, bundle_digest, log)
+            layout, placed = session.layout, session.placed(node)
+            paths = layout.job(job_id)
+            job = WorkerJob(
+                job_id=job_id, spec=placed, data_dir=layout.data_dir(digest), job_dir=paths.dir,
+                hf_home=layout.hf_home(), deadline_unix=deadline_unix,
+            )  # fmt: skip
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / posixpath.basename(paths.spec)
+                local.write_text(json.dumps(job.model_dump(mode="json"), indent=2))
+                session.transport.put(local, paths.spec)
+            argv = launcher.worker_argv(python_of(placed.instance), paths.spec, placed.train, node_of(spec, rank))
+            env = worker_env(placed, layout, layout.bundle_dir(bundle_digest))
+            launcher.launch(session.transport, paths, argv, socket=placed.instance.tmux_socket, session=job_id, env=env)
+            launched.append(session.where)
+            log(f"node {rank} of {1 + len(spec.instance.hosts)} launched on {session.where}")
+    return launched
 
 
 def ensure_guard(session: Session, spec: JobSpec, job_id: str, bundle_digest: str) -> bool:

@@ -126,6 +126,8 @@ def submit(
             ledger.update(claim.superseded, state="lost")
         try:
             guard = run.run(steps.LAUNCH, session, spec, job_id, prepared.digest, bundle_digest, deadline)
+            if spec.instance.hosts:  # more nodes (docs/multigpu.md): they join node 0's rendezvous
+                steps.launch_nodes(spec, job_id, prepared.digest, prepared.dir, deadline, log)
         except (JobError, RemoteEnvError, RemoteCommandError, KeyboardInterrupt):
             # The instance answers. If the worker runs (its guard failed), both records stay; if
             # not, they go. (A cut link leaves both records: submit again reattaches.)

@@ -13,6 +13,13 @@ The programs are package data, jobs/scripts/job_control.sh and job_wrapper.sh: e
 them as an argument (a leading `~` of a path expanded there), never into their text; names are checked
 against a strict pattern first. The wrapper's parameters are the one exception: they are written
 into run.sh, each value quoted (shlex). Each public function is one remote round trip.
+
+The worker's command line is `worker_argv`: `python -m remote_worker JOB_JSON`, or with train.gpus
+above 1 or several nodes the same under torchrun (torch.distributed.run), one process per GPU. The
+wrapper's pid is then torchrun's; torchrun starts each rank in a session of its own and passes a
+SIGINT/SIGTERM it gets on to every rank, which then checkpoint and stop in step; a rank outlives
+neither its torchrun nor the wrapper (remote_worker.distributed). The exit code is torchrun's: 0
+when every rank succeeded.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from client.transport.base import Result, Transport
 from jobs.jobstate import parse_exit_code, resolve
 from jobs.layout import JOB_FILES, JobPaths
 from jobs.protocol import JobState
+from jobs.spec import TrainSpec
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # tmux sockets and sessions, job ids
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -34,6 +42,9 @@ MARK = "@@autodl-run@@"  # what we print follows it, so a chatty login profile c
 START_TIMEOUT_S = 10
 TERM_WAIT_S = 5.0
 STATUS_TIMEOUT_S = 60.0  # a look at a job folder; what is there cannot make it wait longer
+# How long torchrun waits for its ranks to save and stop after a signal, before it kills them
+# (its default, 30 s, can be shorter than a checkpoint of a large run).
+RANKS_SHUTDOWN_S = 120
 
 # The wrapper's parameters (jobs/scripts/job_wrapper.sh): its variable -> the JOB_FILES name it holds
 _WRAPPER_FILES = {"pid_file": "pid", "state_file": "state", "exit_code_file": "exit_code", "log_file": "log",
@@ -98,6 +109,38 @@ def launch(
             hint="see the last lines above; a duplicate session means this job id is already running",
         )  # fmt: skip
     return _parse_status(res, transport)
+
+
+@dataclass(frozen=True)
+class Node:
+    """This machine's place among several: node `rank` of `count`, rank 0's address and port."""
+
+    rank: int = 0
+    count: int = 1
+    master: str = ""
+    port: int = 29400
+
+
+def worker_argv(python: str, job_json: str, train: TrainSpec, node: Node = Node()) -> list[str]:
+    """The worker's command line: alone, or under torchrun with train.gpus processes per node.
+
+    One node: `--standalone` (a rendezvous on a free local port, so two jobs on one instance do not
+    collide). Several: a static rendezvous at node 0's address, each node with its `--node-rank`,
+    so global rank 0, the one that writes events and checkpoints, is on node 0 that the client
+    follows (c10d's dynamic rendezvous numbers the nodes by host name instead).
+    """
+    worker = ["-m", "remote_worker", job_json]
+    if not train.multi_process and node.count == 1:
+        return [python, *worker]
+    gpus = train.gpus
+    per_node = str(gpus) if isinstance(gpus, int) else ("auto" if train.device == "cpu" else "gpu")
+    if node.count == 1:
+        rdzv = ["--standalone", "--nnodes", "1"]
+    else:
+        rdzv = ["--nnodes", str(node.count), "--node-rank", str(node.rank), "--rdzv-backend", "static",
+                "--master-addr", node.master, "--master-port", str(node.port)]  # fmt: skip
+    return ["env", f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={RANKS_SHUTDOWN_S}", python, "-m", "torch.distributed.run",
+            *rdzv, "--nproc-per-node", per_node, "--max-restarts", "0", *worker]  # fmt: skip
 
 
 def job_status(

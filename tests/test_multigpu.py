@@ -1,0 +1,218 @@
+"""More than one process, on the CPU: train.gpus = 2 runs two gloo processes under torchrun.
+
+- Two processes with the global batch of one process (one micro-batch each, against two
+  accumulated) train the same steps to the same losses: the micro-batches are dealt out, not
+  repeated, and the gradients are averaged over the ranks.
+- Launched through the real launcher (tmux, run.sh, torchrun) and cancelled mid-run: the signal
+  reaches both ranks, they agree to checkpoint at the same step, rank 0 alone writes it, the
+  job is `cancelled`; launched again, it resumes and ends with the one-process run's final loss.
+- One event stream: every step once, `started` says two processes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from jobfiles import PAIRS, chat, run_in_process  # noqa: E402
+from tinymodel import make_model  # noqa: E402
+
+from client.remote import launcher  # noqa: E402
+from client.transport.local import LocalTransport  # noqa: E402
+from jobs import events as ev  # noqa: E402
+from jobs.layout import JobPaths  # noqa: E402
+from jobs.manifest import verify_manifest  # noqa: E402
+from jobs.protocol import JobState  # noqa: E402
+from jobs.spec import JobSpec, WorkerJob  # noqa: E402
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 60
+MICRO = 96
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return make_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("data")
+    rows = [chat(f"{q} ({i})", a) for i in range(3) for q, a in PAIRS]
+    (d / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return d
+
+
+def make_job(folder: Path, model_dir: Path, data_dir: Path, **train) -> WorkerJob:
+    spec = JobSpec.model_validate({
+        "name": "multi",
+        "model": {"name_or_path": str(model_dir)},
+        "data": {"train": "train.jsonl", "max_length": 64},
+        "quant": {"bits": 16},
+        "lora": {"r": 8, "alpha": 16},
+        "train": {"max_steps": STEPS, "learning_rate": 5e-3, "warmup_ratio": 0.1, "micro_batch_tokens": MICRO,
+                  "global_batch_tokens": 2 * MICRO, "device": "cpu", "save_every_minutes": 0, **train},
+    })  # fmt: skip
+    job = WorkerJob(job_id=folder.name, spec=spec, data_dir=str(data_dir), job_dir=str(folder / "job"),
+                    hf_home=str(folder / "hf"))  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "job.json").write_text(job.model_dump_json(indent=1))
+    return job
+
+
+def read_events(job_dir: str | Path) -> list:
+    path = Path(job_dir) / "events.jsonl"
+    return [ev.parse(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+
+
+def losses(events: list) -> dict[int, float]:
+    return {e.step: e.loss for e in events if isinstance(e, ev.Step)}
+
+
+def worker_env() -> dict[str, str]:
+    return {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1"}  # fmt: skip
+
+
+def wait_for(cond, timeout: float = 300.0, what: str = "", log: Path | None = None):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.1)
+    tail = log.read_text()[-4000:] if log is not None and log.exists() else ""
+    raise AssertionError(f"timed out waiting for {what}\n{tail}")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, model_dir, data_dir):
+    job = make_job(tmp_path_factory.mktemp("one"), model_dir, data_dir)
+    done = run_in_process(job)
+    return done, losses(read_events(job.job_dir))
+
+
+def test_worker_argv_runs_torchrun_only_for_more_than_one_process(tmp_path, model_dir, data_dir):
+    job = make_job(tmp_path / "a", model_dir, data_dir)
+    assert launcher.worker_argv("py", "j.json", job.spec.train) == ["py", "-m", "remote_worker", "j.json"]
+    two = job.spec.train.model_copy(update={"gpus": 2})
+    argv = launcher.worker_argv("py", "j.json", two)
+    assert argv[argv.index("py"):argv.index("--standalone")] == ["py", "-m", "torch.distributed.run"]
+    assert argv[argv.index("--nproc-per-node") + 1] == "2" and argv[-3:] == ["-m", "remote_worker", "j.json"]
+    node = launcher.Node(rank=1, count=2, master="10.0.0.1", port=29555)
+    argv = launcher.worker_argv("py", "j.json", job.spec.train, node)
+    assert "--standalone" not in argv
+    for flag, value in (("--node-rank", "1"), ("--nnodes", "2"), ("--master-addr", "10.0.0.1"),
+                        ("--master-port", "29555"), ("--nproc-per-node", "1")):  # fmt: skip
+        assert argv[argv.index(flag) + 1] == value
+
+
+def test_two_processes_cancelled_and_resumed_end_like_one(tmp_path, model_dir, data_dir, one_process, tmux_socket):
+    done_1, loss_1 = one_process
+    assert done_1.steps == STEPS
+    job = make_job(tmp_path / "two", model_dir, data_dir, gpus=2, save_steps=4)
+    paths = JobPaths(job.job_dir)
+    Path(job.job_dir).mkdir(parents=True)
+    argv = launcher.worker_argv(sys.executable, str(tmp_path / "two" / "job.json"), job.spec.train)
+    log = Path(paths.log)
+    launcher.launch(LocalTransport(), paths, argv, socket=tmux_socket, session="two-1", env=worker_env())
+
+    def saved_and_on() -> bool:
+        evs = read_events(job.job_dir)
+        return any(isinstance(e, ev.Checkpoint) for e in evs) and any(
+            isinstance(e, ev.Step) and e.step >= 6 for e in evs
+        )
+
+    wait_for(saved_and_on, what="a checkpoint and step 6", log=log)
+    status = launcher.cancel(LocalTransport(), paths, socket=tmux_socket, session="two-1", grace=120)
+    assert status.state is JobState.CANCELLED and not status.alive, log.read_text()[-4000:]
+    first = read_events(job.job_dir)
+    stops = [e for e in first if isinstance(e, ev.Checkpoint) and e.reason == "signal"]
+    assert len(stops) == 1, log.read_text()[-4000:]
+    stop = stops[0]
+    assert stop.step < STEPS, "the job ended before the signal: make it longer"
+    verify_manifest(stop.path, stop.adapter_sha256)
+    assert isinstance(first[-1], ev.Failed) and first[-1].error_class == "Interrupted"
+    started = next(e for e in first if isinstance(e, ev.Started))
+    assert started.world_size == 2 and started.distributed == "ddp" and started.grad_accum == 1
+    steps = [e.step for e in first if isinstance(e, ev.Step)]
+    assert steps == list(range(1, stop.step + 1)), "one stream: each step once, from rank 0"
+    for step in steps:  # two processes of one micro-batch each train the one process's steps
+        assert first[[e.step if isinstance(e, ev.Step) else -1 for e in first].index(step)].loss == pytest.approx(
+            loss_1[step], abs=2e-3
+        ), step
+
+    launcher.launch(LocalTransport(), paths, argv, socket=tmux_socket, session="two-2", env=worker_env())
+    wait_for(lambda: launcher.job_status(LocalTransport(), paths).state is JobState.DONE, what="the resumed run",
+             log=log)  # fmt: skip
+    second = read_events(job.job_dir)[len(first):]
+    assert next(e for e in second if isinstance(e, ev.Started)).resumed_from_step == stop.step
+    loss_2 = losses(second)
+    assert sorted(loss_2) == list(range(stop.step + 1, STEPS + 1))
+    done_2 = second[-1]
+    assert isinstance(done_2, ev.Done) and done_2.steps == STEPS
+    assert done_2.final_loss == pytest.approx(done_1.final_loss, abs=2e-3)
+    verify_manifest(done_2.adapter_path, done_2.manifest_sha256)
+    assert not any(p.name.startswith("checkpoint-") for p in Path(paths.checkpoints).iterdir())
+
+
+def test_nodes_of_a_spec_with_hosts():
+    from pydantic import ValidationError
+
+    from client.lifecycle.steps import node_of
+
+    spec = JobSpec.model_validate({
+        "name": "n", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
+        "instance": {"ssh": "ssh -p 2222 root@gw.example", "hosts": ["ssh -p 22 root@10.0.0.2"],
+                     "rdzv_host": "10.0.0.1", "rdzv_port": 29555},
+    })  # fmt: skip
+    assert node_of(spec, 0) == launcher.Node(0, 2, "10.0.0.1", 29555)
+    assert node_of(spec, 1).rank == 1
+    with pytest.raises(ValidationError, match="hosts"):
+        JobSpec.model_validate({"name": "n", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
+                                "instance": {"hosts": ["scp root@x"]}})  # fmt: skip
+    with pytest.raises(ValidationError, match="gpus"):
+        JobSpec.model_validate({"name": "n", "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"},
+                                "train": {"gpus": 0}})  # fmt: skip
+
+
+def test_fillers_make_whole_global_batches_and_train_nothing():
+    import numpy as np
+
+    from remote_worker.data import IGNORE, MicroBatches, Seq
+
+    seqs = [Seq(np.arange(1, 11, dtype=np.int64), np.ones(10, dtype=np.uint8)) for _ in range(5)]
+    alone = MicroBatches(seqs, micro_batch_tokens=10, packing=True, pad_id=0, seed=1)
+    four = MicroBatches(seqs, micro_batch_tokens=10, packing=True, pad_id=0, seed=1, multiple=4)
+    assert len(alone) == 5 and len(four) == 8 and four.groups[:5] == alone.groups
+    for i in range(5, 8):  # a filler: one pad token, nothing trained
+        assert four[i]["input_ids"].tolist() == [[0]] and (four[i]["labels"] == IGNORE).all()
+
+
+def test_resume_onto_another_number_of_processes_keeps_the_global_batch(tmp_path):
+    from jobs.protocol import BatchShape
+    from remote_worker.checkpoints import ResumeMismatch, resumed_grad_accum
+
+    two_by_two = BatchShape(micro_batch_tokens=96, gradient_checkpointing=False, world_size=2, grad_accum=2)
+    assert resumed_grad_accum(tmp_path, two_by_two, 1, 1) == 4
+    assert resumed_grad_accum(tmp_path, two_by_two, 1, 4) == 1
+    assert resumed_grad_accum(tmp_path, None, 2, 2) == 1  # an older checkpoint: one process, two a step
+    with pytest.raises(ResumeMismatch, match="3 processes cannot split") as err:
+        resumed_grad_accum(tmp_path, two_by_two, 1, 3)
+    assert "train.gpus = one of [1, 2, 4]" in err.value.hint
