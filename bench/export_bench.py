@@ -89,7 +89,7 @@ def step_make(a) -> dict:
     from remote_worker import checkpoints
 
     work = Path(a.work)
-    model_dir, adapter = work / "model", work / "adapter"
+    model_dir, adapter = work / "model", work / "lora"
     t0 = time.monotonic()
     qb.ARCH["tiny"]["vocab_size"] = 1000
     qb.cmd_make(argparse.Namespace(arch=a.arch, dir=str(model_dir)))
@@ -121,7 +121,7 @@ def step_eval(a) -> dict:
     from remote_worker import evaluate
 
     work = Path(a.work)
-    r = evaluate.evaluate(work / "adapter", work / "eval", prompts=work / "prompts.jsonl",
+    r = evaluate.evaluate(work / "lora", work / "eval", prompts=work / "prompts.jsonl",
                           max_new_tokens=a.max_new_tokens, limit=a.prompts, batch_size=a.batch_size)  # fmt: skip
     new_tokens = a.max_new_tokens * len(r.samples) * 2
     return {"prompts": len(r.samples), "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size,
@@ -134,7 +134,7 @@ def step_export(a, kind: str, qtype: str = "") -> dict:
 
     work = Path(a.work)
     out = work / f"export-{kind}{qtype}"
-    rec = export.export(work / "adapter", out, kind, qtype)
+    rec = export.export(work / "lora", out, kind, qtype)
     row = {"kind": kind, "qtype": qtype, "out_gb": size_gb(out), "merge_check": rec.merge_check.model_dump()}
     if rec.gguf_check:
         row["gguf_check"] = rec.gguf_check.model_dump()
