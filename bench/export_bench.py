@@ -10,6 +10,7 @@ Steps, each in its own process (so its peak memory is its own), each a JSON row 
 Each row: step, seconds, peak GPU memory (allocated, reserved), peak RSS, sizes, the checks' numbers.
 
   python bench/export_bench.py --out DIR [--arch 7b] [--steps make,eval,merged,gguf] [--work DIR]
+      (a --work folder is kept: a second call can run `--steps gguf` on the same model and adapter)
   python bench/export_bench.py --smoke --out DIR      the tiny model on the CPU, every step
 """
 
@@ -186,6 +187,7 @@ def main() -> int:
         a.arch, a.prompts, a.max_new_tokens = "tiny", 4, 8
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     Path(a.out).mkdir(parents=True, exist_ok=True)
+    own_work = a.work is None  # a --work folder is kept for a later call (--steps gguf)
     a.work = a.work or str(Path(a.out) / "work")
     Path(a.work).mkdir(parents=True, exist_ok=True)
     if a.step:
@@ -196,7 +198,7 @@ def main() -> int:
                 "--prompts", str(a.prompts), "--max-new-tokens", str(a.max_new_tokens),
                 "--batch-size", str(a.batch_size)] + (["--keep"] if a.keep else [])  # fmt: skip
         rc |= subprocess.call(argv)
-    if not a.keep:
+    if own_work and not a.keep:
         shutil.rmtree(Path(a.work), ignore_errors=True)
     return rc
 
