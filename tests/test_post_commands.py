@@ -138,3 +138,22 @@ def test_submit_follow_evaluates_at_the_end_fetches_it_and_prints_a_working_snip
     res = subprocess.run([sys.executable, "-c", code + "\nprint(type(model).__name__)"], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert res.returncode == 0 and res.stdout.split()[-1] == "PeftModelForCausalLM", res.stderr[-2000:]
+
+
+def test_export_on_the_instance_and_here_come_back_verified(tmp_path, sshd, tmux_socket, fact):
+    job_id, folder, paths = finished_job(tmp_path, sshd, tmux_socket, fact)
+    out = json.loads(cli("export", job_id, "--ollama", "q8_0", "--json", timeout=1200).stdout)
+    local = Path(out["folder"])
+    assert local == (folder / "runs" / job_id / "export" / "export-ollama-q8_0").resolve()
+    digest = verify_manifest(local)
+    assert {"model-q8_0.gguf", "Modelfile", "export.json"} <= {p.name for p in local.iterdir()}
+    assert out["export"]["merge_check"]["passed"] and out["export"]["gguf_check"]["passed"]
+    ack = FetchAck.model_validate_json(Path(paths.post("export-ollama-q8_0").fetched).read_text())
+    assert (ack.what, ack.manifest_sha256) == ("export", digest)
+    # --here: from the fetched adapter, on this machine
+    shutil.copytree(paths.adapter, folder / "runs" / job_id / "adapter")
+    here = json.loads(cli("export", job_id, "--merged", "--here", "--json", timeout=1200).stdout)
+    assert here["where"] == "here" and "model.safetensors" in here["export"]["files"]
+    verify_manifest(Path(here["folder"]))
+    bad = cli("export", job_id, "--gguf", "q3_k", check=False)
+    assert bad.returncode == 2 and "unknown GGUF type" in bad.stderr
