@@ -10,6 +10,7 @@ Steps, each in its own process (so its peak memory is its own), each a JSON row 
 Each row: step, seconds, peak GPU memory (allocated, reserved), peak RSS, sizes, the checks' numbers.
 
   python bench/export_bench.py --out DIR [--arch 7b] [--steps make,eval,merged,gguf] [--work DIR]
+      (a --work folder is kept: a second call can run `--steps gguf` on the same model and adapter)
   python bench/export_bench.py --smoke --out DIR      the tiny model on the CPU, every step
 """
 
@@ -89,7 +90,7 @@ def step_make(a) -> dict:
     from remote_worker import checkpoints
 
     work = Path(a.work)
-    model_dir, adapter = work / "model", work / "adapter"
+    model_dir, adapter = work / "model", work / "lora"
     t0 = time.monotonic()
     qb.ARCH["tiny"]["vocab_size"] = 1000
     qb.cmd_make(argparse.Namespace(arch=a.arch, dir=str(model_dir)))
@@ -121,7 +122,7 @@ def step_eval(a) -> dict:
     from remote_worker import evaluate
 
     work = Path(a.work)
-    r = evaluate.evaluate(work / "adapter", work / "eval", prompts=work / "prompts.jsonl",
+    r = evaluate.evaluate(work / "lora", work / "eval", prompts=work / "prompts.jsonl",
                           max_new_tokens=a.max_new_tokens, limit=a.prompts, batch_size=a.batch_size)  # fmt: skip
     new_tokens = a.max_new_tokens * len(r.samples) * 2
     return {"prompts": len(r.samples), "max_new_tokens": a.max_new_tokens, "batch_size": a.batch_size,
@@ -134,7 +135,7 @@ def step_export(a, kind: str, qtype: str = "") -> dict:
 
     work = Path(a.work)
     out = work / f"export-{kind}{qtype}"
-    rec = export.export(work / "adapter", out, kind, qtype)
+    rec = export.export(work / "lora", out, kind, qtype)
     row = {"kind": kind, "qtype": qtype, "out_gb": size_gb(out), "merge_check": rec.merge_check.model_dump()}
     if rec.gguf_check:
         row["gguf_check"] = rec.gguf_check.model_dump()
@@ -186,6 +187,7 @@ def main() -> int:
         a.arch, a.prompts, a.max_new_tokens = "tiny", 4, 8
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     Path(a.out).mkdir(parents=True, exist_ok=True)
+    own_work = a.work is None  # a --work folder is kept for a later call (--steps gguf)
     a.work = a.work or str(Path(a.out) / "work")
     Path(a.work).mkdir(parents=True, exist_ok=True)
     if a.step:
@@ -196,7 +198,7 @@ def main() -> int:
                 "--prompts", str(a.prompts), "--max-new-tokens", str(a.max_new_tokens),
                 "--batch-size", str(a.batch_size)] + (["--keep"] if a.keep else [])  # fmt: skip
         rc |= subprocess.call(argv)
-    if not a.keep:
+    if own_work and not a.keep:
         shutil.rmtree(Path(a.work), ignore_errors=True)
     return rc
 

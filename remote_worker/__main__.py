@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if job.spec.eval is not None and job.spec.eval.at_end and not done.stopped:
             from remote_worker import evaluate
 
-            evaluate.at_end(job, events)  # before `done`: the guard waits while the worker runs
+            evaluate.at_end(job)  # before `state` says done: the guard waits while the worker runs
     except BaseException as exc:  # KeyboardInterrupt too: `state` must never stay "running"
         if rank.main:
             checkpoints.release_reserve(job_dir)  # on a full disk, the room to write the failure down

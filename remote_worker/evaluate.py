@@ -212,17 +212,17 @@ def write(result: EvalResult, out: Path) -> None:
     tmp.rename(out)
 
 
-def at_end(job, events) -> None:
+def at_end(job, events=None) -> None:
     """`[eval] at_end = true`: run it in the worker after training, into post/eval/result. A failure is
-    reported as a phase event and never fails the job (its adapter is saved already)."""
-    from jobs.events import Phase
+    written to the worker's log and never fails the job (its adapter is saved already). No events: the
+    `done` event is the run's last (client.progress counts anything after it as a new run)."""
     from jobs.layout import JobPaths
 
     spec = job.spec.eval
     paths = JobPaths(job.job_dir)
     task = paths.post("eval")
     prompts = Path(task.post_prompts)
-    events.emit(Phase(phase="evaluating", message="base vs tuned on held-out prompts"))
+    print("eval at the end: base vs tuned on held-out prompts", flush=True)
     try:
         import gc
 
@@ -235,10 +235,10 @@ def at_end(job, events) -> None:
                           prompts=prompts if prompts.is_file() else None, base=None,
                           max_new_tokens=spec.max_new_tokens, limit=spec.limit)  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - the adapter is safe; the eval can be run again
-        events.emit(Phase(phase="evaluating", message=f"eval failed: {type(exc).__name__}: {exc}"))
+        print(f"eval at the end failed: {type(exc).__name__}: {exc}", flush=True)
         return
     t, b = result.tuned, result.base
-    events.emit(Phase(phase="evaluating", message=f"eval done: loss {b.loss} -> {t.loss}, ROUGE-L {b.rouge_l} -> {t.rouge_l}"))
+    print(f"eval at the end: loss {b.loss} -> {t.loss}, ROUGE-L {b.rouge_l} -> {t.rouge_l}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -194,3 +194,19 @@ def test_a_checkpoint_s_adapter_names_a_base_the_laptop_resolves(tmp_path):
         assert (rec.name, rec.instance_path) == ("Qwen/Qwen2.5-7B-Instruct", snap)
     assert checkpoints.portable_name("/root/autodl-tmp/Qwen/Qwen2___5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
     assert checkpoints.portable_name("Qwen/Qwen2.5-7B-Instruct") == "Qwen/Qwen2.5-7B-Instruct"
+
+
+def test_a_qlora_adapter_merged_onto_16_bit_still_answers_and_the_nf4_gap_is_measured(tmp_path):
+    """docs/export.md's numbers: onto nf4 reproduces training; onto 16-bit differs by the base's nf4 error."""
+    pytest.importorskip("bitsandbytes")
+    from remote_worker import export, tuned
+
+    _, adapter = train_fact(tmp_path, nf4=True)
+    gap = export.nf4_gap(adapter)
+    assert gap["merged_nf4_vs_trained"] < 1e-4
+    assert 1e-3 < gap["merged_16bit_vs_trained"] < 0.5 * gap["adapter_effect_16bit"]
+    t = tuned.load_tuned(adapter, device="cpu")
+    merged = t.model.merge_and_unload()
+    enc = t.tokenizer(tuned.chat_prompt(t.tokenizer, [{"role": "user", "content": QUESTION}]), return_tensors="pt")
+    out = merged.generate(**enc, max_new_tokens=20, do_sample=False, eos_token_id=t.stop_ids)
+    assert t.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip() == ANSWER
