@@ -107,6 +107,15 @@ def _set_environment(job: WorkerJob) -> None:
         os.environ.setdefault("HF_ENDPOINT", job.spec.instance.hf_endpoint)
     # Without it the CUDA allocator reserved 70 GB for 28 GB allocated (shared/anchors.md §1).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    one_gpu(os.environ)
+
+
+def one_gpu(env) -> None:
+    """One process alone trains on one GPU. On a machine with several, the Trainer would otherwise wrap
+    the model in nn.DataParallel over all of them and hand the collator one micro-batch per GPU (a
+    train.gpus = 1 job on a 2-GPU H200 failed so). Under torchrun each rank pins its own GPU instead."""
+    if "WORLD_SIZE" not in env and not env.get("CUDA_VISIBLE_DEVICES"):
+        env["CUDA_VISIBLE_DEVICES"] = "0"
 
 
 def _fail(job_dir: Path, exc: BaseException, hint: str, events: EventWriter | None = None) -> int:

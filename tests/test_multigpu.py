@@ -216,3 +216,19 @@ def test_resume_onto_another_number_of_processes_keeps_the_global_batch(tmp_path
     with pytest.raises(ResumeMismatch, match="3 processes cannot split") as err:
         resumed_grad_accum(tmp_path, two_by_two, 1, 3)
     assert "train.gpus = one of [1, 2, 4]" in err.value.hint
+
+
+def test_one_process_alone_sees_one_gpu():
+    """A train.gpus = 1 job on a machine with several GPUs: the Trainer must not wrap the model in
+    DataParallel (it failed on a 2-GPU H200 with the collator's "too many values to unpack")."""
+    from remote_worker.__main__ import one_gpu
+
+    env: dict[str, str] = {}
+    one_gpu(env)
+    assert env == {"CUDA_VISIBLE_DEVICES": "0"}
+    chosen = {"CUDA_VISIBLE_DEVICES": "1"}
+    one_gpu(chosen)  # the user's choice stands
+    assert chosen == {"CUDA_VISIBLE_DEVICES": "1"}
+    ranked = {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    one_gpu(ranked)  # torchrun's ranks pin their own GPU (remote_worker.distributed.init)
+    assert "CUDA_VISIBLE_DEVICES" not in ranked
