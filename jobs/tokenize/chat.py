@@ -96,6 +96,27 @@ class _Renderer:
         self.special = _special_token_strings(tokenizer)
         self.eos = getattr(tokenizer, "eos_token", None)
         self._fast = self._compile()
+        self._tools: str | None | bool = False  # False: not probed yet; None: renders tools; str: what it lacks
+
+    def tool_lack(self) -> str | None:
+        """None when the template renders tool calls and tool results, else what it lacks (probed once)."""
+        if self._tools is False:
+            call = {"type": "function", "function": {"name": SENTINEL, "arguments": {}}}
+            probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                     {"role": "tool", "content": SENTINEL[::-1]}, {"role": "assistant", "content": "b"}]
+            what = "the plain format (the tokenizer has no chat template)" if self.plain else "the chat template"
+            try:
+                text = self.render(probe)
+            except TemplateError as exc:
+                self._tools = f"{what} does not render tool calls or tool results ({exc})"
+            else:
+                if SENTINEL not in text:
+                    self._tools = f"{what} does not render tool calls (an assistant turn's tool_calls)"
+                elif SENTINEL[::-1] not in text:
+                    self._tools = f"{what} does not render tool results (role \"tool\")"
+                else:
+                    self._tools = None
+        return self._tools  # type: ignore[return-value]
 
     def _compile(self):
         try:
@@ -155,6 +176,11 @@ class _Renderer:
         """The rendered conversation, the character spans of its trained parts, and notes on
         what the template did to the record (DROPS_SYSTEM, REWRITES_TURN, ...)."""
         notes: list[str] = []
+        if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            lack = self.tool_lack()
+            if lack:
+                raise TemplateError(f"{lack}: this record has tool calls; train a model whose template supports "
+                                    "tools, or leave such records out")
         full = self.render(messages)
         prompt = self.render(messages[:-1], True)
         whole = full.startswith(prompt)
