@@ -97,32 +97,36 @@ FAMILIES = {
 }
 
 
-@functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=2)
+def _shared(with_plain_extras: bool):
+    """A loaded tokenizer shared by families (loading 151k tokens takes seconds on a shared machine):
+    it holds the special tokens of all families, each family's template and EOS set when asked for.
+    Ordinary added tokens (Qwen3's <think>) change how other text splits, so only Qwen3's has them."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(str(_qwen_dir()))
+    extra = list(dict.fromkeys(t for _, more, _, _ in FAMILIES.values() for t in more))
+    tok.add_special_tokens({"additional_special_tokens": [
+        AddedToken(t, special=True, normalized=False) for t, s in extra if s]})
+    if with_plain_extras:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, s in extra if not s])
+    return tok
+
+
 def qwen_tokenizer():
     """The real Qwen2.5 tokenizer (vocabulary, pre-tokenizer, special tokens) with its published template."""
     return family_tokenizer("qwen2.5")
 
 
 def family_tokenizer(family: str):
-    """A fresh tokenizer of the Qwen vocabulary dressed as `family`: its chat template (tests/templates/),
-    its special tokens added, its EOS and BOS. Only Qwen's own are that model's real tokenizer; for the
-    others the vocabulary stands in (no other vocabulary is to be had offline) while the template, the
-    special tokens and the EOS are the family's."""
-    from tokenizers import AddedToken
-    from transformers import PreTrainedTokenizerFast
-
-    template, extra, eos, bos = FAMILIES[family]
-    tok = PreTrainedTokenizerFast.from_pretrained(str(_qwen_dir()))
-    specials = [AddedToken(t, special=True, normalized=False) for t, s in extra if s]
-    plain = [AddedToken(t, special=False, normalized=False) for t, s in extra if not s]
-    if specials:
-        tok.add_special_tokens({"additional_special_tokens": specials})
-    if plain:
-        tok.add_tokens(plain)
+    """The tokenizer of the Qwen vocabulary dressed as `family`: its chat template (tests/templates/),
+    its EOS and BOS (its special tokens are there). Only Qwen's own are that model's real tokenizer; for
+    the others the vocabulary stands in (no other vocabulary is to be had offline) while the template,
+    the special tokens and the EOS are the family's. One object for all: use one family at a time."""
+    template, _, eos, bos = FAMILIES[family]
+    tok = _shared(any(not special for _, special in FAMILIES[family][1]))
     tok.eos_token = eos
-    if bos:
-        tok.bos_token = bos
+    tok.bos_token = bos
     tok.chat_template = (TEMPLATES / template).read_text(encoding="utf-8").rstrip("\n") if template else None
-    if family == "base":
-        tok.eos_token = "<|endoftext|>"
     return tok
