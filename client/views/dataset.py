@@ -78,8 +78,6 @@ def render_report(report: dict, console: Console) -> None:
                                  + (f", {gpu:.1%} at {max(ov['max_length'], GPU_MICRO_BATCH):,} (GPU)" if gpu else ""))
         tz = report.get("tokenizer") or {}
         t.add_row("tokenizer", Text(f"{tz.get('name')} ({tz.get('source')}, {str(tz.get('fingerprint'))[:12]})"))
-        if report.get("template"):
-            t.add_row("format", Text(report["template"]["format"]))
     else:
         c = report["chars"]
         t.add_row("tokens", Text(f"no tokenizer: {report.get('tokenizer_reason')}", style="yellow"))
@@ -89,6 +87,8 @@ def render_report(report: dict, console: Console) -> None:
         reused = " (reused: inputs unchanged)" if report.get("reused") else ""
         t.add_row("output", Text(f"{report['output']}{reused}"))
     console.print(Panel(t, title="dataset", expand=False), soft_wrap=False)  # the CLI soft-wraps by default
+    if report.get("template"):
+        console.print(Text(f"  format: {report['template']['format']}"))
     _render_invalid(report, console)
     _render_warnings(report, console)
 
