@@ -46,6 +46,7 @@ DROPS_SYSTEM = "the chat template drops the system prompt"
 REWRITES_TURN = "the chat template rewrites an assistant turn's content (e.g. strips earlier reasoning)"
 PROMPT_DIFFERS = "the chat template renders the prompt differently once the reply is added; trained with the prompt inference sees"
 EOS_ADDED = "the chat template writes no end-of-turn after the last reply; the tokenizer's EOS is appended"
+NO_END_OF_TURN = "the chat template writes after a reply no token this tokenizer knows as special: no end-of-turn is trained"
 
 
 class TemplateError(ValueError):
@@ -97,6 +98,7 @@ class _Renderer:
         self.eos = getattr(tokenizer, "eos_token", None)
         self._fast = self._compile()
         self._tools: str | None | bool = False  # False: not probed yet; None: renders tools; str: what it lacks
+        self._shape: tuple[str, str] | None | bool = False  # the last reply's (head, tail) around its content
 
     def tool_lack(self) -> str | None:
         """None when the template renders tool calls and tool results, else what it lacks (probed once)."""
@@ -117,6 +119,32 @@ class _Renderer:
                 else:
                     self._tools = None
         return self._tools  # type: ignore[return-value]
+
+    def _reply_shape(self) -> tuple[str, str] | None:
+        """(head, tail): the text the template writes after the generation prompt around a last reply's
+        content, from a probe conversation (found once); None when the probe does not show one."""
+        if self._shape is False:
+            probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": SENTINEL}]
+            try:
+                prompt, full = self.render(probe[:1], True), self.render(probe)
+            except TemplateError:
+                prompt, full = "", ""
+            at = full.find(SENTINEL, len(prompt))
+            ok = full.startswith(prompt) and at >= 0 and SENTINEL not in full[at + 1:]
+            self._shape = (full[len(prompt):at], full[at + len(SENTINEL):]) if ok else None
+        return self._shape  # type: ignore[return-value]
+
+    def _last_span(self, text: str, prompt: str, content: str) -> tuple[int, int] | None:
+        """The last reply's content span without rendering it again, when the text after its prompt
+        is exactly the probe's head + this content (as is, or trimmed) + the probe's tail."""
+        shape = self._reply_shape()
+        if shape is None or self.template_text:
+            return None
+        head, tail = shape
+        start, end = len(prompt) + len(head), len(text) - len(tail)
+        if text.startswith(head, len(prompt)) and text.endswith(tail) and text[start:end] in (content, content.strip()):
+            return start, end
+        return None
 
     def _compile(self):
         try:
@@ -176,6 +204,8 @@ class _Renderer:
         """The rendered conversation, the character spans of its trained parts, and notes on
         what the template did to the record (DROPS_SYSTEM, REWRITES_TURN, ...)."""
         notes: list[str] = []
+        if self.plain and not self.eos:
+            raise TemplateError("the tokenizer has neither a chat template nor an EOS token: a reply could not end")
         if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
             lack = self.tool_lack()
             if lack:
@@ -187,7 +217,7 @@ class _Renderer:
         text = full if whole else prompt + self._reply(messages)
         if not whole:
             notes.append(PROMPT_DIFFERS)
-        if messages[0]["role"] == "system":
+        if messages[0]["role"] == "system" and messages[0]["content"] not in text:  # found: not dropped
             if self._compose(_with(messages, 0, {"role": "system", "content": SENTINEL}), whole) == text:
                 notes.append(DROPS_SYSTEM)
         spans: list[tuple[int, int]] = []
@@ -197,24 +227,10 @@ class _Renderer:
                 self._check_tool(messages, i, text, whole)
             if m["role"] != "assistant":
                 continue
-            alt = self._compose(_with(messages, i, {"role": "assistant", "content": SENTINEL}), whole)
-            if alt == text:
-                raise TemplateError(f"the chat template drops assistant turn {i}")
-            if m.get("tool_calls"):
-                bare = {k: v for k, v in m.items() if k != "tool_calls"}
-                if self._compose(_with(messages, i, bare), whole) == text:
-                    raise TemplateError("the chat template does not render tool calls (an assistant turn's "
-                                        "tool_calls are dropped): use a model whose template supports tools")
-            start = _lcp(text, alt)
-            end = len(text) - _lcs(text, alt, min(len(text), len(alt)) - start)
-            at = alt.find(SENTINEL)
-            if self.template_text or (at >= 0 and start < at):
-                # template text counts as the reply's (asked for), or the content changed the
-                # scaffolding before it (its reasoning fills the think block): train from the prompt's end
-                before = self.render(messages[:i], True) if i else ""
-                if text.startswith(before) and len(before) <= start:
-                    start = len(before)
-            if _squash(text[start:end]) != _squash(m["content"]) and not m.get("tool_calls"):
+            fast = self._last_span(text, prompt, m["content"]) if whole and i == last and not m.get("tool_calls") else None
+            start, end = fast if fast is not None else self._span(messages, i, text, whole)
+            if fast is None and not m.get("tool_calls") and text[start:end] != m["content"] and (
+                    _squash(text[start:end]) != _squash(m["content"])):
                 notes.append(REWRITES_TURN)
             eot = next((t for t in self.special if text.startswith(t, end)), None)
             if eot is not None:
@@ -223,10 +239,34 @@ class _Renderer:
                 text = text[:end] + self.eos + text[end:]
                 end += len(self.eos)
                 notes.append(EOS_ADDED)
+            else:
+                notes.append(NO_END_OF_TURN)
             if spans and start < spans[-1][1]:
                 raise TemplateError("the chat template's assistant turns overlap")
             spans.append((start, end))
         return text, spans, tuple(dict.fromkeys(notes))
+
+    def _span(self, messages: list[dict], i: int, text: str, whole: bool) -> tuple[int, int]:
+        """Turn i's own text in `text`: what changes when its content is replaced by the sentinel."""
+        m = messages[i]
+        alt = self._compose(_with(messages, i, {"role": "assistant", "content": SENTINEL}), whole)
+        if alt == text:
+            raise TemplateError(f"the chat template drops assistant turn {i}")
+        if m.get("tool_calls"):
+            bare = {k: v for k, v in m.items() if k != "tool_calls"}
+            if self._compose(_with(messages, i, bare), whole) == text:
+                raise TemplateError("the chat template does not render tool calls (an assistant turn's "
+                                    "tool_calls are dropped): use a model whose template supports tools")
+        start = _lcp(text, alt)
+        end = len(text) - _lcs(text, alt, min(len(text), len(alt)) - start)
+        at = alt.find(SENTINEL)
+        if self.template_text or (at >= 0 and start < at):
+            # template text counts as the reply's (asked for), or the content changed the
+            # scaffolding before it (its reasoning fills the think block): train from the prompt's end
+            before = self.render(messages[:i], True) if i else ""
+            if text.startswith(before) and len(before) <= start:
+                start = len(before)
+        return start, end
 
     def _check_tool(self, messages: list[dict], i: int, text: str, whole: bool) -> None:
         alt = self._compose(_with(messages, i, {**messages[i], "content": SENTINEL}), whole)

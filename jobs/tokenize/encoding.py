@@ -108,6 +108,11 @@ def _tokenize_staged(tokenizer: Any, st: _Staged) -> tuple[list, list]:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise TypeError(f"a fast tokenizer (with character offsets) is required, got {type(tokenizer).__name__}")
+    if backend.truncation is not None or backend.padding is not None:
+        # runtime state left by an earlier call (tok(..., truncation=True)) or shipped in tokenizer.json:
+        # it would cut records silently; data.max_length and data.overlong decide lengths here
+        backend.no_truncation()
+        backend.no_padding()
     chat = backend.encode_batch(st.chat_texts, add_special_tokens=False) if st.chat_texts else []
     plain = backend.encode_batch(st.plain_texts, add_special_tokens=True) if st.plain_texts else []
     return chat, plain
