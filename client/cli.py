@@ -163,7 +163,7 @@ def plan(
 @app.command()
 def prepare(
     job_file: JobFile,
-    show: Annotated[int, typer.Option(help="print N examples as the model sees them, trained tokens highlighted")] = 0,
+    show: Annotated[int, typer.Option(help="print N examples as the model sees them, trained tokens highlighted ([[...]] when not a terminal)")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Prepare the dataset locally: canonical jsonl, checked, with token statistics (no GPU is paid for)."""

@@ -261,6 +261,10 @@ class DatasetManifest(_File):
     tokenizer: dict[str, Any] | None = None
     tokens: dict[str, Any] | None = Field(None, description="the pre-tokenized files, when the laptop had the tokenizer")
     report: dict[str, Any] = Field(default_factory=dict)
+    chat_template: str | None = Field(
+        None, description="the chat template conversations were rendered with when the tokenizer has none "
+        "(jobs.tokenize.PLAIN_TEMPLATE); the worker saves it into the adapter's tokenizer"
+    )
 
 
 class BaseModelRecord(_File):

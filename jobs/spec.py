@@ -205,6 +205,9 @@ class DataSpec(_Strict):
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     seed: int = 42
     dedupe: bool = True
+    train_template_text: bool = Field(
+        False, description="also train the text a chat template writes around a reply (role headers, an empty think block)"
+    )
 
     def train_list(self) -> list[str]:
         return [self.train] if isinstance(self.train, str) else list(self.train)

@@ -141,7 +141,23 @@ def _pretokenized(data_dir: Path, split: str, tokenizer, max_length: int) -> lis
     return [Seq(ids[a:b], mask[a:b]) for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
 
 
-def load_split(data_dir: str | Path, split: str, tokenizer, max_length: int, overlong: str) -> Split:
+def adopt_chat_template(data_dir: str | Path, tokenizer) -> None:
+    """A tokenizer without a chat template takes the one the records were rendered with (the
+    plain format, from dataset.json), so the adapter's tokenizer is saved with it and inference
+    prompts the model the way it was trained."""
+    if getattr(tokenizer, "chat_template", None):
+        return
+    path = Path(data_dir) / DATASET_MANIFEST
+    template = None
+    try:
+        template = read_model(DatasetManifest, path.read_bytes(), str(path)).chat_template
+    except (OSError, ProtocolError):
+        pass  # the worker rendered with the plain format itself (jobs.tokenize): the same template
+    tokenizer.chat_template = template or tokenize.PLAIN_TEMPLATE
+
+
+def load_split(data_dir: str | Path, split: str, tokenizer, max_length: int, overlong: str,
+               template_text: bool = False) -> Split:
     """`{data_dir}/{split}.jsonl` as token sequences; an absent or empty file gives an empty Split.
 
     Re-tokenizing applies data.overlong again: "drop" counts what it drops, "fail" raises.
@@ -155,7 +171,7 @@ def load_split(data_dir: str | Path, split: str, tokenizer, max_length: int, ove
         return _trainable(Split(split, sequences, "pre-tokenized"))
     result = Split(split, source="tokenized")
     records = read_records(path)
-    for n, enc in enumerate(tokenize.encode_many(tokenizer, records, max_length, overlong), 1):
+    for n, enc in enumerate(tokenize.encode_many(tokenizer, records, max_length, overlong, 0, template_text), 1):
         if enc is None and overlong == "fail":
             raise DataError(
                 f"{path}: record {n} is longer than data.max_length = {max_length} tokens",

@@ -109,8 +109,12 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
     tokenizer = load_tokenizer(model_path, spec)
 
     phase("tokenizing")
-    train_split = data.load_split(job.data_dir, "train", tokenizer, spec.data.max_length, spec.data.overlong)
-    eval_split = data.load_split(job.data_dir, "eval", tokenizer, spec.data.max_length, spec.data.overlong)
+    template_text = spec.data.train_template_text
+    train_split = data.load_split(job.data_dir, "train", tokenizer, spec.data.max_length, spec.data.overlong,
+                                  template_text)
+    eval_split = data.load_split(job.data_dir, "eval", tokenizer, spec.data.max_length, spec.data.overlong,
+                                 template_text)
+    data.adopt_chat_template(job.data_dir, tokenizer)  # after tokenizing: the fingerprint is the model's own
     if not train_split.sequences:
         raise DataError(
             f"no trainable sequences in {job.data_dir}/train.jsonl",

@@ -31,8 +31,8 @@ def problems(**data) -> list[str]:
         (
             "bad_role.jsonl",
             [
-                "bad_role.jsonl:2: conversations[1].from: unknown role 'tool' "
-                "(expected one of: system, user, human, assistant, gpt, model)"
+                "bad_role.jsonl:2: conversations[1].from: unknown role 'robot' "
+                "(expected one of: system, user, human, assistant, gpt, model, tool, observation, function_call)"
             ],
         ),
         (

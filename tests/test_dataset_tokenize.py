@@ -67,16 +67,17 @@ def test_mask_is_exactly_the_assistant_turns(tok):
     assert enc.overlong is False and enc.full_length == len(enc.input_ids)
 
 
-def test_template_that_rewrites_history_falls_back_to_search(tok):
-    # every turn header carries the conversation length, so no rendering of a prefix is a prefix of the whole
+def test_template_whose_reply_is_not_its_prompts_continuation_is_refused(tok):
+    # every turn header carries the conversation length, so no rendering of a prefix is a prefix of the whole:
+    # there is no text that is both what inference sees and the reply; no span is guessed by searching
     t = fresh(
         tok,
         "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' ' + (messages|length)|string + '\n' "
         "+ m['content'] + '<|im_end|>\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
     )
-    trained, _ = groups(t, encode(t, CHAT, 2048, "drop"))
-    assert trained == [f"{A1}<|im_end|>", f"{A2}<|im_end|>"]
+    with pytest.raises(tokenize.TemplateError, match="does not start with its generation prompt"):
+        encode(t, CHAT, 2048, "drop")
 
 
 def test_llama3_style_template(tok):
@@ -86,17 +87,19 @@ def test_llama3_style_template(tok):
         "'<|end_header_id|>\n\n' + m['content'] + '<|eot_id|>' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
     )
+    t.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
     trained, prompt = groups(t, encode(t, CHAT, 2048, "drop"))
     assert trained == [f"{A1}<|eot_id|>", f"{A2}<|eot_id|>"]
     assert prompt[-1].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
-def test_no_chat_template_uses_plain_chatml(tok):
+def test_no_chat_template_uses_the_plain_format_ending_with_eos(tok):
     t = fresh(tok, None)
     rec = {"messages": CHAT["messages"][1:3]}
     trained, prompt = groups(t, encode(t, rec, 2048, "drop"))
-    assert trained == [f"{A1}<|im_end|>"]
-    assert prompt == [f"<|im_start|>user\n{U1}<|im_end|>\n<|im_start|>assistant\n", "\n"]
+    assert trained == [f" {A1}{t.eos_token}"]
+    assert prompt == [f"User: {U1}\n\nAssistant:", "\n\n"]
+    assert tokenize.template_used(t) == ("plain", tokenize.PLAIN_TEMPLATE)
 
 
 def test_text_record_trains_every_token_and_ends_with_eos(tok):

@@ -13,6 +13,12 @@ the tokenizer fingerprint to that digest, so an unchanged job skips both passes.
 Split: the records of data.eval files when given (duplicates of train records removed),
 else round(n x eval_fraction) records (at least 1) drawn with random.Random(data.seed);
 both splits keep the input order.
+
+Nothing to train is an error here, before anything is paid for: no train record left after
+data.max_length (or none with a trained token) raises a DatasetError. Deduplication or
+max_length removing more than DROP_WARN_SHARE of the records is a warning in the report, and
+so is every record whose content the chat template drops or rewrites (counted per behaviour,
+with the first one's file and line).
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ DATA_FIELDS = tuple(k for k in DataSpec.model_fields if k not in ("train", "eval
 BATCH = 1024  # rows between two progress calls (a power of two: a mask, not a division, per row)
 RowsProgress = Callable[[str, int, "int | None"], None]
 GPU_MICRO_BATCH = 16384  # the largest micro-batch the worker tries on a GPU (remote_worker/calibrate.py)
+DROP_WARN_SHARE = 0.5  # warn when deduplication or max_length removes more than this share of the records
 
 
 @dataclass
@@ -62,11 +69,26 @@ class Prepared:
     tokenizer: Any = field(default=None, repr=False, compare=False)
 
 
-def check(spec: JobSpec, job_file: Path) -> dict:
-    """Read and validate the dataset without writing anything; the report has no token counts."""
+def check(spec: JobSpec, job_file: Path, *, tokenizer: Any = "auto") -> dict:
+    """Read and validate the dataset without keeping anything. With the model's tokenizer on the
+    laptop, it is tokenized too (in a temporary folder), so what max_length leaves is exact;
+    without one, overlong records are estimated from characters."""
     base = Path(job_file).resolve().parent
+    srcs = sources(spec.data, base)
+    tok, tinfo = _tokenizer(spec, base, tokenizer)
     t0 = time.perf_counter()
-    scan = Scan(spec.data, sources(spec.data, base)).run(None)
+    if tok is not None:
+        with tempfile.TemporaryDirectory(prefix="autodl-run-check-") as tmp:
+            scan, out = _passes(Path(tmp), spec.data, srcs, tok, 0)
+        report = _report(scan, spec.data)
+        report.update(
+            records_out=out["counts"]["train"] + out["counts"]["eval"], train_records=out["counts"]["train"],
+            eval_records=out["counts"]["eval"], overlong=out["overlong"], tokens=out["tokens"], tokenizer=tinfo,
+            tokenizer_reason=None, template=out["template"], output=None, digest=None,
+            seconds={"read+tokenize": round(time.perf_counter() - t0, 3)},
+        )
+        return _warned(report)
+    scan = Scan(spec.data, srcs).run(None)
     scan.raise_if_bad()
     flags = eval_flags(scan, spec.data)
     n_eval = sum(flags)
@@ -74,10 +96,10 @@ def check(spec: JobSpec, job_file: Path) -> dict:
     report.update(
         records_out=scan.kept, train_records=scan.kept - n_eval, eval_records=n_eval,
         overlong=_estimated_overlong(scan, spec.data), tokens=None, tokenizer=None,
-        tokenizer_reason="`check` does not tokenize; `prepare` does", output=None, digest=None,
+        tokenizer_reason=tinfo.get("reason"), template=None, output=None, digest=None,
         seconds={"read": round(time.perf_counter() - t0, 3)},
     )
-    return report
+    return _warned(report)
 
 
 def prepare(
@@ -106,13 +128,8 @@ def prepare(
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; rsync would carry that to the instance
     try:
         t0 = time.perf_counter()
-        with open(tmp / "all.jsonl", "wb", buffering=1 << 20) as sink:
-            scan = Scan(spec.data, srcs).run(_Counted(sink, report_rows))
-        scan.raise_if_bad()
-        t1 = time.perf_counter()
-        flags = eval_flags(scan, spec.data)
-        out = _write_splits(tmp, scan, flags, spec.data, tok, workers, report_rows)
-        (tmp / "all.jsonl").unlink()
+        scan, out = _passes(tmp, spec.data, srcs, tok, workers, report_rows)
+        t1 = out.pop("t1")
         digest = _digest(out["hashes"], spec.data, fingerprint)
         final = out_root / digest
         report = _report(scan, spec.data)
@@ -121,15 +138,18 @@ def prepare(
             train_records=out["counts"]["train"], eval_records=out["counts"]["eval"],
             overlong=out["overlong"], tokens=out["tokens"],
             tokenizer=tinfo if tok is not None else None,
-            tokenizer_reason=None if tok is not None else tinfo.get("reason"),
+            tokenizer_reason=None if tok is not None else tinfo.get("reason"), template=out["template"],
             output=str(final / "train.jsonl"), dir=str(final), digest=digest, reused=False,
             seconds={"read": round(t1 - t0, 3), "write": round(time.perf_counter() - t1, 3)},
         )
+        _warned(report)
+        plain = out["template"] is not None and out["template"]["source"] == "plain"
         manifest = DatasetManifest(
             format_version=FORMAT_VERSION, digest=digest, created_unix=time.time(),
             counts=out["counts"], max_length=spec.data.max_length, overlong=spec.data.overlong,
             overlong_applied=tok is not None, tokenizer_fingerprint=fingerprint,
             tokenizer=report["tokenizer"], tokens=out["token_files"], report=report,
+            chat_template=tokenize.PLAIN_TEMPLATE if plain else None,
         )  # fmt: skip
         (tmp / DATASET_MANIFEST).write_text(dump_model(manifest), encoding="utf-8")
         _publish(tmp, final)
@@ -141,6 +161,60 @@ def prepare(
 
 
 # ----------------------------------------------------------------------------- pieces
+
+
+def _passes(
+    tmp: Path, data: DataSpec, srcs: list[Source], tok: Any, workers: int, progress: RowsProgress
+) -> tuple[Scan, dict]:  # fmt: skip
+    """Pass one (scan into tmp/all.jsonl), the split, pass two (tmp/{train,eval}.jsonl and tokens)."""
+    with open(tmp / "all.jsonl", "wb", buffering=1 << 20) as sink:
+        scan = Scan(data, srcs).run(_Counted(sink, progress))
+    scan.raise_if_bad()
+    t1 = time.perf_counter()
+    flags = eval_flags(scan, data)
+    out = _write_splits(tmp, scan, flags, data, tok, workers, progress)
+    (tmp / "all.jsonl").unlink()
+    out["t1"] = t1
+    if tok is not None:
+        _raise_if_nothing_to_train(scan, out, data)
+    return scan, out
+
+
+def _raise_if_nothing_to_train(scan: Scan, out: dict, data: DataSpec) -> None:
+    if out["counts"]["train"] and out["tokens"]["trained_total"]:
+        return
+    over = out["overlong"]
+    why = (f"{scan.records_in:,} read, {scan.invalid_count:,} invalid, {scan.duplicates:,} duplicates, "
+           f"{over['dropped']:,} dropped as longer than data.max_length = {data.max_length}")
+    if not out["counts"]["train"]:
+        what = "no train record is left"
+    else:
+        what = "no train record has a trained token (only prompt tokens are left)"
+    raise DatasetError(
+        f"nothing to train: {what} ({why})",
+        [Problem(s.shown, None, f"data.{s.split}", "no trainable record") for s in scan.sources if s.split == "train"],
+        hint='raise data.max_length, or set data.overlong = "truncate"; check that records end with an assistant reply',
+    )
+
+
+def _warned(report: dict) -> dict:
+    """Add `warnings`: large shares removed, and what the chat template did to records."""
+    warnings: list[str] = []
+    n = report["records_in"] or 0
+    dup = report.get("duplicates_removed") or 0
+    if n and dup / n > DROP_WARN_SHARE:
+        warnings.append(f"deduplication removed {dup:,} of {n:,} records ({dup / n:.0%}); set data.dedupe = false "
+                        "if the repeats are meant")
+    over = report.get("overlong") or {}
+    gone = over.get("dropped", 0) or (over.get("count", 0) if over.get("estimated") and over.get("action") == "drop" else 0)
+    if n and gone / n > DROP_WARN_SHARE:
+        est = " (estimated from characters)" if over.get("estimated") else ""
+        warnings.append(f"data.max_length = {over.get('max_length')} drops {gone:,} of {n:,} records "
+                        f"({gone / n:.0%}){est}; raise it, or set data.overlong = \"truncate\"")
+    for note in (report.get("template") or {}).get("notes", []):
+        warnings.append(f"{note['count']:,} record(s): {note['note']} (first: {note['first']})")
+    report["warnings"] = warnings
+    return report
 
 
 def _tokenizer(spec: JobSpec, base: Path, tokenizer: Any) -> tuple[Any, dict]:
@@ -200,8 +274,11 @@ def _publish(tmp: Path, final: Path) -> None:
 
 def _digest(hashes: dict, data: DataSpec, fingerprint: str | None) -> str:
     h = hashlib.sha256(f"autodl-run prepared v{FORMAT_VERSION}\n".encode())
-    h.update(json.dumps({"max_length": data.max_length, "overlong": data.overlong,
-                         "tokenizer_fingerprint": fingerprint}, sort_keys=True).encode())
+    fields: dict[str, Any] = {"max_length": data.max_length, "overlong": data.overlong,
+                              "tokenizer_fingerprint": fingerprint}
+    if data.train_template_text:  # other ids from the same lines (absent when false: earlier digests hold)
+        fields["train_template_text"] = True
+    h.update(json.dumps(fields, sort_keys=True).encode())
     h.update(hashes["train"].digest() + hashes["eval"].digest())
     return h.hexdigest()
 
@@ -273,7 +350,7 @@ def _write_splits(
                     hashes[split].update(line)
                     counts[split] += 1
                 return {"hashes": hashes, "counts": counts, "overlong": _estimated_overlong(scan, data),
-                        "tokens": None, "token_files": None}
+                        "tokens": None, "token_files": None, "template": None}
             return _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts, progress)
     finally:
         for f in outs.values():
@@ -289,15 +366,18 @@ def _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts
             "dropped": 0, "truncated": 0}
     problems: list[Problem] = []
     first_trained = 0  # train records whose first token is masked in: it is never predicted, so not trained
+    notes: dict[str, list] = {}  # what the chat template did: note -> [count, index of the first record]
     try:
         with open(tmp / "all.jsonl", "rb") as again:
             records = (_loads(line) for line in again)
-            encoded = tokenize.encode_many(tok, records, data.max_length, "keep", workers)
+            encoded = tokenize.encode_many(tok, records, data.max_length, "keep", workers, data.train_template_text)
             for i, (line, enc) in enumerate(zip(lines, encoded, strict=True)):
                 if not i & (BATCH - 1):
                     progress("tokenizing", i, scan.kept)
                 assert enc is not None  # "keep" never drops a record
                 lengths.append(enc.full_length)
+                for note in enc.notes:
+                    notes.setdefault(note, [0, i])[0] += 1
                 if enc.overlong:
                     over["count"] += 1
                     if data.overlong == "fail":
@@ -321,7 +401,8 @@ def _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts
     except tokenize.TemplateError as exc:
         where = _where(scan, exc.index or 0, str(exc))
         raise DatasetError("the model's chat template cannot render a record", [where],
-                           hint="fix the record, or check that the tokenizer matches the model") from None
+                           hint="fix the record, or check that the tokenizer matches the model; the error names "
+                           "what the template does not support") from None
     finally:
         files = {s: w.close() for s, w in writers.items()}
     if problems:
@@ -339,7 +420,19 @@ def _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts
             train_lengths, max(data.max_length, GPU_MICRO_BATCH), data.seed),
         eval_total=files["eval"]["tokens"],
     )
-    return {"hashes": hashes, "counts": counts, "overlong": over, "tokens": tokens, "token_files": files}
+    source, _ = tokenize.template_used(tok)
+    template = {
+        "source": source,
+        "format": "the model's chat template" if source == "tokenizer" else
+        "plain (the tokenizer has no chat template): 'User: …\\n\\nAssistant: …<EOS>', saved into the adapter's tokenizer",
+        "notes": [{"note": k, "count": c, "first": _shown(scan, i)} for k, (c, i) in notes.items()],
+    }
+    return {"hashes": hashes, "counts": counts, "overlong": over, "tokens": tokens, "token_files": files,
+            "template": template}
+
+
+def _shown(scan: Scan, i: int) -> str:
+    return f"{scan.sources[scan.origin_file[i]].shown}:{scan.origin_line[i]}"
 
 
 def _where(scan: Scan, i: int, reason: str) -> Problem:

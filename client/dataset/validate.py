@@ -5,6 +5,12 @@ an optional system turn comes first; then user and assistant alternate, starting
 and ending with assistant. Content is a string (or a list of OpenAI text parts, joined);
 trailing whitespace is trimmed; empty content is an error, except an empty system turn,
 which is dropped.
+
+Tool calls: an assistant turn may carry OpenAI `tool_calls` (its content may then be empty or
+null); it is followed by one or more `tool` turns (the results), then the assistant again.
+ShareGPT's `function_call` turn (its value a JSON object with name and arguments) is such an
+assistant turn and `observation` such a tool turn. Canonical tool calls are
+`{"type": "function", "function": {"name", "arguments": object}}` (+ `id` when given).
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ ROLES = {
     "assistant": "assistant",
     "gpt": "assistant",
     "model": "assistant",
+    "tool": "tool",
+    "observation": "tool",
+    "function_call": "assistant",
 }
 
 
@@ -109,18 +118,31 @@ def conversation(
             raise RecordError(
                 f"{where}.{rk}", f"unknown role {raw_role!r} (expected one of: {', '.join(ROLES)})"
             )
-        if ck not in turn:
-            raise RecordError(f"{where}.{ck}", "missing field")
-        value = content(turn[ck], f"{where}.{ck}")
-        if not value.strip():
-            if role == "system":
-                continue
-            raise RecordError(f"{where}.{ck}", "is empty")
+        calls = None
+        if isinstance(raw_role, str) and raw_role.strip().lower() == "function_call":
+            calls = [_call(turn.get(ck), f"{where}.{ck}")]
+            value = ""
+        elif role == "assistant" and turn.get("tool_calls") is not None:
+            calls = _calls(turn["tool_calls"], f"{where}.tool_calls")
+            value = "" if turn.get(ck) is None else content(turn[ck], f"{where}.{ck}")
+        else:
+            if ck not in turn:
+                raise RecordError(f"{where}.{ck}", "missing field")
+            value = content(turn[ck], f"{where}.{ck}")
+            if not value.strip():
+                if role == "system":
+                    continue
+                raise RecordError(f"{where}.{ck}", "is empty")
         _check_order(out, role, f"{where}.{rk}", i)
-        out.append({"role": role, "content": value})
+        msg: dict[str, Any] = {"role": role, "content": value}
+        if calls is not None:
+            msg["tool_calls"] = calls
+        if role == "tool":
+            msg.update({k: turn[k] for k in ("tool_call_id", "name") if isinstance(turn.get(k), str)})
+        out.append(msg)
     if not any(m["role"] != "system" for m in out):
         raise RecordError(field, "has no user or assistant turn")
-    if out[-1]["role"] != "assistant":
+    if out[-1]["role"] != "assistant" or out[-1].get("tool_calls"):
         raise RecordError(field, f"does not end with an assistant turn (the last turn is {out[-1]['role']})")
     if system_prompt and out[0]["role"] != "system":
         out.insert(0, {"role": "system", "content": system_prompt})
@@ -132,7 +154,45 @@ def _check_order(out: list[dict], role: str, where: str, i: int) -> None:
         if out:
             raise RecordError(where, f"roles out of order: a system turn may only come first (turn {i})")
         return
-    prev = out[-1]["role"] if out else "system"
-    expected = "assistant" if prev == "user" else "user"
-    if role != expected:
-        raise RecordError(where, f"roles out of order: turn {i} is {role}, expected {expected}")
+    prev = out[-1] if out else {"role": "system"}
+    if prev["role"] == "user":
+        expected = ("assistant",)
+    elif prev["role"] == "assistant" and prev.get("tool_calls"):
+        expected = ("tool",)
+    elif prev["role"] == "tool":
+        expected = ("tool", "assistant")
+    else:
+        expected = ("user",)
+    if role not in expected:
+        raise RecordError(where, f"roles out of order: turn {i} is {role}, expected {' or '.join(expected)}")
+
+
+def _calls(value: Any, where: str) -> list[dict]:
+    value = as_list(value)
+    if not isinstance(value, list) or not value:
+        raise RecordError(where, f"must be a non-empty list of tool calls, got {type_name(value)}")
+    return [_call(c, f"{where}[{k}]") for k, c in enumerate(value)]
+
+
+def _call(value: Any, where: str) -> dict:
+    """One tool call (OpenAI's, or ShareGPT's function_call JSON) in canonical form."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RecordError(where, "a function call must be a JSON object with name and arguments") from None
+    if not isinstance(value, dict):
+        raise RecordError(where, f"a tool call must be an object, got {type_name(value)}")
+    fn = value.get("function", value)
+    name, args = (fn.get("name"), fn.get("arguments", {})) if isinstance(fn, dict) else (None, None)
+    if not isinstance(name, str) or not name.strip():
+        raise RecordError(where, "a tool call needs a function name")
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except ValueError:
+            raise RecordError(where, "a tool call's arguments must be JSON") from None
+    call: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": args}}
+    if isinstance(value.get("id"), str):
+        call["id"] = value["id"]
+    return call

@@ -1,8 +1,9 @@
 """The dataset for a person: `check`'s summary, `prepare`'s report, and `--show N` examples.
 
 Examples are shown exactly as the model sees them (its chat template, special tokens
-included), trained tokens in green, the prompt dim. Without a tokenizer they are shown in
-plain ChatML, which is how the worker renders conversations only when the model has no template.
+included), trained tokens in green, the prompt dim; when the output is not a terminal, trained
+tokens are marked [[like this]] instead. Without a tokenizer on the laptop they are shown in
+plain ChatML, only as an illustration of what is trained.
 """
 
 from __future__ import annotations
@@ -36,6 +37,16 @@ def check_summary(job_file: str, name: str, instance: str, report: dict, console
         f"[green]✓[/] dataset: {report['records_out']:,} records ok"
         + (f", {len(report['invalid'])} skipped as invalid" if report.get("invalid") else "")
     )
+    if report.get("template"):
+        console.print(Text(f"  format: {report['template']['format']}"))
+    elif report.get("tokenizer_reason"):
+        console.print(Text(f"  not tokenized: {report['tokenizer_reason']}", style="dim"))
+    _render_warnings(report, console)
+
+
+def _render_warnings(report: dict, console: Console) -> None:
+    for w in report.get("warnings") or []:
+        console.print(Text(f"  warning: {w}", style="yellow"))
 
 
 def render_report(report: dict, console: Console) -> None:
@@ -76,7 +87,10 @@ def render_report(report: dict, console: Console) -> None:
         reused = " (reused: inputs unchanged)" if report.get("reused") else ""
         t.add_row("output", Text(f"{report['output']}{reused}"))
     console.print(Panel(t, title="dataset", expand=False), soft_wrap=False)  # the CLI soft-wraps by default
+    if report.get("template"):
+        console.print(Text(f"  format: {report['template']['format']}"))
     _render_invalid(report, console)
+    _render_warnings(report, console)
 
 
 def _render_invalid(report: dict, console: Console) -> None:
@@ -98,23 +112,33 @@ def _records(source: Any, n: int) -> list[dict]:
         return [json.loads(line) for line in islice(f, n)]
 
 
-def render_examples(prepared_or_records: Any, tokenizer: Any, n: int, console: Console) -> None:
-    """Print the first `n` train records as the model sees them, trained tokens highlighted.
-    tokenizer None: the one the Prepared was made with, if any."""
+def render_examples(prepared_or_records: Any, tokenizer: Any, n: int, console: Console,
+                    template_text: bool | None = None) -> None:
+    """Print the first `n` train records as the model sees them, trained tokens highlighted
+    (marked [[...]] when the console is not a terminal). tokenizer None: the one the Prepared
+    was made with, if any; template_text None: as the Prepared's spec said."""
     if tokenizer is None:
         tokenizer = getattr(prepared_or_records, "tokenizer", None)
+    if template_text is None:
+        spec = (getattr(prepared_or_records, "report", None) or {}).get("spec") or {}
+        template_text = bool(spec.get("train_template_text"))
     for k, rec in enumerate(_records(prepared_or_records, n), 1):
         if tokenizer is not None:
-            pieces, total, trained = tokenize.explain(tokenizer, rec)
+            pieces, total, trained = tokenize.explain(tokenizer, rec, template_text)
             title = f"example {k} · {total:,} tokens, {trained:,} trained"
         else:
             pieces = _plain(rec)
             title = f"example {k} · no tokenizer: plain ChatML, not the model's template"
+        if not console.is_terminal:
+            console.print(Text(f"--- {title} (trained tokens in [[...]])"))
+            console.print(Text(tokenize.bracketed(pieces)), soft_wrap=True)
+            continue
         body = Text()
         for s, is_trained in pieces:
             body.append(s, style=TRAINED if is_trained else PROMPT)
         console.print(Panel(body, title=title, title_align="left"), soft_wrap=False)
-    console.print(Text.assemble("legend: ", ("trained tokens", TRAINED), " · ", ("prompt (not trained)", PROMPT)))
+    if console.is_terminal:
+        console.print(Text.assemble("legend: ", ("trained tokens", TRAINED), " · ", ("prompt (not trained)", PROMPT)))
 
 
 def _plain(rec: dict) -> list[tuple[str, bool]]:

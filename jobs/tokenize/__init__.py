@@ -13,13 +13,21 @@ Imports only the standard library and numpy; the tokenizer is passed in (no torc
 """
 
 from jobs.tokenize.batch import encode_many
-from jobs.tokenize.chat import CHATML_END, CHATML_START, TemplateError, render_chat, render_chatml
-from jobs.tokenize.encoding import OVERLONG, Encoded, apply_overlong, encode, explain
+from jobs.tokenize.chat import (
+    CHATML_END,
+    CHATML_START,
+    PLAIN_TEMPLATE,
+    TemplateError,
+    render_chat,
+    render_chatml,
+    template_used,
+)
+from jobs.tokenize.encoding import OVERLONG, Encoded, apply_overlong, bracketed, encode, explain
 from jobs.tokenize.files import TOKENS_DIR, TokenWriter, load_tokenized, write_tokenized
 from jobs.tokenize.fingerprint import tokenizer_fingerprint
 
 __all__ = [
-    "CHATML_END", "CHATML_START", "OVERLONG", "TOKENS_DIR", "Encoded", "TemplateError", "TokenWriter",
-    "apply_overlong", "encode", "encode_many", "explain", "load_tokenized", "render_chat", "render_chatml",
-    "tokenizer_fingerprint", "write_tokenized",
+    "CHATML_END", "CHATML_START", "OVERLONG", "PLAIN_TEMPLATE", "TOKENS_DIR", "Encoded", "TemplateError",
+    "TokenWriter", "apply_overlong", "bracketed", "encode", "encode_many", "explain", "load_tokenized",
+    "render_chat", "render_chatml", "template_used", "tokenizer_fingerprint", "write_tokenized",
 ]

@@ -19,7 +19,8 @@ _CHUNK = 256
 
 
 def encode_many(
-    tokenizer: Any, records: Iterable[dict], max_length: int, overlong: str, workers: int = 0
+    tokenizer: Any, records: Iterable[dict], max_length: int, overlong: str, workers: int = 0,
+    template_text: bool = False,
 ) -> Iterator[Encoded | None]:
     """`encode` over many records, in order, lazily (memory stays bounded).
 
@@ -33,14 +34,14 @@ def encode_many(
         raise ValueError(f"overlong must be one of {OVERLONG}, not {overlong!r}")
     chunks = _chunks(records, _CHUNK)
     if workers >= 2:
-        yield from _encode_pool(tokenizer, chunks, max_length, overlong, workers)
+        yield from _encode_pool(tokenizer, chunks, max_length, overlong, workers, template_text)
         return
     pending: deque = deque()
     base = 0
     with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
         for chunk in chunks:
             try:
-                staged = _stage(tokenizer, chunk)
+                staged = _stage(tokenizer, chunk, template_text)
             except TemplateError as exc:
                 exc.index = base + (exc.index or 0)
                 raise
@@ -76,10 +77,10 @@ def _pool_init(tokenizer: Any) -> None:
         _POOL_TOKENIZER = tokenizer
 
 
-def _pool_work(args: tuple[list[dict], int, str]):
-    records, max_length, overlong = args
+def _pool_work(args: tuple[list[dict], int, str, bool]):
+    records, max_length, overlong, template_text = args
     try:
-        encs = _encode_chunk(_POOL_TOKENIZER, records, max_length, overlong)
+        encs = _encode_chunk(_POOL_TOKENIZER, records, max_length, overlong, template_text)
     except TemplateError as exc:
         return ("error", str(exc), exc.index)
     return ("ok", _pack(encs), None)
@@ -92,24 +93,26 @@ def _pack(encs: list[Encoded | None]):
     kept = [e for e in encs if e is not None]
     ids = np.fromiter((t for e in kept for t in e.input_ids), dtype=np.uint32)
     mask = np.fromiter((t for e in kept for t in e.mask), dtype=np.uint8)
-    return lens, full, over, ids, mask
+    notes = {i: e.notes for i, e in enumerate(encs) if e is not None and e.notes}
+    return lens, full, over, ids, mask, notes
 
 
 def _unpack(packed) -> list[Encoded | None]:
-    lens, full, over, ids, mask = packed
+    lens, full, over, ids, mask, notes = packed
     ids, mask = ids.tolist(), mask.tolist()
     out: list[Encoded | None] = []
     pos = 0
-    for n, f, o in zip(lens.tolist(), full.tolist(), over.tolist(), strict=True):
+    for k, (n, f, o) in enumerate(zip(lens.tolist(), full.tolist(), over.tolist(), strict=True)):
         if n < 0:
             out.append(None)
             continue
-        out.append(Encoded(ids[pos : pos + n], mask[pos : pos + n], o, f))
+        out.append(Encoded(ids[pos : pos + n], mask[pos : pos + n], o, f, notes.get(k, ())))
         pos += n
     return out
 
 
-def _encode_pool(tokenizer, chunks: Iterator[list[dict]], max_length: int, overlong: str, workers: int):
+def _encode_pool(tokenizer, chunks: Iterator[list[dict]], max_length: int, overlong: str, workers: int,
+                 template_text: bool = False):
     global _POOL_TOKENIZER
     fork = "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
     ctx = multiprocessing.get_context("fork" if fork else "spawn")
@@ -133,7 +136,7 @@ def _encode_pool(tokenizer, chunks: Iterator[list[dict]], max_length: int, overl
                 if chunk is None:
                     exhausted = True
                     break
-                pending.append((base, pool.apply_async(_pool_work, ((chunk, max_length, overlong),))))
+                pending.append((base, pool.apply_async(_pool_work, ((chunk, max_length, overlong, template_text),))))
                 base += len(chunk)
             if not pending:
                 break
