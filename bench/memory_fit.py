@@ -264,45 +264,66 @@ def setup_for(row: dict) -> memory.Setup:
                         mean_seq=row.get("mean_seq", 512))  # fmt: skip
 
 
+def usable_gb(cap_gb: float) -> float:
+    """What the calibration accepts on a card capped to `cap_gb` (remote_worker.calibrate.choose: the
+    usable memory, here the cap, less its headroom); the model's side is jobs.memory.fits with the same
+    usable memory (guide's rule: card = usable + context)."""
+    cap = cap_gb * 1e9
+    return (cap - max(memory.MIN_HEADROOM_BYTES, cap * memory.HEADROOM)) / 1e9
+
+
+def grid_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("kind") == "grid" and not r.get("oom") and not r.get("error")]
+
+
 def fit(rows: list[dict], card=H200, base: memory.Constants = memory.DEFAULT) -> memory.Constants:
-    """Least squares. Memory: measured peak - weights - LoRA - loss head = act_h, act_kv, act_i (non-
-    checkpointed layers), ckpt_h (checkpointed ones) and transient_layers (one layer at base's per-token
-    size) times their features. Time: seconds = a*F_base + b*F_recompute + c*D, where a = 1/(rate*eff),
-    b = recompute_cost*a, c = 1/(bandwidth*bw_eff) (D: bytes of nf4 layer passes)."""
+    """Least squares on relative errors (every row weighs alike, small peaks as much as large ones).
+
+    Memory: measured peak - weights - LoRA = act_h, act_kv, act_i (non-checkpointed layers), ckpt_h
+    (checkpointed ones), transient_layers (one layer at the current per-token size, when any is
+    checkpointed) and token_h, times their features (the loss head at its set constants aside). Time: the measured seconds of the whole row
+    (micro_batch_tokens, padding included) = a·F_base + b·F_recompute + e·F_attention + c·D, where
+    a = 1/(rate·efficiency), b = recompute_cost·a, e = attn_cost·a, c = 1/(bandwidth·bw_efficiency)
+    (D: bytes of nf4 layer passes)."""
     import numpy as np
 
-    grid = [r for r in rows if r.get("kind") == "grid" and not r.get("oom") and not r.get("error")]
+    grid = grid_rows(rows)
     out = base
     mem = [r for r in grid if r.get("peak_gb")]
-    for _ in range(8 if len(mem) >= 3 else 0):  # transient_layers multiplies a full layer at the current act_*
+    for _ in range(8 if len(mem) >= 6 else 0):  # transient_layers multiplies a full layer at the current act_*
         X, y = [], []
         for r in mem:
             a, s, t, k = arch_for(r), setup_for(r), r["tokens"], r["checkpointed"]
-            free = memory.estimate(a, s, memory.Shape(t, 0), out)
-            fixed = free.weights + free.lora + free.loss_head
+            free = memory.estimate(a, s, memory.Shape(t, 0), replace(out, token_h=0.0))
             n = a.layers - k
             full = memory.layer_activation_bytes(a, t, out) if k else 0.0
-            X.append([n * t * a.hidden * 2, n * t * a.kv_dim * 2, n * t * a.intermediate * 2, k * t * a.hidden * 2,
-                      full])  # fmt: skip
-            y.append(r["peak_gb"] * 1e9 - fixed)
+            w = 1.0 / (r["peak_gb"] * 1e9)
+            X.append([w * v for v in (n * t * a.hidden * 2, n * t * a.kv_dim * 2, n * t * a.intermediate * 2,
+                                      k * t * a.hidden * 2, full, t * a.hidden)])  # fmt: skip
+            y.append(w * (r["peak_gb"] * 1e9 - free.weights - free.lora - free.loss_head))
         coef = nnls(np.array(X), np.array(y))
         out = replace(out, act_h=coef[0], act_kv=coef[1], act_i=coef[2], ckpt_h=coef[3],
-                      transient_layers=coef[4])  # fmt: skip
+                      transient_layers=coef[4], token_h=coef[5])  # fmt: skip
     timed = [r for r in grid if r.get("seconds")]
-    if len(timed) >= 3:
+    if len(timed) >= 4:
         X, y = [], []
+        unit = replace(out, recompute_cost=0.0, attn_cost=0.0)
         for r in timed:
             a, s, t, k = arch_for(r), setup_for(r), r["tokens"], r["checkpointed"]
-            f0 = memory.flops_per_token(a, s, memory.Shape(t, 0), out) * t
-            f1 = memory.flops_per_token(a, s, memory.Shape(t, k), replace(out, recompute_cost=1.0)) * t - f0
+            shape = memory.Shape(t, k)
+            f0 = memory.flops_per_token(a, s, shape, unit) * t
+            f1 = k * 2.0 * a.layer_params * t
+            fa = memory.attention_flops(a, s, shape) * t
             d = (2 * a.layers + k) * a.layer_params * (memory.NF4_BYTES + 2) if s.bits == 4 else 0.0
-            X.append([f0, f1, d])
-            y.append(r["seconds"] * t / max(1, r.get("real_tokens") or t))  # the whole row's time
-        a_, b_, c_ = nnls(np.array(X), np.array(y))
+            w = 1.0 / r["seconds"]
+            X.append([w * f0, w * f1, w * fa, w * d])
+            y.append(1.0)  # seconds / seconds: the padded row's time, in relative terms
+        a_, b_, e_, c_ = nnls(np.array(X), np.array(y))
         rate = card["tflops"] * 1e12
         out = replace(out, efficiency=1 / (a_ * rate) if a_ else out.efficiency,
-                             recompute_cost=b_ / a_ if a_ else out.recompute_cost,
-                             bw_efficiency=1 / (c_ * card["bandwidth"]) if c_ else out.bw_efficiency)  # fmt: skip
+                      recompute_cost=b_ / a_ if a_ else out.recompute_cost,
+                      attn_cost=e_ / a_ if a_ else out.attn_cost,
+                      bw_efficiency=1 / (c_ * card["bandwidth"]) if c_ else out.bw_efficiency)  # fmt: skip
     return out
 
 
@@ -324,6 +345,34 @@ def nnls(X, y):
     return coef / scale
 
 
+def predict_row(r: dict, c: memory.Constants, card=H200) -> tuple[float, float]:
+    """(allocated GB, real tokens/s) jobs.memory predicts for a grid row: the model's tokens/s is of the
+    micro-batch (padding included), the row's of its real tokens."""
+    a, s = arch_for(r), setup_for(r)
+    shape = memory.Shape(r["tokens"], r["checkpointed"])
+    fill = (r.get("real_tokens") or r["tokens"]) / r["tokens"]
+    return (memory.estimate(a, s, shape, c).allocated / 1e9,
+            memory.tokens_per_s(a, s, shape, card["tflops"], card["bandwidth"], c) * fill)  # fmt: skip
+
+
+def fits_wrong(r: dict, c: memory.Constants) -> list[str]:
+    """Caps where the model's fits/does-not-fit differs from the calibration's verdict on the measured
+    peak, both under the calibration's rule (the usable memory less its headroom)."""
+    if not (r.get("oom") or r.get("peak_gb")):
+        return []
+    a, s = arch_for(r), setup_for(r)
+    shape = memory.Shape(r["tokens"], r["checkpointed"])
+    wrong = []
+    for cap in CAPS:
+        measured = bool(r.get("peak_gb")) and not r.get("oom") and r["peak_gb"] <= usable_gb(cap)
+        predicted = memory.fits(a, s, shape, cap * 1e9 + c.context_bytes, c)
+        if measured != predicted:
+            wrong.append(f"{r['arch']} {r['rows']} {r['tokens']}/{r['checkpointed']} at {cap} GB: measured "
+                         f"{'fits' if measured else 'does not fit'} (limit {usable_gb(cap):.2f} GB), predicted "
+                         f"the other")  # fmt: skip
+    return wrong
+
+
 def report(rows: list[dict], c: memory.Constants, card=H200) -> list[str]:
     """Predicted against measured, for every grid row; fits per cap; the capped runs."""
     lines = ["| arch | rows | tokens | ckpt | peak GB meas / pred | err | tokens/s meas / pred | err |",
@@ -331,10 +380,8 @@ def report(rows: list[dict], c: memory.Constants, card=H200) -> list[str]:
     worst_mem = worst_speed = 0.0
     wrong: list[str] = []
     for r in (r for r in rows if r.get("kind") == "grid"):
-        a, s = arch_for(r), setup_for(r)
-        shape = memory.Shape(r["tokens"], r["checkpointed"])
-        pm = memory.estimate(a, s, shape, c).allocated / 1e9
-        ps = memory.tokens_per_s(a, s, shape, card["tflops"], card["bandwidth"], c)
+        a = arch_for(r)
+        pm, ps = predict_row(r, c, card)
         mm, ms = r.get("peak_gb"), r.get("tokens_per_s")
         em = (pm - mm) / mm if mm else None
         es = (ps - ms) / ms if ms else None
@@ -342,18 +389,14 @@ def report(rows: list[dict], c: memory.Constants, card=H200) -> list[str]:
             worst_mem = max(worst_mem, abs(em))
         if es is not None:
             worst_speed = max(worst_speed, abs(es))
-        meas = "OOM" if r.get("oom") else (f"{mm:.1f}" if mm else "-")
+        meas = "OOM" if r.get("oom") else (f"{mm:.1f}" if mm else ("error" if r.get("error") else "-"))
         lines.append(f"| {r['arch']} | {r['rows']} | {r['tokens']:,} | {r['checkpointed']}/{a.layers} | {meas} / "
-                     f"{pm:.1f} | {'' if em is None else f'{em:+.0%}'} | {ms or '-'} / {ps:,.0f} | "
+                     f"{pm:.1f} | {'' if em is None else f'{em:+.0%}'} | {f'{ms:,}' if ms else '-'} / {ps:,.0f} | "
                      f"{'' if es is None else f'{es:+.0%}'} |")  # fmt: skip
-        for cap in CAPS:
-            measured_fits = bool(mm) and mm <= cap and not r.get("oom")
-            if r.get("oom") or mm:
-                if measured_fits != (pm <= cap):
-                    wrong.append(f"{r['arch']} {r['rows']} {r['tokens']}/{r['checkpointed']} at {cap} GB: measured "
-                                 f"{'fits' if measured_fits else 'does not fit'}, predicted the other")  # fmt: skip
+        wrong += fits_wrong(r, c)
     lines.append(f"\nworst peak error {worst_mem:.0%} (target 10%), worst tokens/s error {worst_speed:.0%} "
-                 f"(target 20%); fits/does-not-fit wrong in {len(wrong)} case(s) over caps {CAPS}")
+                 f"(target 20%); fits/does-not-fit wrong in {len(wrong)} case(s) over caps {CAPS} "
+                 f"(the calibration's rule: peak <= cap - max(1 GB, {memory.HEADROOM:.0%}))")
     lines += [f"- {w}" for w in wrong]
     for r in (r for r in rows if r.get("kind") == "capped"):
         lines.append(f"capped {r['arch']} {r['rows']} at {r['cap_gb']} GB: {r.get('note') or r.get('error')}; "

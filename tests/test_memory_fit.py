@@ -16,13 +16,14 @@ import memory_fit  # noqa: E402
 from jobs import memory  # noqa: E402
 
 TRUE = replace(memory.DEFAULT, act_h=6.0, act_kv=2.5, act_i=3.5, ckpt_h=1.2, transient_layers=1.0,
-               efficiency=0.42, recompute_cost=1.3, bw_efficiency=0.2)  # fmt: skip
+               efficiency=0.42, recompute_cost=1.3, bw_efficiency=0.2, attn_cost=1.6, token_h=40.0)  # fmt: skip
 
 
 def synthetic_rows() -> list[dict]:
     rows = []
-    for arch_name in ("0.5b", "7b", "14b"):
-        row = {"arch": arch_name, "rows": "short", "bits": 4, "fused_loss": True, "mean_seq": 250}
+    for arch_name, kind, seq in (("0.5b", "short", 250), ("7b", "short", 250), ("7b", "long", 6000),
+                                 ("14b", "short", 250)):  # fmt: skip
+        row = {"arch": arch_name, "rows": kind, "bits": 4, "fused_loss": True, "mean_seq": seq}
         a, s = memory_fit.arch_for(row), memory_fit.setup_for(row)
         for t in (4096, 8192, 16384):
             for k in (0, a.layers // 4, a.layers // 2, a.layers):
@@ -37,7 +38,8 @@ def synthetic_rows() -> list[dict]:
 def test_the_fit_recovers_the_constants_behind_the_rows(tmp_path: Path, capsys) -> None:
     rows = synthetic_rows()
     fitted = memory_fit.fit(rows)
-    for name in ("act_h", "act_kv", "act_i", "ckpt_h", "efficiency", "recompute_cost", "bw_efficiency"):
+    for name in ("act_h", "act_kv", "act_i", "ckpt_h", "efficiency", "recompute_cost", "bw_efficiency", "attn_cost",
+                 "token_h"):
         assert abs(getattr(fitted, name) - getattr(TRUE, name)) <= 0.05 * getattr(TRUE, name), name
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "constants.json"
