@@ -168,6 +168,8 @@ class BatchShape(_File):
 
     micro_batch_tokens: int = Field(gt=0)
     gradient_checkpointing: bool
+    # with checkpointing: only the first this many decoder layers (partial checkpointing); None: all
+    checkpointed_layers: int | None = Field(default=None, ge=0)
 
 
 class ModelDownload(_File):

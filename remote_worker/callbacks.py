@@ -27,13 +27,13 @@ class EventCallback(TrainerCallback):
         started: dict,
         stopper: Stopper,
         save_every_minutes: float = 0,
-        batch_shape: tuple[int, bool] | None = None,
+        batch_shape: tuple[int, bool, int | None] | None = None,
     ):
         self.events = events
         self.started = started  # the Started fields the Trainer does not know
         self.save_every_s = save_every_minutes * 60
         self.stopper = stopper
-        self.batch_shape = batch_shape  # (micro_batch_tokens, checkpointing), saved with every checkpoint
+        self.batch_shape = batch_shape  # (micro_batch_tokens, checkpointing, layers), saved with every checkpoint
         self.cuda = False
         self.last_loss: float | None = None
         self.stop_reason: str | None = None  # "signal", "deadline", "max_hours": stopped before the end

@@ -46,18 +46,25 @@ class Finalized:
     adapter_bytes: int
 
 
-def write_batch_shape(checkpoint: Path, micro_batch_tokens: int, checkpointing: bool) -> None:
-    shape = BatchShape(micro_batch_tokens=micro_batch_tokens, gradient_checkpointing=checkpointing)
+def write_batch_shape(checkpoint: Path, micro_batch_tokens: int, checkpointing: bool, layers: int | None = None) -> None:
+    """`layers`: with checkpointing, how many decoder layers recompute (partial checkpointing; None: all)."""
+    shape = BatchShape(micro_batch_tokens=micro_batch_tokens, gradient_checkpointing=checkpointing,
+                       checkpointed_layers=layers if checkpointing else None)  # fmt: skip
     (checkpoint / BATCH_SHAPE).write_text(dump_model(shape))
+
+
+def read_saved_shape(checkpoint: Path) -> BatchShape | None:
+    """The batch shape saved with a checkpoint; None for older checkpoints."""
+    try:
+        return read_model(BatchShape, (checkpoint / BATCH_SHAPE).read_bytes(), str(checkpoint / BATCH_SHAPE))
+    except (OSError, ProtocolError):
+        return None
 
 
 def read_batch_shape(checkpoint: Path) -> tuple[int, bool] | None:
     """(micro_batch_tokens, gradient checkpointing) saved with a checkpoint; None for older checkpoints."""
-    try:
-        saved = read_model(BatchShape, (checkpoint / BATCH_SHAPE).read_bytes(), str(checkpoint / BATCH_SHAPE))
-    except (OSError, ProtocolError):
-        return None
-    return saved.micro_batch_tokens, saved.gradient_checkpointing
+    saved = read_saved_shape(checkpoint)
+    return None if saved is None else (saved.micro_batch_tokens, saved.gradient_checkpointing)
 
 
 def step_of(path: Path) -> int:
