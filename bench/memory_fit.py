@@ -3,6 +3,7 @@
 constants to it, and re-measure the worker's throughput with memory capped to a smaller card's.
 
     python bench/memory_fit.py --out DIR [--archs 0.5b,7b,14b] [--budget_s 540]     the GPU run
+    python bench/memory_fit.py --out DIR --archs 7b,14b --capped_only --budget_s 230  the capped runs only
     python bench/memory_fit.py --smoke --out DIR                                    the same on the CPU, tiny
     python bench/memory_fit.py --fit DIR_OR_JSONL [...] [--write constants.json]    fit (CPU, offline)
 
@@ -66,16 +67,22 @@ def grid_cases(arch: str, layers: int, rows: str, smoke: bool) -> list[tuple[int
     return [(t, k) for t in sizes for k in ks]
 
 
-def row_lengths(rows: str, smoke: bool):
+def row_lengths(rows: str, smoke: bool, vocab: int):
+    """(max_length, a generator of rows) for a row kind. Every id is below `vocab`, the architecture's
+    vocab_size: an id at or past it indexes past the embedding (on CUDA a device-side assert, "vectorized
+    gather kernel index out of bounds": the 2026-11-30 run's every 0.5b case, its vocab 151,936 under the
+    152,000 these generators used to draw from)."""
+    top = vocab - 1  # qlora_bench.gen_sequences draws from [FIRST_DATA_ID, vocab - 1)
     if smoke:
-        return 2048, (lambda n, seed: qb.gen_sequences(n, 2048, seed, max_len=100))
+        return 2048, (lambda n, seed: qb.gen_sequences(n, min(2048, top), seed, max_len=100))
     if rows == "long":
-        return 8192, long_sequences
-    return 2048, (lambda n, seed: qb.gen_sequences(n, 1000 + 151000, seed, max_len=2048))
+        return 8192, (lambda n, seed: long_sequences(n, seed, top))
+    return 2048, (lambda n, seed: qb.gen_sequences(n, top, seed, max_len=2048))
 
 
-def long_sequences(n_tokens: int, seed: int, vocab: int = 152000):
-    """Rows of about 6k tokens (5,000-7,000, uniform): the anchors' long-row case (max_length 8192)."""
+def long_sequences(n_tokens: int, seed: int, vocab: int):
+    """Rows of about 6k tokens (5,000-7,000, uniform): the anchors' long-row case (max_length 8192); ids
+    below `vocab` - 1."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -138,7 +145,7 @@ def predicted(arch: memory.Arch, setup: memory.Setup, tokens: int, k: int, card=
             "pred_tokens_per_s": round(memory.tokens_per_s(arch, setup, shape, card["tflops"], card["bandwidth"]))}
 
 
-def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool) -> None:
+def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool, capped_only: bool = False) -> None:
     """Grid and capped runs of one architecture, in this process."""
     import numpy as np
     import torch
@@ -153,11 +160,11 @@ def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool) -> N
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     kinds = ["short", "long"] if (name == "7b" or smoke) else ["short"]
     t0 = time.time()
-    longest = max(row_lengths(r, smoke)[0] for r in kinds)
+    longest = max(row_lengths(r, smoke, arch.vocab)[0] for r in kinds)
     model, spec, machine, paths, setup, calibrate = load_worker_model(model_dir, longest, smoke)
     load_s = time.time() - t0
     for rows in kinds:
-        max_length, gen = row_lengths(rows, smoke)
+        max_length, gen = row_lengths(rows, smoke, arch.vocab)
         cases = grid_cases(name, arch.layers, rows, smoke)
         seqs = [data.Seq(s.numpy(), np.ones(len(s), np.uint8)) for s in gen(max(t for t, _ in cases) * 3, 0)]
         setup_r = memory.Setup(bits=setup.bits, r=setup.r, targets=setup.targets, fused_loss=setup.fused_loss,
@@ -174,6 +181,8 @@ def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool) -> N
                 continue
             emit(capped_run(model, seqs, build_row, machine, setup_r, calibrate, name, rows, cap, card,
                              paths.varlen_batches), out)
+        if capped_only:
+            continue
         measure = calibrate.measurer(model, seqs, build_row, machine.torch_dtype)
         state = calibrate.optimizer_state_bytes(model)
         for tokens, k in cases:
@@ -201,6 +210,18 @@ def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool) -> N
         shutil.rmtree(model_dir, ignore_errors=True)
 
 
+CAPPED_WARMUP, CAPPED_STEPS = 1, 5
+
+
+def timed_fill(items: list[dict], warmup: int, steps: int) -> float:
+    """Real (non-pad) tokens over all tokens of the micro-batches qlora_bench.manual_run times: the items
+    after the warm-up ones, taken in order and round again. (The 2026-11-30 run took the warm-up item's
+    fill alone: 0.65 for the 7B long rows, where the timed ones and the grid's fullest row differ.)"""
+    timed = [items[i % len(items)] for i in range(warmup, warmup + steps)]
+    real = sum(int((it["input_ids"] != PAD).sum()) for it in timed)
+    return real / sum(it["input_ids"].numel() for it in timed)
+
+
 def capped_run(model, seqs, build_row, machine, setup, calibrate, name, rows, cap, card, varlen=False) -> dict:
     """The worker's calibration on a card of `cap` GB (guided, partial checkpointing), then timed steps."""
     import torch
@@ -220,12 +241,13 @@ def capped_run(model, seqs, build_row, machine, setup, calibrate, name, rows, ca
         mb = data.MicroBatches(seqs, shape.micro_batch_tokens, True, PAD, seed=0,
                                pad_to=shape.micro_batch_tokens if cap else 0)  # fmt: skip
         mb.varlen = varlen  # as FastPaths.configure sets it for the worker's own batches
-        items = [mb[i] for i in range(min(len(mb), 6))]
-        res = qb.manual_run(model, items, steps=3, warmup=1)
-        real = sum(int((it["input_ids"] != PAD).sum()) for it in items[:1]) / items[0]["input_ids"].numel()
+        items = [mb[i] for i in range(min(len(mb), CAPPED_WARMUP + CAPPED_STEPS))]
+        res = qb.manual_run(model, items, steps=CAPPED_STEPS, warmup=CAPPED_WARMUP)
+        real = timed_fill(items, CAPPED_WARMUP, CAPPED_STEPS)
         row.update(chosen_tokens=shape.micro_batch_tokens, chosen_checkpointed=shape.layers if shape.layers is not None
                    else (0 if not shape.checkpointing else "all"), note=choice.note,
                    tokens_per_s=round(res["tok_per_s"] * real), padded_tokens_per_s=res["tok_per_s"],
+                   fill=round(real, 4), step_s=res.get("step_s"),
                    peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None,
                    trials=[{"shape": t.shape.label(), "peak_gb": round(t.peak_bytes / 1e9, 3) if t.peak_bytes else None,
                             "tokens_per_s": round(t.tokens_per_s), "oom": t.oom} for t in choice.trials])  # fmt: skip
@@ -411,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget_s", type=float, default=540.0, help="the whole GPU run")
     p.add_argument("--smoke", action="store_true", help="the GPU run on the CPU with a tiny 4-layer config")
     p.add_argument("--keep", action="store_true", help="keep the made models (default: removed after use)")
+    p.add_argument("--capped_only", action="store_true", help="the capped runs only, not the grid")
     p.add_argument("--fit", nargs="+", metavar="ROWS", help="fit the constants to rows (folders or jsonl files)")
     p.add_argument("--write", help="with --fit: write the fitted constants here (JSON)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one architecture
@@ -432,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--out is needed")
     os.makedirs(a.out, exist_ok=True)
     if a.one:
-        run_arch(a.one, a.out, a.smoke, max(30.0, a.until - time.time()), a.keep)
+        run_arch(a.one, a.out, a.smoke, max(30.0, a.until - time.time()), a.keep, a.capped_only)
         return 0
     t_end = time.time() + a.budget_s
     archs = ["tiny"] if a.smoke else a.archs.split(",")
@@ -445,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         rest = archs[archs.index(name):]
         mine = time.time() + left * share.get(name, 0.3) / sum(share.get(n, 0.3) for n in rest)
         args = [sys.executable, os.path.abspath(__file__), "--one", name, "--out", a.out, "--until", str(mine)]
-        args += ["--smoke"] * a.smoke + ["--keep"] * a.keep
+        args += ["--smoke"] * a.smoke + ["--keep"] * a.keep + ["--capped_only"] * a.capped_only
         t = time.time()
         with open(os.path.join(a.out, "log.txt"), "a") as log:
             try:
