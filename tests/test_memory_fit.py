@@ -54,3 +54,19 @@ def test_the_report_names_a_case_the_model_gets_wrong() -> None:
            "seconds": 1.0, "tokens_per_s": 8192, "real_tokens": 8192}  # fmt: skip
     lines = memory_fit.report([row], memory.DEFAULT)  # predicted ~44 GB: "does not fit 40", measured fits
     assert any("7b short 8192/0 at 40 GB" in line for line in lines)
+
+
+def test_the_shipped_constants_meet_the_targets_on_the_measured_rows() -> None:
+    """jobs.memory.Constants against the committed H200 rows: peaks within 10%, tokens/s within 20%, and
+    fits/does-not-fit as the calibration decides it (peak <= cap - its headroom) in every case and cap."""
+    rows = memory_fit.read_rows([str(BENCH / "results" / "2026-11-30_h200_memory-fit.jsonl")])
+    measured = [r for r in memory_fit.grid_rows(rows) if r.get("peak_gb")]
+    assert len(measured) >= 30
+    for r in measured:
+        peak, speed = memory_fit.predict_row(r, memory.DEFAULT)
+        assert abs(peak - r["peak_gb"]) <= 0.10 * r["peak_gb"], r
+        assert abs(speed - r["tokens_per_s"]) <= 0.20 * r["tokens_per_s"], r
+        assert memory_fit.fits_wrong(r, memory.DEFAULT) == [], r
+    # 7B, 16,384 tokens, 14 layers: 47.97 GB measured, inside a 48 GB card's headroom: fits on neither side
+    edge = next(r for r in measured if (r["arch"], r["tokens"], r["checkpointed"]) == ("7b", 16384, 14))
+    assert edge["peak_gb"] > memory_fit.usable_gb(48)
