@@ -3,6 +3,7 @@
 constants to it, and re-measure the worker's throughput with memory capped to a smaller card's.
 
     python bench/memory_fit.py --out DIR [--archs 0.5b,7b,14b] [--budget_s 540]     the GPU run
+    python bench/memory_fit.py --out DIR --archs 7b,14b --capped_only --budget_s 230  the capped runs only
     python bench/memory_fit.py --smoke --out DIR                                    the same on the CPU, tiny
     python bench/memory_fit.py --fit DIR_OR_JSONL [...] [--write constants.json]    fit (CPU, offline)
 
@@ -66,16 +67,22 @@ def grid_cases(arch: str, layers: int, rows: str, smoke: bool) -> list[tuple[int
     return [(t, k) for t in sizes for k in ks]
 
 
-def row_lengths(rows: str, smoke: bool):
+def row_lengths(rows: str, smoke: bool, vocab: int):
+    """(max_length, a generator of rows) for a row kind. Every id is below `vocab`, the architecture's
+    vocab_size: an id at or past it indexes past the embedding (on CUDA a device-side assert, "vectorized
+    gather kernel index out of bounds": the 2026-11-30 run's every 0.5b case, its vocab 151,936 under the
+    152,000 these generators used to draw from)."""
+    top = vocab - 1  # qlora_bench.gen_sequences draws from [FIRST_DATA_ID, vocab - 1)
     if smoke:
-        return 2048, (lambda n, seed: qb.gen_sequences(n, 2048, seed, max_len=100))
+        return 2048, (lambda n, seed: qb.gen_sequences(n, min(2048, top), seed, max_len=100))
     if rows == "long":
-        return 8192, long_sequences
-    return 2048, (lambda n, seed: qb.gen_sequences(n, 1000 + 151000, seed, max_len=2048))
+        return 8192, (lambda n, seed: long_sequences(n, seed, top))
+    return 2048, (lambda n, seed: qb.gen_sequences(n, top, seed, max_len=2048))
 
 
-def long_sequences(n_tokens: int, seed: int, vocab: int = 152000):
-    """Rows of about 6k tokens (5,000-7,000, uniform): the anchors' long-row case (max_length 8192)."""
+def long_sequences(n_tokens: int, seed: int, vocab: int):
+    """Rows of about 6k tokens (5,000-7,000, uniform): the anchors' long-row case (max_length 8192); ids
+    below `vocab` - 1."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -138,7 +145,7 @@ def predicted(arch: memory.Arch, setup: memory.Setup, tokens: int, k: int, card=
             "pred_tokens_per_s": round(memory.tokens_per_s(arch, setup, shape, card["tflops"], card["bandwidth"]))}
 
 
-def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool) -> None:
+def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool, capped_only: bool = False) -> None:
     """Grid and capped runs of one architecture, in this process."""
     import numpy as np
     import torch
@@ -153,11 +160,11 @@ def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool) -> N
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     kinds = ["short", "long"] if (name == "7b" or smoke) else ["short"]
     t0 = time.time()
-    longest = max(row_lengths(r, smoke)[0] for r in kinds)
+    longest = max(row_lengths(r, smoke, arch.vocab)[0] for r in kinds)
     model, spec, machine, paths, setup, calibrate = load_worker_model(model_dir, longest, smoke)
     load_s = time.time() - t0
     for rows in kinds:
-        max_length, gen = row_lengths(rows, smoke)
+        max_length, gen = row_lengths(rows, smoke, arch.vocab)
         cases = grid_cases(name, arch.layers, rows, smoke)
         seqs = [data.Seq(s.numpy(), np.ones(len(s), np.uint8)) for s in gen(max(t for t, _ in cases) * 3, 0)]
         setup_r = memory.Setup(bits=setup.bits, r=setup.r, targets=setup.targets, fused_loss=setup.fused_loss,
@@ -174,6 +181,8 @@ def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool) -> N
                 continue
             emit(capped_run(model, seqs, build_row, machine, setup_r, calibrate, name, rows, cap, card,
                              paths.varlen_batches), out)
+        if capped_only:
+            continue
         measure = calibrate.measurer(model, seqs, build_row, machine.torch_dtype)
         state = calibrate.optimizer_state_bytes(model)
         for tokens, k in cases:
@@ -201,6 +210,18 @@ def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool) -> N
         shutil.rmtree(model_dir, ignore_errors=True)
 
 
+CAPPED_WARMUP, CAPPED_STEPS = 1, 5
+
+
+def timed_fill(items: list[dict], warmup: int, steps: int) -> float:
+    """Real (non-pad) tokens over all tokens of the micro-batches qlora_bench.manual_run times: the items
+    after the warm-up ones, taken in order and round again. (The 2026-11-30 run took the warm-up item's
+    fill alone: 0.65 for the 7B long rows, where the timed ones and the grid's fullest row differ.)"""
+    timed = [items[i % len(items)] for i in range(warmup, warmup + steps)]
+    real = sum(int((it["input_ids"] != PAD).sum()) for it in timed)
+    return real / sum(it["input_ids"].numel() for it in timed)
+
+
 def capped_run(model, seqs, build_row, machine, setup, calibrate, name, rows, cap, card, varlen=False) -> dict:
     """The worker's calibration on a card of `cap` GB (guided, partial checkpointing), then timed steps."""
     import torch
@@ -220,12 +241,13 @@ def capped_run(model, seqs, build_row, machine, setup, calibrate, name, rows, ca
         mb = data.MicroBatches(seqs, shape.micro_batch_tokens, True, PAD, seed=0,
                                pad_to=shape.micro_batch_tokens if cap else 0)  # fmt: skip
         mb.varlen = varlen  # as FastPaths.configure sets it for the worker's own batches
-        items = [mb[i] for i in range(min(len(mb), 6))]
-        res = qb.manual_run(model, items, steps=3, warmup=1)
-        real = sum(int((it["input_ids"] != PAD).sum()) for it in items[:1]) / items[0]["input_ids"].numel()
+        items = [mb[i] for i in range(min(len(mb), CAPPED_WARMUP + CAPPED_STEPS))]
+        res = qb.manual_run(model, items, steps=CAPPED_STEPS, warmup=CAPPED_WARMUP)
+        real = timed_fill(items, CAPPED_WARMUP, CAPPED_STEPS)
         row.update(chosen_tokens=shape.micro_batch_tokens, chosen_checkpointed=shape.layers if shape.layers is not None
                    else (0 if not shape.checkpointing else "all"), note=choice.note,
                    tokens_per_s=round(res["tok_per_s"] * real), padded_tokens_per_s=res["tok_per_s"],
+                   fill=round(real, 4), step_s=res.get("step_s"),
                    peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None,
                    trials=[{"shape": t.shape.label(), "peak_gb": round(t.peak_bytes / 1e9, 3) if t.peak_bytes else None,
                             "tokens_per_s": round(t.tokens_per_s), "oom": t.oom} for t in choice.trials])  # fmt: skip
@@ -264,45 +286,66 @@ def setup_for(row: dict) -> memory.Setup:
                         mean_seq=row.get("mean_seq", 512))  # fmt: skip
 
 
+def usable_gb(cap_gb: float) -> float:
+    """What the calibration accepts on a card capped to `cap_gb` (remote_worker.calibrate.choose: the
+    usable memory, here the cap, less its headroom); the model's side is jobs.memory.fits with the same
+    usable memory (guide's rule: card = usable + context)."""
+    cap = cap_gb * 1e9
+    return (cap - max(memory.MIN_HEADROOM_BYTES, cap * memory.HEADROOM)) / 1e9
+
+
+def grid_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("kind") == "grid" and not r.get("oom") and not r.get("error")]
+
+
 def fit(rows: list[dict], card=H200, base: memory.Constants = memory.DEFAULT) -> memory.Constants:
-    """Least squares. Memory: measured peak - weights - LoRA - loss head = act_h, act_kv, act_i (non-
-    checkpointed layers), ckpt_h (checkpointed ones) and transient_layers (one layer at base's per-token
-    size) times their features. Time: seconds = a*F_base + b*F_recompute + c*D, where a = 1/(rate*eff),
-    b = recompute_cost*a, c = 1/(bandwidth*bw_eff) (D: bytes of nf4 layer passes)."""
+    """Least squares on relative errors (every row weighs alike, small peaks as much as large ones).
+
+    Memory: measured peak - weights - LoRA = act_h, act_kv, act_i (non-checkpointed layers), ckpt_h
+    (checkpointed ones), transient_layers (one layer at the current per-token size, when any is
+    checkpointed) and token_h, times their features (the loss head at its set constants aside). Time: the measured seconds of the whole row
+    (micro_batch_tokens, padding included) = a·F_base + b·F_recompute + e·F_attention + c·D, where
+    a = 1/(rate·efficiency), b = recompute_cost·a, e = attn_cost·a, c = 1/(bandwidth·bw_efficiency)
+    (D: bytes of nf4 layer passes)."""
     import numpy as np
 
-    grid = [r for r in rows if r.get("kind") == "grid" and not r.get("oom") and not r.get("error")]
+    grid = grid_rows(rows)
     out = base
     mem = [r for r in grid if r.get("peak_gb")]
-    for _ in range(8 if len(mem) >= 3 else 0):  # transient_layers multiplies a full layer at the current act_*
+    for _ in range(8 if len(mem) >= 6 else 0):  # transient_layers multiplies a full layer at the current act_*
         X, y = [], []
         for r in mem:
             a, s, t, k = arch_for(r), setup_for(r), r["tokens"], r["checkpointed"]
-            free = memory.estimate(a, s, memory.Shape(t, 0), out)
-            fixed = free.weights + free.lora + free.loss_head
+            free = memory.estimate(a, s, memory.Shape(t, 0), replace(out, token_h=0.0))
             n = a.layers - k
             full = memory.layer_activation_bytes(a, t, out) if k else 0.0
-            X.append([n * t * a.hidden * 2, n * t * a.kv_dim * 2, n * t * a.intermediate * 2, k * t * a.hidden * 2,
-                      full])  # fmt: skip
-            y.append(r["peak_gb"] * 1e9 - fixed)
+            w = 1.0 / (r["peak_gb"] * 1e9)
+            X.append([w * v for v in (n * t * a.hidden * 2, n * t * a.kv_dim * 2, n * t * a.intermediate * 2,
+                                      k * t * a.hidden * 2, full, t * a.hidden)])  # fmt: skip
+            y.append(w * (r["peak_gb"] * 1e9 - free.weights - free.lora - free.loss_head))
         coef = nnls(np.array(X), np.array(y))
         out = replace(out, act_h=coef[0], act_kv=coef[1], act_i=coef[2], ckpt_h=coef[3],
-                      transient_layers=coef[4])  # fmt: skip
+                      transient_layers=coef[4], token_h=coef[5])  # fmt: skip
     timed = [r for r in grid if r.get("seconds")]
-    if len(timed) >= 3:
+    if len(timed) >= 4:
         X, y = [], []
+        unit = replace(out, recompute_cost=0.0, attn_cost=0.0)
         for r in timed:
             a, s, t, k = arch_for(r), setup_for(r), r["tokens"], r["checkpointed"]
-            f0 = memory.flops_per_token(a, s, memory.Shape(t, 0), out) * t
-            f1 = memory.flops_per_token(a, s, memory.Shape(t, k), replace(out, recompute_cost=1.0)) * t - f0
+            shape = memory.Shape(t, k)
+            f0 = memory.flops_per_token(a, s, shape, unit) * t
+            f1 = k * 2.0 * a.layer_params * t
+            fa = memory.attention_flops(a, s, shape) * t
             d = (2 * a.layers + k) * a.layer_params * (memory.NF4_BYTES + 2) if s.bits == 4 else 0.0
-            X.append([f0, f1, d])
-            y.append(r["seconds"] * t / max(1, r.get("real_tokens") or t))  # the whole row's time
-        a_, b_, c_ = nnls(np.array(X), np.array(y))
+            w = 1.0 / r["seconds"]
+            X.append([w * f0, w * f1, w * fa, w * d])
+            y.append(1.0)  # seconds / seconds: the padded row's time, in relative terms
+        a_, b_, e_, c_ = nnls(np.array(X), np.array(y))
         rate = card["tflops"] * 1e12
         out = replace(out, efficiency=1 / (a_ * rate) if a_ else out.efficiency,
-                             recompute_cost=b_ / a_ if a_ else out.recompute_cost,
-                             bw_efficiency=1 / (c_ * card["bandwidth"]) if c_ else out.bw_efficiency)  # fmt: skip
+                      recompute_cost=b_ / a_ if a_ else out.recompute_cost,
+                      attn_cost=e_ / a_ if a_ else out.attn_cost,
+                      bw_efficiency=1 / (c_ * card["bandwidth"]) if c_ else out.bw_efficiency)  # fmt: skip
     return out
 
 
@@ -324,6 +367,34 @@ def nnls(X, y):
     return coef / scale
 
 
+def predict_row(r: dict, c: memory.Constants, card=H200) -> tuple[float, float]:
+    """(allocated GB, real tokens/s) jobs.memory predicts for a grid row: the model's tokens/s is of the
+    micro-batch (padding included), the row's of its real tokens."""
+    a, s = arch_for(r), setup_for(r)
+    shape = memory.Shape(r["tokens"], r["checkpointed"])
+    fill = (r.get("real_tokens") or r["tokens"]) / r["tokens"]
+    return (memory.estimate(a, s, shape, c).allocated / 1e9,
+            memory.tokens_per_s(a, s, shape, card["tflops"], card["bandwidth"], c) * fill)  # fmt: skip
+
+
+def fits_wrong(r: dict, c: memory.Constants) -> list[str]:
+    """Caps where the model's fits/does-not-fit differs from the calibration's verdict on the measured
+    peak, both under the calibration's rule (the usable memory less its headroom)."""
+    if not (r.get("oom") or r.get("peak_gb")):
+        return []
+    a, s = arch_for(r), setup_for(r)
+    shape = memory.Shape(r["tokens"], r["checkpointed"])
+    wrong = []
+    for cap in CAPS:
+        measured = bool(r.get("peak_gb")) and not r.get("oom") and r["peak_gb"] <= usable_gb(cap)
+        predicted = memory.fits(a, s, shape, cap * 1e9 + c.context_bytes, c)
+        if measured != predicted:
+            wrong.append(f"{r['arch']} {r['rows']} {r['tokens']}/{r['checkpointed']} at {cap} GB: measured "
+                         f"{'fits' if measured else 'does not fit'} (limit {usable_gb(cap):.2f} GB), predicted "
+                         f"the other")  # fmt: skip
+    return wrong
+
+
 def report(rows: list[dict], c: memory.Constants, card=H200) -> list[str]:
     """Predicted against measured, for every grid row; fits per cap; the capped runs."""
     lines = ["| arch | rows | tokens | ckpt | peak GB meas / pred | err | tokens/s meas / pred | err |",
@@ -331,10 +402,8 @@ def report(rows: list[dict], c: memory.Constants, card=H200) -> list[str]:
     worst_mem = worst_speed = 0.0
     wrong: list[str] = []
     for r in (r for r in rows if r.get("kind") == "grid"):
-        a, s = arch_for(r), setup_for(r)
-        shape = memory.Shape(r["tokens"], r["checkpointed"])
-        pm = memory.estimate(a, s, shape, c).allocated / 1e9
-        ps = memory.tokens_per_s(a, s, shape, card["tflops"], card["bandwidth"], c)
+        a = arch_for(r)
+        pm, ps = predict_row(r, c, card)
         mm, ms = r.get("peak_gb"), r.get("tokens_per_s")
         em = (pm - mm) / mm if mm else None
         es = (ps - ms) / ms if ms else None
@@ -342,18 +411,14 @@ def report(rows: list[dict], c: memory.Constants, card=H200) -> list[str]:
             worst_mem = max(worst_mem, abs(em))
         if es is not None:
             worst_speed = max(worst_speed, abs(es))
-        meas = "OOM" if r.get("oom") else (f"{mm:.1f}" if mm else "-")
+        meas = "OOM" if r.get("oom") else (f"{mm:.1f}" if mm else ("error" if r.get("error") else "-"))
         lines.append(f"| {r['arch']} | {r['rows']} | {r['tokens']:,} | {r['checkpointed']}/{a.layers} | {meas} / "
-                     f"{pm:.1f} | {'' if em is None else f'{em:+.0%}'} | {ms or '-'} / {ps:,.0f} | "
+                     f"{pm:.1f} | {'' if em is None else f'{em:+.0%}'} | {f'{ms:,}' if ms else '-'} / {ps:,.0f} | "
                      f"{'' if es is None else f'{es:+.0%}'} |")  # fmt: skip
-        for cap in CAPS:
-            measured_fits = bool(mm) and mm <= cap and not r.get("oom")
-            if r.get("oom") or mm:
-                if measured_fits != (pm <= cap):
-                    wrong.append(f"{r['arch']} {r['rows']} {r['tokens']}/{r['checkpointed']} at {cap} GB: measured "
-                                 f"{'fits' if measured_fits else 'does not fit'}, predicted the other")  # fmt: skip
+        wrong += fits_wrong(r, c)
     lines.append(f"\nworst peak error {worst_mem:.0%} (target 10%), worst tokens/s error {worst_speed:.0%} "
-                 f"(target 20%); fits/does-not-fit wrong in {len(wrong)} case(s) over caps {CAPS}")
+                 f"(target 20%); fits/does-not-fit wrong in {len(wrong)} case(s) over caps {CAPS} "
+                 f"(the calibration's rule: peak <= cap - max(1 GB, {memory.HEADROOM:.0%}))")
     lines += [f"- {w}" for w in wrong]
     for r in (r for r in rows if r.get("kind") == "capped"):
         lines.append(f"capped {r['arch']} {r['rows']} at {r['cap_gb']} GB: {r.get('note') or r.get('error')}; "
@@ -368,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget_s", type=float, default=540.0, help="the whole GPU run")
     p.add_argument("--smoke", action="store_true", help="the GPU run on the CPU with a tiny 4-layer config")
     p.add_argument("--keep", action="store_true", help="keep the made models (default: removed after use)")
+    p.add_argument("--capped_only", action="store_true", help="the capped runs only, not the grid")
     p.add_argument("--fit", nargs="+", metavar="ROWS", help="fit the constants to rows (folders or jsonl files)")
     p.add_argument("--write", help="with --fit: write the fitted constants here (JSON)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one architecture
@@ -389,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--out is needed")
     os.makedirs(a.out, exist_ok=True)
     if a.one:
-        run_arch(a.one, a.out, a.smoke, max(30.0, a.until - time.time()), a.keep)
+        run_arch(a.one, a.out, a.smoke, max(30.0, a.until - time.time()), a.keep, a.capped_only)
         return 0
     t_end = time.time() + a.budget_s
     archs = ["tiny"] if a.smoke else a.archs.split(",")
@@ -402,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         rest = archs[archs.index(name):]
         mine = time.time() + left * share.get(name, 0.3) / sum(share.get(n, 0.3) for n in rest)
         args = [sys.executable, os.path.abspath(__file__), "--one", name, "--out", a.out, "--until", str(mine)]
-        args += ["--smoke"] * a.smoke + ["--keep"] * a.keep
+        args += ["--smoke"] * a.smoke + ["--keep"] * a.keep + ["--capped_only"] * a.capped_only
         t = time.time()
         with open(os.path.join(a.out, "log.txt"), "a") as log:
             try:

@@ -22,14 +22,15 @@ What a step holds at its peak (`estimate`):
 - overhead: what the allocator reserves beyond what is allocated (`alloc_frac`) and the CUDA context
   (`context_bytes`), neither counted by torch.cuda.max_memory_allocated.
 
-Speed (`tokens_per_s`): FLOP a token = 4·N for frozen-base LoRA (forward 2N, input gradients 2N; anchors
-§1), plus 2·N_layer for each checkpointed layer's recomputed forward, plus causal attention
-(6·s·d_attn a layer, s the mean packed sequence length), over the card's dense bf16 rate × `efficiency`;
+Speed (`tokens_per_s`, tokens of the micro-batch, padding included): FLOP a token = 4·N for frozen-base
+LoRA (forward 2N, input gradients 2N; anchors §1), plus 2·N_layer × `recompute_cost` for each
+checkpointed layer's recomputed forward, plus causal attention (6·s·d_attn a layer and 2·s·d_attn a
+recompute, s the mean packed sequence length) × `attn_cost`, over the card's dense bf16 rate × `efficiency`;
 plus the dequantization of every nf4 weight (read 0.5 byte, write 2) once a forward, once a backward and
 once a recompute, at the card's memory bandwidth × `bw_efficiency`.
 
-The constants (`Constants`) are fitted to the GPU measurements of bench/memory_fit.py (`--fit`); the
-defaults come from anchors §6 (7B and 14B at 24 and 80 GB on an H200), to be refreshed by that fit.
+The constants (`Constants`) are fitted to the GPU measurements of bench/memory_fit.py (`--fit`; the rows
+file is named at `Constants`).
 """
 
 from __future__ import annotations
@@ -50,25 +51,36 @@ SIZES = (16384, 8192, 4096)  # micro-batch tokens tried when train.micro_batch_t
 
 @dataclass(frozen=True)
 class Constants:
-    """Every fitted number of the model, in one place (bench/memory_fit.py --fit prints a new set)."""
+    """Every fitted number of the model, in one place (bench/memory_fit.py --fit prints a new set).
 
-    act_h: float = 7.0  # 16-bit values a token a non-checkpointed layer keeps, per hidden unit
-    act_kv: float = 2.0  # ... per key/value unit (k and v for the attention kernel)
-    act_i: float = 3.0  # ... per intermediate unit (gate, up, their product)
-    ckpt_h: float = 1.0  # a checkpointed layer keeps its input: 16-bit values per hidden unit
-    transient_layers: float = 1.0  # full layers of activations alive at once in the backward
+    act_*, ckpt_h, transient_layers, token_h, efficiency, bw_efficiency, recompute_cost and attn_cost are
+    `bench/memory_fit.py --fit bench/results/2026-11-30_h200_memory-fit.jsonl` (one H200, Qwen2.5 7B and
+    14B architectures, short rows and rows of ~6k tokens; peaks within 2%, tokens/s within 14%), rounded.
+    The per-unit split of act_* is loose (the grid's architectures share their proportions); their sum
+    a token is what the rows fix. transient_layers fits to 0: token_h absorbs it."""
+
+    act_h: float = 4.92  # 16-bit values a token a non-checkpointed layer keeps, per hidden unit
+    act_kv: float = 10.95  # ... per key/value unit (k and v for the attention kernel)
+    act_i: float = 2.98  # ... per intermediate unit (gate, up, their product)
+    ckpt_h: float = 0.43  # a checkpointed layer keeps its input: 16-bit values per hidden unit
+    transient_layers: float = 0.0  # full layers of activations alive at once in the backward
     fused_loss_h: float = 4.0  # bytes a token for the fused loss head, per hidden unit
     unfused_loss_v: float = 6.0  # bytes a token for the unfused loss head, per vocabulary entry
+    # bytes a token per hidden unit outside the decoder layers, whatever the loss head: the embedding's
+    # output and the hidden states' gradients between layers, the final norm, rotary tables (fitted)
+    token_h: float = 87.1
     alloc_frac: float = 0.03  # reserved beyond allocated (expandable_segments keeps it small)
     context_bytes: float = 0.5e9  # CUDA context and kernels: memory the allocator never sees
-    # achieved / the datasheet's dense bf16 rate (jobs.cards) on the matmuls; anchors §6 on an H200 (989 on
-    # the datasheet, 790 measured on an 8192^3 matmul): 8k and 16k rows of 7B
-    efficiency: float = 0.50
+    # achieved / the datasheet's dense bf16 rate (jobs.cards) on the matmuls (989 on an H200's datasheet,
+    # 790 measured on an 8192^3 matmul)
+    efficiency: float = 0.532
     # achieved / peak bandwidth for the per-pass cost of nf4 layers; low because it lumps in every other
-    # fixed cost of a layer pass (launches, norms, small kernels): fitted so that 8k -> 16k tokens gains
-    # what anchors §6 measured (15,513 -> 16,439 tokens/s)
-    bw_efficiency: float = 0.12
-    recompute_cost: float = 1.0  # a recomputed forward costs this many forwards (fitted)
+    # fixed cost of a layer pass (launches, norms, small kernels)
+    bw_efficiency: float = 0.139
+    recompute_cost: float = 0.937  # a recomputed forward costs this many forwards (fitted)
+    # attention's cost a FLOP relative to the matmuls' (flash attention runs below the matmul rate, and its
+    # backward is 2.5 forwards, not 2): what makes rows of ~6k tokens slower a token than short ones
+    attn_cost: float = 1.4
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -191,7 +203,7 @@ class Estimate:
     weights: float
     lora: float  # LoRA weights, gradients and AdamW state
     activations: float
-    loss_head: float
+    loss_head: float  # and the per-token buffers outside the decoder layers (token_h)
     overhead: float  # allocator reserve and CUDA context, outside torch's allocated count
 
     @property
@@ -224,6 +236,7 @@ def estimate(arch: Arch, setup: Setup, shape: Shape, c: Constants = DEFAULT) -> 
     kept = t * c.ckpt_h * arch.hidden * setup.dtype_bytes
     acts = (arch.layers - k) * full + k * kept + (c.transient_layers * full if k else 0.0)
     loss = t * (c.fused_loss_h * arch.hidden if setup.fused_loss else c.unfused_loss_v * arch.vocab)
+    loss += t * c.token_h * arch.hidden
     weights = weight_bytes(arch, setup)
     lora = lora_params(arch, setup.r, setup.targets) * LORA_BYTES_PER_PARAM
     allocated = weights + lora + acts + loss
@@ -246,16 +259,23 @@ def fits(arch: Arch, setup: Setup, shape: Shape, card_bytes: float, c: Constants
 # --- speed ---------------------------------------------------------------------------------------
 
 
-def flops_per_token(arch: Arch, setup: Setup, shape: Shape, c: Constants = DEFAULT) -> float:
-    """FLOP a trained token costs: 4·N (forward and input gradients; frozen base weights get no gradient),
-    the recomputed forwards of checkpointed layers, causal attention, and LoRA's own small matmuls."""
+def attention_flops(arch: Arch, setup: Setup, shape: Shape) -> float:
+    """Causal attention FLOP a token over all layers, forward (QK^T and PV over a causal half: 2·s·d a
+    layer), backward (twice that) and the recomputed forward of checkpointed layers; s is the mean packed
+    sequence length, the attention span of a token under a block-diagonal (varlen) mask."""
     k = max(0, min(shape.checkpointed, arch.layers))
     seq = max(1.0, min(setup.mean_seq, shape.micro_batch_tokens))
-    attn_fwd = 2.0 * seq * arch.q_dim  # QK^T and PV over a causal half: 2·(2·s·d)/2 a layer
-    layer_fwd = 2.0 * arch.layer_params + attn_fwd
+    return 2.0 * seq * arch.q_dim * (3 * arch.layers + k)
+
+
+def flops_per_token(arch: Arch, setup: Setup, shape: Shape, c: Constants = DEFAULT) -> float:
+    """FLOP a trained token costs, at the matmuls' rate: 4·N (forward and input gradients; frozen base
+    weights get no gradient), the recomputed forwards of checkpointed layers, LoRA's own small matmuls,
+    and causal attention weighted by `attn_cost`."""
+    k = max(0, min(shape.checkpointed, arch.layers))
     lora = 6.0 * lora_params(arch, setup.r, setup.targets)  # fwd, input and weight gradients
-    base = arch.layers * (2 * layer_fwd + attn_fwd) + 4.0 * arch.vocab * arch.hidden + lora
-    return base + k * layer_fwd * c.recompute_cost
+    base = 4.0 * arch.matmul_params + lora
+    return base + k * 2.0 * arch.layer_params * c.recompute_cost + c.attn_cost * attention_flops(arch, setup, shape)
 
 
 def dequant_seconds(arch: Arch, setup: Setup, shape: Shape, bandwidth: float, c: Constants = DEFAULT) -> float:
@@ -361,5 +381,5 @@ def gb(n: float) -> float:
 
 __all__ = [
     "Arch", "Setup", "Shape", "Estimate", "Constants", "Choice", "DEFAULT", "estimate", "fits", "tokens_per_s",
-    "choose", "candidates", "lora_params", "usable_limit", "flops_per_token", "with_constants",
+    "choose", "candidates", "lora_params", "usable_limit", "flops_per_token", "attention_flops", "with_constants",
 ]  # fmt: skip

@@ -173,6 +173,8 @@ class BatchShape(_File):
     # The processes that trained it and the micro-batches per optimizer step (0: from before these were saved).
     world_size: int = Field(1, ge=1)
     grad_accum: int = Field(0, ge=0)
+    # with checkpointing: only the first this many decoder layers (partial checkpointing); None: all
+    checkpointed_layers: int | None = Field(default=None, ge=0)
 
 
 class ModelDownload(_File):

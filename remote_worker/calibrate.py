@@ -244,6 +244,13 @@ def decoder_layers(model) -> list:
     return [m for m in _base(model).modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
+def checkpointed_layers(model) -> int | None:
+    """How many decoder layers recompute when only some do (partial checkpointing); None when all or none
+    do (what set_checkpointing's `layers` takes back)."""
+    flags = [getattr(layer, "gradient_checkpointing", False) is True for layer in decoder_layers(model)]
+    return sum(flags) if any(flags) and not all(flags) else None
+
+
 def set_checkpointing(model, on: bool, layers: int | None = None) -> None:
     """Non-reentrant gradient checkpointing on (with input grads, which it needs) or off; with `layers`,
     only the first `layers` decoder layers are checkpointed (partial checkpointing: the others keep their

@@ -56,7 +56,8 @@ class EventCallback(TrainerCallback):
         self.started = started  # the Started fields the Trainer does not know
         self.save_every_s = save_every_minutes * 60
         self.stopper = stopper
-        self.batch_shape = batch_shape  # (micro_batch_tokens, checkpointing[, world_size, grad_accum]), saved with every checkpoint
+        # (micro_batch_tokens, checkpointing, world_size, grad_accum, checkpointed layers): saved with every checkpoint
+        self.batch_shape = batch_shape
         self.world = distributed.world()
         self.cuda = False
         self.last_loss: float | None = None

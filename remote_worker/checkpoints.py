@@ -57,14 +57,17 @@ class Finalized:
 
 
 def write_batch_shape(
-    checkpoint: Path, micro_batch_tokens: int, checkpointing: bool, world_size: int = 1, grad_accum: int = 0
+    checkpoint: Path, micro_batch_tokens: int, checkpointing: bool, world_size: int = 1, grad_accum: int = 0,
+    layers: int | None = None,
 ) -> None:
+    """`layers`: with checkpointing, how many decoder layers recompute (partial checkpointing; None: all)."""
     shape = BatchShape(micro_batch_tokens=micro_batch_tokens, gradient_checkpointing=checkpointing,
-                       world_size=world_size, grad_accum=grad_accum)  # fmt: skip
+                       world_size=world_size, grad_accum=grad_accum,
+                       checkpointed_layers=layers if checkpointing else None)  # fmt: skip
     (checkpoint / BATCH_SHAPE).write_text(dump_model(shape))
 
 
-def read_batch_plan(checkpoint: Path) -> BatchShape | None:
+def read_saved_shape(checkpoint: Path) -> BatchShape | None:
     """Everything batch_shape.json holds; None for checkpoints from before it was saved."""
     try:
         return read_model(BatchShape, (checkpoint / BATCH_SHAPE).read_bytes(), str(checkpoint / BATCH_SHAPE))
@@ -91,11 +94,8 @@ def resumed_grad_accum(checkpoint: Path, saved: BatchShape | None, single_accum:
 
 def read_batch_shape(checkpoint: Path) -> tuple[int, bool] | None:
     """(micro_batch_tokens, gradient checkpointing) saved with a checkpoint; None for older checkpoints."""
-    try:
-        saved = read_model(BatchShape, (checkpoint / BATCH_SHAPE).read_bytes(), str(checkpoint / BATCH_SHAPE))
-    except (OSError, ProtocolError):
-        return None
-    return saved.micro_batch_tokens, saved.gradient_checkpointing
+    saved = read_saved_shape(checkpoint)
+    return None if saved is None else (saved.micro_batch_tokens, saved.gradient_checkpointing)
 
 
 def step_of(path: Path) -> int:

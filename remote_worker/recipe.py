@@ -142,6 +142,7 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
     micro_batch_tokens, checkpointing, calibration = choose_batch_shape(
         model, spec, machine, checkpointing, train_split.sequences, resume_from, paths, pad_id, phase, mode
     )
+    checkpointed_layers = calibrate.checkpointed_layers(model)  # partial checkpointing: saved with checkpoints
     grad_accum = step_accum(spec, micro_batch_tokens, rank.size, resume_from)
     # On CUDA, packed rows are filled to a constant length: same-shape steps run faster (data.py).
     pad_to = micro_batch_tokens if machine.device == "cuda" else 0
@@ -192,7 +193,7 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
         },
         save_every_minutes=spec.train.save_every_minutes,
         stopper=stopper,
-        batch_shape=(micro_batch_tokens, checkpointing, rank.size, grad_accum),
+        batch_shape=(micro_batch_tokens, checkpointing, rank.size, grad_accum, checkpointed_layers),
         job_dir=job_dir,
     )
     trainer = Trainer(
@@ -364,16 +365,19 @@ def choose_batch_shape(model, spec: JobSpec, machine: Probe, checkpointing: bool
                        pad_id: int, phase, mode: str = "none") -> tuple[int, bool, str]:
     """(micro_batch_tokens, gradient checkpointing, how it was chosen), and the model set up for it.
 
-    A resumed run keeps the shape of its checkpoint, so the data order goes on where it stopped.
+    A resumed run keeps the shape of its checkpoint (its checkpointed layers too), so the data order goes
+    on where it stopped and the memory it measured still holds.
     On CUDA the shape is measured (remote_worker.calibrate); on the CPU it is the spec's, or
     max_length tokens, with checkpointing by the `auto` rule.
     """
     unmeasured, _ = data.batch_shape(spec.train, spec.data.max_length, machine.device)
     if resume_from is not None:
         # A checkpoint from before shapes were saved with it was trained with the unmeasured shape.
-        micro, on = checkpoints.read_batch_shape(resume_from) or (unmeasured, checkpointing)
-        if on != checkpointing:
-            calibrate.set_checkpointing(model, on)
+        saved = checkpoints.read_saved_shape(resume_from)
+        micro, on = (saved.micro_batch_tokens, saved.gradient_checkpointing) if saved else (unmeasured, checkpointing)
+        layers = saved.checkpointed_layers if saved and on else None
+        if on != checkpointing or layers is not None:
+            calibrate.set_checkpointing(model, on, layers)
         return micro, on, f"kept from {resume_from.name}"
     if machine.device != "cuda":
         return unmeasured, checkpointing, "not measured on the CPU"
@@ -533,7 +537,7 @@ def step_accum(spec: JobSpec, micro_batch_tokens: int, world_size: int, resume_f
     checkpoint's global batch kept (checkpoints.resumed_grad_accum)."""
     single = data.grad_accum(spec.train, micro_batch_tokens)
     if resume_from is not None:
-        saved = checkpoints.read_batch_plan(resume_from)
+        saved = checkpoints.read_saved_shape(resume_from)
         return checkpoints.resumed_grad_accum(resume_from, saved, single, world_size)
     return max(1, round(single / world_size)) if spec.train.global_batch_tokens else 1
 

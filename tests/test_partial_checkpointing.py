@@ -115,3 +115,49 @@ def test_without_known_memory_the_candidates_are_unchanged() -> None:
     arch = memory.Arch.from_config(json.loads((CONFIGS / "qwen2.5-0.5b.json").read_text()))
     shapes = calibrate.candidates(TrainSpec(), 2048)
     assert calibrate.guide(shapes, arch, memory.Setup(), None) == shapes
+
+
+def test_a_resumed_run_keeps_its_checkpointed_layers(tmp_path):
+    """The batch shape saved with a checkpoint names its checkpointed layers; the resume sets the model up
+    with them (and saves them again), not with all layers or none."""
+    from jobfiles import run_in_process
+    from test_worker_fast import spec_for
+    from tinymodel import make_model
+
+    from jobs.manifest import write_manifest
+    from jobs.spec import WorkerJob
+    from remote_worker import checkpoints
+
+    model_dir = make_model(tmp_path / "tiny")  # 2 decoder layers
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    records = [{"messages": [{"role": "user", "content": f"q {i}"}, {"role": "assistant", "content": "a " * i}]}
+               for i in range(1, 13)]  # fmt: skip
+    (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def job(max_steps: int) -> WorkerJob:
+        spec = spec_for(model_dir, max_steps=max_steps, save_steps=2, micro_batch_tokens=64, save_every_minutes=0)
+        return WorkerJob(job_id="p", spec=spec, data_dir=str(data_dir), job_dir=str(tmp_path / "job"))
+
+    first = job(2)
+    run_in_process(first)
+    step2 = Path(first.job_dir) / "output" / "checkpoints" / "step-2"
+    (step2 / checkpoints.BATCH_SHAPE).unlink()
+    checkpoints.write_batch_shape(step2, 64, True, layers=1)  # as a GPU run that checkpointed 1 of 2 layers saves it
+    assert checkpoints.read_saved_shape(step2).checkpointed_layers == 1
+    write_manifest(step2)
+
+    run_in_process(job(4))
+    step4 = step2.parent / "step-4"
+    saved = checkpoints.read_saved_shape(step4)
+    assert (saved.micro_batch_tokens, saved.gradient_checkpointing, saved.checkpointed_layers) == (64, True, 1)
+
+
+def test_the_batch_shape_file_reads_without_the_layers_field(tmp_path):
+    """A checkpoint written before partial checkpointing (no checkpointed_layers) still resumes: all layers."""
+    from remote_worker import checkpoints
+
+    (tmp_path / checkpoints.BATCH_SHAPE).write_text('{"micro_batch_tokens": 4096, "gradient_checkpointing": true}')
+    saved = checkpoints.read_saved_shape(tmp_path)
+    assert (saved.gradient_checkpointing, saved.checkpointed_layers) == (True, None)
+    assert checkpoints.read_batch_shape(tmp_path) == (4096, True)
