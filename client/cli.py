@@ -329,12 +329,26 @@ def ledger_repair() -> None:
 
 @app.command()
 def init(
-    dest: Annotated[Path, typer.Argument(help="where to write the example")] = Path("job.toml"),
+    dest: Annotated[Path, typer.Argument(help="where to write the example (missing folders are created)")] = Path(
+        "job.toml"
+    ),
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing file")] = False,
 ) -> None:
     """Write a commented example job.toml to start from."""
-    if dest.exists():
-        raise AutodlRunError(f"{dest} already exists", hint="give another path")
-    shutil.copy(Path(__file__).parent / "example_job.toml", dest)
+    from client.errors import SpecError
+
+    if dest.is_dir():
+        raise SpecError(f"init: {dest} is a folder; nothing was written", [],
+                        hint=f"name the file: autodl-run init {dest / 'job.toml'}")  # fmt: skip
+    if dest.exists() and not force:
+        raise SpecError(f"init: {dest} already exists; nothing was written", [],
+                        hint=f"give another path, or overwrite it: autodl-run init {dest} --force")  # fmt: skip
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(__file__).parent / "example_job.toml", dest)
+    except OSError as exc:
+        raise SpecError(f"init: cannot write {dest}: {exc.strerror or exc}", [],
+                        hint="give a path in a folder you can write to") from None  # fmt: skip
     console.print(f"wrote {dest}; edit it, then `autodl-run check {dest}`")
 
 
