@@ -59,3 +59,67 @@ def test_a_host_name_that_does_not_resolve_says_so(tmp_path: Path) -> None:
     assert res.returncode == 4
     assert "no-such-host.invalid does not resolve" in res.stderr and "spelling" in res.stderr
     assert "powered on" not in res.stderr
+
+
+FAKE_APT = """#!/bin/sh
+echo "$*" >> "{log}"
+case " $* " in *" install "*) exit 1;; esac
+exit 0
+"""
+
+
+def _fake_apt(folder: Path, log: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    apt = folder / "apt-get"
+    apt.write_text(FAKE_APT.format(log=log))
+    apt.chmod(0o755)
+    return folder
+
+
+def test_instance_side_apt_waits_for_the_lock(tmp_path: Path, local_home: Path) -> None:
+    from jobfiles import write_job
+
+    from client.remote.setup import Tools, _ensure_tmux
+    from client.specfile import load_spec
+    from client.transport.local import LocalTransport
+
+    log = tmp_path / "apt.log"
+    fake = _fake_apt(tmp_path / "fakebin", log)
+    (local_home / ".profile").write_text(f'PATH="{fake}:$PATH"\n')
+    inst = {"host": "local", "remote_root": str(tmp_path / "remote"), "python": sys.executable}
+    spec = load_spec(write_job(tmp_path / "job", model="m", instance=inst))
+    tools = Tools(tmux=False, rsync=True, apt=True, apt_failed=False, root=True)
+    _ensure_tmux(LocalTransport(), spec, tools, lambda _msg: None)
+    calls = log.read_text().splitlines()
+    assert [c.split()[2] for c in calls] == ["install", "update", "install"]
+    assert all(c.startswith("-o DPkg::Lock::Timeout=") for c in calls), calls
+
+
+def test_setup_sh_waits_for_the_apt_lock(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    shutil.copy(root / "scripts" / "setup.sh", repo / "scripts" / "setup.sh")
+    shutil.copy(root / "pyproject.toml", repo / "pyproject.toml")
+    venv = repo / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    for tool in ("python", "pip", "autodl-run"):
+        (venv / tool).write_text("#!/bin/sh\necho fake\n")
+        (venv / tool).chmod(0o755)
+    log = tmp_path / "apt.log"
+    fake = _fake_apt(tmp_path / "bin", log)
+    (fake / "apt-get").write_text(f'#!/bin/sh\necho "$*" >> "{log}"\n')
+    (fake / "id").write_text("#!/bin/sh\necho 0\n")
+    for tool in ("dirname", "cat", "sha256sum", "cut", "grep"):  # and no sshd, rsync, tmux nor ip
+        (fake / tool).symlink_to(shutil.which(tool))
+    for f in fake.iterdir():
+        f.chmod(0o755) if not f.is_symlink() else None
+    res = subprocess.run([shutil.which("bash"), str(repo / "scripts" / "setup.sh")], capture_output=True,
+                         text=True, env={"PATH": str(fake)}, timeout=60)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    calls = log.read_text().splitlines()
+    assert [c.split()[2] for c in calls] == ["update", "install"], calls
+    assert all(c.startswith("-o DPkg::Lock::Timeout=") for c in calls), calls
