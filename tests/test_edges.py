@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
 
 from jobfiles import cli, write_toml
+from rich.console import Console
+
+from client.views import jobs as view
 
 
 def test_init_creates_missing_folders(tmp_path: Path) -> None:
@@ -123,3 +127,69 @@ def test_setup_sh_waits_for_the_apt_lock(tmp_path: Path) -> None:
     calls = log.read_text().splitlines()
     assert [c.split()[2] for c in calls] == ["update", "install"], calls
     assert all(c.startswith("-o DPkg::Lock::Timeout=") for c in calls), calls
+
+
+def _ledger_with_long_values(tmp_path: Path) -> list[str]:
+    from client.ledger import Ledger
+    from client.specfile import load_spec
+
+    job = write_toml(
+        tmp_path / "job.toml",
+        {"name": "a-rather-long-job-name-for-a-fine-tune"},
+        {
+            "instance": {"host": "connect.westb.seetacloud-region-long-name.com", "port": 38076},
+            "model": {"name_or_path": "Qwen/Qwen2.5-0.5B"},
+            "data": {"train": "train.jsonl"},
+        },
+    )
+    spec = load_spec(job)
+    ids = [f"{spec.name}-20261130-1452{i:02d}-9c2{i}" for i in range(3)]
+    ledger = Ledger()
+    for i, job_id in enumerate(ids):
+        ledger.add(job_id, spec, job, "d" * 64, "b" * 64, state="done", submitted_at=1_780_000_000 + i)
+    ledger.update(ids[0], fetched_to=str(tmp_path / "runs" / ids[0] / "adapter"))
+    ledger.close()
+    return ids
+
+
+def test_piped_ls_and_status_print_whole_values(tmp_path: Path) -> None:
+    ids = _ledger_with_long_values(tmp_path)
+    out = cli("ls").stdout  # stdout is a pipe here
+    for job_id in ids:
+        line = next(ln for ln in out.splitlines() if job_id in ln)
+        assert "connect.westb.seetacloud-region-long-name.com:38076" in line and "…" not in line
+        assert len(line.split("│")[4].strip()) == len("2026-05-28 12:26")  # the date whole, on the id's line
+    adapter = str(tmp_path / "runs" / ids[0] / "adapter")
+    buf = io.StringIO()
+    info = {"id": ids[0], "instance": "x", "state": "done", "phase": "done", "total_steps": 0, "step": 0,
+            "loss": None, "tokens_per_s": None, "elapsed_s": 1.0, "eta_s": None, "spent": None, "error": None,
+            "fetched_to": adapter}  # fmt: skip
+    view.status(info, Console(file=buf, width=40))
+    assert adapter in buf.getvalue() and "…" not in buf.getvalue()
+
+
+def test_ls_in_a_narrow_terminal_keeps_ids_whole(tmp_path: Path, tmux_socket: str) -> None:
+    import os
+    import shutil
+    import subprocess
+    import time
+
+    if not shutil.which("tmux"):
+        import pytest
+
+        pytest.skip("tmux is not installed")
+    ids = _ledger_with_long_values(tmp_path)
+    root = Path(__file__).resolve().parent.parent
+    cmd = (f"env AUTODL_RUN_HOME={os.environ['AUTODL_RUN_HOME']} PYTHONPATH={root} {sys.executable} -m client.cli ls;"
+           " echo LS-END; sleep 60")  # fmt: skip
+    subprocess.run(["tmux", "-L", tmux_socket, "new-session", "-d", "-x", "70", "-y", "40", cmd], check=True)
+    deadline, screen = time.monotonic() + 120, ""
+    while "LS-END" not in screen and time.monotonic() < deadline:
+        time.sleep(0.2)
+        screen = subprocess.run(["tmux", "-L", tmux_socket, "capture-pane", "-p"], capture_output=True,
+                                text=True).stdout  # fmt: skip
+    assert "LS-END" in screen, screen
+    for job_id in ids:
+        line = next((ln for ln in screen.splitlines() if job_id in ln), None)
+        assert line is not None, screen  # whole, on one line
+        assert len(line) <= 70
