@@ -128,3 +128,10 @@ def step(result: StepResult, console: Console) -> None:
     console.print(f"[green]✓[/] {escape(result.name):<8} {result.seconds:6.2f}s")
     if result.detail:
         console.print(f"  {escape(shown(result.detail))}")
+
+
+def removed(result: dict[str, Any], console: Console) -> None:
+    for folder in result["folders"]:
+        console.print(f"deleted {escape(folder)}")
+    for job in result["removed"]:
+        console.print(f"[green]✓[/] removed {escape(job)}")
