@@ -231,6 +231,13 @@ class TrainSpec(_Strict):
         "(the fastest of 16384/8192/4096 that fits), max_length on CPU",
     )
     global_batch_tokens: int = Field(0, ge=0, description="tokens per optimizer step; 0 = one micro-batch")
+    global_batch_sequences: int = Field(
+        0,
+        ge=0,
+        description="sequences per optimizer step (LLaMA-Factory's per_device_train_batch_size x "
+        "gradient_accumulation_steps x GPUs), instead of global_batch_tokens: times the train set's mean "
+        "sequence length in tokens; 0 = not set",
+    )
     packing: bool = Field(True, description="padding-free packing with per-sequence position_ids")
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description='"auto" = measured on the GPU with the micro-batch (off where it fits and is faster); off on CPU'
@@ -244,6 +251,12 @@ class TrainSpec(_Strict):
     attention: Literal["auto", "flash_varlen", "flash_attention_2", "sdpa"] = "auto"
     liger: Literal["auto", "on", "off"] = "auto"
     fused_lora: bool = Field(True, description="fused LoRA forward/backward where supported (no dropout, no DoRA)")
+
+    @model_validator(mode="after")
+    def _one_global_batch(self) -> TrainSpec:
+        if self.global_batch_tokens and self.global_batch_sequences:
+            raise ValueError("give global_batch_tokens or global_batch_sequences, not both")
+        return self
 
 
 class FetchSpec(_Strict):

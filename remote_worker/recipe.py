@@ -115,7 +115,7 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
     micro_batch_tokens, checkpointing, calibration = choose_batch_shape(
         model, spec, machine, checkpointing, train_split.sequences, resume_from, paths, pad_id, phase
     )
-    grad_accum = data.grad_accum(spec.train, micro_batch_tokens)
+    grad_accum = data.grad_accum(spec.train, micro_batch_tokens, data.mean_tokens(train_split))
     # On CUDA, packed rows are filled to a constant length: same-shape steps run faster (data.py).
     pad_to = micro_batch_tokens if machine.device == "cuda" else 0
     batching = functools.partial(

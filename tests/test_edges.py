@@ -193,3 +193,34 @@ def test_ls_in_a_narrow_terminal_keeps_ids_whole(tmp_path: Path, tmux_socket: st
         line = next((ln for ln in screen.splitlines() if job_id in ln), None)
         assert line is not None, screen  # whole, on one line
         assert len(line) <= 70
+
+
+def test_a_global_batch_in_sequences_is_the_mean_sequence_length_in_tokens() -> None:
+    import numpy as np
+    import pytest
+    from pydantic import ValidationError
+
+    from jobs.spec import TrainSpec
+    from remote_worker import data
+
+    split = data.Split("train", [data.Seq(np.ones(n, dtype=np.int64), np.ones(n, dtype=np.int64)) for n in (10, 30)])
+    assert data.mean_tokens(split) == 20
+    train = TrainSpec(global_batch_sequences=8)  # LLaMA-Factory: per_device_train_batch_size 2 x accumulation 4
+    assert data.global_batch_tokens(train, data.mean_tokens(split)) == 160
+    assert data.grad_accum(train, 40, data.mean_tokens(split)) == 4
+    assert data.grad_accum(TrainSpec(global_batch_tokens=160), 40) == 4  # the same as in tokens
+    assert data.grad_accum(TrainSpec(), 40, 20) == 1
+    with pytest.raises(ValidationError, match="not both"):
+        TrainSpec(global_batch_tokens=160, global_batch_sequences=8)
+
+
+def test_check_accepts_a_global_batch_in_sequences_and_refuses_both(tmp_path: Path) -> None:
+    from jobfiles import write_job
+
+    inst = {"host": "local", "python": sys.executable}
+    job = write_job(tmp_path / "a", model="Qwen/Qwen2.5-0.5B", instance=inst, train={"global_batch_sequences": 16})
+    cli("check", str(job))
+    job = write_job(tmp_path / "b", model="Qwen/Qwen2.5-0.5B", instance=inst,
+                    train={"global_batch_sequences": 16, "global_batch_tokens": 4096})  # fmt: skip
+    res = cli("check", str(job), check=False)
+    assert res.returncode == 2 and "not both" in res.stderr
