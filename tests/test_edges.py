@@ -224,3 +224,60 @@ def test_check_accepts_a_global_batch_in_sequences_and_refuses_both(tmp_path: Pa
                     train={"global_batch_sequences": 16, "global_batch_tokens": 4096})  # fmt: skip
     res = cli("check", str(job), check=False)
     assert res.returncode == 2 and "not both" in res.stderr
+
+
+def _resumed_progress():
+    from client.progress import Progress
+    from jobs import events as ev
+
+    p = Progress("j")
+    p.apply(ev.Phase(phase="setup", t=0.0))
+    p.apply(ev.Failed(error_class="Interrupted", message="stopped by SIGTERM", t=100.0))
+    return p
+
+
+def test_after_a_resume_the_panel_and_status_do_not_show_the_last_runs_failure() -> None:
+    from client.views.render import panel
+
+    p = _resumed_progress()  # the worker of the resumed run has not written its first event yet
+    buf = io.StringIO()
+    Console(file=buf, width=100).print(panel(p, "running"))
+    assert "starting again (resumed)" in buf.getvalue() and "failed" not in buf.getvalue()
+    assert "SIGTERM" not in buf.getvalue()
+    buf = io.StringIO()
+    Console(file=buf, width=100).print(panel(p, "failed"))  # the job really ended so
+    assert "failed" in buf.getvalue() and "SIGTERM" in buf.getvalue()
+
+    info = {"id": "j", "instance": "local", "state": "running", "fetched_to": None, **p.as_dict()}
+    buf = io.StringIO()
+    view.status(info, Console(file=buf, width=100))
+    assert "starting again (resumed)" in buf.getvalue() and "SIGTERM" not in buf.getvalue()
+
+
+def test_piped_step_lines_carry_the_jobs_elapsed_time_and_an_eta() -> None:
+    from client.views.render import event_line, fmt_duration
+    from jobs import events as ev
+
+    p = _resumed_progress()
+    p.apply(ev.Phase(phase="setup", t=3600.0))
+    step = ev.Step(step=10, total_steps=40, epoch=1.0, loss=1.0, lr=1e-4, elapsed_s=20.0, t=3660.0)
+    p.apply(step)
+    line = event_line(step, p)
+    assert f"elapsed {fmt_duration(p.elapsed_s(3660.0))}" in line and "elapsed 2m40s" in line
+    assert f"ETA {fmt_duration(p.eta_s)}" in line and "ETA 1m00s" in line
+
+
+def test_check_prints_the_over_length_and_skipped_counts(tmp_path: Path) -> None:
+    from jobfiles import write_job
+
+    job = write_job(tmp_path / "job", model="Qwen/Qwen2.5-0.5B", instance={"host": "local"},
+                    data={"max_length": 64, "on_error": "skip"})  # fmt: skip
+    with open(tmp_path / "job" / "train.jsonl", "a") as f:
+        for i in range(3):
+            f.write(json.dumps({"instruction": f"long {i} " + "word " * 400, "input": "", "output": "a"}) + "\n")
+        f.write("{not json\n")
+    out = cli("check", str(job)).stdout
+    report = json.loads(cli("check", str(job), "--json").stdout)["dataset"]
+    assert report["overlong"]["count"] == 3 and report["invalid_count"] == 1
+    assert "1 skipped as invalid" in out
+    assert "3 record(s) over max_length 64" in out and "dropped at prepare" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -32,6 +33,12 @@ def test_a_finished_job_from_a_relative_model_path_with_skipped_rows_cannot_be_c
     assert "2 invalid rows skipped" in sub.stderr
     status = json.loads(cli("status", job_id, "--json").stdout)
     assert status["state"] == "done" and status["step"] == 6
+    # piped, each step has an ETA, and the time `done` took is the elapsed time `status` shows
+    assert all(" ETA " in ln for ln in sub.stdout.splitlines() if ln.startswith("step "))
+    from client.views.render import fmt_duration
+
+    assert f"done: 6 steps in {fmt_duration(status['elapsed_s'])}" in sub.stdout
+    assert re.search(rf"^elapsed +{fmt_duration(status['elapsed_s'])}$", cli("status", job_id).stdout, re.M)
 
     res = cli("cancel", job_id, check=False)
     assert res.returncode == 6 and "already ended (done)" in res.stderr, res.stderr

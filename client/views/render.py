@@ -29,19 +29,34 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def step_line(e: ev.Step) -> str:
+# The job's states in which a run is under way: a failure or end folded from the run before it is stale.
+UNDER_WAY = ("launching", "starting", "running")
+RESTARTING = "starting again (resumed)"
+
+
+def step_line(e: ev.Step, p: Progress | None = None) -> str:
+    """With the job's Progress (fed up to `e`), the elapsed time is the job's (Progress.elapsed_s, what
+    `status` and the panel show) and the ETA follows; without, the worker's own training time."""
     mem = f"  mem {e.peak_mem_gb:.1f}GB" if e.peak_mem_gb is not None else ""
-    return (
-        f"step {e.step}/{e.total_steps}  loss {e.loss:.4f}  lr {e.lr:.2e}  "
-        f"{e.tokens_per_s:,.0f} tok/s  {fmt_duration(e.elapsed_s)}{mem}"
-    )
+    when = fmt_duration(e.elapsed_s)
+    if p is not None:
+        when = f"elapsed {fmt_duration(p.elapsed_s(e.t))}  ETA {fmt_duration(p.eta_s)}"
+    return f"step {e.step}/{e.total_steps}  loss {e.loss:.4f}  lr {e.lr:.2e}  {e.tokens_per_s:,.0f} tok/s  {when}{mem}"
 
 
-def event_line(e) -> str | None:
+def shown_phase(p: Progress, state: object) -> str:
+    """The phase to show: while the job runs again after a resume, not the last run's "failed" or "done"."""
+    if str(getattr(state, "value", state)) in UNDER_WAY and (p.failed or p.done):
+        return RESTARTING
+    return p.phase
+
+
+def event_line(e, p: Progress | None = None) -> str | None:
     """One plain line per event (for pipes, logs and CI); the event's strings with their control
-    characters escaped (client.views.text). Print it as text, not markup."""
+    characters escaped (client.views.text). Print it as text, not markup. `p`: the job's Progress, fed
+    up to `e`, for the job's elapsed time and ETA."""
     if isinstance(e, ev.Step):
-        return step_line(e)
+        return step_line(e, p)
     if isinstance(e, ev.Phase):
         return f"[{shown(e.phase)}] {shown(e.message)}".rstrip()
     if isinstance(e, ev.Started):
@@ -67,9 +82,8 @@ def event_line(e) -> str | None:
             if e.stopped
             else ""
         )
-        return (
-            f"done: {e.steps} steps in {fmt_duration(e.elapsed_s)}{loss}{early}; adapter at {shown(e.adapter_path)}"
-        )
+        took = fmt_duration(p.elapsed_s(e.t) if p is not None else e.elapsed_s)
+        return f"done: {e.steps} steps in {took}{loss}{early}; adapter at {shown(e.adapter_path)}"
     if isinstance(e, ev.Failed):
         return f"FAILED: {shown(e.error_class)}: {shown(e.message)}" + (
             f"\n  hint: {shown(e.hint)}" if e.hint else ""
@@ -82,7 +96,8 @@ def panel(p: Progress, state: str, note: str = "", now: float | None = None) -> 
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("phase", Text(shown(p.phase)))
+    stale = shown_phase(p, state) == RESTARTING
+    table.add_row("phase", Text(shown(shown_phase(p, state))))
     if p.total_steps:
         step = s.step if s else 0
         bar = ProgressBar(total=p.total_steps, completed=step, width=40)
@@ -106,7 +121,7 @@ def panel(p: Progress, state: str, note: str = "", now: float | None = None) -> 
         table.add_row("on the laptop", Text(shown(p.laptop)))
     if p.guard:
         table.add_row("guard", Text(shown(p.guard)))
-    if p.failed:
+    if p.failed and not stale:
         table.add_row("error", Text(shown(f"{p.failed.error_class}: {p.failed.message}"), style="red"))
         if p.failed.hint:
             table.add_row("hint", Text(shown(p.failed.hint)))
