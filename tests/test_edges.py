@@ -236,24 +236,6 @@ def _resumed_progress():
     return p
 
 
-def test_after_a_resume_the_panel_and_status_do_not_show_the_last_runs_failure() -> None:
-    from client.views.render import panel
-
-    p = _resumed_progress()  # the worker of the resumed run has not written its first event yet
-    buf = io.StringIO()
-    Console(file=buf, width=100).print(panel(p, "running"))
-    assert "starting again (resumed)" in buf.getvalue() and "failed" not in buf.getvalue()
-    assert "SIGTERM" not in buf.getvalue()
-    buf = io.StringIO()
-    Console(file=buf, width=100).print(panel(p, "failed"))  # the job really ended so
-    assert "failed" in buf.getvalue() and "SIGTERM" in buf.getvalue()
-
-    info = {"id": "j", "instance": "local", "state": "running", "fetched_to": None, **p.as_dict()}
-    buf = io.StringIO()
-    view.status(info, Console(file=buf, width=100))
-    assert "starting again (resumed)" in buf.getvalue() and "SIGTERM" not in buf.getvalue()
-
-
 def test_piped_step_lines_carry_the_jobs_elapsed_time_and_an_eta() -> None:
     from client.views.render import event_line, fmt_duration
     from jobs import events as ev

@@ -179,7 +179,7 @@ def _in_place(record: JobRecord, ledger: Ledger, deadline_unix: float | None, ru
             return found[-1] if found else None
 
         step, bundle = _sync_and_launch(run, session, record, spec, record.id, deadline, checkpoint, log)
-        if step is not None and not missing:
+        if not missing:  # back once the new run is under way: `tail` then never shows the last run's end
             step = _worker_resumed_from(session, paths, offset, found, log)
     ledger.update(record.id, state="running", finished_at=None, bundle_digest=bundle)
     log(f"resumed {record.id} on {where} " + (f"from checkpoint step-{step}" if step else "from the start"))
@@ -325,8 +325,9 @@ def _events_end(session: Session, paths: JobPaths) -> int:
 def _worker_resumed_from(session: Session, paths: JobPaths, offset: int, found: list[int], log: Log) -> int | None:
     """The checkpoint the relaunched worker took, read from its events: it skips a damaged one (a `resuming`
     phase naming it, right after `setup`) for the one before. Its next phase settles it; while none came
-    within RESUME_SEEN_TIMEOUT_S, the newest is assumed and said to be."""
-    newest = found[-1]
+    within RESUME_SEEN_TIMEOUT_S, the newest is assumed and said to be. Without checkpoints, the new run's
+    first event is enough (it starts over)."""
+    newest = found[-1] if found else None
     damaged: dict[int, str] = {}
     deadline = time.monotonic() + RESUME_SEEN_TIMEOUT_S
     settled, skipping = False, False
@@ -335,6 +336,8 @@ def _worker_resumed_from(session: Session, paths: JobPaths, offset: int, found: 
         skipping = poll.skipping
         for line in poll.lines:
             e = ev.parse_or_none(line)
+            if newest is None:
+                return None
             if isinstance(e, ev.Started):
                 return _said_resumed(e.resumed_from_step or None, newest, damaged, log)
             if isinstance(e, ev.Phase) and e.phase == "resuming" and " is damaged" in e.message:
@@ -349,6 +352,8 @@ def _worker_resumed_from(session: Session, paths: JobPaths, offset: int, found: 
             settled = True
         if not settled and not poll.more:
             time.sleep(0.5)
+    if newest is None:
+        return None
     if not settled:
         log(f"  the worker has not said yet which checkpoint it took: step-{newest} unless it is damaged "
             "(`autodl-run tail` shows it)")  # fmt: skip

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 
 from client.ledger import JobRecord
-from client.views.render import RESTARTING, UNDER_WAY, fmt_duration
+from client.views.render import fmt_duration
 from client.views.text import print_table, shown
 
 if TYPE_CHECKING:
@@ -43,8 +43,7 @@ def status(info: dict[str, Any], console: Console) -> None:
     t.add_row("job", escape(info["id"]))
     t.add_row("instance", escape(info["instance"]))
     t.add_row("state", escape(info["state"]))
-    stale = info["state"] in UNDER_WAY and (info["error"] or info.get("adapter"))  # the run before a resume
-    t.add_row("phase", _safe(RESTARTING if stale else info["phase"]))
+    t.add_row("phase", _safe(info["phase"]))
     if info["total_steps"]:
         t.add_row("step", f"{info['step']}/{info['total_steps']}")
     if info["loss"] is not None:
@@ -56,7 +55,7 @@ def status(info: dict[str, Any], console: Console) -> None:
         t.add_row("ETA", fmt_duration(info["eta_s"]))
     if info["spent"] is not None:
         t.add_row("spend", f"{info['spent']:.2f} {info['currency']} (projected {info['projected']:.2f})")
-    if info["error"] and not stale:
+    if info["error"]:
         t.add_row("error", _safe(f"{info['error']['error_class']}: {info['error']['message']}"))
     if info.get("checkpoint"):
         t.add_row("checkpoint", _safe(f"step {info['checkpoint']['step']}: {info['checkpoint']['path']}"))

@@ -29,11 +29,6 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-# The job's states in which a run is under way: a failure or end folded from the run before it is stale.
-UNDER_WAY = ("launching", "starting", "running")
-RESTARTING = "starting again (resumed)"
-
-
 def step_line(e: ev.Step, p: Progress | None = None) -> str:
     """With the job's Progress (fed up to `e`), the elapsed time is the job's (Progress.elapsed_s, what
     `status` and the panel show) and the ETA follows; without, the worker's own training time."""
@@ -42,13 +37,6 @@ def step_line(e: ev.Step, p: Progress | None = None) -> str:
     if p is not None:
         when = f"elapsed {fmt_duration(p.elapsed_s(e.t))}  ETA {fmt_duration(p.eta_s)}"
     return f"step {e.step}/{e.total_steps}  loss {e.loss:.4f}  lr {e.lr:.2e}  {e.tokens_per_s:,.0f} tok/s  {when}{mem}"
-
-
-def shown_phase(p: Progress, state: object) -> str:
-    """The phase to show: while the job runs again after a resume, not the last run's "failed" or "done"."""
-    if str(getattr(state, "value", state)) in UNDER_WAY and (p.failed or p.done):
-        return RESTARTING
-    return p.phase
 
 
 def event_line(e, p: Progress | None = None) -> str | None:
@@ -96,8 +84,7 @@ def panel(p: Progress, state: str, note: str = "", now: float | None = None) -> 
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    stale = shown_phase(p, state) == RESTARTING
-    table.add_row("phase", Text(shown(shown_phase(p, state))))
+    table.add_row("phase", Text(shown(p.phase)))
     if p.total_steps:
         step = s.step if s else 0
         bar = ProgressBar(total=p.total_steps, completed=step, width=40)
@@ -121,7 +108,7 @@ def panel(p: Progress, state: str, note: str = "", now: float | None = None) -> 
         table.add_row("on the laptop", Text(shown(p.laptop)))
     if p.guard:
         table.add_row("guard", Text(shown(p.guard)))
-    if p.failed and not stale:
+    if p.failed:
         table.add_row("error", Text(shown(f"{p.failed.error_class}: {p.failed.message}"), style="red"))
         if p.failed.hint:
             table.add_row("hint", Text(shown(p.failed.hint)))
