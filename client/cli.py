@@ -433,7 +433,7 @@ def login(
 
 @app.command()
 def doctor(
-    target: Annotated[str | None, typer.Argument(metavar="TARGET", help="a profile name or a job.toml (default: the last profile)")] = None,
+    target: Annotated[str | None, typer.Argument(metavar="TARGET", help="a saved host (`autodl-run hosts`), a job.toml, or local (this machine); default: the last host logged into")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check an instance in one round trip: python, torch/CUDA, GPU, disks, packages, tmux, rsync, mirrors, clock.
