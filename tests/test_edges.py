@@ -263,3 +263,13 @@ def test_check_prints_the_over_length_and_skipped_counts(tmp_path: Path) -> None
     assert report["overlong"]["count"] == 3 and report["invalid_count"] == 1
     assert "1 skipped as invalid" in out
     assert "3 record(s) over max_length 64" in out and "dropped at prepare" in out
+
+
+def test_ssh_under_rsync_names_a_host_that_does_not_resolve(tmp_path: Path) -> None:
+    from client.transport.errors_map import from_ssh_stderr
+    from client.transport.ssh import SshTransport
+
+    t = SshTransport("exmaple.invalid", 2222, known_hosts=tmp_path / "kh").target
+    err = from_ssh_stderr("ssh: Could not resolve hostname exmaple.invalid: Name or service not known", t)
+    assert err is not None and "exmaple.invalid does not resolve" in str(err) and "spelling" in err.hint
+    assert "powered on" not in str(err)
