@@ -339,7 +339,7 @@ def _worker_resumed_from(session: Session, paths: JobPaths, offset: int, found: 
             if newest is None:
                 return None
             if isinstance(e, ev.Started):
-                return _said_resumed(e.resumed_from_step or None, newest, damaged, log)
+                return _said_resumed(e.resumed_from_step or None, found, damaged, log)
             if isinstance(e, ev.Phase) and e.phase == "resuming" and " is damaged" in e.message:
                 step = checkpoint_step(e.message.split(" ", 1)[0])
                 if step is not None:
@@ -359,13 +359,16 @@ def _worker_resumed_from(session: Session, paths: JobPaths, offset: int, found: 
             "(`autodl-run tail` shows it)")  # fmt: skip
         return newest
     good = [s for s in found if s not in damaged]
-    return _said_resumed(good[-1] if good else None, newest, damaged, log)
+    return _said_resumed(good[-1] if good else None, found, damaged, log)
 
 
-def _said_resumed(step: int | None, newest: int, damaged: dict[int, str], log: Log) -> int | None:
+def _said_resumed(step: int | None, found: list[int], damaged: dict[int, str], log: Log) -> int | None:
     for note in damaged.values():
         log(f"  the worker found {note.split('; ')[0]}")
+    newest = found[-1]
     if step != newest:
-        took = f"the checkpoint before it, step-{step}" if step else "none: it starts over from step 0"
+        before = found[-2] if len(found) > 1 else None
+        took = (f"the checkpoint before it, step-{step}" if step == before
+                else f"an older checkpoint, step-{step}" if step else "none: it starts over from step 0")  # fmt: skip
         log(f"  the newest checkpoint step-{newest} is damaged; the worker resumed from {took}")
     return step
