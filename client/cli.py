@@ -477,6 +477,61 @@ def recover(
     jobs_view.recovered(result.as_dict(), console, err_console)
 
 
+@app.command("rm")
+def remove_jobs(
+    jobs: Annotated[list[str], typer.Argument(help="job ids or unique prefixes", show_default=False)],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask before deleting")] = False,
+    local_only: Annotated[
+        bool, typer.Option("--local-only", help="forget them on the laptop only; their folders on the instance stay")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove old jobs: their row in the ledger and their folder on the instance (asks first).
+
+    A running job is refused (cancel it first). Only the job's own folder there is deleted; what the
+    laptop fetched (the adapter under fetch.to) is kept."""
+    from client.errors import SpecError
+    from client.lifecycle.remove import job_folder, remove
+
+    ledger = Ledger()
+    records = list({r.id: r for r in (ledger.get(j) for j in jobs)}.values())
+    if not yes:
+        for r in records:
+            there = "" if local_only else f" and {job_folder(r)} on {r.spec.instance.describe()}"
+            err_console.print(f"{escape(r.id)} ({escape(r.state)}): its ledger row{escape(there)}")
+        if not sys.stdin.isatty():
+            raise SpecError("rm: not deleting without a yes: stdin is not a terminal", [],
+                            hint="add --yes to delete without asking")  # fmt: skip
+        if not typer.confirm(f"delete {len(records)} job(s)?", default=False, err=True):
+            err_console.print("nothing deleted")
+            raise typer.Exit(1)
+    result = remove(records, ledger, local_only=local_only)
+    if as_json:
+        _print_json(result.as_dict())
+        return
+    jobs_view.removed(result.as_dict(), console)
+
+
+@app.command("ssh")
+def ssh_shell(
+    job: Annotated[str, typer.Argument(help="job id or a unique prefix")],
+    command: Annotated[list[str] | None, typer.Argument(help="a command to run there instead of a shell")] = None,
+) -> None:
+    """Open a shell on the job's instance, in the job's folder (the system ssh, with the host key pinned here).
+
+    After `--`, a command runs there instead: autodl-run ssh JOB -- tail -n 50 worker.log"""
+    import os
+
+    from client.instances.shell import shell_command
+
+    cmd = shell_command(Ledger().get(job), list(command or []))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if cmd.cwd:
+        os.chdir(cmd.cwd)
+    os.execvp(cmd.argv[0], cmd.argv)
+
+
 ledger_app = typer.Typer(help="The local job ledger ($AUTODL_RUN_HOME/ledger.sqlite).", no_args_is_help=True)
 app.add_typer(ledger_app, name="ledger")
 
@@ -492,12 +547,26 @@ def ledger_repair() -> None:
 
 @app.command()
 def init(
-    dest: Annotated[Path, typer.Argument(help="where to write the example")] = Path("job.toml"),
+    dest: Annotated[Path, typer.Argument(help="where to write the example (missing folders are created)")] = Path(
+        "job.toml"
+    ),
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing file")] = False,
 ) -> None:
     """Write a commented example job.toml to start from."""
-    if dest.exists():
-        raise AutodlRunError(f"{dest} already exists", hint="give another path")
-    shutil.copy(Path(__file__).parent / "example_job.toml", dest)
+    from client.errors import SpecError
+
+    if dest.is_dir():
+        raise SpecError(f"init: {dest} is a folder; nothing was written", [],
+                        hint=f"name the file: autodl-run init {dest / 'job.toml'}")  # fmt: skip
+    if dest.exists() and not force:
+        raise SpecError(f"init: {dest} already exists; nothing was written", [],
+                        hint=f"give another path, or overwrite it: autodl-run init {dest} --force")  # fmt: skip
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(__file__).parent / "example_job.toml", dest)
+    except OSError as exc:
+        raise SpecError(f"init: cannot write {dest}: {exc.strerror or exc}", [],
+                        hint="give a path in a folder you can write to") from None  # fmt: skip
     console.print(f"wrote {dest}; edit it, then `autodl-run check {dest}`")
 
 
@@ -527,7 +596,7 @@ def login(
 
 @app.command()
 def doctor(
-    target: Annotated[str | None, typer.Argument(metavar="TARGET", help="a profile name or a job.toml (default: the last profile)")] = None,
+    target: Annotated[str | None, typer.Argument(metavar="TARGET", help="a saved host (`autodl-run hosts`), a job.toml, or local (this machine); default: the last host logged into")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check an instance in one round trip: python, torch/CUDA, GPU, disks, packages, tmux, rsync, mirrors, clock.
@@ -548,6 +617,19 @@ def doctor(
         failed = [c.name for c in report.failed]
         raise RemoteEnvError(f"{report.target}: {len(failed)} check(s) failed: {', '.join(failed)}",
                              hint="each one's fix is in the table (or the JSON's checks[].hint)")  # fmt: skip
+
+
+@app.command()
+def hosts(as_json: JsonOpt = False) -> None:
+    """List the hosts saved by `autodl-run login` (use one in a job as [instance] profile = "NAME")."""
+    from client.instances import profiles
+    from client.views import instances as view
+
+    saved = sorted(profiles.load_all().values(), key=lambda p: p.updated_at, reverse=True)
+    if as_json:
+        _print_json([p.as_dict() for p in saved])
+        return
+    view.hosts(saved, console)
 
 
 @app.command()

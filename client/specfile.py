@@ -35,7 +35,7 @@ def load_spec(path: str | Path) -> JobSpec:
             hint="fix the TOML syntax at that line (strings need quotes, tables are [name])",
         ) from None
     try:
-        return JobSpec.model_validate(raw)
+        spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         index = _line_index(text)
         problems: list[Problem] = []
@@ -54,6 +54,29 @@ def load_spec(path: str | Path) -> JobSpec:
             problems,
             hint="fix the fields above; `autodl-run check` re-validates without touching any instance",
         ) from None
+    if spec.instance.is_local:
+        _resolve_local_model(spec, path, _line_index(text))
+    return spec
+
+
+def _resolve_local_model(spec: JobSpec, path: Path, index: dict[tuple[str, ...], int]) -> None:
+    """On the local target a relative model path means the job file's folder, not the worker's: made absolute.
+
+    A path-looking name (`./base`, `../m`, `~/m`) that is not there is refused now, not after launch."""
+    name = spec.model.name_or_path
+    looks_like_path = name.startswith(("./", "../", "~", ".\\")) or name in (".", "..")
+    if Path(name).is_absolute() or not looks_like_path and not (path.parent / name).exists():
+        return
+    where = Path(name).expanduser()
+    where = where if where.is_absolute() else (path.parent / where)
+    if not where.exists():
+        line = index.get(("model", "name_or_path"))
+        raise SpecError(
+            f"{path}: model.name_or_path {name!r} is a path, and there is no {where.resolve()}",
+            [Problem(str(path), line, "model.name_or_path", f"no such folder: {where.resolve()}")],
+            hint="a relative path is read from the job file's folder; give the model's folder, or a hub id",
+        )
+    spec.model.name_or_path = str(where.resolve())
 
 
 _UNION_TAGS = {"str", "list[str]", "literal['all-linear']", "int", "float", "bool"}

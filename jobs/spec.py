@@ -255,6 +255,13 @@ class TrainSpec(_Strict):
         "(the fastest of 16384/8192/4096 that fits), max_length on CPU",
     )
     global_batch_tokens: int = Field(0, ge=0, description="tokens per optimizer step; 0 = one micro-batch")
+    global_batch_sequences: int = Field(
+        0,
+        ge=0,
+        description="sequences per optimizer step (LLaMA-Factory's per_device_train_batch_size x "
+        "gradient_accumulation_steps x GPUs), instead of global_batch_tokens: times the train set's mean "
+        "sequence length in tokens; 0 = not set",
+    )
     packing: bool = Field(True, description="padding-free packing with per-sequence position_ids")
     gradient_checkpointing: Literal["auto", "on", "off"] = Field(
         "auto", description='"auto" = measured on the GPU with the micro-batch (off where it fits and is faster); off on CPU'
@@ -293,6 +300,12 @@ class EvalSpec(_Strict):
     max_new_tokens: int = Field(256, ge=1, le=32768)
     limit: int = Field(50, ge=1, description="at most this many prompts")
     at_end: bool = Field(False, description="run it on the instance when training ends, before the guard may shut down")
+
+    @model_validator(mode="after")
+    def _one_global_batch(self) -> TrainSpec:
+        if self.global_batch_tokens and self.global_batch_sequences:
+            raise ValueError("give global_batch_tokens or global_batch_sequences, not both")
+        return self
 
 
 class FetchSpec(_Strict):

@@ -96,14 +96,31 @@ def batch_shape(train: TrainSpec, max_length: int, device: str) -> tuple[int, in
     micro = train.micro_batch_tokens
     if micro == 0:
         micro = max(max_length, GPU_MIN_MICRO_BATCH_TOKENS) if device == "cuda" else max_length
-    return micro, grad_accum(train, micro)
+    return micro, grad_accum(train, micro, max_length)
 
 
-def grad_accum(train: TrainSpec, micro_batch_tokens: int) -> int:
-    """Micro-batches per optimizer step: global_batch_tokens / micro_batch_tokens rounded, at least 1."""
-    if not train.global_batch_tokens:
+def global_batch_tokens(train: TrainSpec, mean_sequence_tokens: float | None) -> int:
+    """Tokens per optimizer step: train.global_batch_tokens, or train.global_batch_sequences times the mean
+    length of the train sequences (packing fills micro-batches with tokens, so N sequences of the mean
+    length are, on average, N sequences a step; max_length instead would take far fewer where most
+    sequences are short). Without a mean (nothing tokenized yet) max_length stands in: see the caller."""
+    if train.global_batch_sequences:
+        return round(train.global_batch_sequences * (mean_sequence_tokens or 1))
+    return train.global_batch_tokens
+
+
+def grad_accum(train: TrainSpec, micro_batch_tokens: int, mean_sequence_tokens: float | None = None) -> int:
+    """Micro-batches per optimizer step: the global batch in tokens (`global_batch_tokens`) / micro_batch_tokens
+    rounded, at least 1."""
+    tokens = global_batch_tokens(train, mean_sequence_tokens)
+    if not tokens:
         return 1
-    return max(1, round(train.global_batch_tokens / micro_batch_tokens))
+    return max(1, round(tokens / micro_batch_tokens))
+
+
+def mean_tokens(split: Split) -> float | None:
+    """The mean length of the split's sequences in tokens (None when it has none)."""
+    return split.tokens / len(split.sequences) if split.sequences else None
 
 
 # --- loading -------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
         model, spec, machine, checkpointing, train_split.sequences, resume_from, paths, pad_id, phase, mode
     )
     checkpointed_layers = calibrate.checkpointed_layers(model)  # partial checkpointing: saved with checkpoints
-    grad_accum = step_accum(spec, micro_batch_tokens, rank.size, resume_from)
+    grad_accum = step_accum(spec, micro_batch_tokens, rank.size, resume_from, data.mean_tokens(train_split))
     # On CUDA, packed rows are filled to a constant length: same-shape steps run faster (data.py).
     pad_to = micro_batch_tokens if machine.device == "cuda" else 0
     batching = functools.partial(
@@ -532,14 +532,17 @@ def _agreed_checkpoint(root: Path, damaged: list[str]) -> Path | None:
     return path
 
 
-def step_accum(spec: JobSpec, micro_batch_tokens: int, world_size: int, resume_from: Path | None) -> int:
-    """Micro-batches per rank and optimizer step: train.global_batch_tokens shared by the ranks, or a
-    checkpoint's global batch kept (checkpoints.resumed_grad_accum)."""
-    single = data.grad_accum(spec.train, micro_batch_tokens)
+def step_accum(
+    spec: JobSpec, micro_batch_tokens: int, world_size: int, resume_from: Path | None, mean_tokens: float | None = None
+) -> int:
+    """Micro-batches per rank and optimizer step: the global batch (train.global_batch_tokens, or
+    global_batch_sequences x `mean_tokens`) shared by the ranks, or a checkpoint's global batch kept
+    (checkpoints.resumed_grad_accum)."""
+    single = data.grad_accum(spec.train, micro_batch_tokens, mean_tokens)
     if resume_from is not None:
         saved = checkpoints.read_saved_shape(resume_from)
         return checkpoints.resumed_grad_accum(resume_from, saved, single, world_size)
-    return max(1, round(single / world_size)) if spec.train.global_batch_tokens else 1
+    return max(1, round(single / world_size)) if single > 1 else 1
 
 
 def _param_count(model_path: str, spec: JobSpec) -> int:

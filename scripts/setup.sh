@@ -14,8 +14,10 @@ done
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "installing system packages: ${need_apt[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+    # Another apt (unattended-upgrades at boot, a second shell) may hold the lock: wait for it, not fail.
+    apt=(apt-get -o DPkg::Lock::Timeout=600)
+    "${apt[@]}" update -qq
+    DEBIAN_FRONTEND=noninteractive "${apt[@]}" install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
   else
     echo "warning: missing ${need_apt[*]}; install them (apt-get install ${need_apt[*]}) for the SSH tests" >&2
   fi

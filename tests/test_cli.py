@@ -54,4 +54,4 @@ def test_init_writes_a_spec_that_loads(tmp_path: Path) -> None:
     res = run("init", str(dest))
     assert res.returncode == 0, res.stderr
     assert load_spec(dest).name == "support-bot"
-    assert run("init", str(dest)).returncode == 1  # never overwrites
+    assert run("init", str(dest)).returncode == 2  # never overwrites (a usage error)

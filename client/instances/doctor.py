@@ -30,7 +30,7 @@ from jobs import autodl
 from jobs.layout import RemoteLayout
 from jobs.protocol import EnvProbe, ProtocolError, read_model
 from jobs.requirements import QLORA_REQUIREMENTS, WORKER_REQUIREMENTS
-from jobs.spec import InstanceSpec
+from jobs.spec import LOCAL_HOST, InstanceSpec
 
 NET_TIMEOUT_S = 5
 DATA_DISK = autodl.DATA_DISK
@@ -170,6 +170,20 @@ def resolve_target(target: str | None) -> tuple[str, InstanceSpec]:
         from client.specfile import load_spec
 
         return target, load_spec(target).instance
+    if target == LOCAL_HOST:
+        return target, InstanceSpec(host=LOCAL_HOST)
+    known = profiles.load_all()
+    if not known or (target and target not in known):
+        from client.errors import SpecError
+
+        what = f"no saved host named {target}" if target else "no host to check: none is saved yet"
+        names = ", ".join(sorted(known)) or "none yet"
+        raise SpecError(
+            f"doctor: {what} (saved hosts: {names}; `autodl-run hosts` lists them)",
+            [],
+            hint='give a saved host, a job.toml, or `local` (this machine); save a host with '
+            'autodl-run login "ssh -p PORT root@HOST"',
+        )
     profile = profiles.find(target)
     return profile.name, InstanceSpec(profile=profile.name)
 

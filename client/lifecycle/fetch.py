@@ -287,9 +287,7 @@ def fetch(
     """Pull and verify the final adapter, acknowledge it on the instance. Returns (folder, manifest sha256)."""
     if record.state in ("failed", "cancelled", "lost"):
         raise JobError(
-            f"job {record.id} ended as {record.state}: it has no final adapter",
-            hint=f"its newest checkpoint: `autodl-run fetch {record.id} --checkpoints`; "
-            f"continue it: `autodl-run resume {record.id}`",
+            f"job {record.id} ended as {record.state}: it has no final adapter", hint=_no_adapter_hint(record, session)
         )
     dest = local_copy(record, to).adapter
     with _session(record, session) as s:
@@ -334,6 +332,24 @@ def pull_record(
         else:
             print(note, file=sys.stderr, flush=True)
         return None
+def _no_adapter_hint(record: JobRecord, session: Session | None) -> str:
+    """What helps after a job ended without an adapter: its checkpoint, if it left one; else a new submit."""
+    try:
+        with _session(record, session) as s:
+            steps = remote_steps(s.transport, s.layout.job(record.id))
+    except AutodlRunError:
+        return f"`autodl-run status {record.id}` says why it ended and whether it left a checkpoint"
+    if steps:
+        return (f"its newest checkpoint: `autodl-run fetch {record.id} --checkpoints`; "
+                f"continue it: `autodl-run resume {record.id}`")  # fmt: skip
+    return _no_checkpoint_hint(record)
+
+
+def _no_checkpoint_hint(record: JobRecord) -> str:
+    return (
+        f"it left no checkpoint, so there is nothing to fetch or resume: `autodl-run status {record.id}` says why "
+        f"it ended; fix that, then submit it again: autodl-run submit {record.job_file}"
+    )
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
@@ -416,7 +432,8 @@ def fetch_checkpoint(
             if step is None and not steps:
                 raise JobError(
                     f"job {record.id} has no complete checkpoint on {transport.where}",
-                    hint="checkpoints are saved every train.save_every_minutes and train.save_steps",
+                    hint=_no_checkpoint_hint(record) if record.state in ("failed", "cancelled", "lost")
+                    else "checkpoints are saved every train.save_every_minutes and train.save_steps",
                 )
             n = step if step is not None else steps[-1]
             remote = paths.checkpoint(n) if full else paths.checkpoint(n) + "/" + CHECKPOINT_ADAPTER

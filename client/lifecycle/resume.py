@@ -18,6 +18,7 @@ its end has nothing to resume (one stopped early by its deadline or max_hours ha
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,15 +36,20 @@ from client.lifecycle.pipeline import Pipeline, Report, Step
 from client.lifecycle.steps import deadline_for
 from client.lifecycle.tail import status_progress
 from client.remote import launcher
+from client.remote.follow import poll_once
 from client.remote.submission import submission_key, write_launch_record
 from client.remote.sync import sync_dir
 from client.session import Session
-from jobs.layout import MANIFEST
+from jobs import events as ev
+from jobs.layout import JOB_FILES, MANIFEST, JobPaths, checkpoint_step
 from jobs.manifest import ManifestError, verify_manifest
 from jobs.protocol import JobState, LaunchRecord
 from jobs.spec import InstanceSpec, JobSpec
 
 Log = Callable[[str], None]
+# A failure that the same data fails again with: `resume` refuses it (resuming needs the same data).
+RERUN_FAILS_THE_SAME = ("DataError",)
+RESUME_SEEN_TIMEOUT_S = 180.0  # how long resume waits for the worker to say which checkpoint it took
 # Settings of the job, not of the machine: kept when `--profile` moves the job to another host.
 CARRIED = (
     "python", "tmux_socket", "install_deps", "pip_index_url", "hf_endpoint", "network_turbo",
@@ -163,6 +169,9 @@ def _in_place(record: JobRecord, ledger: Ledger, deadline_unix: float | None, ru
         else:
             _refuse_if_finished(record, session)
         found = [] if missing else remote_steps(session.transport, paths)
+        if not missing and not found:
+            log(f"{record.id} saved no checkpoint before it ended ({status.state}): it starts over from step 0")
+        offset = 0 if missing else _events_end(session, paths)
 
         def checkpoint() -> int | None:
             if missing:
@@ -170,6 +179,8 @@ def _in_place(record: JobRecord, ledger: Ledger, deadline_unix: float | None, ru
             return found[-1] if found else None
 
         step, bundle = _sync_and_launch(run, session, record, spec, record.id, deadline, checkpoint, log)
+        if not missing:  # back once the new run is under way: `tail` then never shows the last run's end
+            step = _worker_resumed_from(session, paths, offset, found, log)
     ledger.update(record.id, state="running", finished_at=None, bundle_digest=bundle)
     log(f"resumed {record.id} on {where} " + (f"from checkpoint step-{step}" if step else "from the start"))
     return Resumed(record.id, record.id, where, step)
@@ -247,6 +258,14 @@ def _prepare_again(record: JobRecord, spec: JobSpec) -> Path:
 
 def _refuse_if_finished(record: JobRecord, session: Session) -> None:
     progress, _ = status_progress(record, session)
+    failed = progress.failed
+    if failed is not None and failed.error_class in RERUN_FAILS_THE_SAME:
+        raise JobError(
+            f"job {record.id} failed on its data ({failed.error_class}: {failed.message}): resuming runs the "
+            "same data and would fail the same way",
+            hint=f"fix the dataset or [data] in {record.job_file} (`autodl-run check {record.job_file}`), "
+            f"then submit it again: autodl-run submit {record.job_file}",
+        )
     done = progress.done
     if done is not None and not done.stopped:
         raise JobError(
@@ -287,4 +306,69 @@ def _upload_local_checkpoint(record: JobRecord, session: Session, job_id: str, l
     dest = session.layout.job(job_id).checkpoint(step)
     sent = sync_dir(session.transport, local, dest, marker=MANIFEST)
     log(f"  checkpoint step-{step} {'uploaded' if sent else 'already on the instance'}")
+    return step
+
+
+# --- what the worker did ---------------------------------------------------------------------------------
+
+
+def _events_end(session: Session, paths: JobPaths) -> int:
+    """The byte offset of the end of the job's event file now: what a relaunched worker writes comes after."""
+    offset, skipping = 0, False
+    while True:
+        poll, offset = poll_once(session.transport, paths, JOB_FILES["events"], offset, skipping=skipping)
+        skipping = poll.skipping
+        if not poll.more:
+            return offset
+
+
+def _worker_resumed_from(session: Session, paths: JobPaths, offset: int, found: list[int], log: Log) -> int | None:
+    """The checkpoint the relaunched worker took, read from its events: it skips a damaged one (a `resuming`
+    phase naming it, right after `setup`) for the one before. Its next phase settles it; while none came
+    within RESUME_SEEN_TIMEOUT_S, the newest is assumed and said to be. Without checkpoints, the new run's
+    first event is enough (it starts over)."""
+    newest = found[-1] if found else None
+    damaged: dict[int, str] = {}
+    deadline = time.monotonic() + RESUME_SEEN_TIMEOUT_S
+    settled, skipping = False, False
+    while not settled and time.monotonic() < deadline:
+        poll, offset = poll_once(session.transport, paths, JOB_FILES["events"], offset, skipping=skipping)
+        skipping = poll.skipping
+        for line in poll.lines:
+            e = ev.parse_or_none(line)
+            if newest is None:
+                return None
+            if isinstance(e, ev.Started):
+                return _said_resumed(e.resumed_from_step or None, found, damaged, log)
+            if isinstance(e, ev.Phase) and e.phase == "resuming" and " is damaged" in e.message:
+                step = checkpoint_step(e.message.split(" ", 1)[0])
+                if step is not None:
+                    damaged[step] = e.message
+            elif isinstance(e, ev.Phase | ev.Failed | ev.Done | ev.Step) and not (
+                isinstance(e, ev.Phase) and e.phase in ("setup", "resuming")
+            ):
+                settled = True
+        if poll.state.finished and not poll.lines:
+            settled = True
+        if not settled and not poll.more:
+            time.sleep(0.5)
+    if newest is None:
+        return None
+    if not settled:
+        log(f"  the worker has not said yet which checkpoint it took: step-{newest} unless it is damaged "
+            "(`autodl-run tail` shows it)")  # fmt: skip
+        return newest
+    good = [s for s in found if s not in damaged]
+    return _said_resumed(good[-1] if good else None, found, damaged, log)
+
+
+def _said_resumed(step: int | None, found: list[int], damaged: dict[int, str], log: Log) -> int | None:
+    for note in damaged.values():
+        log(f"  the worker found {note.split('; ')[0]}")
+    newest = found[-1]
+    if step != newest:
+        before = found[-2] if len(found) > 1 else None
+        took = (f"the checkpoint before it, step-{step}" if step == before
+                else f"an older checkpoint, step-{step}" if step else "none: it starts over from step 0")  # fmt: skip
+        log(f"  the newest checkpoint step-{newest} is damaged; the worker resumed from {took}")
     return step

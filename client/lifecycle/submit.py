@@ -74,7 +74,8 @@ def _describe_prepared(prepared: dataset.Prepared) -> str:
     r = prepared.report
     return (
         f"{r['records_out']:,} records ({r['train_records']:,} train, {r['eval_records']:,} eval), "
-        f"{r['duplicates_removed']:,} duplicates removed, {r['overlong']['count']:,} over max_length "
+        + (f"{r['invalid_count']:,} invalid rows skipped (data.on_error = \"skip\"), " if r.get("invalid_count") else "")
+        + f"{r['duplicates_removed']:,} duplicates removed, {r['overlong']['count']:,} over max_length "
         f"({r['overlong']['action']}); dataset {prepared.digest[:12]}"
     )
 

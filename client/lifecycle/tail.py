@@ -145,7 +145,7 @@ def tail(
                         fetcher.offer(e)
                     if as_json:  # the validated event, re-serialized: never the instance's raw bytes
                         sys.stdout.write(json_line(e.model_dump(mode="json")) + "\n")
-                    elif not view and (text := event_line(e)):
+                    elif not view and (text := event_line(e, progress)):
                         console.print(Text(text), highlight=False)
                 if raw or as_json:
                     sys.stdout.flush()

@@ -51,7 +51,8 @@ def quiet(_message: str) -> None:
 # Where AutoDL images keep the python that has torch, when `python3` on PATH is another one.
 PYTHON_CANDIDATES = ("/root/miniconda3/bin/python", "/root/anaconda3/bin/python", "/opt/conda/bin/python")
 PIP_TIMEOUT_S = 1800
-APT_TIMEOUT_S = 180
+APT_TIMEOUT_S = 600
+APT_LOCK_WAIT_S = 150  # per apt-get call; three calls at most stay within APT_TIMEOUT_S
 
 
 @dataclass(frozen=True)
@@ -380,11 +381,12 @@ def _ensure_tmux(transport: Transport, spec: JobSpec, tools: Tools, log: Log) ->
     log("  no tmux on the instance: apt-get install tmux")
     setup_dir = _setup_path(spec)
     apt_log = shell_path(_setup_path(spec, "apt.log"))
+    apt = f"apt-get -o DPkg::Lock::Timeout={APT_LOCK_WAIT_S}"  # another apt holds the lock: wait, not fail
     cmd = (
         f"mkdir -p {shell_path(setup_dir)} && export DEBIAN_FRONTEND=noninteractive\n"
-        f"apt-get install -y -q --no-install-recommends tmux >{apt_log} 2>&1 || "
-        f"{{ apt-get update -q >>{apt_log} 2>&1 && "
-        f"apt-get install -y -q --no-install-recommends tmux >>{apt_log} 2>&1; }}\n"
+        f"{apt} install -y -q --no-install-recommends tmux >{apt_log} 2>&1 || "
+        f"{{ {apt} update -q >>{apt_log} 2>&1 && "
+        f"{apt} install -y -q --no-install-recommends tmux >>{apt_log} 2>&1; }}\n"
         f"rc=$?; tail -n 5 {apt_log}; command -v tmux >/dev/null 2>&1 || exit ${{rc:-1}}"
     )
     try:

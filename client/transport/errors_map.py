@@ -54,6 +54,19 @@ class SshTarget:
         return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
 
 
+def unresolved_error(t: SshTarget, cause: str) -> ConnectError:
+    where = f"profile {t.profile}: " if t.profile else ""
+    fix = (
+        f'log in again with the console\'s command: autodl-run login "ssh -p PORT {t.user}@HOST" --name {t.profile}'
+        if t.profile
+        else "fix [instance] host (or ssh): copy the current ssh command from the console"
+    )
+    return ConnectError(
+        f"{where}the host name {t.host} does not resolve: {cause}",
+        hint=f"check its spelling (and this machine's network/DNS); {fix}",
+    )
+
+
 def connect_error(t: SshTarget, cause: str) -> ConnectError:
     where = f"profile {t.profile}: " if t.profile else ""
     if t.profile:
@@ -137,7 +150,7 @@ def from_exception(exc: BaseException, t: SshTarget) -> TransportError:
         causes = sorted({getattr(e, "strerror", None) or str(e) for e in exc.errors.values()})
         return connect_error(t, "; ".join(causes))
     if isinstance(exc, socket.gaierror):
-        return connect_error(t, f"cannot resolve the host name ({exc.strerror or exc})")
+        return unresolved_error(t, exc.strerror or str(exc))
     if isinstance(exc, TimeoutError):
         return connect_error(t, "timed out")
     if isinstance(exc, paramiko.SSHException):
@@ -159,7 +172,7 @@ _SSH_STDERR = [
     (r"REMOTE HOST IDENTIFICATION HAS CHANGED|Host key verification failed", "hostkey"),
     (r"Permission denied \((publickey|password|keyboard|gssapi|hostbased)", "auth"),
     (r"Too many authentication failures", "auth"),
-    (r"Could not resolve hostname", "connect"),
+    (r"Could not resolve hostname", "resolve"),
     (r"^ssh: connect to host .*", "connect"),  # refused, timed out, no route, unreachable
     (
         r"kex_exchange_identification|Connection (closed|reset) by|Connection timed out during banner",
@@ -179,5 +192,7 @@ def from_ssh_stderr(stderr: str, t: SshTarget) -> TransportError | None:
                     return host_key_error(t)
                 if kind == "auth":
                     return auth_error(t, cause)
+                if kind == "resolve":
+                    return unresolved_error(t, cause)
                 return connect_error(t, cause)
     return None

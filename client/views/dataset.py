@@ -41,6 +41,14 @@ def check_summary(job_file: str, name: str, instance: str, report: dict, console
         console.print(Text(f"  format: {report['template']['format']}"))
     elif report.get("tokenizer_reason"):
         console.print(Text(f"  not tokenized: {report['tokenizer_reason']}", style="dim"))
+    if report.get("duplicates_removed"):
+        console.print(f"  {report['duplicates_removed']:,} duplicate(s) removed (data.dedupe)")
+    ov = report.get("overlong") or {}
+    if ov.get("count"):
+        est = " (estimated from characters)" if ov.get("estimated") else ""
+        action = {"drop": "dropped", "truncate": "truncated", "fail": "refused"}.get(ov.get("action"), ov.get("action"))
+        console.print(f"[yellow]![/] {ov['count']:,} record(s) over max_length {ov['max_length']:,}{est}: "
+                      f"{action} at prepare (data.overlong = \"{ov.get('action')}\")")  # fmt: skip
     _render_warnings(report, console)
 
 

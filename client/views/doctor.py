@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from client.instances.doctor import DoctorReport
-from client.views.text import shown
+from client.views.text import print_table, shown
 
 _MARKS = {"ok": "[green]✓[/]", "warn": "[yellow]![/]", "fail": "[red]✗[/]", "info": "[dim]–[/]"}
 
@@ -27,7 +27,7 @@ def render(report: DoctorReport, console: Console) -> None:
     table.add_column("fix")
     for c in report.checks:
         table.add_row(_MARKS[c.status], _safe(c.name), _safe(c.detail), _safe(c.hint))
-    console.print(table)
+    print_table(console, table)
     fails = len(report.failed)
     if fails:
         console.print(f"[red]{fails} problem{'s' if fails > 1 else ''}[/]: see the fix column")

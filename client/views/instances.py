@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
 
 from client.instances.login import LoginResult, TrustResult
+from client.instances.profiles import Profile
+from client.views.text import print_table
 
 
 def login(result: LoginResult, console: Console) -> None:
@@ -28,3 +31,14 @@ def trust(result: TrustResult, console: Console) -> None:
         console.print(f"[green]✓[/] {where}: pinned {escape(result.new)} (was: {escape(was)})")
     else:
         console.print(f"[green]✓[/] {where}: unchanged, {escape(result.new)}")
+
+
+def hosts(saved: list[Profile], console: Console) -> None:
+    if not saved:
+        console.print('no saved hosts yet; save one with: autodl-run login "ssh -p PORT root@HOST"')
+        return
+    t = Table("name", "where", "key", "updated")
+    for p in saved:
+        t.add_row(escape(p.name), escape(p.where), escape(p.identity_file), escape(p.updated_at))
+    print_table(console, t)
+    console.print(escape('use one in a job: [instance] profile = "NAME"; check it: autodl-run doctor NAME'))

@@ -17,7 +17,7 @@ from rich.table import Column, Table
 
 from client.ledger import JobRecord
 from client.views.render import fmt_duration
-from client.views.text import shown
+from client.views.text import print_table, shown
 
 if TYPE_CHECKING:
     from client.lifecycle.fetch import Fetched
@@ -67,14 +67,14 @@ def status(info: dict[str, Any], console: Console) -> None:
         t.add_row("warning", _safe(info["warning"]))
     if info.get("report"):
         t.add_row("report", escape(info["report"]) + " (from the laptop's record: the instance was not asked)")
-    console.print(t)
+    print_table(console, t)
 
 
 def jobs(records: Sequence[JobRecord], console: Console) -> None:
     if not records:
         console.print("no jobs yet; submit one with `autodl-run submit job.toml`")
         return
-    t = Table("instance", "state", "submitted", "fetched")
+    t = Table("instance", "state", Column("submitted", no_wrap=True), "fetched")
     # The id is what people copy into the next command: never cut it short.
     t.columns.insert(
         0, Column("job", no_wrap=True, overflow="fold", min_width=max(len(r.id) for r in records))
@@ -84,7 +84,7 @@ def jobs(records: Sequence[JobRecord], console: Console) -> None:
             escape(r.id), escape(r.spec.instance.describe()), escape(r.state),
             time.strftime("%Y-%m-%d %H:%M", time.localtime(r.submitted_at)), "yes" if r.fetched_to else "",
         )  # fmt: skip
-    console.print(t)
+    print_table(console, t)
 
 
 def fetched(result: Fetched, load_snippet: str, console: Console) -> None:
@@ -138,3 +138,10 @@ def step(result: StepResult, console: Console) -> None:
     console.print(f"[green]✓[/] {escape(result.name):<8} {result.seconds:6.2f}s")
     if result.detail:
         console.print(f"  {escape(shown(result.detail))}")
+
+
+def removed(result: dict[str, Any], console: Console) -> None:
+    for folder in result["folders"]:
+        console.print(f"deleted {escape(folder)}")
+    for job in result["removed"]:
+        console.print(f"[green]✓[/] removed {escape(job)}")

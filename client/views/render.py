@@ -29,19 +29,22 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
-def step_line(e: ev.Step) -> str:
+def step_line(e: ev.Step, p: Progress | None = None) -> str:
+    """With the job's Progress (fed up to `e`), the elapsed time is the job's (Progress.elapsed_s, what
+    `status` and the panel show) and the ETA follows; without, the worker's own training time."""
     mem = f"  mem {e.peak_mem_gb:.1f}GB" if e.peak_mem_gb is not None else ""
-    return (
-        f"step {e.step}/{e.total_steps}  loss {e.loss:.4f}  lr {e.lr:.2e}  "
-        f"{e.tokens_per_s:,.0f} tok/s  {fmt_duration(e.elapsed_s)}{mem}"
-    )
+    when = fmt_duration(e.elapsed_s)
+    if p is not None:
+        when = f"elapsed {fmt_duration(p.elapsed_s(e.t))}  ETA {fmt_duration(p.eta_s)}"
+    return f"step {e.step}/{e.total_steps}  loss {e.loss:.4f}  lr {e.lr:.2e}  {e.tokens_per_s:,.0f} tok/s  {when}{mem}"
 
 
-def event_line(e) -> str | None:
+def event_line(e, p: Progress | None = None) -> str | None:
     """One plain line per event (for pipes, logs and CI); the event's strings with their control
-    characters escaped (client.views.text). Print it as text, not markup."""
+    characters escaped (client.views.text). Print it as text, not markup. `p`: the job's Progress, fed
+    up to `e`, for the job's elapsed time and ETA."""
     if isinstance(e, ev.Step):
-        return step_line(e)
+        return step_line(e, p)
     if isinstance(e, ev.Phase):
         return f"[{shown(e.phase)}] {shown(e.message)}".rstrip()
     if isinstance(e, ev.Started):
@@ -67,9 +70,8 @@ def event_line(e) -> str | None:
             if e.stopped
             else ""
         )
-        return (
-            f"done: {e.steps} steps in {fmt_duration(e.elapsed_s)}{loss}{early}; adapter at {shown(e.adapter_path)}"
-        )
+        took = fmt_duration(p.elapsed_s(e.t) if p is not None else e.elapsed_s)
+        return f"done: {e.steps} steps in {took}{loss}{early}; adapter at {shown(e.adapter_path)}"
     if isinstance(e, ev.Failed):
         return f"FAILED: {shown(e.error_class)}: {shown(e.message)}" + (
             f"\n  hint: {shown(e.hint)}" if e.hint else ""

@@ -43,3 +43,21 @@ def json_line(obj: object) -> str:
     bidi characters are escaped here, which keeps the JSON valid: they only occur inside strings)."""
     text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
     return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+
+UNBOUNDED = 1 << 16
+
+
+def print_table(console, table) -> None:
+    """A table at the terminal's width; piped, as wide as its values, so nothing a person copies (an id, a
+    date, a path) is wrapped or cut with an ellipsis."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.console import Console
+
+    wide = Console(file=console.file, width=UNBOUNDED, highlight=False, soft_wrap=True, no_color=True)
+    with wide.capture() as cap:
+        wide.print(table)
+    console.file.write("".join(line.rstrip() + "\n" for line in cap.get().splitlines()))
