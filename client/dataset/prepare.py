@@ -79,7 +79,7 @@ def check(spec: JobSpec, job_file: Path, *, tokenizer: Any = "auto") -> dict:
     t0 = time.perf_counter()
     if tok is not None:
         with tempfile.TemporaryDirectory(prefix="autodl-run-check-") as tmp:
-            scan, out = _passes(Path(tmp), spec.data, srcs, tok, 0)
+            scan, out = _passes(Path(tmp), spec.data, srcs, tok, 0, activity.rows("check"))
         report = _report(scan, spec.data)
         report.update(
             records_out=out["counts"]["train"] + out["counts"]["eval"], train_records=out["counts"]["train"],
