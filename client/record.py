@@ -37,7 +37,7 @@ TB_FILES = 64
 CHUNK = 16 * MiB  # one read; well under the transport's cap on a command's output
 READ_TIMEOUT_S = 120.0
 FINAL = ".final"  # in record/: the state the job ended in, written once the record was pulled after that
-MODELS = {"trainer_state": TrainerState, "eval_results": EvalResults}
+MODELS: dict[str, type[TrainerState | EvalResults]] = {"trainer_state": TrainerState, "eval_results": EvalResults}
 
 # $1 file, $2 offset, $3 bytes: its size on a line, then at most $3 bytes from the offset; 3 = not a regular file
 _READ = 'if [ -f "$1" ] && [ ! -L "$1" ]; then stat -c %s -- "$1" && tail -c +$(( $2 + 1 )) -- "$1" | head -c "$3"; else exit 3; fi'

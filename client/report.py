@@ -95,8 +95,8 @@ def write_report(record: JobRecord, copy: LocalCopy, notes: list[str] | None = N
     """Write `record/report.md` and `record/plots/*.png`; returns the report's path."""
     run = read_events(copy.record_file("events"))
     copy.plots.mkdir(parents=True, exist_ok=True)
-    xs = [s.step for s in run.steps]
-    data = {
+    xs: list[float] = [s.step for s in run.steps]
+    data: dict[str, list[tuple[str, list[float], list[float]]]] = {
         "loss": [("train", xs, [s.loss for s in run.steps]),
                  ("eval", [e.step for e in run.evals], [e.eval_loss for e in run.evals])],
         "lr": [("lr", xs, [s.lr for s in run.steps])],

@@ -292,6 +292,12 @@ class TrainSpec(_Strict):
     def multi_process(self) -> bool:
         return self.gpus != 1
 
+    @model_validator(mode="after")
+    def _one_global_batch(self) -> TrainSpec:
+        if self.global_batch_tokens and self.global_batch_sequences:
+            raise ValueError("give global_batch_tokens or global_batch_sequences, not both")
+        return self
+
 
 class EvalSpec(_Strict):
     """`[eval]`: generations of the base and the tuned model on held-out prompts (remote_worker.evaluate)."""
@@ -300,12 +306,6 @@ class EvalSpec(_Strict):
     max_new_tokens: int = Field(256, ge=1, le=32768)
     limit: int = Field(50, ge=1, description="at most this many prompts")
     at_end: bool = Field(False, description="run it on the instance when training ends, before the guard may shut down")
-
-    @model_validator(mode="after")
-    def _one_global_batch(self) -> TrainSpec:
-        if self.global_batch_tokens and self.global_batch_sequences:
-            raise ValueError("give global_batch_tokens or global_batch_sequences, not both")
-        return self
 
 
 class FetchSpec(_Strict):

@@ -268,8 +268,8 @@ def guard_trackers(trainer, events: EventWriter, spec: JobSpec, job_id: str, job
     from transformers.integrations import INTEGRATION_TO_CALLBACK
 
     _, missing = trackers(spec)
-    for name in missing:
-        warn(events, name, f"{name} is not installed on the instance: nothing is reported to it")
+    for tracker in missing:
+        warn(events, tracker, f"{tracker} is not installed on the instance: nothing is reported to it")
     tb_dir = tensorboard_dir(job_dir, job_id, on_autodl())
     paths = JobPaths(job_dir)
     project = spec.track.project or spec.name

@@ -178,21 +178,14 @@ def weight_bytes(params: int, bits: int) -> float:
 
 def choose(setting: str, w: World, params: int, bits: int, card_bytes: int | None) -> str:
     """"none" for one process; the spec's "ddp"/"fsdp"; for "auto": DDP when the weights take at
-    most DDP_WEIGHT_SHARE of one card (the rest is activations and the LoRA optimizer), else FSDP.
-    jobs.memory's estimate replaces this rule where it exists."""
+    most DDP_WEIGHT_SHARE of one card (the rest is activations and the LoRA optimizer), else FSDP."""
     if not w.multi:
         return NONE
     if setting in (DDP, FSDP):
         return setting
     if not card_bytes:  # the CPU: every process holds the model
         return DDP
-    try:
-        from jobs import memory  # type: ignore[attr-defined]
-
-        fits = memory.fits_one_card(params=params, bits=bits, card_bytes=card_bytes)
-    except (ImportError, AttributeError, TypeError):
-        fits = weight_bytes(params, bits) <= DDP_WEIGHT_SHARE * card_bytes
-    return DDP if fits else FSDP
+    return DDP if weight_bytes(params, bits) <= DDP_WEIGHT_SHARE * card_bytes else FSDP
 
 
 def prepare_loading(mode: str) -> None:

@@ -241,7 +241,7 @@ class ModelScopeHub:
         )
 
 
-HUBS = {HF: HfHub, MODELSCOPE: ModelScopeHub}
+HUBS: dict[str, type[HfHub] | type[ModelScopeHub]] = {HF: HfHub, MODELSCOPE: ModelScopeHub}
 
 
 def _walk_size(folder: str) -> int:

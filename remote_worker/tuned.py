@@ -12,10 +12,16 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jobs.layout import BASE_MODEL
 from jobs.protocol import BaseModelRecord, ProtocolError, read_model
 from remote_worker import ModelNotFound, WorkerError
+
+if TYPE_CHECKING:
+    import torch
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's own file name
 # End-of-turn tokens of the chat templates we know: generation stops at whichever the vocabulary has.
@@ -89,11 +95,11 @@ def load_base(name: str, device: str, dtype):
 
 @dataclass
 class Tuned:
-    tokenizer: object
-    model: object  # a PeftModel; `with model.disable_adapter():` is the base alone
+    tokenizer: PreTrainedTokenizerBase
+    model: PeftModel  # `with model.disable_adapter():` is the base alone
     base: str
     device: str
-    dtype: object
+    dtype: torch.dtype
     stop_ids: list[int] = field(default_factory=list)
 
 

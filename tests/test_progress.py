@@ -181,7 +181,7 @@ def test_a_terminal_shows_a_live_bar_that_leaves_one_line(tmp_path: Path, tmux_s
         return subprocess.run(["tmux", "-L", tmux_socket, "capture-pane", "-p", "-t", "t"],
                               capture_output=True, text=True).stdout  # fmt: skip
 
-    wait_for(lambda: "prepare: writing" in screen() and "rows/s" in screen(), what="the live bar")
+    wait_for(lambda: "3,072 rows of" in screen() and "rows/s" in screen(), what="the live bar")
     live = screen()
     bar = next(ln for ln in live.splitlines() if "prepare: writing" in ln)
     assert f"3,072 rows of {ROWS:,} rows" in bar and "━" in bar, live  # where it is, of how many

@@ -110,3 +110,11 @@ def test_job_name_cannot_inject_shell(tmp_path: Path) -> None:
     bad.write_text('name = "x; rm -rf ~"\n[model]\nname_or_path = "m"\n[data]\ntrain = "d.jsonl"\n')
     with pytest.raises(SpecError, match="name"):
         load_spec(bad)
+
+
+def test_an_eval_section_loads_and_refuses_only_its_own_fields() -> None:
+    from jobs.spec import EvalSpec, TrainSpec
+
+    assert EvalSpec(max_new_tokens=8).limit == 50  # the merge had put train's batch check here: AttributeError
+    with pytest.raises(ValueError, match="global_batch_tokens or global_batch_sequences"):
+        TrainSpec(global_batch_tokens=160, global_batch_sequences=8)

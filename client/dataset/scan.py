@@ -13,7 +13,7 @@ import hashlib
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any, Protocol
 
 from client.dataset import formats
 from client.dataset.readers import FileError, read_rows, resolve
@@ -32,6 +32,12 @@ except ImportError:  # pragma: no cover - orjson is optional
 
     def dumps(rec: dict) -> bytes:
         return json.dumps(rec, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+class Sink(Protocol):
+    """Where the canonical lines go: a binary file, or a wrapper that counts them."""
+
+    def write(self, data: bytes, /) -> int: ...
 
 
 INVALID_KEPT = 100  # bad records listed in the report under on_error = "skip"
@@ -90,7 +96,7 @@ class Scan:
     def kept(self) -> int:
         return len(self.origin_line)
 
-    def run(self, sink: IO[bytes] | None) -> Scan:
+    def run(self, sink: Sink | None) -> Scan:
         seen: set[bytes] = set()
         for index, src in enumerate(self.sources):
             self.files.append(self._file(index, src, sink, seen))
@@ -102,7 +108,7 @@ class Scan:
         if self.data.on_error == "fail" or len(self.problems) < INVALID_KEPT:
             self.problems.append(Problem(src.shown, line, fld, reason))
 
-    def _file(self, index: int, src: Source, sink: IO[bytes] | None, seen: set[bytes]) -> dict:
+    def _file(self, index: int, src: Source, sink: Sink | None, seen: set[bytes]) -> dict:
         data = self.data
         info: dict[str, Any] = {"file": src.shown, "split": src.split, "type": None, "format": None,
                 "rows": 0, "invalid": 0, "duplicates": 0, "records": 0}

@@ -156,7 +156,7 @@ def _check_order(out: list[dict], role: str, where: str, i: int) -> None:
         return
     prev = out[-1] if out else {"role": "system"}
     if prev["role"] == "user":
-        expected = ("assistant",)
+        expected: tuple[str, ...] = ("assistant",)
     elif prev["role"] == "assistant" and prev.get("tool_calls"):
         expected = ("tool",)
     elif prev["role"] == "tool":

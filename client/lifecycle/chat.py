@@ -19,6 +19,7 @@ from client.lifecycle.evaluate import local_adapter, require_remote_adapter
 from client.remote import posttask
 from client.remote.setup import quiet
 from client.session import open_session
+from client.transport.ssh import SshTransport
 
 MODULE = "remote_worker.chat"
 
@@ -47,7 +48,7 @@ def chat(record: JobRecord, *, use_base: bool = False, here: bool = False, to: P
         placed = session.placed(record.spec)
         env = posttask.bundle_env(session, record.spec)
         argv = posttask.worker_argv(placed, MODULE, argv_for(job.adapter, use_base, base, max_new_tokens))
-        if record.spec.instance.is_local:
+        if not isinstance(transport, SshTransport):  # the local target: a child process of this one
             return subprocess.call(argv, env={**os.environ, **env})
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
         remote = f"cd {shlex.quote(job.dir)} && env {exports} {shlex.join(argv)}"

@@ -16,6 +16,7 @@ symlinks, devices, FIFOs and sockets on the far side are skipped instead of recr
 from __future__ import annotations
 
 import functools
+import io
 import posixpath
 import re
 import shlex
@@ -23,6 +24,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import cast
 
 from client import activity
 from client.errors import ConnectError, RemoteEnvError, TransferError, TransportError
@@ -175,12 +177,14 @@ def _run_with_progress(argv: list[str]) -> tuple[int, str]:
     argv = [*argv[:cut], "--info=progress2", "--no-inc-recursive", *argv[cut:]]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     assert proc.stdout is not None and proc.stderr is not None
+    out = cast(io.BufferedReader, proc.stdout)  # Popen's pipes are buffered (bufsize=-1): read1 is there
+    stderr = proc.stderr
     err: list[bytes] = []
-    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+    reader = threading.Thread(target=lambda: err.append(stderr.read()), daemon=True)
     reader.start()
     with activity.Meter(_label(argv), "bytes", every=0.1) as m:
         pending = b""
-        for chunk in iter(lambda: proc.stdout.read1(1 << 14), b""):  # type: ignore[union-attr]
+        for chunk in iter(lambda: out.read1(1 << 14), b""):
             *lines, pending = re.split(rb"[\r\n]", pending + chunk)
             for line in reversed(lines):  # the newest complete line is enough
                 got = parse_progress2(line)

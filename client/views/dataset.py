@@ -46,9 +46,10 @@ def check_summary(job_file: str, name: str, instance: str, report: dict, console
     ov = report.get("overlong") or {}
     if ov.get("count"):
         est = " (estimated from characters)" if ov.get("estimated") else ""
-        action = {"drop": "dropped", "truncate": "truncated", "fail": "refused"}.get(ov.get("action"), ov.get("action"))
+        given = ov.get("action")
+        action = {"drop": "dropped", "truncate": "truncated", "fail": "refused"}.get(given, given) if given else given
         console.print(f"[yellow]![/] {ov['count']:,} record(s) over max_length {ov['max_length']:,}{est}: "
-                      f"{action} at prepare (data.overlong = \"{ov.get('action')}\")")  # fmt: skip
+                      f"{action} at prepare (data.overlong = \"{given}\")")  # fmt: skip
     _render_warnings(report, console)
 
 

@@ -79,10 +79,10 @@ class ProgressView:
                 console=self.console, transient=True,
             )  # fmt: skip
             self.progress.start()
-        fields = {"counts": counts(a), "note": shown(a.note)[:60]}
+        tally, note = counts(a), shown(a.note)[:60]
         if a.id not in self.tasks:
-            self.tasks[a.id] = self.progress.add_task(shown(a.what), total=a.total or None, **fields)
-        self.progress.update(self.tasks[a.id], completed=a.done, total=a.total or None, **fields)
+            self.tasks[a.id] = self.progress.add_task(shown(a.what), total=a.total or None, counts=tally, note=note)
+        self.progress.update(self.tasks[a.id], completed=a.done, total=a.total or None, counts=tally, note=note)
 
     def _end(self, a: Activity) -> None:
         task = self.tasks.pop(a.id, None)

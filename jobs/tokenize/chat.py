@@ -88,12 +88,11 @@ class _Renderer:
     def __init__(self, tokenizer: Any, template_text: bool = False):
         self.tok = tokenizer
         self.template_text = template_text
-        self.source = self.template = getattr(tokenizer, "chat_template", None)
-        if isinstance(self.template, dict):  # named templates: use the default one
-            self.template = self.template.get("default") or next(iter(self.template.values()), None)
-        self.plain = not self.template
-        if self.plain:
-            self.template = PLAIN_TEMPLATE
+        self.source = named = getattr(tokenizer, "chat_template", None)
+        if isinstance(named, dict):  # named templates: use the default one
+            named = named.get("default") or next(iter(named.values()), None)
+        self.plain = not named
+        self.template: str = named or PLAIN_TEMPLATE
         self.special = _special_token_strings(tokenizer)
         self.eos = getattr(tokenizer, "eos_token", None)
         self._fast = self._compile()
@@ -104,7 +103,7 @@ class _Renderer:
         """None when the template renders tool calls and tool results, else what it lacks (probed once)."""
         if self._tools is False:
             call = {"type": "function", "function": {"name": SENTINEL, "arguments": {}}}
-            probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "tool_calls": [call]},
+            probe: list[dict] = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "", "tool_calls": [call]},
                      {"role": "tool", "content": SENTINEL[::-1]}, {"role": "assistant", "content": "b"}]
             what = "the plain format (the tokenizer has no chat template)" if self.plain else "the chat template"
             try:

@@ -124,9 +124,9 @@ def _finish(tokenizer: Any, st: _Staged, encodings: tuple[list, list], max_lengt
     out: list[Encoded | None] = [None] * st.n
     for i, enc, spans, text, notes in zip(st.chat_at, chat, st.chat_spans, st.chat_texts, st.chat_notes, strict=True):
         ids = enc.ids
-        out[i] = _limit(ids, _mask(enc, len(ids), len(text), spans), max_length, overlong)
-        if out[i] is not None and notes:
-            out[i].notes = notes
+        done = out[i] = _limit(ids, _mask(enc, len(ids), len(text), spans), max_length, overlong)
+        if done is not None and notes:
+            done.notes = notes
     eos = getattr(tokenizer, "eos_token_id", None)
     for i, enc in zip(st.plain_at, plain, strict=True):
         ids = enc.ids
