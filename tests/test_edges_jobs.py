@@ -61,30 +61,21 @@ def events_of(job_dir: Path) -> list:
     return [ev.parse(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
-def test_after_a_job_failed_on_its_data_every_hint_names_a_command_that_helps(
+def test_a_dataset_with_nothing_to_train_is_refused_before_launch_with_a_hint_that_helps(
     tmp_path: Path, tmux_socket: str, local_home: Path
 ) -> None:
-    """Every prompt is longer than max_length: truncation leaves nothing to train, the worker fails on its data."""
+    """Every prompt is longer than max_length: truncation leaves nothing to train. This used to launch and
+    fail on the worker with a DataError, after which `fetch` and `resume` gave hints that could not help;
+    the laptop now refuses it before anything is launched (issue 12) and says what to change."""
     folder = tmp_path / "job"
     make_model(folder / "base")
     job = write_job(folder, model=folder / "base", instance=local(tmp_path, tmux_socket),
                     data={"max_length": 16, "overlong": "truncate"})  # fmt: skip
     sub = cli("submit", str(job), "--follow", check=False)
-    assert sub.returncode == 6 and "DataError" in sub.stderr, sub.stderr
-    job_id = sub.stdout.splitlines()[0].strip()
-    for args in (["fetch", job_id], ["fetch", job_id, "--checkpoints"]):
-        res = cli(*args, check=False)
-        assert res.returncode == 6
-        hint = res.stderr.split("hint:", 1)[1]
-        assert "--checkpoints" not in hint and "resume" not in hint.replace("nothing to fetch or resume", "")
-        assert f"autodl-run submit {job}" in hint
-    job_dir = tmp_path / "remote" / "jobs" / job_id
-    runs = len(events_of(job_dir))
-    res = cli("resume", job_id, check=False)
-    assert res.returncode == 6 and "failed on its data" in res.stderr and "fail the same way" in res.stderr
-    assert f"autodl-run submit {job}" in res.stderr
-    assert len(events_of(job_dir)) == runs  # nothing was launched
-    assert json.loads(cli("status", job_id, "--json").stdout)["state"] == "failed"
+    assert sub.returncode == 3 and "nothing to train" in sub.stderr, sub.stderr
+    assert "data.max_length" in sub.stderr.split("hint:", 1)[1]
+    assert json.loads(cli("ls", "--json").stdout) == []  # nothing was launched, nothing to fetch or resume
+    assert not (tmp_path / "remote" / "jobs").exists() or not any((tmp_path / "remote" / "jobs").iterdir())
 
 
 def test_resume_says_which_checkpoint_the_worker_took_when_the_newest_is_damaged(

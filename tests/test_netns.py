@@ -85,7 +85,9 @@ def test_from_a_pasted_login_command_to_a_verified_adapter(
 
     # A power cycle: the port changes. Commands say how to recover; a new login does; the job is kept.
     inst.start(port=2222)
-    res = run("status", job_id, check=False)
+    res = run("status", job_id, check=False)  # an ended job with its record on the laptop: answered offline
+    assert res.returncode == 0 and "the instance was not asked" in res.stdout, res.stdout + res.stderr
+    res = run("fetch", job_id, "--to", str(tmp_path / "moved"), check=False)
     assert res.returncode == 4 and "--name gpu1" in res.stderr
     run("login", f"ssh -p 2222 root@{inst.ip}", "--name", "gpu1")  # the key still works: no password
     status = json.loads(run("status", job_id, "--json").stdout)

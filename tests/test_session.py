@@ -80,7 +80,7 @@ def test_submit_and_resume_print_the_same_timed_steps(tmp_path: Path, tmux_socke
     sub = cli("submit", str(job))
     job_id = sub.stdout.splitlines()[0].strip()
     submitted = STEP_LINE.findall(sub.stderr)
-    assert submitted == ["check", "prepare", "connect", "sync", "setup", "model", "launch"], sub.stderr
+    assert submitted == ["check", "prepare", "connect", "plan", "sync", "setup", "model", "launch"], sub.stderr
 
     checkpoints = tmp_path / "remote" / "jobs" / job_id / "output" / "checkpoints"
     _wait(lambda: checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir()))
