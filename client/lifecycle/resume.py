@@ -41,9 +41,9 @@ from client.remote.submission import submission_key, write_launch_record
 from client.remote.sync import sync_dir
 from client.session import Session
 from jobs import events as ev
-from jobs.layout import JOB_FILES, MANIFEST, JobPaths, checkpoint_step
+from jobs.layout import DATASET_MANIFEST, JOB_FILES, MANIFEST, JobPaths, checkpoint_step
 from jobs.manifest import ManifestError, verify_manifest
-from jobs.protocol import JobState, LaunchRecord
+from jobs.protocol import DatasetManifest, JobState, LaunchRecord, ProtocolError, read_model
 from jobs.spec import InstanceSpec, JobSpec
 
 Log = Callable[[str], None]
@@ -143,7 +143,7 @@ def resume(
     log: Log = print,
     report: Report | None = None,
 ) -> Resumed:
-    """check → connect → sync (checkpoint, data, worker) → setup → model → launch: submit's steps,
+    """check → connect → plan → sync (checkpoint, data, worker) → setup → model → launch: submit's steps,
     timed and reported the same way (client.lifecycle.pipeline)."""
     run = Pipeline(report, log)
     if instance is None or same_target(instance, record.spec.instance):
@@ -235,6 +235,7 @@ def _sync_and_launch(
         step = checkpoint()
         return step, steps.sync(session, record.data_digest, lambda: _prepare_again(record, spec))
 
+    run.run(steps.PLAN, session, spec, _prepared_report(record))  # the instance may be another card now
     step, synced = run.run(Step("sync", sync, lambda r: r[1].describe()))
     bundle = synced.bundle_digest
     run.run(steps.SETUP, session, spec, bundle, log)
@@ -243,6 +244,16 @@ def _sync_and_launch(
         before_launch(bundle)
     run.run(steps.LAUNCH, session, spec, job_id, record.data_digest, bundle, deadline)
     return step, bundle
+
+
+def _prepared_report(record: JobRecord) -> dict:
+    """The dataset report `prepare` wrote on this laptop for the job's data ({} where it is gone: the plan
+    then estimates without token counts)."""
+    try:
+        path = prepared_dir() / record.data_digest / DATASET_MANIFEST
+        return read_model(DatasetManifest, path.read_bytes(), str(path)).report
+    except (OSError, ProtocolError):
+        return {}
 
 
 def _prepare_again(record: JobRecord, spec: JobSpec) -> Path:
