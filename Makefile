@@ -8,7 +8,7 @@ setup:
 demo: setup
 	.venv/bin/python scripts/demo.py
 test: setup
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n 2
 lint: setup
 	.venv/bin/ruff check client remote_worker jobs tests scripts bench
 	.venv/bin/mypy
