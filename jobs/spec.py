@@ -14,7 +14,7 @@ import sys
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from jobs import autodl
 
@@ -276,7 +276,9 @@ class TrainSpec(_Strict):
     liger: Literal["auto", "on", "off"] = "auto"
     fused_lora: bool = Field(True, description="fused LoRA forward/backward where supported (no dropout, no DoRA)")
     # More than one GPU (docs/multigpu.md): the worker runs under torchrun, one process per GPU.
-    gpus: int | Literal["all"] = Field(1, description='GPUs (processes) per node: 1, N or "all"; on the CPU, processes')
+    gpus: StrictInt | Literal["all"] = Field(
+        1, description='GPUs (processes) per node: 1, N or "all" (CUDA only); on the CPU, a number of processes'
+    )
     distributed: Literal["auto", "ddp", "fsdp"] = Field(
         "auto", description='"ddp" (each GPU holds the 4-bit model), "fsdp" (sharded QLoRA), "auto" by a memory estimate'
     )
@@ -296,6 +298,9 @@ class TrainSpec(_Strict):
     def _one_global_batch(self) -> TrainSpec:
         if self.global_batch_tokens and self.global_batch_sequences:
             raise ValueError("give global_batch_tokens or global_batch_sequences, not both")
+        if self.gpus == "all" and self.device == "cpu":
+            # torchrun's "auto" is one process per CPU core there: 128 copies of the model on a large host
+            raise ValueError('gpus = "all" counts GPUs; with device = "cpu" give a number of processes, e.g. gpus = 2')
         return self
 
 

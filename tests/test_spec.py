@@ -118,3 +118,18 @@ def test_an_eval_section_loads_and_refuses_only_its_own_fields() -> None:
     assert EvalSpec(max_new_tokens=8).limit == 50  # the merge had put train's batch check here: AttributeError
     with pytest.raises(ValueError, match="global_batch_tokens or global_batch_sequences"):
         TrainSpec(global_batch_tokens=160, global_batch_sequences=8)
+
+
+def test_train_gpus_is_a_whole_number_or_all_and_all_is_for_gpus_only() -> None:
+    """`gpus = true` or "2" silently meant 1 or 2; "all" on the CPU meant one process per core (a breaker's find)."""
+    import pytest
+    from pydantic import ValidationError
+
+    from jobs.spec import TrainSpec
+
+    assert TrainSpec(gpus=2).gpus == 2 and TrainSpec(gpus="all").gpus == "all"
+    for bad in (True, "2", 2.0, 0):
+        with pytest.raises(ValidationError):
+            TrainSpec(gpus=bad)
+    with pytest.raises(ValidationError, match="number of processes"):
+        TrainSpec(gpus="all", device="cpu")

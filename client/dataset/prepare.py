@@ -193,7 +193,8 @@ def _raise_if_nothing_to_train(scan: Scan, out: dict, data: DataSpec) -> None:
     raise DatasetError(
         f"nothing to train: {what} ({why})",
         [Problem(s.shown, None, f"data.{s.split}", "no trainable record") for s in scan.sources if s.split == "train"],
-        hint='raise data.max_length, or set data.overlong = "truncate"; check that records end with an assistant reply',
+        hint=("raise data.max_length" + ('' if data.overlong == "truncate" else ', or set data.overlong = "truncate"')
+              + "; check that records end with an assistant reply"),
     )
 
 
