@@ -341,16 +341,15 @@ def test_a_deadline_saves_fetches_and_verifies_then_the_guard_shuts_down(
         shutdown_command=f"touch {ran}", idle_grace_minutes=30,
     )  # fmt: skip
     job = write_job(tmp_path / "job", model=tiny_model, instance=inst, train={"max_steps": 100_000}, rows=64)
-    deadline = time.time() + 25
     res = cli("submit", str(job), "--deadline", "25s", "--follow", "--json")
     job_id = first_json(res.stdout)["job_id"]
     job_dir = tmp_path / "remote" / "jobs" / job_id
     done = events_of(job_dir)[-1]
     assert isinstance(done, ev.Done) and done.stopped == "deadline" and done.steps < 100_000
-    # The worker decided to stop in time: its last step ended before the deadline. When the save and the
-    # fetch after it end depends on this machine's load (a busy 2-core CI machine overshot by 0.1 s), so
-    # that is not asserted: no test may depend on wall-clock speed.
-    assert [e for e in events_of(job_dir) if isinstance(e, ev.Step)][-1].t < deadline
+    # When the steps, the save and the fetch happen relative to the wall-clock deadline depends on this
+    # machine's load, so no time is asserted (no test may depend on wall-clock speed): on a busy 2-core
+    # machine submit and launch alone took longer than the 25 s, and the worker then stopped after one
+    # step, saved and was fetched, which is what the assertions here hold.
     assert any(isinstance(e, ev.Checkpoint) and e.reason == "deadline" for e in events_of(job_dir))
 
     runs = tmp_path / "job" / "runs" / job_id
