@@ -27,7 +27,7 @@ from client.remote.prefetch import Prefetched, prefetch_model
 from client.remote.setup import WorkerEnv, ensure_worker_deps, python_of
 from client.remote.sync import remote_exists, sync_dir
 from client.session import Session, open_session
-from jobs.layout import DATASET_MANIFEST, RemoteLayout
+from jobs.layout import DATASET_MANIFEST, JobPaths, RemoteLayout
 from jobs.spec import JobSpec, WorkerJob
 
 
@@ -167,8 +167,20 @@ def launch(
     Returns whether a guard was started. The worker resumes from the newest checkpoint in its job folder.
     """
     layout, placed = session.layout, session.placed(spec)
-    paths = layout.job(job_id)
+    paths = put_job_json(session, placed, job_id, digest, deadline_unix)
     env = worker_env(placed, layout, layout.bundle_dir(bundle_digest))
+    argv = launcher.worker_argv(python_of(placed.instance), paths.spec, placed.train, node_of(spec, 0))
+    launcher.launch(session.transport, paths, argv, socket=placed.instance.tmux_socket, session=job_id, env=env)
+    return guard_launch.start_guard(session.transport, placed, paths, job_id, env) is not None
+
+
+def put_job_json(
+    session: Session, placed: JobSpec, job_id: str, digest: str, deadline_unix: float | None
+) -> JobPaths:
+    """Write the worker's `job.json` (the placed spec and where this job's things are) into the job's folder
+    on the session's instance; returns the job's paths there."""
+    layout = session.layout
+    paths = layout.job(job_id)
     job = WorkerJob(
         job_id=job_id, spec=placed, data_dir=layout.data_dir(digest), job_dir=paths.dir,
         hf_home=layout.hf_home(), deadline_unix=deadline_unix,
@@ -177,9 +189,7 @@ def launch(
         local = Path(tmp) / posixpath.basename(paths.spec)
         local.write_text(json.dumps(job.model_dump(mode="json"), indent=2))
         session.transport.put(local, paths.spec)
-    argv = launcher.worker_argv(python_of(placed.instance), paths.spec, placed.train, node_of(spec, 0))
-    launcher.launch(session.transport, paths, argv, socket=placed.instance.tmux_socket, session=job_id, env=env)
-    return guard_launch.start_guard(session.transport, placed, paths, job_id, env) is not None
+    return paths
 
 
 def node_of(spec: JobSpec, rank: int) -> launcher.Node:
@@ -202,15 +212,7 @@ def launch_nodes(spec: JobSpec, job_id: str, digest: str, prepared: Path, deadli
             setup(session, node, bundle_digest, log)
             model(session, node, job_id, bundle_digest, log)
             layout, placed = session.layout, session.placed(node)
-            paths = layout.job(job_id)
-            job = WorkerJob(
-                job_id=job_id, spec=placed, data_dir=layout.data_dir(digest), job_dir=paths.dir,
-                hf_home=layout.hf_home(), deadline_unix=deadline_unix,
-            )  # fmt: skip
-            with tempfile.TemporaryDirectory() as tmp:
-                local = Path(tmp) / posixpath.basename(paths.spec)
-                local.write_text(json.dumps(job.model_dump(mode="json"), indent=2))
-                session.transport.put(local, paths.spec)
+            paths = put_job_json(session, placed, job_id, digest, deadline_unix)
             argv = launcher.worker_argv(python_of(placed.instance), paths.spec, placed.train, node_of(spec, rank))
             env = worker_env(placed, layout, layout.bundle_dir(bundle_digest))
             launcher.launch(session.transport, paths, argv, socket=placed.instance.tmux_socket, session=job_id, env=env)
