@@ -210,7 +210,8 @@ def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool, capp
         shutil.rmtree(model_dir, ignore_errors=True)
 
 
-CAPPED_WARMUP, CAPPED_STEPS = 1, 5
+CAPPED_WARMUP, CAPPED_STEPS = 3, 12  # ragged rows (a pad_multiple) meet each new length in the warm-up too
+PAD_VARIANTS = (0, 1024, 256)  # 0: every row filled to the micro-batch (the worker before 2026-11-30 evening)
 
 
 def timed_fill(items: list[dict], warmup: int, steps: int) -> float:
@@ -238,16 +239,23 @@ def capped_run(model, seqs, build_row, machine, setup, calibrate, name, rows, ca
     try:
         choice = calibrate.calibrate(model, shapes, seqs, build_row, machine.torch_dtype, setup=setup, mode="auto")
         shape = choice.shape
-        mb = data.MicroBatches(seqs, shape.micro_batch_tokens, True, PAD, seed=0,
-                               pad_to=shape.micro_batch_tokens if cap else 0)  # fmt: skip
-        mb.varlen = varlen  # as FastPaths.configure sets it for the worker's own batches
-        items = [mb[i] for i in range(min(len(mb), CAPPED_WARMUP + CAPPED_STEPS))]
-        res = qb.manual_run(model, items, steps=CAPPED_STEPS, warmup=CAPPED_WARMUP)
-        real = timed_fill(items, CAPPED_WARMUP, CAPPED_STEPS)
+        variants = []
+        for multiple in PAD_VARIANTS:  # how packed rows are filled (remote_worker.data.padded_length)
+            mb = data.MicroBatches(seqs, shape.micro_batch_tokens, True, PAD, seed=0,
+                                   pad_to=shape.micro_batch_tokens if cap else 0, pad_multiple=multiple)  # fmt: skip
+            mb.varlen = varlen  # as FastPaths.configure sets it for the worker's own batches
+            items = [mb[i] for i in range(min(len(mb), CAPPED_WARMUP + CAPPED_STEPS))]
+            res = qb.manual_run(model, items, steps=CAPPED_STEPS, warmup=CAPPED_WARMUP)
+            real = timed_fill(items, CAPPED_WARMUP, CAPPED_STEPS)
+            variants.append(dict(pad_multiple=multiple, tokens_per_s=round(res["tok_per_s"] * real),
+                                 padded_tokens_per_s=res["tok_per_s"], fill=round(real, 4),
+                                 step_s=res.get("step_s")))  # fmt: skip
+        worker = next(v for v in variants if v["pad_multiple"] == data.PAD_MULTIPLE)
         row.update(chosen_tokens=shape.micro_batch_tokens, chosen_checkpointed=shape.layers if shape.layers is not None
                    else (0 if not shape.checkpointing else "all"), note=choice.note,
-                   tokens_per_s=round(res["tok_per_s"] * real), padded_tokens_per_s=res["tok_per_s"],
-                   fill=round(real, 4), step_s=res.get("step_s"),
+                   tokens_per_s=worker["tokens_per_s"], padded_tokens_per_s=worker["padded_tokens_per_s"],
+                   fill=worker["fill"], step_s=worker["step_s"], pad_multiple=data.PAD_MULTIPLE,
+                   pad_variants=variants,
                    peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None,
                    trials=[{"shape": t.shape.label(), "peak_gb": round(t.peak_bytes / 1e9, 3) if t.peak_bytes else None,
                             "tokens_per_s": round(t.tokens_per_s), "oom": t.oom} for t in choice.trials])  # fmt: skip

@@ -212,13 +212,31 @@ def _trainable(split: Split) -> Split:
 # --- batching --------------------------------------------------------------------------------
 
 
-def packed_row(seqs: Sequence[Seq], pad_to: int = 0, pad_id: int = 0, varlen: bool = False) -> dict:
+# On CUDA packed rows are filled only up to the next multiple of this, not to the whole micro-batch:
+# rows of ~6k tokens in 8k micro-batches wasted a quarter of each step on the filler (docs/benchmarks.md).
+PAD_MULTIPLE = 1024
+
+
+def padded_length(tokens: int, pad_to: int, pad_multiple: int = 0) -> int:
+    """The length a packed row of `tokens` tokens is filled to: pad_to, or with pad_multiple the next
+    multiple of it, at most pad_to; never less than `tokens` (0: no filling)."""
+    if not pad_to:
+        return tokens
+    target = pad_to if not pad_multiple else min(pad_to, -(-tokens // pad_multiple) * pad_multiple)
+    return max(tokens, target)
+
+
+def packed_row(
+    seqs: Sequence[Seq], pad_to: int = 0, pad_id: int = 0, varlen: bool = False, pad_multiple: int = 0
+) -> dict:
     """Sequences end to end in one row, position_ids restarting at each, labels masked at each start.
 
-    With pad_to, the row is filled up to pad_to tokens by an untrained sequence of pad_id.
+    With pad_to, the row is filled by an untrained sequence of pad_id up to pad_to tokens, or with
+    pad_multiple up to the next multiple of it (at most pad_to): `padded_length`.
     With varlen, it also carries cu_seq_lens_q/k (int32) and max_length_q/k (int) for flash attention.
     """
-    fill = max(0, pad_to - sum(len(s.ids) for s in seqs))
+    n = sum(len(s.ids) for s in seqs)
+    fill = padded_length(n, pad_to, pad_multiple) - n
     if fill:
         seqs = [*seqs, Seq(np.full(fill, pad_id, dtype=np.int64), np.zeros(fill, dtype=np.uint8))]
     ids = np.concatenate([s.ids for s in seqs]).astype(np.int64)
@@ -257,10 +275,12 @@ def padded_rows(seqs: Sequence[Seq], pad_id: int) -> dict[str, torch.Tensor]:
     }
 
 
-def micro_batch(seqs: Sequence[Seq], packing: bool, pad_id: int, pad_to: int = 0, varlen: bool = False) -> dict:
+def micro_batch(
+    seqs: Sequence[Seq], packing: bool, pad_id: int, pad_to: int = 0, varlen: bool = False, pad_multiple: int = 0
+) -> dict:
     """One micro-batch of these sequences: a packed row (`packed_row`) or padded rows (`padded_rows`)."""
     if packing:
-        return packed_row(seqs, pad_to, pad_id, varlen=varlen)
+        return packed_row(seqs, pad_to, pad_id, varlen=varlen, pad_multiple=pad_multiple)
     return padded_rows(seqs, pad_id)
 
 
@@ -281,11 +301,13 @@ class MicroBatches(torch.utils.data.Dataset):
         seed: int | None = None,
         pad_to: int = 0,
         multiple: int = 1,
+        pad_multiple: int = 0,
     ):
         self.sequences = sequences
         self.packing = packing
         self.pad_id = pad_id
         self.pad_to = pad_to  # packed rows only: fill each up to this many tokens
+        self.pad_multiple = pad_multiple  # ... or only up to the next multiple of this (padded_length)
         self.varlen = False  # packed rows only: add cu_seq_lens_q/k and max_length_q/k
         self.extra: dict = {}  # added to every item as is
         lengths = [len(s.ids) for s in self.sequences]
@@ -299,7 +321,7 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         seqs = [self.sequences[j] for j in self.groups[i]] or [_filler(self.pad_id)]
-        item = micro_batch(seqs, self.packing, self.pad_id, self.pad_to, self.varlen)
+        item = micro_batch(seqs, self.packing, self.pad_id, self.pad_to, self.varlen, self.pad_multiple)
         return {**item, **self.extra} if self.extra else item
 
 

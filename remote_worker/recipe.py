@@ -144,10 +144,11 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
     )
     checkpointed_layers = calibrate.checkpointed_layers(model)  # partial checkpointing: saved with checkpoints
     grad_accum = step_accum(spec, micro_batch_tokens, rank.size, resume_from, data.mean_tokens(train_split))
-    # On CUDA, packed rows are filled to a constant length: same-shape steps run faster (data.py).
+    # On CUDA, packed rows are filled to a few lengths (data.PAD_MULTIPLE): steady step times (data.py).
     pad_to = micro_batch_tokens if machine.device == "cuda" else 0
     batching = functools.partial(
-        data.MicroBatches, micro_batch_tokens=micro_batch_tokens, packing=spec.train.packing, pad_to=pad_to
+        data.MicroBatches, micro_batch_tokens=micro_batch_tokens, packing=spec.train.packing, pad_to=pad_to,
+        pad_multiple=data.PAD_MULTIPLE,
     )
     # Whole global batches of micro-batches, the last one filled up (data.py): every token once an epoch
     train_set = batching(train_split.sequences, pad_id=pad_id, seed=spec.train.seed,

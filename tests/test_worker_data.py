@@ -119,6 +119,21 @@ def test_filling_a_row_to_a_constant_length_changes_no_loss(model, sequences):
     assert data.packed_row(sequences, pad_to=n - 1)["input_ids"].shape == (1, n)  # never cut
 
 
+def test_a_pad_multiple_fills_a_row_only_to_the_next_multiple(model, sequences):
+    n = data.packed_row(sequences)["input_ids"].shape[1]
+    budget = n + 300
+    row = data.packed_row(sequences, pad_to=budget, pad_id=0, pad_multiple=64)
+    assert row["input_ids"].shape[1] == -(-n // 64) * 64 < budget  # not the whole micro-batch
+    assert (row["labels"][0, n:] == -100).all()
+    with torch.no_grad():
+        assert abs(model(**row).loss.item() - model(**data.packed_row(sequences)).loss.item()) < 1e-5
+    assert data.padded_length(n, budget, 10_000) == budget  # a multiple past the micro-batch: the micro-batch
+    assert data.padded_length(budget + 5, budget, 64) == budget + 5  # never cut
+    assert data.padded_length(n, 0, 64) == n  # no pad_to: no filling
+    mb = data.MicroBatches(sequences, budget, True, 0, pad_to=budget, pad_multiple=64)
+    assert all(mb[i]["input_ids"].shape[1] % 64 == 0 for i in range(len(mb)))
+
+
 def test_the_comparison_catches_sequences_that_attend_to_each_other(model, sequences):
     """With a KV cache (the config default, which the recipe turns off) transformers 5 skips the
     packed-sequence mask, and later sequences see earlier ones: the check above would fail."""
