@@ -2,17 +2,25 @@
 estimates the packing efficiency with it; so both see the same micro-batches for the same lengths.
 
 Order: the sequences are shuffled once with the seed (numpy's `default_rng(seed).permutation`;
-no seed: kept in order), then cut into micro-batches in that order, next-fit: a micro-batch
-closes when the next sequence would overflow the budget, and a sequence longer than the budget
-gets a micro-batch of its own. Packed, a micro-batch costs the sum of its lengths; padded
-(one sequence a row), rows × the longest row.
+no seed: kept in order), then packed by one of two packers:
+- "best_fit" (the default for packed rows since 2026-11-30): best-fit decreasing, as TRL's
+  SFTTrainer packs ("bfd"): longest first (ties in the shuffled order), each sequence into the
+  micro-batch with the least room left that still holds it. Next-fit left 7% of 4k-token
+  micro-batches of alpaca-like rows empty; best-fit leaves under 1% (tests/test_packing.py).
+  The micro-batches come out longest first; the Trainer's seeded sampler shuffles them.
+- "next_fit": cut in the shuffled order, a micro-batch closing when the next sequence would
+  overflow the budget. Padded rows (packing off) always use it: there a micro-batch costs
+  rows × the longest row.
+A sequence longer than the budget gets a micro-batch of its own.
 
-A resumed run depends on this order staying the same (tests/test_resume.py).
+A resumed run depends on this order staying the same (tests/test_resume.py): the checkpoint
+records its packer (remote_worker.checkpoints, BatchShape.packer).
 Pure: numpy and the standard library.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,16 +51,48 @@ def next_fit(lengths: Sequence[int], budget: int, padded: bool = False) -> list[
     return groups
 
 
-def pack(lengths: Sequence[int], budget: int, seed: int | None = None, padded: bool = False) -> list[list[int]]:
-    """The micro-batches, as lists of indices into `lengths`: shuffled with the seed, then next-fit."""
+def best_fit(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Positions 0..len(lengths)-1 packed best-fit decreasing into micro-batches of at most `budget`
+    tokens (a longer one alone). Ties keep position order, so the result is deterministic."""
+    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
+    groups: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (tokens left, group index), sorted: the best fit is the first >= n
+    for i in order:
+        n = int(lengths[i])
+        at = bisect.bisect_left(room, (n, -1))
+        if at < len(room):
+            left, g = room.pop(at)
+            groups[g].append(i)
+            if left - n > 0:
+                bisect.insort(room, (left - n, g))
+            continue
+        groups.append([i])
+        if budget - n > 0:
+            bisect.insort(room, (budget - n, len(groups) - 1))
+    return groups
+
+
+PACKERS = ("best_fit", "next_fit")
+DEFAULT = "best_fit"
+
+
+def pack(
+    lengths: Sequence[int], budget: int, seed: int | None = None, padded: bool = False, packer: str = DEFAULT
+) -> list[list[int]]:
+    """The micro-batches, as lists of indices into `lengths`: shuffled with the seed, then packed by
+    `packer` (padded rows: next-fit always). Raises ValueError for an unknown packer."""
+    if packer not in PACKERS:
+        raise ValueError(f"unknown packer {packer!r}: one of {', '.join(PACKERS)}")
     order = shuffled(len(lengths), seed)
-    return [[order[j] for j in g] for g in next_fit([int(lengths[i]) for i in order], budget, padded)]
+    ordered = [int(lengths[i]) for i in order]
+    groups = next_fit(ordered, budget, padded) if padded or packer == "next_fit" else best_fit(ordered, budget)
+    return [[order[j] for j in g] for g in groups]
 
 
-def efficiency(lengths: Sequence[int], budget: int, seed: int | None = None) -> float | None:
+def efficiency(lengths: Sequence[int], budget: int, seed: int | None = None, packer: str = DEFAULT) -> float | None:
     """Packed tokens / (micro-batches × budget), a sequence over the budget filling its own; None
     for no data."""
     if not len(lengths) or budget <= 0:
         return None
-    slots = sum(max(budget, sum(int(lengths[i]) for i in g)) for g in pack(lengths, budget, seed))
+    slots = sum(max(budget, sum(int(lengths[i]) for i in g)) for g in pack(lengths, budget, seed, packer=packer))
     return round(sum(int(n) for n in lengths) / slots, 4) if slots else None

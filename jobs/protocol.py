@@ -175,6 +175,8 @@ class BatchShape(_File):
     grad_accum: int = Field(0, ge=0)
     # with checkpointing: only the first this many decoder layers (partial checkpointing); None: all
     checkpointed_layers: int | None = Field(default=None, ge=0)
+    # which sequences share a micro-batch (jobs.packing); checkpoints from before it was saved: next-fit
+    packer: Literal["best_fit", "next_fit"] = "next_fit"
 
 
 class ModelDownload(_File):

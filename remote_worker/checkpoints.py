@@ -25,6 +25,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobs import packing
 from jobs.layout import BATCH_SHAPE, CHECKPOINT_ADAPTER, MANIFEST, JobPaths, checkpoint_name, checkpoint_step
 from jobs.manifest import ManifestError, verify_manifest, write_manifest
 from jobs.protocol import BatchShape, ProtocolError, dump_model, read_model
@@ -58,12 +59,13 @@ class Finalized:
 
 def write_batch_shape(
     checkpoint: Path, micro_batch_tokens: int, checkpointing: bool, world_size: int = 1, grad_accum: int = 0,
-    layers: int | None = None,
+    layers: int | None = None, packer: str = packing.DEFAULT,
 ) -> None:
-    """`layers`: with checkpointing, how many decoder layers recompute (partial checkpointing; None: all)."""
+    """`layers`: with checkpointing, how many decoder layers recompute (partial checkpointing; None: all).
+    `packer`: jobs.packing's packer of the run's micro-batches (a resume packs the same way)."""
     shape = BatchShape(micro_batch_tokens=micro_batch_tokens, gradient_checkpointing=checkpointing,
                        world_size=world_size, grad_accum=grad_accum,
-                       checkpointed_layers=layers if checkpointing else None)  # fmt: skip
+                       checkpointed_layers=layers if checkpointing else None, packer=packer)  # fmt: skip
     (checkpoint / BATCH_SHAPE).write_text(dump_model(shape))
 
 
@@ -73,6 +75,15 @@ def read_saved_shape(checkpoint: Path) -> BatchShape | None:
         return read_model(BatchShape, (checkpoint / BATCH_SHAPE).read_bytes(), str(checkpoint / BATCH_SHAPE))
     except (OSError, ProtocolError):
         return None
+
+
+def saved_packer(checkpoint: Path | None) -> str:
+    """The packer to resume from `checkpoint` with (its run's; next-fit before it was saved), or the
+    default for a fresh run (None)."""
+    if checkpoint is None:
+        return packing.DEFAULT
+    saved = read_saved_shape(checkpoint)
+    return saved.packer if saved else "next_fit"
 
 
 def resumed_grad_accum(checkpoint: Path, saved: BatchShape | None, single_accum: int, world_size: int) -> int:

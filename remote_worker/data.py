@@ -7,13 +7,16 @@ Packing on (the default): one row of whole sequences laid end to end, without pa
 block-diagonal causal mask (SDPA) or uses FA2's varlen path, so no token attends to another
 sequence. `labels` are the token ids where the loss mask is 1, else -100, and -100 at each
 sequence's first token, so no token is predicted from the previous sequence's end.
-With `pad_to` (the recipe sets it to micro_batch_tokens on CUDA), a row is filled up to
-that length with pad tokens forming one more, untrained, sequence: every step then has the
-same shape. Measured on an H100 (random Qwen2.5-7B, nf4, LoRA r=16 all-linear, 8192-token
-micro-batches, steps 4-20): 4,100 real tokens/s against 3,770 with ragged lengths; a full
-step takes a steady 1.75 s against 1.9-2.1 s plus 4 s outliers. Memory use is also the same
-from the first step, so an OOM shows at once, not hours in. The cost: the filler's compute
-(a few % with next-fit packing; the epoch's last, part-filled micro-batch pays a full step).
+With `pad_to` (the recipe sets it to micro_batch_tokens on CUDA), a row is filled with pad
+tokens forming one more, untrained, sequence: up to the next multiple of `pad_multiple`
+(PAD_MULTIPLE, 1024 on CUDA), at most pad_to, so steps take a few shapes only. Filling every
+row to pad_to cost rows of ~6k tokens in 8k micro-batches a quarter of each step: on an H200
+capped to 40 GB (7B, 2026-11-30, bench/memory_fit.py) 9,904 real tokens/s filled to 8,192,
+11,622 to a multiple of 1,024 and 12,049 of 256; short rows at 24 GB 12,996 with 1,024 and
+12,857 with 256. Why fill at all (an H100, random Qwen2.5-7B, nf4, LoRA r=16 all-linear, 8192-token
+micro-batches, steps 4-20, filled to pad_to against ragged lengths): 4,100 real tokens/s
+against 3,770; a steady 1.75 s a step against 1.9-2.1 s plus 4 s outliers. The calibration
+measures the full micro-batch, so an OOM still shows at once, not hours in.
 
 With `varlen` (the recipe sets it when attention is flash_varlen or flash_attention_2,
 remote_worker.fast), a packed row also carries the sequence boundaries the flash kernels take:
@@ -34,7 +37,8 @@ calibration sees as memory.
 Packing off: one sequence a row, rows right-padded to the longest, with an attention_mask.
 
 Order: which sequences share a micro-batch is `jobs.packing.pack` (shuffled once with train.seed,
-then next-fit), the packer the laptop's report estimates with too. The Trainer's sampler, seeded
+then best-fit decreasing; a resume keeps its checkpoint's packer), the packer the laptop's report
+estimates with too. The Trainer's sampler, seeded
 with train.seed too, shuffles the micro-batches each epoch; their make-up stays the same across epochs.
 
 More than one process (remote_worker.distributed): the Trainer (accelerate) deals the shuffled
@@ -60,6 +64,7 @@ import torch
 
 from jobs import tokenize
 from jobs.layout import DATASET_MANIFEST
+from jobs.packing import DEFAULT as DEFAULT_PACKER
 from jobs.packing import pack
 from jobs.protocol import DatasetManifest, ProtocolError, read_model
 from jobs.spec import TrainSpec
@@ -302,6 +307,7 @@ class MicroBatches(torch.utils.data.Dataset):
         pad_to: int = 0,
         multiple: int = 1,
         pad_multiple: int = 0,
+        packer: str = DEFAULT_PACKER,
     ):
         self.sequences = sequences
         self.packing = packing
@@ -311,7 +317,8 @@ class MicroBatches(torch.utils.data.Dataset):
         self.varlen = False  # packed rows only: add cu_seq_lens_q/k and max_length_q/k
         self.extra: dict = {}  # added to every item as is
         lengths = [len(s.ids) for s in self.sequences]
-        self.groups = pack(lengths, micro_batch_tokens, seed, padded=not packing)  # indices into sequences
+        self.packer = packer
+        self.groups = pack(lengths, micro_batch_tokens, seed, padded=not packing, packer=packer)  # indices
         self.fillers = -len(self.groups) % max(1, multiple)
         self.groups += [[] for _ in range(self.fillers)]  # [] = a filler (see the docstring)
         self.tokens = sum(lengths)  # non-pad tokens in one pass over the data

@@ -146,9 +146,10 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
     grad_accum = step_accum(spec, micro_batch_tokens, rank.size, resume_from, data.mean_tokens(train_split))
     # On CUDA, packed rows are filled to a few lengths (data.PAD_MULTIPLE): steady step times (data.py).
     pad_to = micro_batch_tokens if machine.device == "cuda" else 0
+    packer = checkpoints.saved_packer(resume_from)  # a resume packs as its checkpoint's run did
     batching = functools.partial(
         data.MicroBatches, micro_batch_tokens=micro_batch_tokens, packing=spec.train.packing, pad_to=pad_to,
-        pad_multiple=data.PAD_MULTIPLE,
+        pad_multiple=data.PAD_MULTIPLE, packer=packer,
     )
     # Whole global batches of micro-batches, the last one filled up (data.py): every token once an epoch
     train_set = batching(train_split.sequences, pad_id=pad_id, seed=spec.train.seed,
@@ -194,7 +195,7 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
         },
         save_every_minutes=spec.train.save_every_minutes,
         stopper=stopper,
-        batch_shape=(micro_batch_tokens, checkpointing, rank.size, grad_accum, checkpointed_layers),
+        batch_shape=(micro_batch_tokens, checkpointing, rank.size, grad_accum, checkpointed_layers, packer),
         job_dir=job_dir,
     )
     trainer = Trainer(

@@ -3,7 +3,7 @@
 Percentiles are nearest-rank (an actual length from the data). Without a tokenizer, tokens
 are estimated at 4 bytes of UTF-8 a token (about right for English and for Chinese alike).
 Packing efficiency is the worker's own packer (`jobs.packing`: shuffled with the seed, then
-next-fit into micro-batches of `capacity` tokens); efficiency = tokens / (micro-batches x capacity).
+best-fit decreasing into micro-batches of `capacity` tokens); efficiency = tokens / (micro-batches x capacity).
 """
 
 from __future__ import annotations
