@@ -9,11 +9,11 @@ sequence. `labels` are the token ids where the loss mask is 1, else -100, and -1
 sequence's first token, so no token is predicted from the previous sequence's end.
 With `pad_to` (the recipe sets it to micro_batch_tokens on CUDA), a row is filled with pad
 tokens forming one more, untrained, sequence: up to the next multiple of `pad_multiple`
-(PAD_MULTIPLE, 1024 on CUDA), at most pad_to, so steps take a few shapes only. Filling every
+(PAD_MULTIPLE, 256 on CUDA), at most pad_to, so steps take a few shapes only. Filling every
 row to pad_to cost rows of ~6k tokens in 8k micro-batches a quarter of each step: on an H200
-capped to 40 GB (7B, 2026-11-30, bench/memory_fit.py) 9,904 real tokens/s filled to 8,192,
-11,622 to a multiple of 1,024 and 12,049 of 256; short rows at 24 GB 12,996 with 1,024 and
-12,857 with 256. Why fill at all (an H100, random Qwen2.5-7B, nf4, LoRA r=16 all-linear, 8192-token
+capped to 40 GB (7B, 2026-11-30, bench/memory_fit.py, best-fit packing) 10,137 real tokens/s
+filled to 8,192, 12,036 to a multiple of 1,024, 12,397 of 256; short rows at 24 GB 12,412,
+13,521 and 13,723; the 14B at 24 GB 4,328, 5,930 and 5,934 (docs/benchmarks.md). Why fill at all (an H100, random Qwen2.5-7B, nf4, LoRA r=16 all-linear, 8192-token
 micro-batches, steps 4-20, filled to pad_to against ragged lengths): 4,100 real tokens/s
 against 3,770; a steady 1.75 s a step against 1.9-2.1 s plus 4 s outliers. The calibration
 measures the full micro-batch, so an OOM still shows at once, not hours in.
@@ -219,7 +219,8 @@ def _trainable(split: Split) -> Split:
 
 # On CUDA packed rows are filled only up to the next multiple of this, not to the whole micro-batch:
 # rows of ~6k tokens in 8k micro-batches wasted a quarter of each step on the filler (docs/benchmarks.md).
-PAD_MULTIPLE = 1024
+# 256 measured a little faster than 1,024 in all three capped cases (module docstring).
+PAD_MULTIPLE = 256
 
 
 def padded_length(tokens: int, pad_to: int, pad_multiple: int = 0) -> int:
