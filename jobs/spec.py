@@ -14,7 +14,7 @@ import sys
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
 
 from jobs import autodl
 
@@ -86,9 +86,15 @@ class InstanceSpec(_Strict):
 
     @field_validator("hosts")
     @classmethod
-    def _parsable_hosts(cls, v: list[str]) -> list[str]:
+    def _parsable_hosts(cls, v: list[str], info: ValidationInfo) -> list[str]:
         for login in v:
             parse_ssh_command(login)
+        have = info.data
+        # node 0 on this machine: the other nodes could not reach its rendezvous, nor be launched by it
+        if v and {"ssh", "host", "profile"} <= have.keys() and have["ssh"] is None and have["profile"] is None \
+                and have["host"] in (None, LOCAL_HOST):
+            raise ValueError('more nodes need an SSH instance as node 0, not host = "local": set instance.ssh '
+                             '(or host/port/user) to node 0\'s login, or remove instance.hosts')
         return v
 
     @field_validator("tmux_socket")
