@@ -13,8 +13,9 @@ from jobs.tokenize.chat import REWRITES_TURN
 EOT = {"qwen2.5": "<|im_end|>", "qwen3": "<|im_end|>", "llama3": "<|eot_id|>", "mistral": "</s>",
        "glm4": "<|user|>", "gemma": "<end_of_turn>", "base": "<|endoftext|>"}
 LAST_EOT = {**EOT, "glm4": "<|endoftext|>"}
-PRIVATE = ["\ue000Paris", "Paris\ue002", "\ue000\ue001\ue002", "\ue000", "\uf8ff", "a\ue001b", "\uf8ffx\ue000",
-           "\ue002\ue001\ue000 reversed", "".join(chr(c) for c in range(0xE000, 0xE040))]
+ODD = ["\ue000Paris", "Paris\ue002", "\ue000\ue001\ue002", "\ue000", "\uf8ff", "a\ue001b", "\uf8ffx\ue000",
+           "\ue002\ue001\ue000 reversed", "".join(chr(c) for c in range(0xE000, 0xE040)),
+           "A", "line 1\r\nline 2\r", "\ufeffled by a BOM", "\tindented"]
 
 
 def _trained_runs(tok, record: dict, template_text: bool = False) -> list[str]:
@@ -31,13 +32,15 @@ def _trained_runs(tok, record: dict, template_text: bool = False) -> list[str]:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("content", PRIVATE, ids=lambda c: c.encode("unicode_escape").decode()[:24])
-def test_replies_with_private_use_characters_are_trained_exactly(family, content):
+@pytest.mark.parametrize("content", ODD, ids=lambda c: c.encode("unicode_escape").decode()[:24])
+def test_odd_replies_are_trained_exactly(family, content):
     tok = family_tokenizer(family)
     msgs = [{"role": "user", "content": "\ue000q" + content}, {"role": "assistant", "content": content},
             {"role": "user", "content": content}, {"role": "assistant", "content": content}]
     runs = _trained_runs(tok, {"messages": msgs})
     assert len(runs) == 2, runs
+    if family in ("llama3", "mistral", "gemma"):  # their templates trim content (as inference sees it)
+        content = content.strip()
     # Mistral and the plain format write a space before a reply: trained only when a token joins it to the reply
     lead = " " if family in ("mistral", "base") and runs[0].startswith(" ") else ""
     assert runs == [lead + content + EOT[family], lead + content + LAST_EOT[family]]

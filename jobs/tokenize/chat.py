@@ -23,6 +23,7 @@ with the tokenizer's real EOS token; the adapter's tokenizer is saved with it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
@@ -47,6 +48,7 @@ DROPS_SYSTEM = "the chat template drops the system prompt"
 REWRITES_TURN = "the chat template rewrites an assistant turn's content (e.g. strips earlier reasoning)"
 PROMPT_DIFFERS = "the chat template renders the prompt differently once the reply is added; trained with the prompt inference sees"
 EOS_ADDED = "the chat template writes no end-of-turn after the last reply; the tokenizer's EOS is appended"
+SPECIAL_IN_CONTENT = "a special token of this tokenizer"  # in the TemplateError of a record holding one
 NO_END_OF_TURN = "the chat template writes after a reply no token this tokenizer knows as special: no end-of-turn is trained"
 
 
@@ -95,6 +97,7 @@ class _Renderer:
         self.plain = not named
         self.template: str = named or PLAIN_TEMPLATE
         self.special = _special_token_strings(tokenizer)
+        self._special_re = re.compile("|".join(map(re.escape, self.special))) if self.special else None
         self.eos = getattr(tokenizer, "eos_token", None)
         self._fast = self._compile()
         self._tools: str | None | bool = False  # False: not probed yet; None: renders tools; str: what it lacks
@@ -206,6 +209,7 @@ class _Renderer:
         notes: list[str] = []
         if self.plain and not self.eos:
             raise TemplateError("the tokenizer has neither a chat template nor an EOS token: a reply could not end")
+        self._check_no_special(messages)
         if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
             lack = self.tool_lack()
             if lack:
@@ -247,6 +251,20 @@ class _Renderer:
                 raise TemplateError("the chat template's assistant turns overlap")
             spans.append((start, end))
         return text, spans, tuple(dict.fromkeys(notes))
+
+    def _check_no_special(self, messages: list[dict]) -> None:
+        """Content is tokenized as part of the rendered text: a special token's text in it would become
+        that control token (an end-of-turn inside a reply teaches the model to stop there)."""
+        if self._special_re is None:
+            return
+        for i, m in enumerate(messages):
+            for key in ("content", "reasoning_content"):
+                value = m.get(key)
+                hit = self._special_re.search(value) if isinstance(value, str) else None
+                if hit:
+                    raise TemplateError(
+                        f"turn {i} ({m['role']}) {key}: holds {hit.group()!r}, {SPECIAL_IN_CONTENT}; "
+                        "it would be read as that control token, not as text")
 
     def _span(self, messages: list[dict], i: int, text: str, whole: bool, mark: str) -> tuple[int, int, int]:
         """(trained start, own start, end) of turn i in `text`: its own text is what changes when its
