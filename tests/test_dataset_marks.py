@@ -64,3 +64,24 @@ def test_template_text_notes_only_records_the_template_rewrites():
     for template_text in (False, True):
         assert REWRITES_TURN not in tokenize.encode(tok, plain, 4096, "keep", template_text).notes
         assert REWRITES_TURN in tokenize.encode(tok, stripped, 4096, "keep", template_text).notes
+
+
+def test_check_notes_no_rewrite_for_template_text_on_qwen3(tmp_path):
+    """`check` with train_template_text on Qwen3 noted "rewrites" for every record (a breaker's find)."""
+    import json
+
+    from conftest_dataset import JOB, spec
+
+    from client.dataset import check
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(3)]
+    rows.append({"messages": [{"role": "user", "content": "2+2?"},
+                              {"role": "assistant", "content": "<think>\nsum\n</think>\n\n4"},
+                              {"role": "user", "content": "x3?"}, {"role": "assistant", "content": "12"}]})
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = check(spec(train=str(data), eval_fraction=0.0, train_template_text=True), JOB,
+                   tokenizer=family_tokenizer("qwen3"))
+    notes = {n["note"]: n["count"] for n in report["template"]["notes"]}
+    assert notes == {REWRITES_TURN: 1}, notes
