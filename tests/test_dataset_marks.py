@@ -85,3 +85,17 @@ def test_check_notes_no_rewrite_for_template_text_on_qwen3(tmp_path):
                    tokenizer=family_tokenizer("qwen3"))
     notes = {n["note"]: n["count"] for n in report["template"]["notes"]}
     assert notes == {REWRITES_TURN: 1}, notes
+
+
+def test_a_history_reply_of_reasoning_only_is_not_trained_as_an_empty_reply():
+    """Qwen3 strips an earlier reply's reasoning; a reply of reasoning only became "" + <|im_end|>, and
+    training it taught the model to answer with an immediate end-of-turn."""
+    from jobs.tokenize.chat import EMPTIED_TURN
+
+    tok = family_tokenizer("qwen3")
+    think = "<think>\nx\n</think>\n\n"
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": think},
+            {"role": "user", "content": "u"}, {"role": "assistant", "content": think + "done"}]
+    for template_text in (False, True):
+        assert _trained_runs(tok, {"messages": msgs}, template_text) == [think + "done<|im_end|>"]
+        assert EMPTIED_TURN in tokenize.encode(tok, {"messages": msgs}, 4096, "keep", template_text).notes

@@ -48,6 +48,8 @@ DROPS_SYSTEM = "the chat template drops the system prompt"
 REWRITES_TURN = "the chat template rewrites an assistant turn's content (e.g. strips earlier reasoning)"
 PROMPT_DIFFERS = "the chat template renders the prompt differently once the reply is added; trained with the prompt inference sees"
 EOS_ADDED = "the chat template writes no end-of-turn after the last reply; the tokenizer's EOS is appended"
+EMPTIED_TURN = ("the chat template renders an assistant turn empty (e.g. a reply of reasoning only, stripped in "
+                "the history): that turn is not trained (it would teach an immediate end-of-turn)")
 SPECIAL_IN_CONTENT = "a special token of this tokenizer"  # in the TemplateError of a record holding one
 NO_END_OF_TURN = "the chat template writes after a reply no token this tokenizer knows as special: no end-of-turn is trained"
 
@@ -238,6 +240,9 @@ class _Renderer:
             if fast is None and not m.get("tool_calls") and text[own:end] != m["content"] and (
                     _squash(text[own:end]) != _squash(m["content"])):
                 notes.append(REWRITES_TURN)
+            if not m.get("tool_calls") and not text[start:end].strip():
+                notes.append(EMPTIED_TURN)
+                continue
             eot = next((t for t in self.special if text.startswith(t, end)), None)
             if eot is not None:
                 end += len(eot)
