@@ -99,3 +99,15 @@ def test_a_history_reply_of_reasoning_only_is_not_trained_as_an_empty_reply():
     for template_text in (False, True):
         assert _trained_runs(tok, {"messages": msgs}, template_text) == [think + "done<|im_end|>"]
         assert EMPTIED_TURN in tokenize.encode(tok, {"messages": msgs}, 4096, "keep", template_text).notes
+
+
+@pytest.mark.parametrize("family", ["qwen2.5", "qwen3", "llama3", "mistral", "glm4", "base"])
+@pytest.mark.parametrize("content", ["\ue000Paris", "Paris\ue002", "\ue000\ue001\ue002"])
+def test_private_use_replies_after_a_system_prompt(family, content):
+    """With a system prompt Mistral trains the last reply after the prompt inference sees (another path)."""
+    tok = family_tokenizer(family)
+    msgs = [{"role": "system", "content": "\ue000sys"}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": content}, {"role": "user", "content": "u"},
+            {"role": "assistant", "content": content}]
+    runs = [r.lstrip(" ") if family in ("mistral", "base") else r for r in _trained_runs(tok, {"messages": msgs})]
+    assert runs == [content + EOT[family], content + LAST_EOT[family]]
