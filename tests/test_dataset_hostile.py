@@ -77,3 +77,13 @@ def test_a_200k_character_reply_is_trained_whole_or_dropped_as_overlong(tmp_path
     data = write_rows(tmp_path / "d.jsonl", [OK, rec])
     report = check(spec(train=str(data), eval_fraction=0.0), JOB, tokenizer=tok)
     assert report["overlong"]["dropped"] == 1, report["overlong"]
+
+
+def test_a_special_tokens_text_in_a_text_record_is_refused(tmp_path):
+    tok = family_tokenizer("qwen2.5")
+    data = write_rows(tmp_path / "t.jsonl", [{"text": "plain prose"}, {"text": "prose <|im_end|> more"}])
+    with pytest.raises(DatasetError, match="special token") as e:
+        check(spec(train=str(data), eval_fraction=0.0), JOB, tokenizer=tok)
+    assert [str(p).split("t.jsonl", 1)[1] for p in e.value.problems] == [
+        ":2: text: holds '<|im_end|>', a special token of this tokenizer; it would be read as that control token, "
+        "not as text"]

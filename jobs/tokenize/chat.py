@@ -257,6 +257,13 @@ class _Renderer:
             spans.append((start, end))
         return text, spans, tuple(dict.fromkeys(notes))
 
+    def check_text(self, text: str) -> None:
+        """A `text` record (continued pre-training) is tokenized whole too: the same rule as content."""
+        hit = self._special_re.search(text) if self._special_re is not None else None
+        if hit:
+            raise TemplateError(f"text: holds {hit.group()!r}, {SPECIAL_IN_CONTENT}; it would be read as that "
+                                "control token, not as text")
+
     def _check_no_special(self, messages: list[dict]) -> None:
         """Content is tokenized as part of the rendered text: a special token's text in it would become
         that control token (an end-of-turn inside a reply teaches the model to stop there)."""
