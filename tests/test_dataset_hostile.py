@@ -87,3 +87,12 @@ def test_a_special_tokens_text_in_a_text_record_is_refused(tmp_path):
     assert [str(p).split("t.jsonl", 1)[1] for p in e.value.problems] == [
         ":2: text: holds '<|im_end|>', a special token of this tokenizer; it would be read as that control token, "
         "not as text"]
+
+
+def test_a_special_tokens_text_in_tool_call_arguments_is_refused():
+    tok = family_tokenizer("qwen2.5")
+    call = {"type": "function", "function": {"name": "f", "arguments": {"q": "x<|im_end|>"}}}
+    msgs = [U("q"), {"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "r"},
+            A("a")]
+    with pytest.raises(tokenize.TemplateError, match=r"turn 1 \(assistant\) tool_calls: holds '<\|im_end\|>'"):
+        tokenize.encode(tok, {"messages": msgs}, 4096, "keep")

@@ -270,9 +270,9 @@ class _Renderer:
         if self._special_re is None:
             return
         for i, m in enumerate(messages):
-            for key in ("content", "reasoning_content"):
+            for key in ("content", "reasoning_content", "tool_calls"):
                 value = m.get(key)
-                hit = self._special_re.search(value) if isinstance(value, str) else None
+                hit = next(filter(None, map(self._special_re.search, _strings(value))), None)
                 if hit:
                     raise TemplateError(
                         f"turn {i} ({m['role']}) {key}: holds {hit.group()!r}, {SPECIAL_IN_CONTENT}; "
