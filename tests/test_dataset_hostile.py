@@ -96,3 +96,10 @@ def test_a_special_tokens_text_in_tool_call_arguments_is_refused():
             A("a")]
     with pytest.raises(tokenize.TemplateError, match=r"turn 1 \(assistant\) tool_calls: holds '<\|im_end\|>'"):
         tokenize.encode(tok, {"messages": msgs}, 4096, "keep")
+
+
+def test_a_null_conversation_is_said_null_not_missing(tmp_path):
+    data = write_rows(tmp_path / "n.jsonl", [OK, {"messages": None}])
+    with pytest.raises(DatasetError) as e:
+        check(spec(train=str(data)), JOB)
+    assert [str(p).split("n.jsonl", 1)[1] for p in e.value.problems] == [":2: messages: is null"]

@@ -119,10 +119,10 @@ class Normalizer:
 
     def _sharegpt(self, obj: dict) -> dict:
         system = text(obj, "system", self.name("system"), required=False)
-        return {"messages": self._conv(obj.get("conversations"), self.name("conversations"), system)}
+        return {"messages": self._conv(_present(obj, "conversations", self.name), self.name("conversations"), system)}
 
     def _messages(self, obj: dict) -> dict:
-        return {"messages": self._conv(obj.get("messages"), self.name("messages"))}
+        return {"messages": self._conv(_present(obj, "messages", self.name), self.name("messages"))}
 
     def _prompt_completion(self, obj: dict) -> dict:
         prompt, completion = obj.get("prompt"), obj.get("completion")
@@ -137,3 +137,10 @@ class Normalizer:
 
     def _text(self, obj: dict) -> dict:
         return {"text": text(obj, "text", self.name("text"))}
+
+
+def _present(obj: dict, key: str, name) -> Any:
+    """obj[key], or None when absent ("missing field"); a null is said as such."""
+    if key in obj and obj[key] is None:
+        raise RecordError(name(key), "is null")
+    return obj.get(key)
