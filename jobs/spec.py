@@ -117,6 +117,10 @@ class InstanceSpec(_Strict):
                 object.__setattr__(self, "identity_file", identity)
         if self.host is None and self.profile is None:
             object.__setattr__(self, "host", LOCAL_HOST)
+        if self.hosts and self.host is None and self.rdzv_host is None:
+            # a profile's host is known only to the laptop's profile store: the other nodes got "" to meet at
+            raise ValueError("instance.hosts with a profile needs instance.rdzv_host: node 0's address as "
+                             "the other nodes reach it")
         if self.python is None:
             # On the local target a login shell's PATH may not lead to this virtualenv's python.
             object.__setattr__(self, "python", sys.executable if self.is_local else "python3")

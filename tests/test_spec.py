@@ -149,3 +149,17 @@ def test_more_nodes_need_an_ssh_instance_as_node_0(tmp_path: Path) -> None:
         load_spec(job)
     job.write_text(job.read_text().replace("[instance]\n", '[instance]\nssh = "ssh -p 2 root@10.0.0.1"\n'))
     assert load_spec(job).instance.hosts == ["ssh -p 22 root@10.0.0.2"]
+
+
+def test_more_nodes_from_a_profile_need_the_rendezvous_address() -> None:
+    """With `profile` and `hosts` the other nodes were told to meet node 0 at "" (its host is in the profile)."""
+    from client.lifecycle.steps import node_of
+
+    with pytest.raises(ValueError, match="instance.rdzv_host"):
+        InstanceSpec(profile="gpu", hosts=["ssh -p 22 root@10.0.0.2"])
+    inst = InstanceSpec(profile="gpu", hosts=["ssh -p 22 root@10.0.0.2"], rdzv_host="10.0.0.1")
+    from jobs.spec import JobSpec
+
+    spec = JobSpec.model_validate({"name": "x", "model": {"name_or_path": "m"}, "data": {"train": "d.jsonl"},
+                                   "instance": inst.model_dump()})
+    assert node_of(spec, 1).master == "10.0.0.1"
