@@ -14,7 +14,7 @@ import sys
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator, model_validator
 
 from jobs import autodl
 
@@ -86,9 +86,15 @@ class InstanceSpec(_Strict):
 
     @field_validator("hosts")
     @classmethod
-    def _parsable_hosts(cls, v: list[str]) -> list[str]:
+    def _parsable_hosts(cls, v: list[str], info: ValidationInfo) -> list[str]:
         for login in v:
             parse_ssh_command(login)
+        have = info.data
+        # node 0 on this machine: the other nodes could not reach its rendezvous, nor be launched by it
+        if v and {"ssh", "host", "profile"} <= have.keys() and have["ssh"] is None and have["profile"] is None \
+                and have["host"] in (None, LOCAL_HOST):
+            raise ValueError('more nodes need an SSH instance as node 0, not host = "local": set instance.ssh '
+                             '(or host/port/user) to node 0\'s login, or remove instance.hosts')
         return v
 
     @field_validator("tmux_socket")
@@ -111,6 +117,10 @@ class InstanceSpec(_Strict):
                 object.__setattr__(self, "identity_file", identity)
         if self.host is None and self.profile is None:
             object.__setattr__(self, "host", LOCAL_HOST)
+        if self.hosts and self.host is None and self.rdzv_host is None:
+            # a profile's host is known only to the laptop's profile store: the other nodes got "" to meet at
+            raise ValueError("instance.hosts with a profile needs instance.rdzv_host: node 0's address as "
+                             "the other nodes reach it")
         if self.python is None:
             # On the local target a login shell's PATH may not lead to this virtualenv's python.
             object.__setattr__(self, "python", sys.executable if self.is_local else "python3")

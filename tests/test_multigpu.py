@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,8 +20,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from jobfiles import PAIRS, chat, run_in_process  # noqa: E402
-from tinymodel import make_model  # noqa: E402
+import tinyjob  # noqa: E402
+from jobfiles import run_in_process  # noqa: E402
 
 from client.remote import launcher  # noqa: E402
 from client.transport.local import LocalTransport  # noqa: E402
@@ -33,30 +32,10 @@ from jobs.protocol import JobState  # noqa: E402
 from jobs.spec import JobSpec, WorkerJob  # noqa: E402
 
 pytestmark = pytest.mark.slow
+data_dir, model_dir, one_thread = tinyjob.data_dir, tinyjob.model_dir, tinyjob.one_thread  # shared module fixtures
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 60
 MICRO = 96
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    rows = [chat(f"{q} ({i})", a) for i in range(3) for q, a in PAIRS]
-    (d / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return d
 
 
 def make_job(folder: Path, model_dir: Path, data_dir: Path, **train) -> WorkerJob:

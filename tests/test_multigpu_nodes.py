@@ -11,7 +11,6 @@ adapter; node 1's folder gets no events. Both exit 0.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 import subprocess
@@ -24,29 +23,16 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 import netns  # noqa: E402
-from jobfiles import PAIRS, chat  # noqa: E402
+import tinyjob  # noqa: E402
 from test_multigpu import REPO, losses, make_job, read_events, worker_env  # noqa: E402
-from tinymodel import make_model  # noqa: E402
 
 from client.remote import launcher  # noqa: E402
 from jobs import events as ev  # noqa: E402
 from jobs.manifest import verify_manifest  # noqa: E402
 
 pytestmark = pytest.mark.slow
+data_dir, model_dir = tinyjob.data_dir, tinyjob.model_dir  # shared module fixtures
 _n = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    rows = [chat(f"{q} ({i})", a) for i in range(3) for q, a in PAIRS]
-    (d / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return d
 
 
 @pytest.fixture

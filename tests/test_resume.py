@@ -9,7 +9,6 @@ the RNG all continue.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,38 +21,20 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from jobfiles import PAIRS, chat, run_in_process  # noqa: E402
-from tinymodel import make_model  # noqa: E402
+import tinyjob  # noqa: E402
+from jobfiles import run_in_process  # noqa: E402
 
 from jobs import events as ev  # noqa: E402
 from jobs.manifest import verify_manifest  # noqa: E402
 from jobs.spec import JobSpec, WorkerJob  # noqa: E402
 
 pytestmark = pytest.mark.slow
+data_dir, model_dir, one_thread = tinyjob.data_dir, tinyjob.model_dir, tinyjob.one_thread  # shared module fixtures
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 40
+DATA_REPEATS = 4  # tinyjob.data_dir
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a busy 2-core machine two spin against each other (5-10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("data")
-    rows = [chat(f"{q} ({i})", a) for i in range(4) for q, a in PAIRS]
-    (d / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return d
 
 
 def make_job(folder: Path, model_dir: Path, data_dir: Path, **train) -> WorkerJob:

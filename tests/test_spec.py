@@ -133,3 +133,33 @@ def test_train_gpus_is_a_whole_number_or_all_and_all_is_for_gpus_only() -> None:
             TrainSpec(gpus=bad)
     with pytest.raises(ValidationError, match="number of processes"):
         TrainSpec(gpus="all", device="cpu")
+
+
+def test_more_nodes_need_an_ssh_instance_as_node_0(tmp_path: Path) -> None:
+    """host = "local" with instance.hosts passed `check`: the other nodes were told to meet node 0 at "local"."""
+    job = tmp_path / "job.toml"
+    job.write_text('name = "x"\n[model]\nname_or_path = "m"\n[data]\ntrain = "d.jsonl"\n'
+                   '[instance]\nhost = "local"\nhosts = ["ssh -p 22 root@10.0.0.2"]\n')
+    with pytest.raises(SpecError, match="instance.hosts") as err:
+        load_spec(job)
+    assert "SSH instance" in str(err.value) + repr(err.value.problems)
+    assert any(p.field == "instance.hosts" and p.line == 8 for p in err.value.problems)
+    job.write_text(job.read_text().replace('host = "local"\n', ""))  # local by default: refused too
+    with pytest.raises(SpecError, match="instance.hosts"):
+        load_spec(job)
+    job.write_text(job.read_text().replace("[instance]\n", '[instance]\nssh = "ssh -p 2 root@10.0.0.1"\n'))
+    assert load_spec(job).instance.hosts == ["ssh -p 22 root@10.0.0.2"]
+
+
+def test_more_nodes_from_a_profile_need_the_rendezvous_address() -> None:
+    """With `profile` and `hosts` the other nodes were told to meet node 0 at "" (its host is in the profile)."""
+    from client.lifecycle.steps import node_of
+
+    with pytest.raises(ValueError, match="instance.rdzv_host"):
+        InstanceSpec(profile="gpu", hosts=["ssh -p 22 root@10.0.0.2"])
+    inst = InstanceSpec(profile="gpu", hosts=["ssh -p 22 root@10.0.0.2"], rdzv_host="10.0.0.1")
+    from jobs.spec import JobSpec
+
+    spec = JobSpec.model_validate({"name": "x", "model": {"name_or_path": "m"}, "data": {"train": "d.jsonl"},
+                                   "instance": inst.model_dump()})
+    assert node_of(spec, 1).master == "10.0.0.1"

@@ -64,12 +64,14 @@ def undetected_reason(obj: Any) -> str:
 class Normalizer:
     """Turns one parsed row of a known format into a canonical record, or raises RecordError."""
 
-    def __init__(self, fmt: str, columns: dict[str, str] | None = None, system_prompt: str | None = None):
+    def __init__(self, fmt: str, columns: dict[str, str] | None = None, system_prompt: str | None = None,
+                 detected: bool = False):
         if fmt not in FORMATS:
             raise ValueError(f"unknown format {fmt!r}")
         columns = dict(columns or {})
         self.fmt = fmt
         self.system_prompt = system_prompt
+        self.detected = detected  # fmt came from the file's first record (data.format = "auto")
         self.top = {canon: src for canon, src in columns.items() if canon not in _TURN_KEYS and canon != src}
         self.shown = dict(columns)
         self.role_key = columns.get("role", "from" if fmt == "sharegpt" else "role")
@@ -82,7 +84,15 @@ class Normalizer:
     def __call__(self, obj: Any) -> dict:
         if not isinstance(obj, dict):
             raise RecordError("", f"expected an object, got {type_name(obj)}")
-        return self._fn(rename(obj, self.top) if self.top else obj)
+        obj = rename(obj, self.top) if self.top else obj
+        try:
+            return self._fn(obj)
+        except RecordError as exc:
+            other = detect(obj)
+            if self.detected and exc.reason == "missing field" and other is not None and other != self.fmt:
+                raise RecordError(exc.field, f"missing field: this record is in the {other} format, but the file's "
+                                  f"first record made it {self.fmt}: keep one format per file") from None
+            raise
 
     def _conv(self, turns: Any, field: str, system: str | None = None) -> list[dict]:
         return conversation(turns, field, self.role_key, self.content_key, system or self.system_prompt)
@@ -109,10 +119,10 @@ class Normalizer:
 
     def _sharegpt(self, obj: dict) -> dict:
         system = text(obj, "system", self.name("system"), required=False)
-        return {"messages": self._conv(obj.get("conversations"), self.name("conversations"), system)}
+        return {"messages": self._conv(_present(obj, "conversations", self.name), self.name("conversations"), system)}
 
     def _messages(self, obj: dict) -> dict:
-        return {"messages": self._conv(obj.get("messages"), self.name("messages"))}
+        return {"messages": self._conv(_present(obj, "messages", self.name), self.name("messages"))}
 
     def _prompt_completion(self, obj: dict) -> dict:
         prompt, completion = obj.get("prompt"), obj.get("completion")
@@ -127,3 +137,10 @@ class Normalizer:
 
     def _text(self, obj: dict) -> dict:
         return {"text": text(obj, "text", self.name("text"))}
+
+
+def _present(obj: dict, key: str, name) -> Any:
+    """obj[key], or None when absent ("missing field"); a null is said as such."""
+    if key in obj and obj[key] is None:
+        raise RecordError(name(key), "is null")
+    return obj.get(key)

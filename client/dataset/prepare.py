@@ -45,6 +45,7 @@ from jobs import tokenize
 from jobs.layout import DATASET_MANIFEST
 from jobs.protocol import DatasetManifest, ProtocolError, dump_model, read_model
 from jobs.spec import DataSpec, JobSpec
+from jobs.tokenize.chat import SPECIAL_IN_CONTENT
 
 try:
     from orjson import loads as _loads
@@ -401,6 +402,10 @@ def _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts
                     train_lengths.append(len(enc.input_ids))
     except tokenize.TemplateError as exc:
         where = _where(scan, exc.index or 0, str(exc))
+        if SPECIAL_IN_CONTENT in str(exc):
+            raise DatasetError("a record's text holds a special token of the tokenizer", [where],
+                               hint="remove that text from the record, or write it differently; kept, the model "
+                               "would learn the control token there (an end-of-turn mid-reply: stop early)") from None
         raise DatasetError("the model's chat template cannot render a record", [where],
                            hint="fix the record, or check that the tokenizer matches the model; the error names "
                            "what the template does not support") from None

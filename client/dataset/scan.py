@@ -122,7 +122,7 @@ class Scan:
         if fmt is None:
             return info
         info["format"] = info["format"] or fmt
-        norm = formats.Normalizer(fmt, data.columns, data.system_prompt)
+        norm = formats.Normalizer(fmt, data.columns, data.system_prompt, detected=data.format == "auto")
         dedupe = data.dedupe
         split_flag = 1 if src.split == "eval" else 0
         blake = hashlib.blake2b

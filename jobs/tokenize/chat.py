@@ -23,6 +23,7 @@ with the tokenizer's real EOS token; the adapter's tokenizer is saved with it.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
@@ -40,12 +41,16 @@ PLAIN_TEMPLATE = (
 )
 
 SENTINEL = "\ue000\ue001\ue002"  # private-use characters: no template writes them around content
+_PRIVATE = range(0xE000, 0xF8FF + 1)
 
 # Behaviours reported per dataset (notes of a record).
 DROPS_SYSTEM = "the chat template drops the system prompt"
 REWRITES_TURN = "the chat template rewrites an assistant turn's content (e.g. strips earlier reasoning)"
 PROMPT_DIFFERS = "the chat template renders the prompt differently once the reply is added; trained with the prompt inference sees"
 EOS_ADDED = "the chat template writes no end-of-turn after the last reply; the tokenizer's EOS is appended"
+EMPTIED_TURN = ("the chat template renders an assistant turn empty (e.g. a reply of reasoning only, stripped in "
+                "the history): that turn is not trained (it would teach an immediate end-of-turn)")
+SPECIAL_IN_CONTENT = "a special token of this tokenizer"  # in the TemplateError of a record holding one
 NO_END_OF_TURN = "the chat template writes after a reply no token this tokenizer knows as special: no end-of-turn is trained"
 
 
@@ -94,6 +99,7 @@ class _Renderer:
         self.plain = not named
         self.template: str = named or PLAIN_TEMPLATE
         self.special = _special_token_strings(tokenizer)
+        self._special_re = re.compile("|".join(map(re.escape, self.special))) if self.special else None
         self.eos = getattr(tokenizer, "eos_token", None)
         self._fast = self._compile()
         self._tools: str | None | bool = False  # False: not probed yet; None: renders tools; str: what it lacks
@@ -205,11 +211,13 @@ class _Renderer:
         notes: list[str] = []
         if self.plain and not self.eos:
             raise TemplateError("the tokenizer has neither a chat template nor an EOS token: a reply could not end")
+        self._check_no_special(messages)
         if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
             lack = self.tool_lack()
             if lack:
                 raise TemplateError(f"{lack}: this record has tool calls; train a model whose template supports "
                                     "tools, or leave such records out")
+        mark = _sentinel(messages)
         full = self.render(messages)
         prompt = self.render(messages[:-1], True)
         whole = full.startswith(prompt)
@@ -217,20 +225,24 @@ class _Renderer:
         if not whole:
             notes.append(PROMPT_DIFFERS)
         if messages[0]["role"] == "system" and messages[0]["content"] not in text:  # found: not dropped
-            if self._compose(_with(messages, 0, {"role": "system", "content": SENTINEL}), whole) == text:
+            if self._compose(_with(messages, 0, {"role": "system", "content": mark}), whole) == text:
                 notes.append(DROPS_SYSTEM)
         spans: list[tuple[int, int]] = []
         last = len(messages) - 1
         for i, m in enumerate(messages):
             if m["role"] == "tool":
-                self._check_tool(messages, i, text, whole)
+                self._check_tool(messages, i, text, whole, mark)
             if m["role"] != "assistant":
                 continue
             fast = self._last_span(text, prompt, m["content"]) if whole and i == last and not m.get("tool_calls") else None
-            start, end = fast if fast is not None else self._span(messages, i, text, whole)
-            if fast is None and not m.get("tool_calls") and text[start:end] != m["content"] and (
-                    _squash(text[start:end]) != _squash(m["content"])):
+            start, own, end = (fast[0], *fast) if fast is not None else self._span(messages, i, text, whole, mark)
+            # the turn's own text (never the template text trained with it) is what may be rewritten
+            if fast is None and not m.get("tool_calls") and text[own:end] != m["content"] and (
+                    _squash(text[own:end]) != _squash(m["content"])):
                 notes.append(REWRITES_TURN)
+            if not m.get("tool_calls") and not text[start:end].strip():
+                notes.append(EMPTIED_TURN)
+                continue
             eot = next((t for t in self.special if text.startswith(t, end)), None)
             if eot is not None:
                 end += len(eot)
@@ -245,10 +257,32 @@ class _Renderer:
             spans.append((start, end))
         return text, spans, tuple(dict.fromkeys(notes))
 
-    def _span(self, messages: list[dict], i: int, text: str, whole: bool) -> tuple[int, int]:
-        """Turn i's own text in `text`: what changes when its content is replaced by the sentinel."""
+    def check_text(self, text: str) -> None:
+        """A `text` record (continued pre-training) is tokenized whole too: the same rule as content."""
+        hit = self._special_re.search(text) if self._special_re is not None else None
+        if hit:
+            raise TemplateError(f"text: holds {hit.group()!r}, {SPECIAL_IN_CONTENT}; it would be read as that "
+                                "control token, not as text")
+
+    def _check_no_special(self, messages: list[dict]) -> None:
+        """Content is tokenized as part of the rendered text: a special token's text in it would become
+        that control token (an end-of-turn inside a reply teaches the model to stop there)."""
+        if self._special_re is None:
+            return
+        for i, m in enumerate(messages):
+            for key in ("content", "reasoning_content", "tool_calls"):
+                value = m.get(key)
+                hit = next(filter(None, map(self._special_re.search, _strings(value))), None)
+                if hit:
+                    raise TemplateError(
+                        f"turn {i} ({m['role']}) {key}: holds {hit.group()!r}, {SPECIAL_IN_CONTENT}; "
+                        "it would be read as that control token, not as text")
+
+    def _span(self, messages: list[dict], i: int, text: str, whole: bool, mark: str) -> tuple[int, int, int]:
+        """(trained start, own start, end) of turn i in `text`: its own text is what changes when its
+        content is replaced by the sentinel `mark`; training may start earlier, at its prompt's end."""
         m = messages[i]
-        alt = self._compose(_with(messages, i, {"role": "assistant", "content": SENTINEL}), whole)
+        alt = self._compose(_with(messages, i, {"role": "assistant", "content": mark}), whole)
         if alt == text:
             raise TemplateError(f"the chat template drops assistant turn {i}")
         if m.get("tool_calls"):
@@ -256,22 +290,49 @@ class _Renderer:
             if self._compose(_with(messages, i, bare), whole) == text:
                 raise TemplateError("the chat template does not render tool calls (an assistant turn's "
                                     "tool_calls are dropped): use a model whose template supports tools")
-        start = _lcp(text, alt)
+        start = own = _lcp(text, alt)
         end = len(text) - _lcs(text, alt, min(len(text), len(alt)) - start)
-        at = alt.find(SENTINEL)
+        at = alt.find(mark)
         if self.template_text or (at >= 0 and start < at):
             # template text counts as the reply's (asked for), or the content changed the
             # scaffolding before it (its reasoning fills the think block): train from the prompt's end
             before = self.render(messages[:i], True) if i else ""
             if text.startswith(before) and len(before) <= start:
                 start = len(before)
-        return start, end
+        return start, own, end
 
-    def _check_tool(self, messages: list[dict], i: int, text: str, whole: bool) -> None:
-        alt = self._compose(_with(messages, i, {**messages[i], "content": SENTINEL}), whole)
+    def _check_tool(self, messages: list[dict], i: int, text: str, whole: bool, mark: str) -> None:
+        alt = self._compose(_with(messages, i, {**messages[i], "content": mark}), whole)
         if alt == text:
             raise TemplateError("the chat template does not render tool results (role \"tool\"): "
                                 "use a model whose template supports tools")
+
+
+def _strings(x: Any):
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _strings(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _strings(v)
+
+
+def _sentinel(messages: list[dict]) -> str:
+    """Three private-use characters none of which the record holds: a turn whose content begins or
+    ends with one of the sentinel's characters would otherwise share a prefix or suffix with it and
+    its span would be off by those characters."""
+    blob = "".join(_strings(messages))
+    if not any(c in blob for c in SENTINEL):
+        return SENTINEL
+    used = set(blob)
+    for base in range(_PRIVATE.start, _PRIVATE.stop - 2, 3):
+        mark = chr(base) + chr(base + 1) + chr(base + 2)
+        if not used.intersection(mark):
+            return mark
+    raise TemplateError("the record uses every private-use character (U+E000..U+F8FF): its trained "
+                        "spans could not be found")
 
 
 def _squash(s: str) -> str:

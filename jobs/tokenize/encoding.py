@@ -98,6 +98,11 @@ def _stage(tokenizer: Any, records: list[dict], template_text: bool = False) -> 
             st.chat_notes.append(notes)
             st.chat_at.append(i)
         else:
+            try:
+                rend.check_text(rec["text"])
+            except TemplateError as exc:
+                exc.index = i
+                raise
             st.plain_texts.append(rec["text"])
             st.plain_at.append(i)
     return st
