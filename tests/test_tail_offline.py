@@ -96,3 +96,47 @@ def test_piped_tail_prints_each_warning_as_an_escaped_line(ended: str) -> None:
     assert [ln.split(")")[0] for ln in lines] == ["warning (wandb"] * 3 + ["warning (swanlab"], res.stdout
     assert lines[-1] == "warning (swanlab): [bold red]FAKE[/] \\x1b]0;owned\\x07\\x1b[2J swanlab could not connect"
     assert "\x1b" not in res.stdout + res.stderr
+
+
+# --- the live panel of a running job (a local instance: its folder and a live process) -------------------
+
+
+def test_the_live_panel_shows_the_latest_warnings_escaped(tmp_path: Path, local_home: Path, tmux_socket: str) -> None:
+    from test_edges_verbs import add_job, local
+
+    folder = add_job(tmp_path, "t-job-live", local(tmp_path), state="running")
+    sleeper = subprocess.Popen(["sleep", "300"], cwd=folder)  # the worker: alive, so the job runs
+    try:
+        (folder / "pid").write_text(f"{sleeper.pid}\n")
+        (folder / "exit_code").unlink()
+        events = _events().splitlines(keepends=True)[:-1]  # all but `done`: it still runs
+        (folder / "events.jsonl").write_text("".join(events))
+        env = " ".join(f"{k}={shlex.quote(v)}" for k, v in (
+            ("PYTHONPATH", str(ROOT)), ("AUTODL_RUN_HOME", os.environ["AUTODL_RUN_HOME"]),
+            ("TERM", "xterm-256color"), ("COLUMNS", "160"), ("HOME", str(local_home)),
+        ))  # fmt: skip
+        cmd = shlex.join([sys.executable, "-m", "client.cli", "tail", "t-job-live"])
+        subprocess.run(["tmux", "-L", tmux_socket, "-f", "/dev/null", "new-session", "-d", "-s", "t", "-x", "160",
+                        "-y", "50", f"env {env} {cmd}; sleep 600"], check=True)  # fmt: skip
+
+        def screen() -> str:
+            return subprocess.run(["tmux", "-L", tmux_socket, "capture-pane", "-p", "-t", "t"],
+                                  capture_output=True, text=True).stdout  # fmt: skip
+
+        deadline = time.monotonic() + 120
+        while "warning (swanlab)" not in screen():
+            assert time.monotonic() < deadline, screen()
+            time.sleep(0.1)
+        shown = screen()
+        assert "t-job-live [running]" in shown and "6/6" in shown, shown
+        assert "warning (swanlab): [bold red]FAKE[/] \\x1b]0;owned\\x07\\x1b[2J swanlab" in shown, shown
+        assert len([ln for ln in shown.splitlines() if "warned" in ln]) == 3, shown
+
+        with open(folder / "events.jsonl", "a") as f:  # a new one while it is followed: it shows, the oldest goes
+            f.write(json.dumps({"type": "warning", "source": "wandb", "message": "newest warning"}) + "\n")
+        while "newest warning" not in screen():
+            assert time.monotonic() < deadline + 120, screen()
+            time.sleep(0.1)
+        assert "old warning 1" not in screen() and "old warning 2" in screen()
+    finally:
+        sleeper.kill()
