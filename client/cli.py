@@ -118,7 +118,8 @@ def check(job_file: JobFile, gpu: GpuOpt = None, config: ConfigOpt = None, as_js
     from client.views.dataset import check_summary
 
     spec = load_spec(job_file)
-    report = dataset.check(spec, job_file.resolve())
+    with _progress():
+        report = dataset.check(spec, job_file.resolve())
     planned = None
     if gpu:
         from client.plan import check_fits

@@ -7,9 +7,11 @@ keeps came from the instance; they are sanitised where they are shown, not here.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from jobs import events as ev
+
+WARNINGS_KEPT = 3  # the panel shows the latest few; the whole list is in events.jsonl
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Progress:
     _run_ended: bool = False
     skipped: int = 0  # event lines that were not events (unreadable, unknown, too long)
     problem: str = ""  # why the event file could not be read at all
+    warnings: list[ev.Warn] = field(default_factory=list)  # the latest WARNINGS_KEPT, oldest first
 
     def feed(self, line: bytes) -> ev.Event | None:
         """Apply one line of the event file; a line that is not an event is counted, not raised."""
@@ -90,6 +93,8 @@ class Progress:
                 self.phase = f"done early ({e.stopped}): {e.steps}/{e.total_steps or self.total_steps} steps, resumable"
         elif isinstance(e, ev.Failed):
             self.failed, self.phase, self._run_ended = e, "failed", True
+        elif isinstance(e, ev.Warn):
+            self.warnings = [*self.warnings, e][-WARNINGS_KEPT:]
 
     @property
     def eta_s(self) -> float | None:
@@ -142,4 +147,5 @@ class Progress:
             "guard": self.guard or None,
             "skipped_lines": self.skipped,
             "warning": self.warning or None,
+            "warnings": [{"source": w.source, "message": w.message} for w in self.warnings],
         }

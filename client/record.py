@@ -29,11 +29,15 @@ from client.ledger import JobRecord
 from client.session import Session
 from jobs.layout import RECORD_APPEND, RECORD_WHOLE, TB_FILE_RE, JobPaths, LocalCopy, tensorboard_dir
 from jobs.protocol import EvalResults, ProtocolError, TrainerState, read_model
+from jobs.safepath import UnsafePathError, inside
 
 MiB = 1 << 20
 CAPS = {"events": 64 * MiB, "log": 64 * MiB, "trainer_state": 16 * MiB, "eval_results": 4 * MiB}
 TB_CAP = 256 * MiB
 TB_FILES = 64
+SWAN_CAP = 64 * MiB  # SwanLab's folder (`swanlog/`, with [track] report_to swanlab), all its files together
+SWAN_FILES = 256
+SWAN_DEPTH = 6
 CHUNK = 16 * MiB  # one read; well under the transport's cap on a command's output
 READ_TIMEOUT_S = 120.0
 FINAL = ".final"  # in record/: the state the job ended in, written once the record was pulled after that
@@ -45,6 +49,11 @@ _READ = 'if [ -f "$1" ] && [ ! -L "$1" ]; then stat -c %s -- "$1" && tail -c +$(
 _LIST = (
     'for d in "$@"; do if [ -d "$d" ] && [ ! -L "$d" ]; then echo "$d"; '
     "find \"$d\" -maxdepth 1 -type f -name 'events.out.tfevents.*' -printf '%s %f\\n' | head -n 1000; exit 0; fi; done"
+)
+# $1 a folder: when it is a real one, its regular files (not links) as "SIZE RELPATH" NUL-terminated entries
+_TREE = (
+    'if [ -d "$1" ] && [ ! -L "$1" ]; then cd -- "$1" && '
+    "find . -maxdepth $2 -type f -printf '%s %P\\0' | head -z -n $3; fi"
 )
 _SIZE_RE = re.compile(rb"^[0-9]{1,15}$")
 
@@ -90,6 +99,8 @@ def pull(
     for key in RECORD_WHOLE:
         _whole(transport, paths.record_file(key), copy.record_file(key), key, out)
     _tensorboard(transport, paths, record.id, copy, out)
+    if "swanlab" in record.spec.track.report_to:
+        _swanlog(transport, paths.swanlog, copy.swanlog, out)
     for p in sorted(copy.record.rglob("*")):
         if p.is_file() and p.name != FINAL:
             out.files[p.relative_to(copy.record).as_posix()] = p.stat().st_size
@@ -194,3 +205,58 @@ def _tensorboard(transport, paths: JobPaths, job_id: str, copy: LocalCopy, out: 
         room = max(0, TB_CAP - used) + before
         _append(transport, f"{folder}/{name}", local, room, lines=False, out=out)
         used += (local.stat().st_size if local.is_file() else 0) - before
+
+
+def _swanlog(transport, remote: str, local_root: Path, out: RecordResult) -> None:
+    """SwanLab's folder, file by file: names checked (jobs.safepath), links and other kinds skipped, a file
+    read again whole when its size changed (SwanLab rewrites some), all of them together up to SWAN_CAP."""
+    res = transport.run(["bash", "-c", _TREE, "tree", remote, str(SWAN_DEPTH), str(SWAN_FILES + 1)], check=False,
+                        timeout=READ_TIMEOUT_S)  # fmt: skip
+    entries = [e for e in res.stdout_bytes.split(b"\0") if e] if res.ok else []
+    if not entries:
+        return
+    if len(entries) > SWAN_FILES:
+        out.notes.append(f"swanlog: over {SWAN_FILES} files; kept the first {SWAN_FILES}")
+    local_root.mkdir(parents=True, exist_ok=True)
+    used = sum(p.stat().st_size for p in local_root.rglob("*") if p.is_file() and not p.is_symlink())
+    for entry in sorted(entries[:SWAN_FILES]):
+        head, _, raw = entry.partition(b" ")
+        try:
+            rel = raw.decode("utf-8")
+            local = inside(local_root, rel)
+        except (UnicodeDecodeError, UnsafePathError) as exc:
+            out.notes.append(f"swanlog: skipped a file named {raw[:80]!r} ({str(exc)[:120]})")
+            continue
+        if not _SIZE_RE.match(head):
+            continue
+        size, held = int(head), local.stat().st_size if local.is_file() else 0
+        if local.is_file() and size == held:
+            continue
+        if used - held + size > SWAN_CAP:
+            out.notes.append(f"swanlog/{rel}: not kept, the folder would pass its cap ({SWAN_CAP // MiB} MiB)")
+            continue
+        data = _whole_bounded(transport, f"{remote}/{rel}", size)
+        if data is None:
+            continue
+        try:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            tmp = local.with_name(local.name + ".part")
+            tmp.write_bytes(data)
+            os.replace(tmp, local)
+        except OSError as exc:  # a file where the instance now has a folder, or the other way round
+            out.notes.append(f"swanlog/{rel}: not kept ({exc.strerror or exc})")
+            continue
+        used += len(data) - held
+
+
+def _whole_bounded(transport, remote: str, size: int) -> bytes | None:
+    """The file's first `size` bytes (what the listing said it held), read CHUNK by CHUNK; None if it is gone."""
+    data = b""
+    while len(data) < size:
+        got = _read(transport, remote, len(data), min(CHUNK, size - len(data)))
+        if got is None:
+            return None
+        if not got[1]:
+            break
+        data += got[1]
+    return data

@@ -90,6 +90,7 @@ RECORD_APPEND = ("events", "log")
 RECORD_WHOLE = ("trainer_state", "eval_results")
 RECORD_FILES = {"trainer_state": "trainer_state.json", "eval_results": "eval_results.json"}
 TENSORBOARD = "tensorboard"
+SWANLOG = "swanlog"  # SwanLab's log folder, in the job folder and in the laptop's record
 TB_FILE_RE = re.compile(r"^events\.out\.tfevents\.[A-Za-z0-9._-]{1,200}$")  # what a TensorBoard writer names
 REPORT = "report.md"
 _STEP_RE = re.compile(r"^step-([0-9]{1,15})$")  # ASCII digits, bounded: a listing from the instance
@@ -174,6 +175,10 @@ class LocalCopy:
     @property
     def tensorboard(self) -> Path:
         return self.record / TENSORBOARD
+
+    @property
+    def swanlog(self) -> Path:
+        return self.record / SWANLOG
 
     @property
     def report(self) -> Path:
@@ -301,8 +306,8 @@ class JobPaths:
 
     @property
     def swanlog(self) -> str:
-        """SwanLab's own log folder in local mode (track.swanlab_mode = "local")."""
-        return self._p("swanlog")
+        """SwanLab's own log folder (all its local files; the whole run in track.swanlab_mode = "local")."""
+        return self._p(SWANLOG)
 
     @property
     def reserve(self) -> str:

@@ -265,9 +265,16 @@ class Download:
         self.hf_home = os.environ["HF_HOME"]
         self.events = EventWriter(self.job.events)
 
-    def say(self, msg: str) -> None:
-        self.events.emit(Phase(phase="download", message=msg))
+    def say(self, msg: str, **progress: float) -> None:
+        """A line of the download's story; with bytes_done/bytes_total/bytes_per_s, a progress event (a bar)."""
+        self.events.emit(Phase(phase="download", message=msg, **progress))
         print("[download] " + msg, flush=True)
+
+    def bytes(self, repo: str, done: int, total: int, seconds: float) -> None:
+        rate = done / max(seconds, 1e-6)
+        eta = f", about {int((total - done) / rate)} s left" if rate > 0 and done < total else ""
+        self.say(f"{repo}: {size(done)} of {size(total)} ({100 * done / max(total, 1):.0f}%), "
+                 f"{rate / 1e6:.1f} MB/s{eta}", bytes_done=done, bytes_total=total, bytes_per_s=rate)  # fmt: skip
 
     def finish(self, result: ModelDownload) -> NoReturn:
         path = self.job.prefetch_result
@@ -342,24 +349,25 @@ class Download:
         self.say(f"{repo}: {len(todo)} of {len(files)} files to download from {src.endpoint}, {size(to_fetch)} "
                  f"({size(free_model)} free on {mount_model})")  # fmt: skip
         stop = threading.Event()
-        threading.Thread(target=self._progress, args=(repo, cache, to_fetch, stop), daemon=True).start()
         t0 = time.monotonic()
+        self.bytes(repo, 0, to_fetch, 0.0)
+        progress = threading.Thread(target=self._progress, args=(repo, cache, to_fetch, stop, t0), daemon=True)
+        progress.start()
         done.path = src.fetch(files)
         stop.set()
+        progress.join(timeout=30)  # its last event before the one that ends the bar
         done.seconds, done.bytes, done.revision = time.monotonic() - t0, to_fetch, src.sha
+        self.bytes(repo, to_fetch, to_fetch, done.seconds)
         self.say(f"{repo}: downloaded {size(to_fetch)} in {done.seconds:.0f} s into {done.path}")
         self.finish(done)
 
-    def _progress(self, repo: str, folder: str, to_fetch: int, stop: threading.Event) -> None:
-        start_bytes, t0, last = _walk_size(folder), time.monotonic(), -1
+    def _progress(self, repo: str, folder: str, to_fetch: int, stop: threading.Event, t0: float) -> None:
+        start_bytes, last = _walk_size(folder), 0
         while not stop.wait(self.a["every"]):
             done = min(max(_walk_size(folder) - start_bytes, 0), to_fetch)
-            if done == last:
-                continue
-            last, rate = done, done / max(time.monotonic() - t0, 1e-6)
-            eta = f", about {int((to_fetch - done) / rate)} s left" if rate > 0 else ""
-            self.say(f"{repo}: {size(done)} of {size(to_fetch)} ({100 * done / max(to_fetch, 1):.0f}%), "
-                     f"{rate / 1e6:.1f} MB/s{eta}")  # fmt: skip
+            if done != last and not stop.is_set():
+                last = done
+                self.bytes(repo, done, to_fetch, time.monotonic() - t0)
 
 
 def downloaded_model(job_dir: str) -> str | None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -104,6 +106,56 @@ def test_what_is_not_a_regular_file_or_does_not_parse_is_not_kept(job) -> None:
     assert not copy.record_file("eval_results").exists() and any("does not parse" in n for n in out.notes)
     assert sorted(p.name for p in copy.tensorboard.iterdir()) == ["events.out.tfevents.1.host"]
     assert not any(p.is_symlink() for p in copy.record.rglob("*"))
+
+
+SWAN_RUN = """
+import sys, swanlab
+swanlab.init(project="p", name="r-1", mode="local", log_dir=sys.argv[1])
+for i in range(3):
+    swanlab.log({"loss": 1.0 / (i + 1)}, step=i)
+swanlab.finish()
+"""
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_swanlab_s_folder_comes_back_checked_and_bounded(sshd, job, monkeypatch, tmp_path: Path) -> None:
+    record, session, copy, paths = job
+    record = record.__class__(**{**record.__dict__, "spec": record.spec.model_copy(update={
+        "track": record.spec.track.model_copy(update={"report_to": ["swanlab"], "swanlab_mode": "local"})})})
+    swan = Path(paths.swanlog)
+    run = subprocess.run([sys.executable, "-c", SWAN_RUN, str(swan)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert not (tmp_path / "swanlog").exists()
+    written = _tree(swan)
+    assert any(name.endswith(".swanlab") for name in written), written
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not copy me\n")
+    os.symlink(secret, swan / "linked.txt")
+    os.symlink(tmp_path, swan / "linked-dir")
+    (swan / "bad\nname").write_text("x")
+
+    out = job_record.pull(record, session, copy)
+    assert _tree(copy.swanlog) == written  # every regular file, nested folders included, byte for byte
+    assert not any(p.is_symlink() for p in copy.record.rglob("*"))
+    assert any("bad\\nname" in n for n in out.notes), out.notes
+    assert any(name.startswith("swanlog/") for name in out.files)
+
+    log = next(p for p in swan.rglob("*.log") if "console" in p.parts)
+    with open(log, "a") as f:
+        f.write("one more line\n")
+    job_record.pull(record, session, copy)
+    assert (copy.swanlog / log.relative_to(swan)).read_bytes() == log.read_bytes()
+
+    monkeypatch.setattr(job_record, "SWAN_CAP", 1000)
+    big = swan / "big.bin"
+    big.write_bytes(os.urandom(5000))
+    capped = job_record.pull(record, session, copy)
+    assert not (copy.swanlog / "big.bin").exists()
+    assert any("swanlog/big.bin" in n and "cap" in n for n in capped.notes), capped.notes
 
 
 # --- end to end: over SSH, then with the instance gone ----------------------------------------------------

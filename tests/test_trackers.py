@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_worker_run import make_job, make_model, read_events, run_worker
+from test_worker_run import REPO, make_job, make_model, read_events, run_worker
 
 from jobs.events import EventWriter
 from jobs.spec import JobSpec
@@ -83,7 +83,9 @@ def test_trackers_that_cannot_connect_warn_and_training_finishes(tmp_path: Path,
     job = make_job(tmp_path, str(model_dir), train={"max_steps": 4})
     spec = job.spec.model_copy(update={"track": job.spec.track.model_copy(update={"report_to": ["wandb", "swanlab"]})})
     (tmp_path / "job.json").write_text(job.model_copy(update={"spec": spec}).model_dump_json(indent=1))
+    before = _swanlog_in_cwd()
     proc = run_worker(tmp_path / "job.json")
+    assert _swanlog_in_cwd() == before  # the worker's cwd (the repository here) gets no swanlog/
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     events = read_events(job.job_dir)
     assert events[-1].type == "done" and events[-1].steps == 4
@@ -93,3 +95,26 @@ def test_trackers_that_cannot_connect_warn_and_training_finishes(tmp_path: Path,
     acc = EventAccumulator(str(Path(job.job_dir) / "tensorboard"))  # TensorBoard went on regardless
     acc.Reload()
     assert [s.step for s in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
+def _swanlog_in_cwd() -> set[str]:
+    return {p.name for p in (REPO / "swanlog").glob("*")} if (REPO / "swanlog").is_dir() else set()
+
+
+@pytest.mark.slow
+def test_swanlab_local_mode_logs_inside_the_job_folder(tmp_path: Path, model_dir: Path, monkeypatch) -> None:
+    monkeypatch.delenv("SWANLAB_LOGDIR", raising=False)
+    monkeypatch.setenv("SWANLAB_SAVE_DIR", str(tmp_path / "swan"))
+    job = make_job(tmp_path, str(model_dir), train={"max_steps": 2})
+    track = job.spec.track.model_copy(update={"report_to": ["swanlab"], "swanlab_mode": "local"})
+    (tmp_path / "job.json").write_text(
+        job.model_copy(update={"spec": job.spec.model_copy(update={"track": track})}).model_dump_json(indent=1)
+    )
+    before = _swanlog_in_cwd()
+    proc = run_worker(tmp_path / "job.json")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    events = read_events(job.job_dir)
+    assert events[-1].type == "done" and not [e for e in events if e.type == "warning"], events
+    runs = list((Path(job.job_dir) / "swanlog").glob("run-*/*.swanlab"))
+    assert runs and runs[0].stat().st_size > 0, list((Path(job.job_dir)).rglob("*"))
+    assert _swanlog_in_cwd() == before

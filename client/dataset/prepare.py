@@ -78,9 +78,11 @@ def check(spec: JobSpec, job_file: Path, *, tokenizer: Any = "auto") -> dict:
     srcs = sources(spec.data, base)
     tok, tinfo = _tokenizer(spec, base, tokenizer)
     t0 = time.perf_counter()
+    rows = activity.rows("check")
     if tok is not None:
         with tempfile.TemporaryDirectory(prefix="autodl-run-check-") as tmp:
-            scan, out = _passes(Path(tmp), spec.data, srcs, tok, 0, activity.rows("check"))
+            scan, out = _passes(Path(tmp), spec.data, srcs, tok, 0, rows)
+        rows("done", scan.kept, scan.kept)
         report = _report(scan, spec.data)
         report.update(
             records_out=out["counts"]["train"] + out["counts"]["eval"], train_records=out["counts"]["train"],
@@ -89,7 +91,8 @@ def check(spec: JobSpec, job_file: Path, *, tokenizer: Any = "auto") -> dict:
             seconds={"read+tokenize": round(time.perf_counter() - t0, 3)},
         )
         return _warned(report)
-    scan = Scan(spec.data, srcs).run(None)
+    scan = Scan(spec.data, srcs).run(_Counted(_Discard(), rows))
+    rows("done", scan.kept, scan.kept)
     scan.raise_if_bad()
     flags = eval_flags(scan, spec.data)
     n_eval = sum(flags)
@@ -332,6 +335,13 @@ class _Counted:
         if not self.n & (BATCH - 1):
             self.progress("reading", self.n, None)
         return self.sink.write(line)
+
+
+class _Discard:
+    """A sink that keeps nothing (`check` without a tokenizer counts the rows, it writes none)."""
+
+    def write(self, line: bytes) -> int:
+        return len(line)
 
 
 def _write_splits(

@@ -3,8 +3,9 @@
 `prefetch_model` (the last step before launch) downloads a hub model onto the data disk (HF_HOME or
 MODELSCOPE_CACHE, by `model.source`; the result names the folder the worker loads from), detached on the instance so a dropped laptop
 connection does not stop it: it launches `remote_worker.prefetch` from the worker bundle (which
-checks the disk space first), follows its progress (`phase` events in the job's events.jsonl:
-`tail` shows them) and reads its result (jobs.protocol.ModelDownload). A failure is reported as a
+checks the disk space first), follows its progress (`phase` events in the job's events.jsonl, `tail`
+shows them; those with byte counts become a client.activity bar: bytes and rate in a terminal, one
+summary line when piped) and reads its result (jobs.protocol.ModelDownload). A failure is reported as a
 download failure, before any training starts. A model that is a folder on the instance is not
 downloaded.
 """
@@ -17,6 +18,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from client import activity
 from client.errors import RemoteEnvError
 from client.remote import launcher
 from client.remote.follow import Follower, Reconnecting
@@ -104,8 +106,16 @@ def prefetch_model(
         transport, pdir, argv, socket=spec.instance.tmux_socket,
         session=posixpath.basename(paths.dir) + "-prefetch", env=env, prefer_tmux=False,
     )  # fmt: skip
-    _follow(transport, pdir, log, poll_s, reconnect_timeout_s)
-    result = read_result(transport, paths, name)
+    bar = activity.Meter(f"download {name}", "bytes") if activity.watched() else None
+    try:
+        _follow(transport, pdir, log, poll_s, reconnect_timeout_s, bar)
+        result = read_result(transport, paths, name)
+    except BaseException:
+        if bar is not None:
+            bar.end(ok=False)
+        raise
+    if bar is not None:
+        bar.end(ok=result.ok)
     if not result.ok:
         what = "" if result.kind == "disk" else f"downloading {name} failed: "
         raise RemoteEnvError(what + (result.message or "unknown error"), hint=result.hint)
@@ -133,9 +143,11 @@ def read_result(transport: Transport, paths: JobPaths, name: str) -> ModelDownlo
 
 
 def _follow(
-    transport: Transport, pdir: JobPaths, log: Log, poll_s: float, reconnect_timeout_s: float
+    transport: Transport, pdir: JobPaths, log: Log, poll_s: float, reconnect_timeout_s: float,
+    bar: activity.Meter | None = None,
 ) -> None:
-    """Print the download's phase events until it ends; ride out a dropped connection (client.remote.follow)."""
+    """Print the download's phase events until it ends; ride out a dropped connection (client.remote.follow).
+    Its byte counts go to `bar` (a bar in a terminal, the summary line piped), or as lines when none watches."""
     events = posixpath.relpath(JobPaths(posixpath.dirname(pdir.dir)).events, pdir.dir)
     follower = Follower(lambda: transport, pdir, events, poll_s=poll_s, reconnect_timeout_s=reconnect_timeout_s)
     for item in follower:
@@ -144,5 +156,9 @@ def _follow(
         elif isinstance(item, list):
             for line in item:
                 event = ev.parse_or_none(line)
-                if isinstance(event, ev.Phase) and event.phase == "download":
+                if not isinstance(event, ev.Phase) or event.phase != "download":
+                    continue
+                if bar is not None and event.bytes_total is not None:
+                    bar.update(event.bytes_done, total=event.bytes_total or None, rate=event.bytes_per_s)
+                else:
                     log(f"  {shown(event.message)}")

@@ -72,11 +72,24 @@ def event_line(e, p: Progress | None = None) -> str | None:
         )
         took = fmt_duration(p.elapsed_s(e.t) if p is not None else e.elapsed_s)
         return f"done: {e.steps} steps in {took}{loss}{early}; adapter at {shown(e.adapter_path)}"
+    if isinstance(e, ev.Warn):
+        return warn_line(e)
     if isinstance(e, ev.Failed):
         return f"FAILED: {shown(e.error_class)}: {shown(e.message)}" + (
             f"\n  hint: {shown(e.hint)}" if e.hint else ""
         )
     return None
+
+
+WARN_CHARS = 300  # a warning's message in the panel; the whole of it is in the event line and the record
+
+
+def warn_line(e: ev.Warn, limit: int | None = None) -> str:
+    """`warning (swanlab): ...`: the worker's text escaped (client.views.text), cut to `limit` characters."""
+    text = shown(e.message)
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return f"warning ({shown(e.source) or 'worker'}): {text}"
 
 
 def panel(p: Progress, state: str, note: str = "", now: float | None = None) -> Panel:
@@ -114,6 +127,8 @@ def panel(p: Progress, state: str, note: str = "", now: float | None = None) -> 
             table.add_row("hint", Text(shown(p.failed.hint)))
     if p.warning:
         table.add_row("warning", Text(shown(p.warning), style="yellow"))
+    for w in p.warnings:
+        table.add_row("warned", Text(warn_line(w, WARN_CHARS), style="yellow"))
     if note:
         table.add_row("", Text(shown(note), style="yellow"))
     return Panel(table, title=escape(f"{p.job_id} [{state}]"), expand=False)
