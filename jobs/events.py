@@ -43,7 +43,7 @@ class Phase(_Event):
     phase: str
     message: str = ""
     # a transfer's progress (the model download): the laptop draws a bar from these, the message says it in words
-    # (left out of the line when unset: a phase event reads as it always has)
+    # (left out of the line when unset: a phase event reads as it always has; exclude_if needs pydantic 2.11)
     bytes_done: int | None = Field(None, ge=0, exclude_if=lambda v: v is None)
     bytes_total: int | None = Field(None, ge=0, exclude_if=lambda v: v is None)
     bytes_per_s: float | None = Field(None, ge=0, exclude_if=lambda v: v is None)

@@ -11,7 +11,7 @@ WORKER_REQUIREMENTS: dict[str, str] = {
     "accelerate": "accelerate>=1.0",
     "safetensors": "safetensors>=0.4",
     "numpy": "numpy>=1.24",
-    "pydantic": "pydantic>=2.6",
+    "pydantic": "pydantic>=2.11",
 }
 # Needed only for 4-bit (QLoRA) jobs.
 QLORA_REQUIREMENTS: dict[str, str] = {"bitsandbytes": "bitsandbytes>=0.45"}
