@@ -72,7 +72,7 @@ def _index(folder: Path, peft_requires: tuple[str, ...] = ("torch>=2.0",)) -> Pa
         ("accelerate", "1.0.0", ()),
         ("safetensors", "0.4.0", ()),
         ("numpy", "1.26.0", ()),
-        ("pydantic", "2.6.0", ()),
+        ("pydantic", "2.11.0", ()),
     ]:
         build_wheel(folder, name, version, requires)
     return folder
