@@ -340,6 +340,7 @@ class ExportRecord(_File):
     merge_check: MergeCheck | None = None
     gguf_check: GgufCheck | None = None
     seconds: float = 0.0
+    phases: dict[str, float] = Field(default_factory=dict)  # seconds: load, merge, convert, quantize, write, check
 Number = float | int | None
 
 
