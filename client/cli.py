@@ -426,6 +426,14 @@ def resume(
         str | None, typer.Option("--profile", help="continue on another instance: a host saved by `autodl-run login`")
     ] = None,
     deadline: DeadlineOpt = None,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            "--gpus",
+            help='train.gpus for this run (N or "all"): the checkpoint\'s global batch is kept, so N x nodes must '
+            "divide its micro-batches a step (docs/multigpu.md)",
+        ),
+    ] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="then follow it like `tail`")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -448,7 +456,8 @@ def resume(
     elif profile:
         instance = instance_for_profile(record.spec.instance, profile)
     with _progress():
-        result = do_resume(record, ledger, instance=instance, deadline_unix=_deadline(deadline), log=_log, report=_step)
+        result = do_resume(record, ledger, instance=instance, deadline_unix=_deadline(deadline), gpus=gpus, log=_log,
+                           report=_step)  # fmt: skip
     if as_json:
         _print_json(result.as_dict())
     else:

@@ -63,7 +63,9 @@ class Progress:
         return "; ".join(notes)
 
     def apply(self, e: ev.Event) -> None:
-        new_run = (
+        # Several `failed` in a row are one run's end: the ranks' own, then torchrun's (which rank died)
+        same_end = isinstance(e, ev.Failed) and self.failed is not None and self._run_ended
+        new_run = not same_end and (
             self._run_start is None or self._run_ended or (isinstance(e, ev.Phase) and e.phase == "setup")
         )
         if new_run:

@@ -92,7 +92,7 @@ def test_worker_argv_runs_torchrun_only_for_more_than_one_process(tmp_path, mode
     assert launcher.worker_argv("py", "j.json", job.spec.train) == ["py", "-m", "remote_worker", "j.json"]
     two = job.spec.train.model_copy(update={"gpus": 2})
     argv = launcher.worker_argv("py", "j.json", two)
-    assert argv[argv.index("py"):argv.index("--standalone")] == ["py", "-m", "torch.distributed.run"]
+    assert argv[argv.index("py"):argv.index("--standalone")] == ["py", "-m", "remote_worker.torchrun"]
     assert argv[argv.index("--nproc-per-node") + 1] == "2" and argv[-3:] == ["-m", "remote_worker", "j.json"]
     node = launcher.Node(rank=1, count=2, master="10.0.0.1", port=29555)
     argv = launcher.worker_argv("py", "j.json", job.spec.train, node)
@@ -211,3 +211,53 @@ def test_one_process_alone_sees_one_gpu():
     ranked = {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}
     one_gpu(ranked)  # torchrun's ranks pin their own GPU (remote_worker.distributed.init)
     assert "CUDA_VISIBLE_DEVICES" not in ranked
+
+
+def rank_pid(wrapper_pid: int, rank: int) -> int | None:
+    """The process of `rank` among the wrapper's descendants (torchrun's children), by its environment."""
+    todo, want = [wrapper_pid], f"RANK={rank}".encode()
+    while todo:
+        pid = todo.pop()
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        if want in env and b"-m" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+            if b"remote_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+    return None
+
+
+@pytest.mark.parametrize("rank", [1, 0])
+def test_a_rank_killed_by_sigkill_is_named_with_its_cause_and_the_resume(
+    tmp_path, model_dir, data_dir, tmux_socket, rank
+):
+    import os
+    import signal
+
+    from client.progress import Progress
+
+    job = make_job(tmp_path / "k", model_dir, data_dir, gpus=2, save_steps=2, max_steps=400)
+    paths = JobPaths(job.job_dir)
+    Path(job.job_dir).mkdir(parents=True)
+    argv = launcher.worker_argv(sys.executable, str(tmp_path / "k" / "job.json"), job.spec.train)
+    log = Path(paths.log)
+    launcher.launch(LocalTransport(), paths, argv, socket=tmux_socket, session="k-1", env=worker_env())
+    wait_for(lambda: any(isinstance(e, ev.Checkpoint) for e in read_events(job.job_dir)), what="a checkpoint", log=log)
+    victim = wait_for(lambda: rank_pid(int(Path(paths.pid).read_text()), rank), what=f"rank {rank}", log=log)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: launcher.job_status(LocalTransport(), paths).state is JobState.FAILED, what="the end", log=log)
+    events = read_events(job.job_dir)
+    last_good = sorted(Path(paths.checkpoints).glob("step-*"), key=lambda p: int(p.name[5:]))[-1]
+    progress = Progress(job.job_id)
+    for e in events:
+        progress.apply(e)
+    failed = progress.failed
+    assert failed is not None and failed.error_class == "RankKilled", log.read_text()[-3000:]
+    assert f"rank {rank} " in failed.message and f"pid {victim}" in failed.message and "SIGKILL" in failed.message
+    assert "OOM killer" in failed.hint and "host memory" in failed.hint
+    assert f"continue from {last_good.name} with `autodl-run resume {job.job_id}`" in failed.hint
+    assert failed.checkpoint == str(last_good)
+    assert progress.runs == 1, "the ranks' failures and torchrun's are one run's end"

@@ -14,6 +14,11 @@ The worker always resumes from the newest complete, verified checkpoint in its j
 
 A job that is running already is not started twice: `resume` reattaches to it. A job that ran to
 its end has nothing to resume (one stopped early by its deadline or max_hours has).
+
+`--gpus N` continues on another number of GPUs (processes) per node: the checkpoint's global batch
+(`batch_shape.json`: processes x micro-batches a step) is kept, so N x nodes must divide it; a number
+that does not is refused here, before anything is launched, naming the numbers that do. It applies to
+this run: a later `resume` without `--gpus` goes back to the submitted `train.gpus`.
 """
 
 from __future__ import annotations
@@ -40,11 +45,12 @@ from client.remote.follow import poll_once
 from client.remote.submission import submission_key, write_launch_record
 from client.remote.sync import sync_dir
 from client.session import Session
+from client.transport.paths import shell_path
 from jobs import events as ev
-from jobs.layout import DATASET_MANIFEST, JOB_FILES, MANIFEST, JobPaths, checkpoint_step
+from jobs.layout import BATCH_SHAPE, DATASET_MANIFEST, JOB_FILES, MANIFEST, JobPaths, checkpoint_step
 from jobs.manifest import ManifestError, verify_manifest
-from jobs.protocol import DatasetManifest, JobState, LaunchRecord, ProtocolError, read_model
-from jobs.spec import InstanceSpec, JobSpec
+from jobs.protocol import BatchShape, DatasetManifest, JobState, LaunchRecord, ProtocolError, read_model
+from jobs.spec import InstanceSpec, JobSpec, TrainSpec
 
 Log = Callable[[str], None]
 # A failure that the same data fails again with: `resume` refuses it (resuming needs the same data).
@@ -122,6 +128,62 @@ def same_target(a: InstanceSpec, b: InstanceSpec) -> bool:
     )
 
 
+# --- another number of GPUs -----------------------------------------------------------------------------
+
+
+def with_gpus(spec: JobSpec, gpus: int | str | None, job_file: str) -> JobSpec:
+    """The job's spec with `train.gpus` replaced for this run (None: as submitted), validated like the TOML."""
+    if gpus is None:
+        return spec
+    value: int | str = gpus
+    if isinstance(gpus, str) and gpus != "all":
+        try:
+            value = int(gpus)
+        except ValueError:
+            value = gpus
+    try:
+        train = TrainSpec.model_validate({**spec.train.model_dump(), "gpus": value})
+    except ValidationError as exc:
+        problems = [Problem(job_file, None, "train.gpus (--gpus)", e["msg"]) for e in exc.errors()]
+        raise SpecError(f"--gpus {gpus}: not a number of GPUs this job can use", problems,
+                        hint='give a whole number of GPUs per node (1, 2, ...), or "all" on GPUs') from None  # fmt: skip
+    return spec.model_copy(update={"train": train})
+
+
+def check_split(shape: BatchShape | None, spec: JobSpec, job_id: str, step: int) -> None:
+    """Refuse a number of processes that cannot split the checkpoint's global batch (the worker's own
+    rule, remote_worker.checkpoints.resumed_grad_accum), before anything is launched."""
+    gpus = spec.train.gpus
+    if shape is None or not shape.grad_accum or not isinstance(gpus, int):
+        return  # an older checkpoint, or "all": the worker checks once it knows the count
+    nodes = 1 + len(spec.instance.hosts)
+    total, world = shape.world_size * shape.grad_accum, gpus * nodes
+    if total % world == 0:
+        return
+    fits = [n for n in range(1, total + 1) if total % (n * nodes) == 0]
+    raise JobError(
+        f"checkpoint step-{step} of {job_id} was trained with {total} micro-batches a step "
+        f"({shape.world_size} process(es) x {shape.grad_accum}); {world} process(es) "
+        f"({gpus} GPU(s) x {nodes} node(s)) cannot split that evenly, so the data order and the learning-rate "
+        "schedule could not continue. The global batch cannot change on a resume",
+        hint=(f"resume with --gpus one of {fits}" if fits else "resume on as many nodes as before")
+        + f", or submit the job again to start over on {gpus} GPU(s)",
+    )
+
+
+def _remote_shape(session: Session, paths: JobPaths, step: int) -> BatchShape | None:
+    where = f"{paths.checkpoint(step)}/{BATCH_SHAPE}"
+    res = session.transport.run(f"cat -- {shell_path(where)}", check=False)
+    return _parse_shape(res.stdout_bytes, where) if res.ok else None
+
+
+def _parse_shape(raw: bytes, where: str) -> BatchShape | None:
+    try:
+        return read_model(BatchShape, raw, where)
+    except ProtocolError:
+        return None
+
+
 # --- resume ----------------------------------------------------------------------------------------------
 
 
@@ -140,19 +202,22 @@ def resume(
     *,
     instance: InstanceSpec | None = None,
     deadline_unix: float | None = None,
+    gpus: int | str | None = None,
     log: Log = print,
     report: Report | None = None,
 ) -> Resumed:
     """check → connect → plan → sync (checkpoint, data, worker) → setup → model → launch: submit's steps,
-    timed and reported the same way (client.lifecycle.pipeline)."""
+    timed and reported the same way (client.lifecycle.pipeline). `gpus`: train.gpus for this run."""
     run = Pipeline(report, log)
+    spec = with_gpus(record.spec, gpus, record.job_file)
     if instance is None or same_target(instance, record.spec.instance):
-        return _in_place(record, ledger, deadline_unix, run, log)
-    return _elsewhere(record, ledger, instance, deadline_unix, run, log)
+        return _in_place(record, spec, ledger, deadline_unix, run, log)
+    return _elsewhere(record, spec, ledger, instance, deadline_unix, run, log)
 
 
-def _in_place(record: JobRecord, ledger: Ledger, deadline_unix: float | None, run: Pipeline, log: Log) -> Resumed:
-    spec = record.spec
+def _in_place(
+    record: JobRecord, spec: JobSpec, ledger: Ledger, deadline_unix: float | None, run: Pipeline, log: Log
+) -> Resumed:
     deadline = run.run(CHECK, spec, Path(record.job_file), ledger, deadline_unix)
     with run.run(steps.CONNECT, record) as session:
         paths = session.layout.job(record.id)
@@ -171,11 +236,13 @@ def _in_place(record: JobRecord, ledger: Ledger, deadline_unix: float | None, ru
         found = [] if missing else remote_steps(session.transport, paths)
         if not missing and not found:
             log(f"{record.id} saved no checkpoint before it ended ({status.state}): it starts over from step 0")
+        if found:
+            check_split(_remote_shape(session, paths, found[-1]), spec, record.id, found[-1])
         offset = 0 if missing else _events_end(session, paths)
 
         def checkpoint() -> int | None:
             if missing:
-                return _upload_local_checkpoint(record, session, record.id, log)
+                return _upload_local_checkpoint(record, spec, session, record.id, log)
             return found[-1] if found else None
 
         step, bundle = _sync_and_launch(run, session, record, spec, record.id, deadline, checkpoint, log)
@@ -187,9 +254,10 @@ def _in_place(record: JobRecord, ledger: Ledger, deadline_unix: float | None, ru
 
 
 def _elsewhere(
-    record: JobRecord, ledger: Ledger, instance: InstanceSpec, deadline_unix: float | None, run: Pipeline, log: Log
+    record: JobRecord, spec: JobSpec, ledger: Ledger, instance: InstanceSpec, deadline_unix: float | None,
+    run: Pipeline, log: Log,
 ) -> Resumed:
-    spec = record.spec.model_copy(update={"instance": instance.model_copy()})
+    spec = spec.model_copy(update={"instance": instance.model_copy()})
     job_file = Path(record.job_file)
     deadline = run.run(CHECK, spec, job_file, ledger, deadline_unix)
     with run.run(steps.CONNECT, spec) as session:
@@ -206,7 +274,7 @@ def _elsewhere(
 
         step, _ = _sync_and_launch(
             run, session, record, spec, job_id, deadline,
-            lambda: _upload_local_checkpoint(record, session, job_id, log), log, record_first,
+            lambda: _upload_local_checkpoint(record, spec, session, job_id, log), log, record_first,
         )  # fmt: skip
         ledger.update(job_id, state="running")
         where = session.where
@@ -312,8 +380,10 @@ def _local_full_checkpoint(record: JobRecord, log: Log) -> tuple[int, Path]:
     return step, path
 
 
-def _upload_local_checkpoint(record: JobRecord, session: Session, job_id: str, log: Log) -> int:
+def _upload_local_checkpoint(record: JobRecord, spec: JobSpec, session: Session, job_id: str, log: Log) -> int:
     step, local = _local_full_checkpoint(record, log)
+    shape = local / BATCH_SHAPE
+    check_split(_parse_shape(shape.read_bytes(), str(shape)) if shape.is_file() else None, spec, record.id, step)
     dest = session.layout.job(job_id).checkpoint(step)
     sent = sync_dir(session.transport, local, dest, marker=MANIFEST)
     log(f"  checkpoint step-{step} {'uploaded' if sent else 'already on the instance'}")

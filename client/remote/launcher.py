@@ -15,7 +15,8 @@ against a strict pattern first. The wrapper's parameters are the one exception: 
 into run.sh, each value quoted (shlex). Each public function is one remote round trip.
 
 The worker's command line is `worker_argv`: `python -m remote_worker JOB_JSON`, or with train.gpus
-above 1 or several nodes the same under torchrun (torch.distributed.run), one process per GPU. The
+above 1 or several nodes the same under torchrun (torch.distributed.run, through remote_worker.torchrun,
+which also says which rank a signal killed), one process per GPU. The
 wrapper's pid is then torchrun's; torchrun starts each rank in a session of its own and passes a
 SIGINT/SIGTERM it gets on to every rank, which then checkpoint and stop in step; a rank outlives
 neither its torchrun nor the wrapper (remote_worker.distributed). The exit code is torchrun's: 0
@@ -139,7 +140,7 @@ def worker_argv(python: str, job_json: str, train: TrainSpec, node: Node = Node(
     else:
         rdzv = ["--nnodes", str(node.count), "--node-rank", str(node.rank), "--rdzv-backend", "static",
                 "--master-addr", node.master, "--master-port", str(node.port)]  # fmt: skip
-    return ["env", f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={RANKS_SHUTDOWN_S}", python, "-m", "torch.distributed.run",
+    return ["env", f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={RANKS_SHUTDOWN_S}", python, "-m", "remote_worker.torchrun",
             *rdzv, "--nproc-per-node", per_node, "--max-restarts", "0", *worker]  # fmt: skip
 
 
