@@ -6,8 +6,9 @@ Steps, each in its own process (so its peak memory is its own), each a JSON row 
            template (the GGUF writer needs one), and an all-linear r=16 LoRA adapter with non-zero B
   eval     remote_worker.evaluate: base and tuned, N prompts, greedy, batched with left padding
   merged   remote_worker.export --merged: merge onto the 16-bit base, check against PEFT, save safetensors
-  gguf     remote_worker.export --gguf q8_0: merge, check, write GGUF q8_0, read it back (transformers)
-Each row: step, seconds, peak GPU memory (allocated, reserved), peak RSS, sizes, the checks' numbers.
+  gguf     remote_worker.export --gguf q8_0: merge, check, write GGUF q8_0, read it back and check
+  gguf-T   the same for type T (gguf-f16, gguf-q4_0, ...)
+Each row: step, seconds, phases_s (export steps: load, merge, metadata, convert, quantize, write, check), peak GPU memory (allocated, reserved), peak RSS, sizes, the checks' numbers.
 
   python bench/export_bench.py --out DIR [--arch 7b] [--steps make,eval,merged,gguf] [--work DIR]
       (a --work folder is kept: a second call can run `--steps gguf` on the same model and adapter)
@@ -136,7 +137,8 @@ def step_export(a, kind: str, qtype: str = "") -> dict:
     work = Path(a.work)
     out = work / f"export-{kind}{qtype}"
     rec = export.export(work / "lora", out, kind, qtype)
-    row = {"kind": kind, "qtype": qtype, "out_gb": size_gb(out), "merge_check": rec.merge_check.model_dump()}
+    row = {"kind": kind, "qtype": qtype, "out_gb": size_gb(out), "phases_s": rec.phases,
+           "merge_check": rec.merge_check.model_dump()}  # fmt: skip
     if rec.gguf_check:
         row["gguf_check"] = rec.gguf_check.model_dump()
     if not a.keep:
@@ -153,8 +155,8 @@ def run_step(a) -> int:
             row = step_eval(a)
         elif a.step == "merged":
             row = step_export(a, "merged")
-        elif a.step == "gguf":
-            row = step_export(a, "gguf", "q8_0")
+        elif a.step == "gguf" or a.step.startswith("gguf-"):
+            row = step_export(a, "gguf", a.step.partition("-")[2] or "q8_0")
         else:
             raise SystemExit(f"unknown step {a.step}")
         row.update(ok=True)

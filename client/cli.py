@@ -362,7 +362,7 @@ def chat(
 def export_(
     job: JobId = None,
     merged: Annotated[bool, typer.Option("--merged", help="a merged 16-bit safetensors model")] = False,
-    gguf: Annotated[str | None, typer.Option("--gguf", help="a GGUF file: f16, bf16, f32, q8_0, q5_0, q4_0")] = None,
+    gguf: Annotated[str | None, typer.Option("--gguf", help="a GGUF file: f16, bf16, f32, q8_0, q5_0, q4_0 (for K-quants: llama-quantize the f16 file)")] = None,
     ollama: Annotated[str | None, typer.Option("--ollama", help="a GGUF file of this type plus an Ollama Modelfile")] = None,
     here: HereOpt = False,
     base_model: BaseOpt = None,

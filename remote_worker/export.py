@@ -321,7 +321,8 @@ def load_gguf_into(path: Path, model) -> None:
                                   hint="a bug in the GGUF writer; export --merged instead")  # fmt: skip
             if arch_name == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
                 data = _unpermute(data, cfg.num_attention_heads if "q_proj" in hf_name else n_kv)
-            state[hf_name].copy_(torch.from_numpy(np.ascontiguousarray(data)))
+            data = np.ascontiguousarray(data) if data.flags.writeable else np.array(data)  # a read-only memmap view
+            state[hf_name].copy_(torch.from_numpy(data))
     if wanted:
         raise ExportError(f"{path.name} lacks tensors {sorted(wanted)[:5]}", hint="export --merged instead")
 
@@ -384,7 +385,8 @@ def export(adapter: Path, out: Path, kind: str, qtype: str = "q8_0", base: str |
     """Make the export into `out` (replaced), check it, write export.json and the manifest."""
     t0 = time.monotonic()
     if kind != "merged" and qtype not in GGUF_TYPES:
-        raise ExportError(f"unknown GGUF type {qtype!r}", hint=f"one of {', '.join(GGUF_TYPES)} (no K-quants: the gguf library has no quantizer for them)")
+        raise ExportError(f"unknown GGUF type {qtype!r}", hint=f"one of {', '.join(GGUF_TYPES)}; no K-quants: the gguf library (0.19) only decodes them. "
+                        "Export f16, then run llama.cpp's llama-quantize on it (docs/export.md)")
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

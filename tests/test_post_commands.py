@@ -157,3 +157,4 @@ def test_export_on_the_instance_and_here_come_back_verified(tmp_path, sshd, tmux
     verify_manifest(Path(here["folder"]))
     bad = cli("export", job_id, "--gguf", "q3_k", check=False)
     assert bad.returncode == 2 and "unknown GGUF type" in bad.stderr
+    assert "llama-quantize model-f16.gguf model-Q3_K.gguf Q3_K" in " ".join(bad.stderr.split())

@@ -41,12 +41,23 @@ class Exported:
                 "export": self.record.model_dump(mode="json")}  # fmt: skip
 
 
+def kquant_hint(qtype: str) -> str:
+    """What to do for a K-quant (q4_k_m, q6_k, ...) or i-quant: the gguf library can read them but not make them."""
+    import re
+
+    if not re.fullmatch(r"i?q\d_(k(_[sml])?|[a-z]+)", qtype.lower()):
+        return ""
+    return (f"{qtype} is a K-quant or i-quant: the gguf library (0.19) only decodes those, it has no quantizer. "
+            f"Export --gguf f16, then run llama.cpp: llama-quantize model-f16.gguf model-{qtype.upper()}.gguf "
+            f"{qtype.upper()} (docs/export.md)")  # fmt: skip
+
+
 def task_of(kind: str, qtype: str = "") -> tuple[str, list[str]]:
     """(task folder name, the module's arguments) for `--merged`, `--gguf TYPE`, `--ollama TYPE`."""
     if kind == "merged":
         return "export-merged", ["--merged"]
     if qtype not in GGUF_TYPES:
-        raise SpecError(f"unknown GGUF type {qtype!r}: one of {', '.join(GGUF_TYPES)}", [])
+        raise SpecError(f"unknown GGUF type {qtype!r}: one of {', '.join(GGUF_TYPES)}", [], hint=kquant_hint(qtype))
     return f"export-{kind}-{qtype}", [f"--{kind}", qtype]
 
 
