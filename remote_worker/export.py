@@ -324,7 +324,7 @@ def load_gguf_into(path: Path, model) -> None:
             data = np.ascontiguousarray(data) if data.flags.writeable else np.array(data)  # a read-only memmap view
             state[hf_name].copy_(torch.from_numpy(data))
     if wanted:
-        raise ExportError(f"{path.name} lacks tensors {sorted(wanted)[:5]}", hint="export --merged instead")
+        raise ExportError(f"{path.name} lacks tensors {sorted(wanted.values())[:5]}", hint="export --merged instead")
 
 
 def check_gguf(path: Path, model, tokenizer, reference, qtype: str) -> GgufCheck:

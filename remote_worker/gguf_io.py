@@ -12,6 +12,7 @@ in parallel row chunks, and copies it into the merged model in place: no second 
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -156,10 +157,11 @@ def read_tensors(path: Path, layout: Layout | None = None):
             start = layout.data_start + offset
             raw = mm[start : start + nbytes(shape, qt)]
             rows = raw.reshape(-1, nbytes((shape[-1],), qt))
+            data: np.ndarray
             if qt == gguf.GGMLQuantizationType.F32:
                 data = rows.view(np.float32)
             elif qt == gguf.GGMLQuantizationType.F16:
                 data = over_rows(lambda r: r.view(np.float16).astype(np.float32), rows, pool)
             else:
-                data = over_rows(lambda r, qt=qt: gguf.quants.dequantize(r, qt), rows, pool)
+                data = over_rows(functools.partial(gguf.quants.dequantize, qtype=qt), rows, pool)
             yield name, data.reshape(shape)
