@@ -319,14 +319,18 @@ class MergeCheck(_File):
 
 
 class GgufCheck(_File):
-    """The GGUF file read back (dequantized) against the merged model's logits."""
+    """The GGUF file read back (dequantized) against the merged model: its weights tensor by tensor, and
+    the logits of the check texts."""
 
     qtype: str
     max_abs_diff: float
-    rel_l2: float  # ||gguf - merged|| / ||merged||
+    rel_l2: float  # logits: ||gguf - merged|| / ||merged||
     top1_agree: float
-    tolerance: float
+    tolerance: float  # of rel_l2; it decides only for a float32 model (16-bit compute adds its own error)
     passed: bool
+    weight_rel_l2: float = 0.0  # the worst tensor's ||gguf - merged|| / ||merged||
+    weight_tensor: str = ""  # which one
+    weight_tolerance: float = 0.0
 
 
 class ExportRecord(_File):

@@ -69,6 +69,28 @@ def test_the_read_back_check_passes_a_good_file_and_fails_a_damaged_one(tmp_path
     model.load_state_dict(state)
     check = export.check_gguf(path, model, tok, reference, "q8_0")
     assert not check.passed and check.rel_l2 > export.GGUF_REL_TOL["q8_0"]
+    assert check.weight_tensor == "model.layers.0.mlp.down_proj.weight" and check.weight_rel_l2 == pytest.approx(1.0)
+
+
+def test_in_16_bit_compute_the_weights_decide(tmp_path):
+    """A bf16 model read back from f16: the weights are exact, the logits carry bf16's own error."""
+    model, tok = _qwen(tmp_path)
+    model = model.to(torch.bfloat16)
+    inputs, _ = export.check_inputs(tok, "cpu")
+    reference = export.logits_of(model, inputs)
+    path = tmp_path / "m.gguf"
+    export.write_gguf(model, tok, path, "f16", [tok.eos_token_id])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    good = export.check_gguf(path, model, tok, reference + 1.0, "f16")  # the logits far off: not decisive
+    assert good.passed and good.weight_rel_l2 < 1e-6
+    model.load_state_dict(state)
+    layout = gguf_io.Layout(path)
+    name, shape, qt, offset = next(t for t in layout.tensors if t[0] == "blk.1.attn_q.weight")
+    with open(path, "r+b") as f:
+        f.seek(layout.data_start + offset)
+        f.write(bytes(gguf_io.nbytes(shape, T(qt))))
+    bad = export.check_gguf(path, model, tok, reference, "f16")
+    assert not bad.passed and bad.weight_tensor == "model.layers.1.self_attn.q_proj.weight"
 
 
 @pytest.mark.parametrize("name", ["q4_k_m", "Q6_K", "q3_k", "iq4_xs"])

@@ -50,7 +50,8 @@ def exported(result, console: Console) -> None:
                       f"them by up to {m.lora_effect:.3g}")  # fmt: skip
     if e.gguf_check:
         g = e.gguf_check
-        console.print(f"GGUF {escape(g.qtype)} read back: relative logit error {g.rel_l2:.3g} (tolerance {g.tolerance:g}), "
+        console.print(f"GGUF {escape(g.qtype)} read back: worst tensor {escape(g.weight_tensor)} off by {g.weight_rel_l2:.3g} "
+                      f"(tolerance {g.weight_tolerance:g}); relative logit error {g.rel_l2:.3g}, "
                       f"same top token {g.top1_agree:.0%}")  # fmt: skip
     console.print("files: " + ", ".join(escape(f) for f in e.files))
     if e.kind == "merged":
