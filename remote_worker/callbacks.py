@@ -288,14 +288,14 @@ def guard_trackers(trainer, events: EventWriter, spec: JobSpec, job_id: str, job
         elif name == "swanlab":  # its integration passes the project only from SWANLAB_PROJECT, which swanlab
             # itself parses as a setting of another shape, and swanlab 0.10's get_run() raises where the
             # integration expects None: start the run here, the integration then joins it
-            start = functools.partial(_start_swanlab, project, job_id, paths.swanlog if local else None)
+            start = functools.partial(_start_swanlab, project, job_id, paths.swanlog, local)
         handler.callbacks[i] = GuardedTracker(cb, name, events, start)
     if spec.track.report_to and spec.track.network_turbo:
         turbo_for_trackers(events)
     return tb_dir
 
 
-def _start_swanlab(project: str, job_id: str, local_dir: str | None) -> None:
+def _start_swanlab(project: str, job_id: str, log_dir: str, local: bool) -> None:
     import swanlab
 
     try:
@@ -303,8 +303,9 @@ def _start_swanlab(project: str, job_id: str, local_dir: str | None) -> None:
             return
     except RuntimeError:  # swanlab 0.10 raises where transformers' integration expects None
         pass
-    extra = {"mode": "local", "log_dir": local_dir} if local_dir else {}
-    swanlab.init(project=project, name=job_id, **extra)
+    # its files in the job folder in both modes: by default SwanLab writes them into the worker's cwd
+    extra = {"mode": "local"} if local else {}
+    swanlab.init(project=project, name=job_id, log_dir=log_dir, **extra)
 
 
 PROXY_VARS = ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
