@@ -185,4 +185,3 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         module_total[m] = module_total.get(m, 0.0) + s
     order = sorted(range(len(items)), key=lambda i: (-module_total[module[i]], -took[i], i))
     items[:] = [items[i] for i in order]
-
