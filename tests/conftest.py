@@ -174,14 +174,17 @@ def _durations() -> dict[str, float]:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slowest modules first, their slowest tests first (tests/durations.txt says which): under
-    `pytest -n 2` the two processes then end together. The same order in every process (xdist needs it);
-    a module stays in one piece, so its module-scoped fixtures are built once per process."""
+    """The slowest tests first (tests/durations.txt says which), the rest in their usual order: under
+    `pytest -n 2` a process that is free takes the next test (see pytest_configure), so the long ones
+    start early and the two processes end together. The same order in every process (xdist needs it)."""
     seconds = _durations()
     took = [seconds.get(item.nodeid.split("[")[0], 0.0) for item in items]
-    module = [item.nodeid.split("::")[0] for item in items]
-    module_total: dict[str, float] = {}
-    for m, s in zip(module, took, strict=True):
-        module_total[m] = module_total.get(m, 0.0) + s
-    order = sorted(range(len(items)), key=lambda i: (-module_total[module[i]], -took[i], i))
+    order = sorted(range(len(items)), key=lambda i: (-took[i], i))
     items[:] = [items[i] for i in order]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist's `load` hands each process a quarter of the tests as one consecutive block to begin
+    # with, so one process got every long test up front; one at a time, a free process takes the next
+    if getattr(config.option, "maxschedchunk", "absent") is None:
+        config.option.maxschedchunk = 1
