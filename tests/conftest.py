@@ -28,6 +28,11 @@ from pathlib import Path
 import pytest
 from sshd import Sshd, missing_tools
 
+# One thread per torch process (this one, and the workers it starts: they inherit it), before anything
+# imports torch: the suite runs two pytest processes, each with training workers, on few cores, and more
+# threads than cores made training many times slower. The sshd sessions get the same (tests/sshd.py).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from client.transport.ssh import SshTransport
 
 
@@ -155,3 +160,31 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
     finally:
         for mnt in mounted:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _durations() -> dict[str, float]:
+    """tests/durations.txt: `seconds nodeid` lines (a nodeid without its parameters)."""
+    found: dict[str, float] = {}
+    for line in (Path(__file__).parent / "durations.txt").read_text().splitlines():
+        seconds, _, nodeid = line.partition(" ")
+        if line.strip() and not line.startswith("#"):
+            found[nodeid.strip()] = float(seconds)
+    return found
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest tests first (tests/durations.txt says which), the rest in their usual order: under
+    `pytest -n 2` a process that is free takes the next test (see pytest_configure), so the long ones
+    start early and the two processes end together. The same order in every process (xdist needs it)."""
+    seconds = _durations()
+    took = [seconds.get(item.nodeid.split("[")[0], 0.0) for item in items]
+    order = sorted(range(len(items)), key=lambda i: (-took[i], i))
+    items[:] = [items[i] for i in order]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist's `load` hands each process a quarter of the tests as one consecutive block to begin
+    # with, so one process got every long test up front; one at a time, a free process takes the next
+    if getattr(config.option, "maxschedchunk", "absent") is None:
+        config.option.maxschedchunk = 1

@@ -145,7 +145,9 @@ class Sshd:
             "Subsystem=sftp internal-sftp",
             # HOME of the sessions: a folder of the test's, not the real user's (whose profile may
             # be slow, and whose home the tests should not write to)
-            f"SetEnv=HOME={self.home}",
+            # and one thread per torch process: the test machine runs two pytest processes, each with
+            # training workers, on few cores (more threads than cores made training many times slower)
+            f"SetEnv=HOME={self.home} OMP_NUM_THREADS=1",
         ]
         if openssh_version() >= (9, 8):
             opts.append("PerSourcePenalties=no")  # else the wrong-key test gets 127.0.0.1 blocked for a while

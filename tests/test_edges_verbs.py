@@ -63,9 +63,12 @@ def test_ssh_runs_in_the_jobs_folder_on_its_instance(sshd, ssh_transport, tmp_pa
     subprocess.run(["tmux", "-L", tmux_socket, "new-session", "-d", "-x", "200", "-y", "30", cmd], check=True)
     screen = ""
     deadline = time.monotonic() + 60
+    sent = 0.0
     while f"SHELL-IN-{folder}" not in screen and time.monotonic() < deadline:
-        subprocess.run(["tmux", "-L", tmux_socket, "send-keys", 'echo SHELL-IN-"$(pwd)"', "Enter"], check=False)
-        time.sleep(3)
+        if time.monotonic() - sent > 3:  # again until the shell there reads it; looked at far more often
+            subprocess.run(["tmux", "-L", tmux_socket, "send-keys", 'echo SHELL-IN-"$(pwd)"', "Enter"], check=False)
+            sent = time.monotonic()
+        time.sleep(0.2)
         screen = subprocess.run(["tmux", "-L", tmux_socket, "capture-pane", "-p"], capture_output=True,
                                 text=True).stdout  # fmt: skip
     assert f"SHELL-IN-{folder}" in screen, "\n".join(ln for ln in screen.splitlines() if ln.strip())

@@ -92,6 +92,7 @@ def test_trackers_that_cannot_connect_warn_and_training_finishes(tmp_path: Path,
     warned = {e.source for e in events if e.type == "warning"}
     assert warned == {"wandb", "swanlab"}, [e for e in events if e.type == "warning"]
     assert "warning: wandb failed" in proc.stderr and "warning: swanlab failed" in proc.stderr
+    assert (Path(job.job_dir) / "swanlog").is_dir()  # SwanLab's files in the job folder, not the worker's cwd
     acc = EventAccumulator(str(Path(job.job_dir) / "tensorboard"))  # TensorBoard went on regardless
     acc.Reload()
     assert [s.step for s in acc.Scalars("train/loss")] == [1, 2, 3, 4]
