@@ -147,11 +147,9 @@ def test_unreachable_host_is_reported_with_host_and_port(tmp_path: Path, tiny_mo
         model=tiny_model,
         instance={"host": "127.0.0.1", "port": port, "connect_timeout": 3.0},
     )
-    t = time.monotonic()
-    res = cli("submit", str(job), check=False)
+    res = cli("submit", str(job), check=False)  # (cli's own timeout catches a submit that keeps retrying)
     assert res.returncode == 4
     assert f"127.0.0.1 port {port}" in res.stderr
-    assert time.monotonic() - t < 30
     assert json.loads(cli("ls", "--json").stdout) == []  # nothing launched, nothing recorded
 
 

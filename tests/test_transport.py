@@ -78,7 +78,7 @@ def test_timeout(transport) -> None:
     t = time.monotonic()
     with pytest.raises(TransportError, match="timed out"):
         transport.run(["sleep", "20"], timeout=0.5)
-    assert time.monotonic() - t < 5
+    assert time.monotonic() - t < 15  # not the sleep's 20 s (a generous bound: a loaded machine is slow)
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -224,7 +224,7 @@ def test_silent_port_times_out_within_the_connect_timeout(sshd) -> None:
         with pytest.raises(ConnectError) as info:
             t.run(["true"])
         elapsed = time.monotonic() - start
-    assert 0.9 < elapsed < 4, elapsed
+    assert 0.9 < elapsed < 15, elapsed  # the 1 s timeout fired (never early); the bound only says it fired
     assert f"127.0.0.1 port {port}" in str(info.value) and "1 s connect timeout" in str(info.value)
 
 
