@@ -142,7 +142,10 @@ def check(job_file: JobFile, gpu: GpuOpt = None, config: ConfigOpt = None, as_js
 def plan(
     job_file: JobFile,
     gpu: GpuOpt = None,
-    gpus: Annotated[int, typer.Option("--gpus", min=1, help="GPUs an instance (a what-if: the worker trains on one)")] = 1,
+    gpus: Annotated[
+        int | None,
+        typer.Option("--gpus", min=1, help="GPUs a card row trains on (default: train.gpus; \"all\" counts as 1 here)"),
+    ] = None,
     deadline: DeadlineOpt = None,
     config: ConfigOpt = None,
     as_json: JsonOpt = False,

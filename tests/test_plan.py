@@ -237,3 +237,35 @@ def test_a_deadline_no_card_meets_leaves_no_cheapest() -> None:
     # the run's time is the epochs over the real token count at the predicted speed
     row = later.rows[0]
     assert row.train_s == pytest.approx(2_000_000 * 3 / row.tokens_per_s)
+
+
+def _spec(**train):
+    from jobs.spec import JobSpec
+
+    return JobSpec.model_validate({"name": "t", "model": {"name_or_path": "Org/M"}, "data": {"train": "x"},
+                                   "train": train, "instance": {"ssh": "ssh -p 1 root@h"}})  # fmt: skip
+
+
+REPORT = {"train_records": 1000, "records_out": 1000, "tokens": {"total": 2_000_000}}
+
+
+def test_several_gpus_train_data_parallel_where_one_fits_and_fsdp_where_it_does_not() -> None:
+    """The plan counts train.gpus as the worker trains them (issue 16): a 32B does not fit one 24 GB card
+    but fits two with its weights sharded; a 7B on two 24 GB cards is data-parallel and finishes sooner."""
+    from client.plan import make_plan, spec_gpus
+
+    table = [cards.find("RTX 4090", cards.table())]
+    big = make_plan(_spec(gpus=2), arch("qwen2.5-32b"), "fixture", REPORT, table, 2)
+    alone = make_plan(_spec(), arch("qwen2.5-32b"), "fixture", REPORT, table, 1)
+    assert not alone.any_fits and big.any_fits and big.rows[0].parallel == "fsdp"
+    assert big.rows[0].estimate.weights < alone.rows[0].estimate.weights / 1.5  # each GPU holds about half
+    assert any("fit where one does not" in n for n in big.notes)
+    small = make_plan(_spec(gpus=2), arch("qwen2.5-7b"), "fixture", REPORT, table, 2)
+    one = make_plan(_spec(), arch("qwen2.5-7b"), "fixture", REPORT, table, 1)
+    row = small.rows[0]
+    assert row.parallel == "ddp" and row.estimate.allocated == one.rows[0].estimate.allocated
+    assert row.tokens_per_s == pytest.approx(one.rows[0].tokens_per_s * 2 * 0.9)
+    assert any("2 GPUs" in n and "sooner" in n and "not sooner" not in n for n in small.notes)
+    forced = make_plan(_spec(gpus=2, distributed="fsdp"), arch("qwen2.5-7b"), "fixture", REPORT, table, 2)
+    assert forced.rows[0].parallel == "fsdp"
+    assert spec_gpus(_spec(gpus=2)) == 2 and spec_gpus(_spec(gpus="all"), 8) == 8 and spec_gpus(_spec()) == 1

@@ -260,18 +260,20 @@ class Planned:
         )
 
 
-def instance_gpu(session: Session) -> tuple[str, float] | None:
-    """(name, memory GB) of the instance's first GPU as nvidia-smi reports it; None without one."""
+def instance_gpu(session: Session) -> tuple[str, float, int] | None:
+    """(name, memory GB) of the instance's first GPU as nvidia-smi reports it, and how many GPUs it
+    reports; None without one."""
     res = session.transport.run(GPU_QUERY, check=False, timeout=30)
     if not res.ok:
         return None
+    found: list[tuple[str, float]] = []
     for line in res.stdout.splitlines():
         name, _, mib = line.rpartition(",")
         try:
-            return name.strip(), float(mib) * 1048576 / 1e9
+            found.append((name.strip(), float(mib) * 1048576 / 1e9))
         except ValueError:
             continue
-    return None
+    return (*found[0], len(found)) if found else None
 
 
 def _model_config(session: Session, spec: JobSpec) -> tuple[dict, str]:
@@ -300,23 +302,24 @@ def plan(session: Session, spec: JobSpec, report: dict, gpu: str | None = None) 
     without the model's config, nothing is planned: the worker's calibration decides as before."""
     from client.home import home
     from client.plan import config as configs
-    from client.plan import load_cards, make_plan, pick_cards, refusal
+    from client.plan import load_cards, make_plan, pick_cards, refusal, spec_gpus
     from jobs import cards as cardtable
 
     table = load_cards(home())
+    count = None
     if gpu:
         card = pick_cards([gpu], table)[0]
     else:
         found = instance_gpu(session)
         if found is None:
             return Planned(None, skipped=f"no GPU reported by nvidia-smi on {session.where}")
-        card = cardtable.measured(found[0], found[1], table)
+        card, count = cardtable.measured(found[0], found[1], table), found[2]
     try:
         cfg, where = _model_config(session, spec)
         arch = configs.arch(cfg, where)
     except configs.ConfigError as exc:
         return Planned(card.name, skipped=f"no model config ({exc.message})")
-    result = make_plan(spec, arch, where, report, [card])
+    result = make_plan(spec, arch, where, report, [card], spec_gpus(spec, count))  # FSDP shares a model over GPUs
     if not result.any_fits:
         raise refusal(result, f"the instance's card on {session.where}" if not gpu else f"--gpu {gpu}")
     return Planned(card.name, result)

@@ -52,6 +52,9 @@ class RunTokens:
         return self.total / self.records if self.records else 512.0
 
 
+DDP_SCALING = 0.9  # per GPU: 2 H200s ran 7B data-parallel at 1.815x one (docs/benchmarks.md, issue 16)
+
+
 @dataclass
 class CardPlan:
     card: cardtable.Card
@@ -64,6 +67,7 @@ class CardPlan:
     total_s: float  # set-up, download, load, calibration, training, saving, the guard's idle grace
     cny: float | None
     meets_deadline: bool | None = None
+    parallel: str = ""  # with gpus > 1: "ddp" (each GPU holds the model) or "fsdp" (the weights sharded)
 
     def as_dict(self) -> dict:
         return {
@@ -74,7 +78,7 @@ class CardPlan:
             "fits": self.fits, "tokens_per_s": round(self.tokens_per_s), "train_s": round(self.train_s),
             "total_s": round(self.total_s), "cny": None if self.cny is None else round(self.cny, 2),
             "price_per_hour": self.card.price_per_hour, "price_source": self.card.price_source,
-            "meets_deadline": self.meets_deadline,
+            "meets_deadline": self.meets_deadline, "parallel": self.parallel,
         }  # fmt: skip
 
 
@@ -134,12 +138,25 @@ def plan_card(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, card: cardt
               tokens: RunTokens, overhead_s: float, deadline_unix: float | None, now: float) -> CardPlan:
     """One card: the shape the calibration is predicted to choose there, its memory, speed, time and price.
 
-    Several GPUs: the worker trains on one GPU today, so `gpus` > 1 is priced as data-parallel (every GPU
-    holds the whole model; memory per GPU unchanged) at 90% scaling, a what-if."""
+    Several GPUs (train.gpus, or `plan --gpus`), as remote_worker.distributed trains them: data-parallel
+    when the model trains on one of them (memory per GPU unchanged), else FSDP, the 4-bit weights sharded
+    (each GPU holds 1/gpus of them plus one gathered layer; train.distributed forces either). Both are priced
+    at DDP_SCALING per GPU: 7B data-parallel on 2 H200s measured 1.815x one (docs/benchmarks.md); FSDP's
+    scaling was not measured against one GPU."""
     c = memory.DEFAULT
-    choice = memory.choose(arch, setup, card.memory_bytes, card.bf16_tflops or 1.0, card.bandwidth or 1e12,
-                           sizes_of(spec), spec.train.gradient_checkpointing, c)  # fmt: skip
-    scale = gpus * (0.9 if gpus > 1 else 1.0)
+    sizes, mode = sizes_of(spec), spec.train.gradient_checkpointing
+    tflops, bandwidth = card.bf16_tflops or 1.0, card.bandwidth or 1e12
+    choice = memory.choose(arch, setup, card.memory_bytes, tflops, bandwidth, sizes, mode, c)
+    parallel = ""
+    if gpus > 1:
+        forced = spec.train.distributed
+        parallel = "ddp" if forced == "ddp" or (forced == "auto" and choice.fits) else "fsdp"
+        if parallel == "fsdp":  # the same estimate on a card that holds the other shards' weights for free
+            weights = memory.weight_bytes(arch, setup)
+            spared = weights * (1 - 1 / gpus) - weights / arch.layers
+            choice = memory.choose(arch, setup, card.memory_bytes + max(0.0, spared), tflops, bandwidth, sizes, mode, c)
+            choice = replace(choice, estimate=replace(choice.estimate, weights=choice.estimate.weights - max(0.0, spared)))
+    scale = gpus * (DDP_SCALING if gpus > 1 else 1.0)
     real_tps = choice.tokens_per_s * tokens.packing * scale if card.bf16_tflops else 0.0
     if tokens.max_steps:
         ga = 1 if not spec.train.global_batch_tokens else max(
@@ -151,7 +168,8 @@ def plan_card(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, card: cardt
     total_s = train_s + overhead_s
     cny = None if card.price_per_hour is None or not math.isfinite(total_s) else card.price_per_hour * gpus * total_s / 3600
     meets = None if deadline_unix is None else now + total_s <= deadline_unix
-    return CardPlan(card, gpus, choice.shape, choice.estimate, choice.fits, real_tps, train_s, total_s, cny, meets)
+    return CardPlan(card, gpus, choice.shape, choice.estimate, choice.fits, real_tps, train_s, total_s, cny, meets,
+                    parallel)
 
 
 def overheads(spec: JobSpec, arch: memory.Arch) -> dict[str, float]:
@@ -198,7 +216,7 @@ def advise(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, cards: list[ca
     if bigger:
         out.append(f"a card with more memory: {', '.join(k.name for k in bigger)}")
     else:
-        out.append("more GPUs do not help yet: the worker trains on one GPU and does not shard the model")
+        out.append("more GPUs a card: train.gpus = N shards the 4-bit weights over them (FSDP; `plan --gpus N`)")
     return out
 
 
@@ -256,10 +274,33 @@ def make_plan(spec: JobSpec, arch: memory.Arch, config_from: str, report: dict, 
         plan.notes.append("assumes the fused loss head (liger-kernel on the instance); without it the "
                           f"loss head needs about {memory.DEFAULT.unfused_loss_v * arch.vocab / 1e6:.1f} MB a token")
     if gpus > 1:
-        plan.notes.append("several GPUs are a what-if: the worker trains on one GPU today")
+        plan.notes.append(f"{gpus} GPUs a card: data-parallel where the model trains on one, else FSDP (weights "
+                          f"sharded), each at {DDP_SCALING:.0%} of a GPU (measured 91% for 2 H200s, data-parallel)")
+        alone = {r.card.name: plan_card(arch, setup, spec, r.card, 1, tokens, sum(over.values()), deadline_unix, now)
+                 for r in rows}  # fmt: skip
+        plan.notes += [versus_one(r, alone[r.card.name]) for r in rows if r.fits]
     if any(r.card.price_per_hour is None for r in rows):
         plan.notes.append(f"cards without a price: set price_per_hour in $AUTODL_RUN_HOME/{CARDS_FILE}")
     return plan
+
+
+def versus_one(several: CardPlan, one: CardPlan) -> str:
+    """Whether `several` GPUs of a card finish sooner or cheaper than `one` of it, in words."""
+    name = several.card.name
+    if not one.fits:
+        return f"{name}: {several.gpus} GPUs ({several.parallel}) fit where one does not"
+    sooner = several.total_s < one.total_s
+    cheaper = None if several.cny is None or one.cny is None else several.cny < one.cny
+    money = "" if cheaper is None else (", cheaper" if cheaper else ", not cheaper")
+    return (f"{name}: {several.gpus} GPUs {_hms(several.total_s)} against one's {_hms(one.total_s)}: "
+            f"{'sooner' if sooner else 'not sooner'}{money}")
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "never"
+    h, m = divmod(round(seconds / 60), 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m"
 
 
 def refusal(plan: Plan, where: str) -> DoesNotFit:
@@ -275,7 +316,7 @@ def refusal(plan: Plan, where: str) -> DoesNotFit:
     )
 
 
-def plan_job(job_file: Path, gpu_names: list[str] | None = None, gpus: int = 1, deadline_unix: float | None = None,
+def plan_job(job_file: Path, gpu_names: list[str] | None = None, gpus: int | None = None, deadline_unix: float | None = None,
              config: str | None = None, timeout: float | None = None) -> Plan:
     """The plan of JOB.toml: its spec, the prepared dataset's token counts (prepared now, or the cached
     copy), the model's config.json (`config`, or `model.name_or_path`), each card of `gpu_names` (default:
@@ -289,7 +330,12 @@ def plan_job(job_file: Path, gpu_names: list[str] | None = None, gpus: int = 1, 
     chosen = pick_cards(gpu_names or [], load_cards(home()))
     arch, where = _arch_of(spec, job_file, config, timeout)
     prepared = dataset.prepare(spec, job_file, prepared_dir())
-    return make_plan(spec, arch, where, prepared.report, chosen, gpus, deadline_unix)
+    return make_plan(spec, arch, where, prepared.report, chosen, gpus or spec_gpus(spec), deadline_unix)
+
+
+def spec_gpus(spec: JobSpec, found: int | None = None) -> int:
+    """GPUs a node of the job trains on: train.gpus, or for "all" the `found` count (1 when unknown)."""
+    return spec.train.gpus if isinstance(spec.train.gpus, int) else max(1, found or 1)
 
 
 def _arch_of(spec: JobSpec, job_file: Path, config: str | None, timeout: float | None = None) -> tuple[memory.Arch, str]:

@@ -33,7 +33,7 @@ def render(plan: Plan, console: Console) -> None:
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     best = plan.cheapest
     for r in plan.rows:
-        name = r.card.name + (f" x{r.gpus}" if r.gpus > 1 else "")
+        name = r.card.name + (f" x{r.gpus} {r.parallel}" if r.gpus > 1 else "")
         fits = "[green]yes[/]" if r.fits else "[red]no[/]"
         if r.fits and r.meets_deadline is False:
             fits = "[yellow]yes, late[/]"
