@@ -38,6 +38,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model(tmp_path_factory.mktemp("model") / "tiny-qwen2")
 
 
+ROOT = "autodl"  # remote_root, in each server's home ("~/autodl")
+
+
 def _kill_under(folder: Path) -> None:
     mark = str(folder).encode()
     for entry in Path("/proc").iterdir():
@@ -56,8 +59,16 @@ def servers(sshd_factory) -> Iterator[list[Sshd]]:
     try:
         yield pair
     finally:
-        for server in pair:  # the jobs live in the servers' homes, outside the tests' tmp_path
-            _kill_under(server.home)
+        for server in pair:  # the jobs live in the servers' homes, outside the tests' tmp_path (not sshd)
+            _kill_under(server.home / ROOT)
+
+
+@pytest.fixture(autouse=True)
+def _reap_nodes(servers: list[Sshd]) -> Iterator[None]:
+    """A test's workers never outlive it (conftest's reaper looks in tmp_path only)."""
+    yield
+    for server in servers:
+        _kill_under(server.home / ROOT)
 
 
 def _login(server: Sshd) -> str:
@@ -65,12 +76,12 @@ def _login(server: Sshd) -> str:
 
 
 def _two_node_job(folder: Path, servers: list[Sshd], tmux_socket: str, model: Path, **train) -> Path:
-    inst = ssh_instance(servers[0], "~/autodl", tmux_socket, hosts=[_login(servers[1])], rdzv_port=free_port())
+    inst = ssh_instance(servers[0], f"~/{ROOT}", tmux_socket, hosts=[_login(servers[1])], rdzv_port=free_port())
     return write_job(folder, model=model, instance=inst, train={"gpus": 1, **train}, rows=16)
 
 
 def _job_dir(server: Sshd, job_id: str) -> Path:
-    return server.home / "autodl" / "jobs" / job_id
+    return server.home / ROOT / "jobs" / job_id
 
 
 def _read(path: Path) -> str:
