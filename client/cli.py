@@ -392,27 +392,22 @@ def export_(
 
 @app.command()
 def cancel(job: Annotated[str, typer.Argument(help="job id or a unique prefix")]) -> None:
-    """Stop a job on its instance: it saves a checkpoint first (`autodl-run resume` continues it)."""
-    from client.errors import JobError
-    from client.remote import launcher
-    from client.session import open_session
+    """Stop a job on its instance (and its other nodes): it saves a checkpoint first (`autodl-run resume` continues it)."""
+    from client.lifecycle.cancel import cancel_nodes, nothing_to_cancel
 
     ledger = Ledger()
     record = ledger.get(job)
-    with open_session(record) as session:
-        transport, paths = session.transport, session.layout.job(record.id)
-        before = launcher.job_status(transport, paths)
-        if not before.active:
-            raise JobError(
-                f"job {record.id} already ended ({before.state}) on {transport.where}: nothing to cancel",
-                hint=f"`autodl-run status {record.id}` shows how it ended",
-            )
-        after = launcher.cancel(
-            transport, paths, socket=record.spec.instance.tmux_socket,
-            session=record.id, grace=120,  # SIGINT, then the worker finishes its step and saves a checkpoint
-        )  # fmt: skip
-    ledger.update(record.id, state=after.state.value)
-    jobs_view.cancelled(record.id, after.state.value, console)
+    nodes = cancel_nodes(record, grace=120)  # SIGINT, then the worker finishes its step and saves a checkpoint
+    first, others = nodes[0], nodes[1:]
+    jobs_view.nodes_cancelled(record.id, others, console, err_console)
+    if first.error is not None:
+        raise first.error
+    refused = nothing_to_cancel(record, nodes)
+    if refused is not None:
+        raise refused
+    if first.after is not None:
+        ledger.update(record.id, state=first.after.value)
+    jobs_view.cancelled(record.id, (first.after or first.before).value, console)
 
 
 @app.command()

@@ -27,8 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    parsed = parse_args(args)
+    # worker.log says which machine of several this is (node 0 holds global rank 0, the one writer)
+    print(f"torchrun: node {parsed.node_rank} of {parsed.nnodes}, {parsed.nproc_per_node} process(es) on it",
+          file=sys.stderr, flush=True)  # fmt: skip
     try:
-        run(parse_args(args))
+        run(parsed)
     except ChildFailedError as exc:
         print(exc.format_msg(), file=sys.stderr, flush=True)
         killed = signalled(exc.failures)

@@ -198,15 +198,22 @@ def node_of(spec: JobSpec, rank: int) -> launcher.Node:
     return launcher.Node(rank, 1 + len(inst.hosts), inst.rdzv_host or inst.host or "", inst.rdzv_port)
 
 
+def node_spec(spec: JobSpec, rank: int) -> JobSpec:
+    """The spec as node `rank` (1, 2, ...) runs it: node 0's instance fields with instance.hosts[rank - 1]
+    as its login (and no hosts of its own)."""
+    fields = spec.instance.model_dump(exclude={"ssh", "host", "port", "user", "profile", "identity_file", "hosts"})
+    login = spec.instance.hosts[rank - 1]
+    return spec.model_copy(update={"instance": type(spec.instance).model_validate({**fields, "ssh": login})})
+
+
 def launch_nodes(spec: JobSpec, job_id: str, digest: str, prepared: Path, deadline_unix: float | None,
                  log: Log) -> list[str]:  # fmt: skip
     """The other nodes (instance.hosts), each like the instance: sync, set-up, model, then its worker
     under torchrun with its node rank; they meet node 0 at its rendezvous. Their guards are not
     started (node 0's guard and the follower watch the job); returns where each was launched."""
     launched = []
-    for rank, login in enumerate(spec.instance.hosts, start=1):
-        fields = spec.instance.model_dump(exclude={"ssh", "host", "port", "user", "profile", "identity_file", "hosts"})
-        node = spec.model_copy(update={"instance": type(spec.instance).model_validate({**fields, "ssh": login})})
+    for rank in range(1, 1 + len(spec.instance.hosts)):
+        node = node_spec(spec, rank)
         with open_session(node) as session:
             bundle_digest = sync(session, digest, prepared).bundle_digest
             setup(session, node, bundle_digest, log)

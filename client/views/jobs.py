@@ -116,6 +116,19 @@ def cancelled(job: str, state: str, console: Console) -> None:
         console.print(f"{escape(job)} ended as {escape(state)} before it could be cancelled")
 
 
+def nodes_cancelled(job: str, nodes: list, console: Console, err_console: Console) -> None:
+    """A multi-node job's other nodes (client.lifecycle.cancel.NodeCancel): one line each; one not
+    reached goes to stderr with what to do."""
+    for node in nodes:
+        if node.error is None:
+            console.print(escape(node.describe()))
+            continue
+        err_console.print(f"[yellow]warning:[/] {escape(node.describe())}")
+        hint = node.error.hint or "check that it is up and that `ssh` reaches it"
+        err_console.print(f"  hint: {escape(hint)}, then `autodl-run cancel {escape(job)}` again (its ranks also "
+                          "stop when node 0's do, or at the gloo/NCCL timeout when they cannot tell)")
+
+
 def recovered(result: dict[str, Any], console: Console, err_console: Console) -> None:
     for job in result["added"]:
         console.print(f"[green]✓[/] added {escape(job)}")
