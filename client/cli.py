@@ -407,7 +407,8 @@ def cancel(job: Annotated[str, typer.Argument(help="job id or a unique prefix")]
         raise refused
     if first.after is not None:
         ledger.update(record.id, state=first.after.value)
-    jobs_view.cancelled(record.id, (first.after or first.before).value, console)
+    state = first.after or first.before
+    jobs_view.cancelled(record.id, state.value if state is not None else "unknown", console)
 
 
 @app.command()

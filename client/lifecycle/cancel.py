@@ -17,6 +17,7 @@ from client.lifecycle.steps import node_spec
 from client.remote import launcher
 from client.session import open_session
 from jobs.protocol import JobState
+from jobs.spec import JobSpec
 
 
 @dataclass
@@ -37,7 +38,7 @@ class NodeCancel:
         if self.error is not None:
             return f"node {self.rank} ({self.where}): not reached: {self.error.message}"
         if self.after is None:
-            return f"node {self.rank} ({self.where}): already ended ({self.before.value}), nothing to cancel"
+            return f"node {self.rank} ({self.where}): already ended ({_state(self.before)}), nothing to cancel"
         if self.after == JobState.CANCELLED:
             return f"node {self.rank} ({self.where}): cancelled"
         return f"node {self.rank} ({self.where}): ended as {self.after.value} before it could be cancelled"
@@ -47,6 +48,10 @@ class NodeCancel:
             "node": self.rank, "where": self.where, "before": self.before.value if self.before else None,
             "after": self.after.value if self.after else None, "error": self.error.message if self.error else None,
         }  # fmt: skip
+
+
+def _state(state: JobState | None) -> str:
+    return state.value if state is not None else "unknown"
 
 
 def cancel_nodes(record: JobRecord, grace: float = 120.0) -> list[NodeCancel]:
@@ -60,8 +65,8 @@ def cancel_nodes(record: JobRecord, grace: float = 120.0) -> list[NodeCancel]:
 
 
 def _cancel_one(record: JobRecord, rank: int, grace: float) -> NodeCancel:
-    target = record if rank == 0 else node_spec(record.spec, rank)
-    inst = target.spec.instance if rank == 0 else target.instance
+    target: JobRecord | JobSpec = record if rank == 0 else node_spec(record.spec, rank)
+    inst = record.spec.instance if rank == 0 else node_spec(record.spec, rank).instance
     result = NodeCancel(rank, f"{inst.host or inst.profile} port {inst.port}")
     try:
         with open_session(target) as session:
@@ -85,6 +90,6 @@ def nothing_to_cancel(record: JobRecord, nodes: list[NodeCancel]) -> JobError | 
     if first.error is not None or any(n.cancelled for n in nodes):
         return None
     return JobError(
-        f"job {record.id} already ended ({first.before.value}) on {first.where}: nothing to cancel",
+        f"job {record.id} already ended ({_state(first.before)}) on {first.where}: nothing to cancel",
         hint=f"`autodl-run status {record.id}` shows how it ended",
     )
