@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -332,6 +333,8 @@ def load_gguf_into(path: Path, model) -> tuple[str, float]:
             own = state[hf_name]
             got = torch.from_numpy(data).to(own.device)
             rel = ((got - own.float()).norm() / own.float().norm().clamp_min(1e-12)).item()
+            if not math.isfinite(rel):  # a NaN compares False with everything: it must be the worst
+                rel = math.inf
             if rel > worst[1] or not worst[0]:
                 worst = (hf_name, rel)
             own.copy_(got)
