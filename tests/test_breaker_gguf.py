@@ -30,3 +30,21 @@ def test_a_tensor_read_back_as_nan_fails_the_check(tmp_path, dtype):
     bad = export.check_gguf(path, model, tok, reference, "f16")
     assert not bad.passed
     assert bad.weight_tensor == "model.layers.1.self_attn.q_proj.weight"
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 1000, 10])
+def test_a_short_gguf_file_is_an_export_error_not_a_traceback(tmp_path, keep):
+    """A GGUF cut short (a full disk) failed the read-back with numpy's reshape ValueError or struct.error,
+    which the export's main does not catch: a traceback instead of `failed: ...` with a hint."""
+    import os
+
+    model, tok = _qwen(tmp_path)
+    inputs, _ = export.check_inputs(tok, "cpu")
+    reference = export.logits_of(model, inputs)
+    path = tmp_path / "m.gguf"
+    export.write_gguf(model, tok, path, "f16", [tok.eos_token_id])
+    size = path.stat().st_size
+    os.truncate(path, int(size * keep) if keep < 1 else keep)
+    with pytest.raises(export.ExportError, match="m.gguf cannot be read back as GGUF") as e:
+        export.check_gguf(path, model, tok, reference, "f16")
+    assert "df -h" in e.value.hint
