@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,13 +239,18 @@ def _swanlog(transport, remote: str, local_root: Path, out: RecordResult) -> Non
         data = _whole_bounded(transport, f"{remote}/{rel}", size)
         if data is None:
             continue
+        tmp = ""
         try:
             local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_name(local.name + ".part")
-            tmp.write_bytes(data)
+            # written beside the folder, not in it: any name in it may be one of the instance's files
+            fd, tmp = tempfile.mkstemp(prefix=".swanlog-", suffix=".part", dir=local_root.parent)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.replace(tmp, local)
         except OSError as exc:  # a file where the instance now has a folder, or the other way round
             out.notes.append(f"swanlog/{rel}: not kept ({exc.strerror or exc})")
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
             continue
         used += len(data) - held
 

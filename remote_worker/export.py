@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
+import struct
 import sys
 import time
 from functools import partial
@@ -304,6 +306,15 @@ def _unpermute(w, n_head: int):
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _read_back(path: Path):
+    """gguf_io.read_tensors, one tensor at a time; a short or malformed file is an ExportError."""
+    try:
+        yield from gguf_io.read_tensors(path)
+    except (ValueError, KeyError, struct.error) as exc:  # the disk filled up, or the file was damaged
+        raise ExportError(f"{path.name} cannot be read back as GGUF: {str(exc)[:200]}",
+                          hint="check the instance's free disk space (df -h), then export again") from None
+
+
 def load_gguf_into(path: Path, model) -> tuple[str, float]:
     """The GGUF file's tensors, dequantized by the gguf library, copied into `model` in place (every one
     of its tensors must come from the file, by llama.cpp's names; Q/K rows un-permuted for Llama).
@@ -321,7 +332,7 @@ def load_gguf_into(path: Path, model) -> tuple[str, float]:
     n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
     worst = ("", 0.0)
     with torch.no_grad():
-        for name, data in gguf_io.read_tensors(path):
+        for name, data in _read_back(path):
             hf_name = wanted.pop(name, None)
             if hf_name is None or tuple(state[hf_name].shape) != data.shape:
                 raise ExportError(f"{path.name}: tensor {name} {data.shape} is not one of the model's",
@@ -332,6 +343,8 @@ def load_gguf_into(path: Path, model) -> tuple[str, float]:
             own = state[hf_name]
             got = torch.from_numpy(data).to(own.device)
             rel = ((got - own.float()).norm() / own.float().norm().clamp_min(1e-12)).item()
+            if not math.isfinite(rel):  # a NaN compares False with everything: it must be the worst
+                rel = math.inf
             if rel > worst[1] or not worst[0]:
                 worst = (hf_name, rel)
             own.copy_(got)

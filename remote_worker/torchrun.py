@@ -65,7 +65,8 @@ def describe(rank: int, failure, job_id: str, last_good: Path | None) -> Failed:
         cause = (
             "SIGKILL with nothing logged is most often the kernel's OOM killer: the instance ran out of host "
             "memory (RAM, not GPU memory; `dmesg | grep -i oom`, `free -g`). Every rank holds its own copy of "
-            "what it loads: fewer GPUs (train.gpus), train.distributed = \"fsdp\" (rank 0 alone reads the weights) "
+            f"what it loads: fewer GPUs (`autodl-run resume {job_id} --gpus N`; a resume does not read job.toml "
+            'again), train.distributed = "fsdp" (rank 0 alone reads the weights) '
             "or an instance with more RAM"
         )
     else:

@@ -81,15 +81,18 @@ def event_line(e, p: Progress | None = None) -> str | None:
     return None
 
 
+SOURCE_CHARS = 40
 WARN_CHARS = 300  # a warning's message in the panel; the whole of it is in the event line and the record
 
 
 def warn_line(e: ev.Warn, limit: int | None = None) -> str:
     """`warning (swanlab): ...`: the worker's text escaped (client.views.text), cut to `limit` characters."""
-    text = shown(e.message)
+    text, source = shown(e.message), shown(e.source)
     if limit is not None and len(text) > limit:
         text = text[: limit - 1] + "…"
-    return f"warning ({shown(e.source) or 'worker'}): {text}"
+    if limit is not None and len(source) > SOURCE_CHARS:  # the instance names it: bounded like the message
+        source = source[: SOURCE_CHARS - 1] + "…"
+    return f"warning ({source or 'worker'}): {text}"
 
 
 def panel(p: Progress, state: str, note: str = "", now: float | None = None) -> Panel:

@@ -327,10 +327,9 @@ def _sentinel(messages: list[dict]) -> str:
     if not any(c in blob for c in SENTINEL):
         return SENTINEL
     used = set(blob)
-    for base in range(_PRIVATE.start, _PRIVATE.stop - 2, 3):
-        mark = chr(base) + chr(base + 1) + chr(base + 2)
-        if not used.intersection(mark):
-            return mark
+    free = [chr(c) for c in _PRIVATE if chr(c) not in used][:3]  # any three: they need not be neighbours
+    if len(free) == 3:
+        return "".join(free)
     raise TemplateError("the record uses every private-use character (U+E000..U+F8FF): its trained "
                         "spans could not be found")
 
