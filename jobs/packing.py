@@ -78,11 +78,10 @@ def best_fit(lengths: Sequence[int], budget: int) -> list[list[int]]:
             groups.append([i])
             g, left = len(groups) - 1, budget
         if left - n > 0:
-            heap = holders.get(left - n)
-            if heap is None:
-                holders[left - n] = heap = []
+            if left - n not in holders:
+                holders[left - n] = []
                 bisect.insort(rooms, left - n)
-            heapq.heappush(heap, g)
+            heapq.heappush(holders[left - n], g)
     return groups
 
 
