@@ -143,8 +143,9 @@ def test_cancel_interrupts_gracefully(transport, tmp_path: Path, tmux_socket: st
     st = launcher.launch(transport, paths, ["sh", "-c", script], socket=tmux_socket, session="c", env={},
                          prefer_tmux=mode == "tmux")  # fmt: skip
     _until(ready)
-    st = launcher.cancel(transport, paths, socket=tmux_socket, session="c", grace=5)
-    # exit code 5 is the trap's: SIGINT reached it (a kill after the grace would give 137)
+    # a grace no loaded machine outlasts: only a SIGINT that never arrives reaches the SIGTERM after it
+    st = launcher.cancel(transport, paths, socket=tmux_socket, session="c", grace=60)
+    # exit code 5 is the trap's: SIGINT reached it (the SIGTERM after the grace would give 143)
     assert (st.state, st.exit_code, st.alive) == ("cancelled", 5, False)
     assert "got-int" in Path(paths.log).read_text()
     assert _gone(st.pid) and not _tmux_has(tmux_socket, "c")
