@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
+import tmuxterm
 from jobfiles import cli, write_job
 
 from client import activity
@@ -174,21 +174,13 @@ def test_a_terminal_shows_a_live_bar_that_leaves_one_line(tmp_path: Path, tmux_s
     go = tmp_path / "go"
     cmd = shlex.join([sys.executable, str(driver), str(job), str(tmp_path / "out"), str(go)])
     env = f"PYTHONPATH={shlex.quote(str(ROOT))} TERM=xterm-256color COLUMNS=150"
-    subprocess.run(["tmux", "-L", tmux_socket, "-f", "/dev/null", "new-session", "-d", "-s", "t", "-x", "150",
-                    "-y", "40", f"cd {shlex.quote(str(ROOT))} && env {env} {cmd}; sleep 600"], check=True)  # fmt: skip
-
-    def screen() -> str:
-        return subprocess.run(["tmux", "-L", tmux_socket, "capture-pane", "-p", "-t", "t"],
-                              capture_output=True, text=True).stdout  # fmt: skip
-
-    wait_for(lambda: "3,072 rows of" in screen() and "rows/s" in screen(), what="the live bar")
-    live = screen()
+    tmuxterm.start(tmux_socket, f"cd {shlex.quote(str(ROOT))} && env {env} {cmd}; sleep 600", width=150, height=40)
+    live = tmuxterm.wait_for(tmux_socket, lambda s: "3,072 rows of" in s and "rows/s" in s)
     bar = next(ln for ln in live.splitlines() if "prepare: writing" in ln)
     assert f"3,072 rows of {ROWS:,} rows" in bar and "━" in bar, live  # where it is, of how many
     assert f"prepare: reading: {ROWS:,} rows in" in live  # the finished phase left its line
     go.touch()
-    wait_for(lambda: "FINISHED" in screen(), what="the end")
-    done = screen()
+    done = tmuxterm.wait_for(tmux_socket, lambda s: "FINISHED" in s)
     assert f"prepare: writing: {ROWS:,} rows in" in done and "rows/s)" in done
     assert not any("of 5,000 rows" in ln for ln in done.splitlines()), done  # the bar is gone
 

@@ -4,11 +4,10 @@ real terminal (tmux), one line per phase when piped, nothing drawn."""
 from __future__ import annotations
 
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+import tmuxterm
 from jobfiles import cli, write_job
 
 from client import activity
@@ -70,24 +69,12 @@ def test_check_in_a_terminal_shows_a_live_bar_that_leaves_one_line(tmp_path: Pat
     go = tmp_path / "go"
     cmd = shlex.join([sys.executable, str(driver), str(job), str(go)])
     env = f"PYTHONPATH={shlex.quote(str(ROOT))} TERM=xterm-256color COLUMNS=150"
-    subprocess.run(["tmux", "-L", tmux_socket, "-f", "/dev/null", "new-session", "-d", "-s", "t", "-x", "150",
-                    "-y", "40", f"env {env} {cmd}; sleep 600"], check=True)  # fmt: skip
-
-    def screen() -> str:
-        return subprocess.run(["tmux", "-L", tmux_socket, "capture-pane", "-p", "-t", "t"],
-                              capture_output=True, text=True).stdout  # fmt: skip
-
-    deadline = time.monotonic() + 120
-    while not ("3,072 rows" in screen() and "rows/s" in screen()):
-        assert time.monotonic() < deadline, screen()
-        time.sleep(0.05)
-    bar = next(ln for ln in screen().splitlines() if "check: reading" in ln)
+    tmuxterm.start(tmux_socket, f"env {env} {cmd}; sleep 600", width=150, height=40)
+    shown = tmuxterm.wait_for(tmux_socket, lambda s: "3,072 rows" in s and "rows/s" in s)
+    bar = next(ln for ln in shown.splitlines() if "check: reading" in ln)
     assert "3,072 rows" in bar and "rows/s" in bar, bar
     go.touch()
-    while "FINISHED" not in screen():
-        assert time.monotonic() < deadline + 120, screen()
-        time.sleep(0.05)
-    done = screen()
+    done = tmuxterm.wait_for(tmux_socket, lambda s: "FINISHED" in s, timeout=240)
     assert f"check: reading: {ROWS:,} rows in" in done and "rows/s)" in done, done
     assert not any("3,072 rows" in ln for ln in done.splitlines()), done  # the bar is gone
 

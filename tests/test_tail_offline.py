@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tmuxterm
 from jobfiles import cli, ssh_instance, write_job
 
 from client.ledger import Ledger
@@ -66,18 +67,8 @@ def test_the_offline_panel_of_an_ended_job_in_a_real_terminal(ended: str, tmux_s
         ("COLUMNS", "160"), ("HOME", os.environ.get("HOME", "/tmp")),
     ))  # fmt: skip
     cmd = shlex.join([sys.executable, "-m", "client.cli", "tail", ended])
-    subprocess.run(["tmux", "-L", tmux_socket, "-f", "/dev/null", "new-session", "-d", "-s", "t", "-x", "160",
-                    "-y", "50", f"env {env} {cmd}; echo EXIT=$?; sleep 600"], check=True)  # fmt: skip
-
-    def screen() -> str:
-        return subprocess.run(["tmux", "-L", tmux_socket, "capture-pane", "-p", "-t", "t"],
-                              capture_output=True, text=True).stdout  # fmt: skip
-
-    deadline = time.monotonic() + 60
-    while "EXIT=" not in screen():
-        assert time.monotonic() < deadline, screen()
-        time.sleep(0.1)
-    shown = screen()
+    tmuxterm.start(tmux_socket, f"env {env} {cmd}; echo EXIT=$?; sleep 600")
+    shown = tmuxterm.wait_for(tmux_socket, lambda s: "EXIT=" in s, timeout=60)
     assert "EXIT=0" in shown, shown
     assert f"{JOB} [done]" in shown and "6/6" in shown and "laptop's record" in shown, shown
     assert "cannot reach" not in shown and "retrying" not in shown, shown
@@ -116,27 +107,15 @@ def test_the_live_panel_shows_the_latest_warnings_escaped(tmp_path: Path, local_
             ("TERM", "xterm-256color"), ("COLUMNS", "160"), ("HOME", str(local_home)),
         ))  # fmt: skip
         cmd = shlex.join([sys.executable, "-m", "client.cli", "tail", "t-job-live"])
-        subprocess.run(["tmux", "-L", tmux_socket, "-f", "/dev/null", "new-session", "-d", "-s", "t", "-x", "160",
-                        "-y", "50", f"env {env} {cmd}; sleep 600"], check=True)  # fmt: skip
-
-        def screen() -> str:
-            return subprocess.run(["tmux", "-L", tmux_socket, "capture-pane", "-p", "-t", "t"],
-                                  capture_output=True, text=True).stdout  # fmt: skip
-
-        deadline = time.monotonic() + 120
-        while "warning (swanlab)" not in screen():
-            assert time.monotonic() < deadline, screen()
-            time.sleep(0.1)
-        shown = screen()
+        tmuxterm.start(tmux_socket, f"env {env} {cmd}; sleep 600")
+        shown = tmuxterm.wait_for(tmux_socket, lambda s: "warning (swanlab)" in s)
         assert "t-job-live [running]" in shown and "6/6" in shown, shown
         assert "warning (swanlab): [bold red]FAKE[/] \\x1b]0;owned\\x07\\x1b[2J swanlab" in shown, shown
         assert len([ln for ln in shown.splitlines() if "warned" in ln]) == 3, shown
 
         with open(folder / "events.jsonl", "a") as f:  # a new one while it is followed: it shows, the oldest goes
             f.write(json.dumps({"type": "warning", "source": "wandb", "message": "newest warning"}) + "\n")
-        while "newest warning" not in screen():
-            assert time.monotonic() < deadline + 120, screen()
-            time.sleep(0.1)
-        assert "old warning 1" not in screen() and "old warning 2" in screen()
+        shown = tmuxterm.wait_for(tmux_socket, lambda s: "newest warning" in s, timeout=240)
+        assert "old warning 1" not in shown and "old warning 2" in shown
     finally:
         sleeper.kill()
