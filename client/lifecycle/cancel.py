@@ -65,8 +65,9 @@ def cancel_nodes(record: JobRecord, grace: float = 120.0) -> list[NodeCancel]:
 
 
 def _cancel_one(record: JobRecord, rank: int, grace: float) -> NodeCancel:
-    target: JobRecord | JobSpec = record if rank == 0 else node_spec(record.spec, rank)
-    inst = record.spec.instance if rank == 0 else node_spec(record.spec, rank).instance
+    spec = record.spec if rank == 0 else node_spec(record.spec, rank)
+    target: JobRecord | JobSpec = record if rank == 0 else spec
+    inst = spec.instance
     result = NodeCancel(rank, f"{inst.host or inst.profile} port {inst.port}")
     try:
         with open_session(target) as session:
