@@ -342,7 +342,9 @@ def load_gguf_into(path: Path, model) -> tuple[str, float]:
             data = np.ascontiguousarray(data) if data.flags.writeable else np.array(data)  # a read-only memmap view
             own = state[hf_name]
             got = torch.from_numpy(data).to(own.device)
-            rel = ((got - own.float()).norm() / own.float().norm().clamp_min(1e-12)).item()
+            mine = own.float()  # one float32 copy of the (up to 2 GB) tensor, not one per norm
+            rel = ((got - mine).norm() / mine.norm().clamp_min(1e-12)).item()
+            del mine
             if not math.isfinite(rel):  # a NaN compares False with everything: it must be the worst
                 rel = math.inf
             if rel > worst[1] or not worst[0]:
