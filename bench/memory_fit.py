@@ -29,6 +29,7 @@ shape fits (measured: peak <= cap) against what the model says.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -117,9 +118,11 @@ def make_model(cfg: dict, out_dir: str) -> float:
     return time.time() - t
 
 
-def load_worker_model(model_dir: str, max_length: int, smoke: bool):
-    """The model as the worker builds it (recipe.build_model), and what the calibration needs beside it."""
+def load_worker_model(model_dir: str, max_length: int, smoke: bool, fused_mlp_on: bool = True):
+    """The model as the worker builds it (recipe.build_model), and what the calibration needs beside it;
+    with `fused_mlp_on` False, the MLPs take their own forward (the worker before 2026-11-30 night)."""
     from remote_worker import calibrate, fast, recipe
+    from remote_worker.fast import fused_mlp
     from remote_worker.probe import probe
 
     spec = qb.ours_spec(model_dir, {"ckpt": None}, tokens=0, max_length=max_length)
@@ -128,6 +131,10 @@ def load_worker_model(model_dir: str, max_length: int, smoke: bool):
     machine = probe("auto")
     paths = fast.choose(model_dir, spec, machine)
     model, _ = recipe.build_model(model_dir, spec, machine, paths)
+    if not fused_mlp_on:
+        fused_mlp.set_enabled(model, False)
+        paths.fused_mlp = False
+    print(f"fused_lora: {paths.fused_lora}; fused MLP {'on' if paths.fused_mlp else 'off'}", flush=True)
     setup = recipe.memory_setup(spec, paths)
     return model, spec, machine, paths, setup, calibrate
 
@@ -145,7 +152,8 @@ def predicted(arch: memory.Arch, setup: memory.Setup, tokens: int, k: int, card=
             "pred_tokens_per_s": round(memory.tokens_per_s(arch, setup, shape, card["tflops"], card["bandwidth"]))}
 
 
-def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool, capped_only: bool = False) -> None:
+def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool, capped_only: bool = False,
+             fused_mlp_on: bool = True, only: str = "") -> None:
     """Grid and capped runs of one architecture, in this process."""
     import numpy as np
     import torch
@@ -161,20 +169,19 @@ def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool, capp
     kinds = ["short", "long"] if (name == "7b" or smoke) else ["short"]
     t0 = time.time()
     longest = max(row_lengths(r, smoke, arch.vocab)[0] for r in kinds)
-    model, spec, machine, paths, setup, calibrate = load_worker_model(model_dir, longest, smoke)
+    model, spec, machine, paths, setup, calibrate = load_worker_model(model_dir, longest, smoke, fused_mlp_on)
     load_s = time.time() - t0
     for rows in kinds:
         max_length, gen = row_lengths(rows, smoke, arch.vocab)
         cases = grid_cases(name, arch.layers, rows, smoke)
         seqs = [data.Seq(s.numpy(), np.ones(len(s), np.uint8)) for s in gen(max(t for t, _ in cases) * 3, 0)]
-        setup_r = memory.Setup(bits=setup.bits, r=setup.r, targets=setup.targets, fused_loss=setup.fused_loss,
-                               mean_seq=sum(len(s.ids) for s in seqs) / len(seqs))  # fmt: skip
+        setup_r = dataclasses.replace(setup, mean_seq=sum(len(s.ids) for s in seqs) / len(seqs))
 
         def build_row(chosen, tokens, paths=paths):
             return data.micro_batch(chosen, True, PAD, pad_to=tokens, varlen=paths.varlen_batches)
 
         for a, r, cap in CAPPED if not smoke else (("tiny", "short", None),):
-            if a != (name if not smoke else "tiny") or r != rows:
+            if a != (name if not smoke else "tiny") or r != rows or (only and f"{a}:{r}:{cap}" not in only.split(",")):
                 continue
             if time.time() > t_end - 60:
                 emit({"kind": "skipped", "arch": name, "rows": rows, "cap_gb": cap}, out)
@@ -203,6 +210,7 @@ def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool, capp
                    "seconds": trial.seconds if trial else None,
                    "tokens_per_s": round(trial.tokens_per_s) if trial and trial.seconds else None,
                    "mean_seq": round(setup_r.mean_seq), "fused_loss": setup_r.fused_loss, "bits": setup_r.bits,
+                   "fused_mlp": setup_r.fused_mlp,
                    "case_s": round(time.time() - tc, 2), "make_s": round(made_s, 1), "load_s": round(load_s, 1),
                    **predicted(arch, setup_r, tokens, k)}  # fmt: skip
             emit(row, out)
@@ -235,7 +243,7 @@ def capped_run(model, seqs, build_row, machine, setup, calibrate, name, rows, ca
     calibrate.BUDGET_S = 40.0  # the bench's time box; the worker's own budget is 90 s
     sizes = memory.sizes_for(8192 if rows == "long" else 2048) if cap else [256, 128]
     shapes = [calibrate.Shape(t, c) for c in (False, True) for t in sizes]
-    row = {"kind": "capped", "arch": name, "rows": rows, "card": card, "cap_gb": cap}
+    row = {"kind": "capped", "arch": name, "rows": rows, "card": card, "cap_gb": cap, "fused_mlp": setup.fused_mlp}
     try:
         choice = calibrate.calibrate(model, shapes, seqs, build_row, machine.torch_dtype, setup=setup, mode="auto")
         shape = choice.shape
@@ -291,7 +299,7 @@ def arch_for(row: dict) -> memory.Arch:
 
 def setup_for(row: dict) -> memory.Setup:
     return memory.Setup(bits=row.get("bits", 4), fused_loss=row.get("fused_loss", True),
-                        mean_seq=row.get("mean_seq", 512))  # fmt: skip
+                        mean_seq=row.get("mean_seq", 512), fused_mlp=row.get("fused_mlp", False))  # fmt: skip
 
 
 def usable_gb(cap_gb: float) -> float:
@@ -326,11 +334,14 @@ def fit(rows: list[dict], card=H200, base: memory.Constants = memory.DEFAULT) ->
             a, s, t, k = arch_for(r), setup_for(r), r["tokens"], r["checkpointed"]
             free = memory.estimate(a, s, memory.Shape(t, 0), replace(out, token_h=0.0))
             n = a.layers - k
-            full = memory.layer_activation_bytes(a, t, out) if k else 0.0
+            full = memory.layer_activation_bytes(a, t, out, 2, s.fused_mlp) if k else 0.0
+            # a fused-MLP row kept fused_mlp_i fewer values an intermediate unit (known by construction):
+            # add them back, so that act_i stays the unfused layer's figure
+            unkept = n * t * a.intermediate * 2 * out.fused_mlp_i if s.fused_mlp else 0.0
             w = 1.0 / (r["peak_gb"] * 1e9)
             X.append([w * v for v in (n * t * a.hidden * 2, n * t * a.kv_dim * 2, n * t * a.intermediate * 2,
                                       k * t * a.hidden * 2, full, t * a.hidden)])  # fmt: skip
-            y.append(w * (r["peak_gb"] * 1e9 - free.weights - free.lora - free.loss_head))
+            y.append(w * (r["peak_gb"] * 1e9 + unkept - free.weights - free.lora - free.loss_head))
         coef = nnls(np.array(X), np.array(y))
         out = replace(out, act_h=coef[0], act_kv=coef[1], act_i=coef[2], ckpt_h=coef[3],
                       transient_layers=coef[4], token_h=coef[5])  # fmt: skip
@@ -444,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capped_only", action="store_true", help="the capped runs only, not the grid")
     p.add_argument("--fit", nargs="+", metavar="ROWS", help="fit the constants to rows (folders or jsonl files)")
     p.add_argument("--write", help="with --fit: write the fitted constants here (JSON)")
+    p.add_argument("--no_fused_mlp", action="store_true", help="MLPs unfused (A/B against the fused MLP)")
+    p.add_argument("--only", default="", help="capped cases to run, e.g. 7b:short:24,14b:short:24 (default all)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one architecture
     p.add_argument("--until", type=float, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -463,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--out is needed")
     os.makedirs(a.out, exist_ok=True)
     if a.one:
-        run_arch(a.one, a.out, a.smoke, max(30.0, a.until - time.time()), a.keep, a.capped_only)
+        run_arch(a.one, a.out, a.smoke, max(30.0, a.until - time.time()), a.keep, a.capped_only,
+                 not a.no_fused_mlp, a.only)
         return 0
     t_end = time.time() + a.budget_s
     archs = ["tiny"] if a.smoke else a.archs.split(",")
@@ -477,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         mine = time.time() + left * share.get(name, 0.3) / sum(share.get(n, 0.3) for n in rest)
         args = [sys.executable, os.path.abspath(__file__), "--one", name, "--out", a.out, "--until", str(mine)]
         args += ["--smoke"] * a.smoke + ["--keep"] * a.keep + ["--capped_only"] * a.capped_only
+        args += ["--no_fused_mlp"] * a.no_fused_mlp + (["--only", a.only] if a.only else [])
         t = time.time()
         with open(os.path.join(a.out, "log.txt"), "a") as log:
             try:

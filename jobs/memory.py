@@ -13,7 +13,8 @@ What a step holds at its peak (`estimate`):
   gradient and AdamW's two moments, 16 bytes a parameter.
 - activations: a layer that is not checkpointed keeps `act_h·hidden + act_kv·kv_dim + act_i·intermediate`
   16-bit values a token for its backward (inputs of the norms, q/k/v, the attention output, the
-  SwiGLU's gate, up and product; anchors §6 measured 7B at 8k tokens without checkpointing: 42.8 GB);
+  SwiGLU's gate, up and product; anchors §6 measured 7B at 8k tokens without checkpointing: 42.8 GB;
+  with the worker's fused MLP the product is recomputed, not kept: `fused_mlp_i` fewer per intermediate unit);
   a checkpointed one keeps its input only (`ckpt_h·hidden`), and the backward of one layer at a time
   re-materialises a full layer's worth (`transient_layers`).
 - the loss head: Liger's fused linear cross-entropy keeps a chunk of logits (`fused_loss_h·hidden` a
@@ -62,6 +63,9 @@ class Constants:
     act_h: float = 4.92  # 16-bit values a token a non-checkpointed layer keeps, per hidden unit
     act_kv: float = 10.95  # ... per key/value unit (k and v for the attention kernel)
     act_i: float = 2.98  # ... per intermediate unit (gate, up, their product)
+    # ... of which the fused MLP (remote_worker/fast/fused_mlp.py) keeps none: the SwiGLU product, one
+    # value per intermediate unit by construction (tests/test_worker_fast.py counts the saved tensors)
+    fused_mlp_i: float = 1.0
     ckpt_h: float = 0.43  # a checkpointed layer keeps its input: 16-bit values per hidden unit
     transient_layers: float = 0.0  # full layers of activations alive at once in the backward
     fused_loss_h: float = 4.0  # bytes a token for the fused loss head, per hidden unit
@@ -188,6 +192,20 @@ class Setup:
     fused_loss: bool = True  # Liger's fused linear cross-entropy
     dtype_bytes: int = 2  # bf16/fp16 activations and unquantized weights
     mean_seq: float = 512.0  # mean packed sequence length (attention FLOP grow with it)
+    fused_mlp: bool = False  # the worker's fused SwiGLU MLP: the product is recomputed, not kept
+
+
+# Model types whose MLP is gate_proj/up_proj/down_proj with SiLU, the shape remote_worker/fast/fused_mlp.py
+# fuses (GLM-4's fused gate_up_proj is not among them).
+FUSED_MLP_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def fused_mlp_expected(arch: Arch, fused_lora: bool, targets: str | Sequence[str], dropout: float) -> bool:
+    """Whether the worker will fuse the MLPs (what `plan` assumes before renting): fused LoRA on, no LoRA
+    dropout, LoRA on all three MLP linears, a gate/up/down SiLU MLP. The worker's check decides there."""
+    names = set(ALL_LINEAR if targets == "all-linear" else targets)
+    mlp = {"gate_proj", "up_proj", "down_proj"} <= names
+    return fused_lora and dropout == 0 and mlp and arch.model_type in FUSED_MLP_MODEL_TYPES
 
 
 @dataclass(frozen=True)
@@ -224,15 +242,18 @@ def weight_bytes(arch: Arch, setup: Setup) -> float:
     return arch.layers * arch.layer_params * per + arch.embed_params * setup.dtype_bytes
 
 
-def layer_activation_bytes(arch: Arch, tokens: int, c: Constants = DEFAULT, dtype_bytes: int = 2) -> float:
+def layer_activation_bytes(
+    arch: Arch, tokens: int, c: Constants = DEFAULT, dtype_bytes: int = 2, fused_mlp: bool = False
+) -> float:
     """Bytes a non-checkpointed decoder layer keeps for its backward."""
-    per_token = c.act_h * arch.hidden + c.act_kv * arch.kv_dim + c.act_i * arch.intermediate
+    act_i = c.act_i - (c.fused_mlp_i if fused_mlp else 0.0)
+    per_token = c.act_h * arch.hidden + c.act_kv * arch.kv_dim + act_i * arch.intermediate
     return tokens * per_token * dtype_bytes
 
 
 def estimate(arch: Arch, setup: Setup, shape: Shape, c: Constants = DEFAULT) -> Estimate:
     t, k = shape.micro_batch_tokens, max(0, min(shape.checkpointed, arch.layers))
-    full = layer_activation_bytes(arch, t, c, setup.dtype_bytes)
+    full = layer_activation_bytes(arch, t, c, setup.dtype_bytes, setup.fused_mlp)
     kept = t * c.ckpt_h * arch.hidden * setup.dtype_bytes
     acts = (arch.layers - k) * full + k * kept + (c.transient_layers * full if k else 0.0)
     loss = t * (c.fused_loss_h * arch.hidden if setup.fused_loss else c.unfused_loss_v * arch.vocab)

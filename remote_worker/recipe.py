@@ -404,11 +404,12 @@ def choose_batch_shape(model, spec: JobSpec, machine: Probe, checkpointing: bool
 
 def memory_setup(spec: JobSpec, paths) -> memory.Setup:
     """The job as jobs.memory sees it, for the calibration's guess of which shapes fit (the fused loss head
-    is on when Liger's patches are)."""
+    is on when Liger's patches are, the fused MLP when its check passed)."""
     targets = spec.lora.target_modules
     return memory.Setup(
         bits=spec.quant.bits, r=spec.lora.r, targets=targets if isinstance(targets, str) else tuple(targets),
         fused_loss=str(getattr(paths, "liger", "off")).startswith("on"),
+        fused_mlp=bool(getattr(paths, "fused_mlp", False)),
     )
 
 

@@ -269,3 +269,25 @@ def test_several_gpus_train_data_parallel_where_one_fits_and_fsdp_where_it_does_
     forced = make_plan(_spec(gpus=2, distributed="fsdp"), arch("qwen2.5-7b"), "fixture", REPORT, table, 2)
     assert forced.rows[0].parallel == "fsdp"
     assert spec_gpus(_spec(gpus=2)) == 2 and spec_gpus(_spec(gpus="all"), 8) == 8 and spec_gpus(_spec()) == 1
+
+
+def test_the_fused_mlp_frees_one_product_a_layer_and_the_plan_expects_it_where_the_worker_fuses() -> None:
+    from client.plan import setup_of
+    from jobs.spec import JobSpec
+
+    q7 = arch("qwen2.5-7b")
+    plain, fused = memory.Setup(), memory.Setup(fused_mlp=True)
+    for k in (0, 10):
+        shape = memory.Shape(4096, k)
+        saved = memory.estimate(q7, plain, shape).activations - memory.estimate(q7, fused, shape).activations
+        assert saved == pytest.approx((28 - k) * 4096 * 18944 * 2)  # the SwiGLU product, bf16, a kept layer
+
+    def spec(**lora) -> JobSpec:
+        return JobSpec.model_validate({"name": "t", "model": {"name_or_path": "x"}, "data": {"train": "x"},
+                                       "lora": lora})  # fmt: skip
+
+    assert setup_of(spec(), arch=q7).fused_mlp
+    assert not setup_of(spec(dropout=0.05), arch=q7).fused_mlp  # PEFT's path: no fused layers
+    assert not setup_of(spec(target_modules=["q_proj", "v_proj"]), arch=q7).fused_mlp
+    assert not setup_of(spec(), arch=arch("glm-4-9b")).fused_mlp  # fused gate_up_proj: not this MLP
+    assert setup_of(spec(), arch=arch("llama-3-8b")).fused_mlp

@@ -23,7 +23,7 @@ from tinymodel import make_model  # noqa: E402
 from jobs import events as ev  # noqa: E402
 from jobs.spec import JobSpec, WorkerJob  # noqa: E402
 from remote_worker import WorkerError, data, fast, recipe  # noqa: E402
-from remote_worker.fast import fused_lora, liger, varlen  # noqa: E402
+from remote_worker.fast import fused_lora, fused_mlp, liger, varlen  # noqa: E402
 from remote_worker.probe import Probe  # noqa: E402
 
 CPU = Probe("cpu", "cpu", False, "float32", "sdpa", {})
@@ -96,7 +96,7 @@ def test_fused_lora_matches_peft_outputs_and_gradients(model_dir, bits):
     ref_loss, ref_logits, ref_grads = loss_and_grads(model, batch)  # PEFT's own forward
 
     note = fast.FastPaths().enable_fused_lora(model, spec_for(model_dir, bits))
-    assert note == "on (14 of 14 LoRA layers)", note
+    assert note == "on (14 of 14 LoRA layers; 2 of 2 MLPs)", note
     loss, logits, grads = loss_and_grads(model, batch)
 
     assert abs(loss.item() - ref_loss.item()) < 1e-5
@@ -179,6 +179,101 @@ def test_a_failing_check_turns_the_fused_path_off(model_dir, monkeypatch):
     monkeypatch.setattr(fused_lora, "check", lambda layer: "mismatch against PEFT's formula (forced)")
     assert fused_lora.enable(model) == "off: mismatch against PEFT's formula (forced)"
     assert fused_layers(model) == 0
+
+
+# --- fused MLP ------------------------------------------------------------------------------------
+
+
+def saved_sizes(model, batch) -> list[int]:
+    """Byte sizes of the distinct storages autograd keeps for the backward of one forward."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(**batch).loss.backward()
+    return list(seen.values())
+
+
+def test_the_fused_mlp_keeps_no_swiglu_product(model_dir):
+    """What it exists for: a layer keeps gate and up (tokens x intermediate each) and nothing else that
+    wide; unfused, the product silu(gate) * up is kept too (for down_proj's LoRA gradient)."""
+    model = lora_model(model_dir)
+    batch = data.packed_row(sequences())
+    wide = batch["input_ids"].numel() * 128 * 4  # tokens x intermediate (128) x float32
+    fused_lora.enable(model)
+    unfused = saved_sizes(model, batch)
+    assert fused_mlp.enable(model) == "on (2 of 2 MLPs)"
+    fused = saved_sizes(model, batch)
+    assert fused.count(wide) == 2 * 2  # gate and up, two layers
+    assert unfused.count(wide) >= 2 * 3  # and the product (torch's silu keeps one more)
+    assert sum(unfused) - sum(fused) >= 2 * wide
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_fused_mlp_matches_peft_outputs_and_gradients(model_dir, checkpointing):
+    from remote_worker import calibrate
+
+    model = lora_model(model_dir)
+    calibrate.set_checkpointing(model, checkpointing, 1 if checkpointing else None)
+    batch = data.packed_row(sequences())
+    ref_loss, ref_logits, ref_grads = loss_and_grads(model, batch)
+    fused_lora.enable(model)
+    assert fused_mlp.enable(model) == "on (2 of 2 MLPs)"
+    calls = []
+    real = fused_mlp.fused_mlp_apply
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fused_mlp, "fused_mlp_apply", lambda *a: calls.append(1) or real(*a))
+        loss, logits, grads = loss_and_grads(model, batch)
+    assert len(calls) == 2 + checkpointing  # one a layer, and the checkpointed layer's recompute
+    assert abs(loss.item() - ref_loss.item()) < 1e-5 and rel(logits, ref_logits) < 1e-5
+    for name, g in grads.items():
+        assert rel(g, ref_grads[name]) < 1e-4, (name, rel(g, ref_grads[name]))
+        assert g.abs().sum() > 0, name
+
+
+def test_the_swiglu_backward_matches_autograd():
+    forward, backward = fused_mlp._swiglu_kernels("cpu")
+    g = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
+    dh = torch.randn(6, 10, dtype=torch.float64)
+    want = torch.autograd.grad(torch.nn.functional.silu(g) * u, (g, u), dh)
+    got = backward(g.detach().clone(), u.detach().clone(), dh)
+    assert torch.allclose(forward(g, u), torch.nn.functional.silu(g) * u)
+    assert all(torch.allclose(a, b) for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("targets", "reason"),
+    [
+        (["q_proj", "gate_proj", "up_proj"], "gate_proj, up_proj and down_proj are not all fused LoRA layers"),
+    ],
+)
+def test_an_mlp_without_three_fused_layers_keeps_its_own_forward(model_dir, targets, reason):
+    model = lora_model(model_dir, target_modules=targets)
+    paths = fast.FastPaths()
+    note = paths.enable_fused_lora(model, spec_for(model_dir))
+    assert note == f"on (6 of 6 LoRA layers; MLPs off: {reason})" and not paths.fused_mlp
+    model(**data.packed_row(sequences())).loss.backward()
+
+
+def test_a_non_silu_mlp_is_not_fused(model_dir):
+    model = lora_model(model_dir)
+    for m in fused_mlp.mlps(model):
+        m.act_fn = torch.nn.GELU()
+    fused_lora.enable(model)
+    assert fused_mlp.enable(model) == "off: its activation is not SiLU"
+
+
+def test_a_failing_mlp_check_unfuses_them_all(model_dir, monkeypatch):
+    model = lora_model(model_dir)
+    fused_lora.enable(model)
+    monkeypatch.setattr(fused_mlp, "check", lambda mlp: "mismatch (forced)")
+    assert fused_mlp.enable(model) == "off: mismatch (forced)"
+    assert not any(getattr(m, fused_mlp.FLAG, False) for m in model.modules())
 
 
 # --- varlen attention -------------------------------------------------------------------------
@@ -321,7 +416,7 @@ def test_the_started_event_names_the_paths(tmp_path, model_dir):
     extra = started.model_extra
     assert started.attention == "sdpa" and "needs CUDA" in extra["attention_note"]
     assert extra["liger"] == "off: Liger's Triton kernels need CUDA"
-    assert extra["fused_lora"] == "on (14 of 14 LoRA layers)"
+    assert extra["fused_lora"] == "on (14 of 14 LoRA layers; 2 of 2 MLPs)"
     assert any(e.type == "phase" and e.message.startswith("attention sdpa") for e in events)
 
 

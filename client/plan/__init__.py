@@ -121,12 +121,13 @@ class Plan:
         }  # fmt: skip
 
 
-def setup_of(spec: JobSpec, mean_seq: float = 512.0) -> memory.Setup:
+def setup_of(spec: JobSpec, mean_seq: float = 512.0, arch: memory.Arch | None = None) -> memory.Setup:
     targets = spec.lora.target_modules
+    fused_mlp = arch is not None and memory.fused_mlp_expected(arch, spec.train.fused_lora, targets, spec.lora.dropout)
     return memory.Setup(
         bits=spec.quant.bits, r=spec.lora.r,
         targets=targets if isinstance(targets, str) else tuple(targets),
-        fused_loss=spec.train.liger != "off", mean_seq=mean_seq,
+        fused_loss=spec.train.liger != "off", mean_seq=mean_seq, fused_mlp=fused_mlp,
     )  # fmt: skip
 
 
@@ -264,7 +265,7 @@ def make_plan(spec: JobSpec, arch: memory.Arch, config_from: str, report: dict, 
               gpus: int = 1, deadline_unix: float | None = None, now: float | None = None) -> Plan:
     now = time.time() if now is None else now
     tokens = run_tokens(report, spec)
-    setup = setup_of(spec, tokens.mean_seq)
+    setup = setup_of(spec, tokens.mean_seq, arch)
     over = overheads(spec, arch)
     rows = [plan_card(arch, setup, spec, c, gpus, tokens, sum(over.values()), deadline_unix, now) for c in cards]
     plan = Plan(spec.model.name_or_path, config_from, arch, setup, tokens, rows, over, deadline_unix)

@@ -3,6 +3,7 @@
     varlen.py      train.attention: PyTorch's flash varlen kernel over packed rows, self-checked
     liger.py       train.liger: Liger's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy
     fused_lora.py  train.fused_lora: one autograd function for a LoRA layer's base + adapter
+    fused_mlp.py   train.fused_lora: one for a SwiGLU MLP of LoRA layers, its product recomputed
 
 They are the candidate "ours" of bench/qlora_bench.py, moved here so the worker runs exactly
 what was measured (docs/benchmarks.md, "QLoRA training speed (issue 4)").
@@ -21,7 +22,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import asdict, dataclass
 
-from remote_worker.fast import fused_lora, liger, varlen
+from remote_worker.fast import fused_lora, fused_mlp, liger, varlen
 
 # "auto" takes the varlen path only for these families (standard causal GQA attention, checked
 # on the same code path); any other model gets it with train.attention = "flash_varlen".
@@ -35,7 +36,8 @@ class FastPaths:
     attn_implementation: str = "sdpa"  # the name transformers is given
     attention_note: str = ""  # why this one (the check's errors, or why not the faster one)
     liger: str = "off"  # "on (...)" or "off: why"
-    fused_lora: str = "off"  # "on (n of m LoRA layers)" or "off: why"
+    fused_lora: str = "off"  # "on (n of m LoRA layers; k of l MLPs)" or "off: why"
+    fused_mlp: bool = False  # SwiGLU MLPs keep no product for the backward (jobs.memory's Setup.fused_mlp)
     varlen_batches: bool = False  # packed rows carry cu_seq_lens_q/k and max_length_q/k
     eval_skip_logits: bool = False  # eval micro-batches ask Liger for the loss only
 
@@ -53,6 +55,10 @@ class FastPaths:
     def enable_fused_lora(self, model, spec) -> str:
         if spec.train.fused_lora:
             self.fused_lora = fused_lora.enable(model)
+            if self.fused_lora.startswith("on ("):
+                mlp = fused_mlp.enable(model)
+                self.fused_mlp = mlp.startswith("on")
+                self.fused_lora = self.fused_lora[:-1] + "; " + (mlp[4:-1] if self.fused_mlp else "MLPs " + mlp) + ")"
         else:
             self.fused_lora = "off: train.fused_lora = false"
         return self.fused_lora
