@@ -174,7 +174,11 @@ def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool, capp
     for rows in kinds:
         max_length, gen = row_lengths(rows, smoke, arch.vocab)
         cases = grid_cases(name, arch.layers, rows, smoke)
-        seqs = [data.Seq(s.numpy(), np.ones(len(s), np.uint8)) for s in gen(max(t for t, _ in cases) * 3, 0)]
+        # the capped runs time 15 micro-batches of up to 16,384 tokens: enough rows that best-fit packing fills
+        # them as it fills a real dataset's (with 3x the largest size, the 2026-11-30 evening run's 8,192-token
+        # micro-batches held about 7,000 tokens: a handful of bins, the last ones part-empty)
+        pool = max(t for t, _ in cases) * CAPPED_POOL
+        seqs = [data.Seq(s.numpy(), np.ones(len(s), np.uint8)) for s in gen(pool, 0)]
         setup_r = dataclasses.replace(setup, mean_seq=sum(len(s.ids) for s in seqs) / len(seqs))
 
         def build_row(chosen, tokens, paths=paths):
@@ -218,6 +222,8 @@ def run_arch(name: str, out: str, smoke: bool, budget_s: float, keep: bool, capp
         shutil.rmtree(model_dir, ignore_errors=True)
 
 
+CAPPED_POOL = 16  # rows for the capped runs: this many times the grid's largest micro-batch, in tokens
+TIME_ALL = {"on": False}  # --time_all: also time every shape the calibration measured that fit
 CAPPED_WARMUP, CAPPED_STEPS = 3, 12  # ragged rows (a pad_multiple) meet each new length in the warm-up too
 PAD_VARIANTS = (0, 1024, 256)  # 0: every row filled to the micro-batch (the worker before 2026-11-30 evening)
 
@@ -259,6 +265,9 @@ def capped_run(model, seqs, build_row, machine, setup, calibrate, name, rows, ca
                                  padded_tokens_per_s=res["tok_per_s"], fill=round(real, 4),
                                  step_s=res.get("step_s")))  # fmt: skip
         worker = next(v for v in variants if v["pad_multiple"] == data.PAD_MULTIPLE)
+        if TIME_ALL["on"]:
+            row["timed_trials"] = time_trials(model, seqs, choice, calibrate, varlen, cap)
+            calibrate.set_checkpointing(model, shape.checkpointing, shape.layers)
         row.update(chosen_tokens=shape.micro_batch_tokens, chosen_checkpointed=shape.layers if shape.layers is not None
                    else (0 if not shape.checkpointing else "all"), note=choice.note,
                    tokens_per_s=worker["tokens_per_s"], padded_tokens_per_s=worker["padded_tokens_per_s"],
@@ -276,6 +285,33 @@ def capped_run(model, seqs, build_row, machine, setup, calibrate, name, rows, ca
             torch.cuda.set_per_process_memory_fraction(1.0)
     row["case_s"] = round(time.time() - tc, 2)
     return row
+
+
+def time_trials(model, seqs, choice, calibrate, varlen: bool, cap) -> list[dict]:
+    """Each shape the calibration measured that fit, timed as the chosen one is (its trial is one forward
+    and backward of the fullest row; this is CAPPED_STEPS optimizer steps): whether the choice was right."""
+    import torch
+
+    from remote_worker import data
+
+    out = []
+    for t in choice.trials:
+        if t.oom:
+            continue
+        s = t.shape
+        calibrate.set_checkpointing(model, s.checkpointing, s.layers)
+        mb = data.MicroBatches(seqs, s.micro_batch_tokens, True, PAD, seed=0, pad_to=s.micro_batch_tokens if cap else 0,
+                               pad_multiple=data.PAD_MULTIPLE)  # fmt: skip
+        mb.varlen = varlen
+        items = [mb[i] for i in range(min(len(mb), CAPPED_WARMUP + CAPPED_STEPS))]
+        torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+        res = qb.manual_run(model, items, steps=CAPPED_STEPS, warmup=CAPPED_WARMUP)
+        real = timed_fill(items, CAPPED_WARMUP, CAPPED_STEPS)
+        out.append(dict(shape=s.label(), trial_tokens_per_s=round(t.tokens_per_s), tokens_per_s=round(res["tok_per_s"] * real),
+                        fill=round(real, 4), mean_tokens=round(sum(it["input_ids"].numel() for it in items) / len(items)),
+                        peak_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3) if torch.cuda.is_available() else None))  # fmt: skip
+        print(f"timed {s.label()}: {out[-1]}", flush=True)
+    return out
 
 
 # --- the fit (CPU, offline) -------------------------------------------------------------------------
@@ -457,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--write", help="with --fit: write the fitted constants here (JSON)")
     p.add_argument("--no_fused_mlp", action="store_true", help="MLPs unfused (A/B against the fused MLP)")
     p.add_argument("--only", default="", help="capped cases to run, e.g. 7b:short:24,14b:short:24 (default all)")
+    p.add_argument("--time_all", action="store_true", help="capped runs: time every shape that fit, not only the choice")
     p.add_argument("--one", help=argparse.SUPPRESS)  # the child process: one architecture
     p.add_argument("--until", type=float, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -475,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.out:
         p.error("--out is needed")
     os.makedirs(a.out, exist_ok=True)
+    TIME_ALL["on"] = a.time_all
     if a.one:
         run_arch(a.one, a.out, a.smoke, max(30.0, a.until - time.time()), a.keep, a.capped_only,
                  not a.no_fused_mlp, a.only)
@@ -491,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         mine = time.time() + left * share.get(name, 0.3) / sum(share.get(n, 0.3) for n in rest)
         args = [sys.executable, os.path.abspath(__file__), "--one", name, "--out", a.out, "--until", str(mine)]
         args += ["--smoke"] * a.smoke + ["--keep"] * a.keep + ["--capped_only"] * a.capped_only
-        args += ["--no_fused_mlp"] * a.no_fused_mlp + (["--only", a.only] if a.only else [])
+        args += ["--no_fused_mlp"] * a.no_fused_mlp + ["--time_all"] * a.time_all + (["--only", a.only] if a.only else [])
         t = time.time()
         with open(os.path.join(a.out, "log.txt"), "a") as log:
             try:
