@@ -3,8 +3,9 @@
 Commands run as `bash -lc <command>` in their own process group (so a timeout kills the whole
 tree), with every signal at its default and none blocked, as sshd starts a session: an ignored
 SIGINT would otherwise pass through exec to a launched job (a shell cannot undo an ignore it started
-with), and cancel's SIGINT would never reach it. Files are copied with `rsync -a --partial --mkpath` when rsync >= 3.2.3 is installed,
-else with shutil. A leading `~` in a "remote" path is this user's home ($HOME).
+with), and cancel's SIGINT would never reach it. Files are copied with `rsync -a --partial --mkpath`
+when rsync >= 3.2.3 is installed, else with shutil. A leading `~` in a "remote" path is this user's
+home ($HOME).
 """
 
 from __future__ import annotations
