@@ -14,7 +14,7 @@ import pytest
 
 from client.errors import JobError
 from client.remote import launcher
-from client.transport import LocalTransport
+from client.transport import LocalTransport, SshTransport
 from jobs.layout import JobPaths
 from jobs.protocol import JobState
 
@@ -170,19 +170,31 @@ def sigint_ignored_and_blocked() -> Iterator[None]:
         signal.signal(signal.SIGINT, old)
 
 
-@pytest.fixture
-def old_setsid(local_home: Path) -> None:
-    """A setsid without -f (util-linux before 2.31): the launcher's background-job fallback."""
-    fake = local_home / "old-setsid"
-    fake.mkdir()
+def _old_setsid(home: Path) -> None:
+    """A login shell in `home` finds a setsid without -f (util-linux before 2.31): the launcher's
+    background-job fallback."""
     real = shutil.which("setsid")
     if real is None:
         pytest.skip("setsid is not installed")
+    fake = home / "old-setsid"
+    fake.mkdir()
     (fake / "setsid").write_text(
         f'#!/bin/sh\ncase "$1" in -*) echo "setsid: invalid option -- $1" >&2; exit 1 ;; esac\nexec {real} "$@"\n'
     )
     (fake / "setsid").chmod(0o755)
-    (local_home / ".profile").write_text(f'PATH="{fake}:$PATH"\n')
+    (home / ".profile").write_text(f'PATH="{fake}:$PATH"\n')
+
+
+def _interrupted_by_cancel(t, paths: JobPaths, socket: str, prefer_tmux: bool) -> None:
+    script = ('trap "echo got-int; exit 5" INT; touch ready; grep -E "^Sig(Ign|Blk)" /proc/self/status; '
+              "while :; do sleep 0.05; done")  # fmt: skip
+    launcher.launch(t, paths, ["sh", "-c", script], socket=socket, session="i", env={}, prefer_tmux=prefer_tmux)
+    _until(Path(paths.dir) / "ready")
+    st = launcher.cancel(t, paths, socket=socket, session="i", grace=60)
+    log = Path(paths.log).read_text()
+    assert (st.state, st.exit_code, st.alive) == ("cancelled", 5, False), log  # 143: SIGTERM after the grace
+    assert "got-int" in log
+    assert _gone(st.pid)
 
 
 @pytest.mark.parametrize("mode", [*MODES, "old-setsid"])
@@ -191,19 +203,20 @@ def test_cancel_interrupts_a_job_launched_while_sigint_is_ignored(
 ) -> None:
     _need(mode)
     if mode == "old-setsid":
-        request.getfixturevalue("old_setsid")
+        _old_setsid(local_home)
     request.getfixturevalue("sigint_ignored_and_blocked")
-    t = LocalTransport()
-    paths = JobPaths(str(tmp_path / "job"))
-    script = 'trap "echo got-int; exit 5" INT; touch ready; grep -E "^Sig(Ign|Blk)" /proc/self/status; while :; do sleep 0.05; done'
-    launcher.launch(t, paths, ["sh", "-c", script], socket=tmux_socket, session="i", env={},
-                    prefer_tmux=mode == "tmux")  # fmt: skip
-    _until(Path(paths.dir) / "ready")
-    st = launcher.cancel(t, paths, socket=tmux_socket, session="i", grace=60)
-    log = Path(paths.log).read_text()
-    assert (st.state, st.exit_code, st.alive) == ("cancelled", 5, False), log  # 143: SIGTERM after the grace
-    assert "got-int" in log
-    assert _gone(st.pid)
+    _interrupted_by_cancel(LocalTransport(), JobPaths(str(tmp_path / "job")), tmux_socket, mode == "tmux")
+
+
+@pytest.mark.ssh
+def test_cancel_interrupts_a_job_of_an_old_setsid_over_ssh(
+    sshd_factory, autodl_home: Path, tmp_path: Path, tmux_socket: str
+) -> None:
+    """Over SSH nothing is ignored to begin with: the fallback's own `&` made the job ignore SIGINT."""
+    server = sshd_factory()  # a server of our own: its home gets the old setsid
+    _old_setsid(server.home)
+    with SshTransport.from_instance(server.instance(), known_hosts=autodl_home / "known_hosts") as t:
+        _interrupted_by_cancel(t, JobPaths(str(tmp_path / "job")), tmux_socket, prefer_tmux=False)
 
 
 def test_cancel_escalates_to_kill(tmp_path: Path, tmux_socket: str, local_home: Path) -> None:
