@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import signal
 import socket
 import subprocess
 import threading
@@ -72,6 +73,35 @@ def test_failure_shows_command_exit_code_and_stderr_tail(transport) -> None:
 def test_signal_death_reports_128_plus_n(transport) -> None:
     res = transport.run(["bash", "-c", "kill -9 $$"], check=False)
     assert res.exited == 137
+
+
+SIGNAL_STATE = "grep -E '^Sig(Ign|Blk):' /proc/self/status"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_commands_start_with_default_signals_whatever_this_process_ignores(transport) -> None:
+    """Like sshd's sessions, a command starts with no signal ignored or blocked: an ignored SIGINT
+    would pass through exec to a job launched through it, and cancel's SIGINT would never arrive."""
+    sigs = (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGUSR1)
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in sigs}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    seen = []
+    try:
+        seen.append(transport.run(SIGNAL_STATE).stdout)
+
+        def other_thread() -> None:  # the mask is a thread's own
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+            seen.append(transport.run(SIGNAL_STATE).stdout)
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+    clean = "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+    assert seen == [clean, clean]
 
 
 def test_timeout(transport) -> None:

@@ -1,8 +1,11 @@
 """`host = "local"`: the instance is this machine. Same protocol as SSH, without the network.
 
 Commands run as `bash -lc <command>` in their own process group (so a timeout kills the whole
-tree); files are copied with `rsync -a --partial --mkpath` when rsync >= 3.2.3 is installed,
-else with shutil. A leading `~` in a "remote" path is this user's home ($HOME).
+tree), with every signal at its default and none blocked, as sshd starts a session: an ignored
+SIGINT would otherwise pass through exec to a launched job (a shell cannot undo an ignore it started
+with), and cancel's SIGINT would never reach it. Files are copied with `rsync -a --partial --mkpath`
+when rsync >= 3.2.3 is installed, else with shutil. A leading `~` in a "remote" path is this user's
+home ($HOME).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ class LocalTransport:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # its own process group, so a timeout can kill every child
+            preexec_fn=_default_signals if _inherits_signals() else None,
         )
         try:
             out, err = proc.communicate(None if input is None else input.encode(), timeout=timeout)
@@ -88,6 +92,38 @@ class LocalTransport:
                 shutil.copy2(src, dest)
         except OSError as exc:
             raise TransferError(f"copying {src} -> {dest} failed: {exc}") from exc
+
+
+def _inherits_signals() -> bool:
+    """Whether this thread blocks, or this process ignores, a signal a command would inherit.
+
+    SIGPIPE and SIGXFSZ, which Python itself ignores, Popen restores; anything else set by whatever
+    started this process (`cmd &` in a script ignores SIGINT and SIGQUIT), by a library or a caller.
+    """
+    if signal.pthread_sigmask(signal.SIG_BLOCK, []):
+        return True
+    return bool(_ignored() - {signal.SIGPIPE, signal.SIGXFSZ})
+
+
+def _ignored() -> set[int]:
+    try:  # the kernel's own record: a C library's sigaction is not in signal.getsignal
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
+        return {n for n in range(1, signal.NSIG) if mask >> (n - 1) & 1}
+    except (OSError, StopIteration, ValueError, IndexError):
+        return {s for s in signal.valid_signals() if signal.getsignal(s) is signal.SIG_IGN}
+
+
+def _default_signals() -> None:
+    """Runs in the child between fork and exec: only when needed, as that is unsafe while another
+    thread holds a lock (Python's subprocess docs)."""
+    for sig in signal.valid_signals():
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            try:
+                signal.signal(sig, signal.SIG_DFL)
+            except (OSError, ValueError):  # the C library's reserved real-time signals
+                pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def _kill_group(proc: subprocess.Popen, out: bytes, err: bytes) -> tuple[bytes, bytes]:

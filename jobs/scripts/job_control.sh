@@ -47,7 +47,11 @@ launch() {
     # -f forks here, so INT is not ignored in the job the way it is for a `&` job of a script
     setsid -f nohup sh ./"$f_wrapper" >/dev/null 2>&1 </dev/null || exit 6
   elif command -v setsid >/dev/null 2>&1; then
+    # an older setsid (no -f): a background job, under job control (set -m), as a `&` job of a
+    # script ignores INT for good (no shell can trap a signal ignored when it started)
+    set -m
     setsid nohup sh ./"$f_wrapper" >/dev/null 2>&1 </dev/null &
+    set +m
   else
     echo "neither tmux nor setsid is installed" >&2; exit 4
   fi
