@@ -265,9 +265,11 @@ def capped_run(model, seqs, build_row, machine, setup, calibrate, name, rows, ca
                                  padded_tokens_per_s=res["tok_per_s"], fill=round(real, 4),
                                  step_s=res.get("step_s")))  # fmt: skip
         worker = next(v for v in variants if v["pad_multiple"] == data.PAD_MULTIPLE)
-        if TIME_ALL["on"]:
+        if TIME_ALL["on"]:  # after the chosen shape's own peak is read (time_trials resets it)
+            chosen_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
             row["timed_trials"] = time_trials(model, seqs, choice, calibrate, varlen, cap)
             calibrate.set_checkpointing(model, shape.checkpointing, shape.layers)
+            row["chosen_peak_gb"] = round(chosen_peak / 1e9, 3) if chosen_peak else None
         row.update(chosen_tokens=shape.micro_batch_tokens, chosen_checkpointed=shape.layers if shape.layers is not None
                    else (0 if not shape.checkpointing else "all"), note=choice.note,
                    tokens_per_s=worker["tokens_per_s"], padded_tokens_per_s=worker["padded_tokens_per_s"],
