@@ -384,6 +384,37 @@ def fit(rows: list[dict], card=H200, base: memory.Constants = memory.DEFAULT) ->
         out = replace(out, act_h=coef[0], act_kv=coef[1], act_i=coef[2], ckpt_h=coef[3],
                       transient_layers=coef[4], token_h=coef[5])  # fmt: skip
     timed = [r for r in grid if r.get("seconds")]
+    # rows the CPU's launch floor decides (measured well over the GPU work predicted) fit the floor, the
+    # others the GPU constants; two rounds, since which rows are which depends on the GPU constants
+    for _ in range(2):
+        bound = [r for r in timed if r["seconds"] > LAUNCH_BOUND * gpu_pred(r, out, card)]
+        out = fit_gpu([r for r in timed if r not in bound], out, card)
+        out = fit_launch(bound, out)
+    return out
+
+
+LAUNCH_BOUND = 1.5  # a row is launch-bound when it took this many times the predicted GPU seconds
+
+
+def gpu_pred(r: dict, c: memory.Constants, card=H200) -> float:
+    a, s = arch_for(r), setup_for(r)
+    return memory.gpu_seconds(a, s, memory.Shape(r["tokens"], r["checkpointed"]), card["tflops"], card["bandwidth"], c)
+
+
+def fit_launch(rows: list[dict], c: memory.Constants) -> memory.Constants:
+    """launch_layer_s and launch_recompute_s from launch-bound rows: seconds = layers·d + k·r (relative)."""
+    import numpy as np
+
+    if len({r["checkpointed"] > 0 for r in rows}) < 2:  # both kinds are needed to separate d from r
+        return c
+    X = [[arch_for(r).layers / r["seconds"], r["checkpointed"] / r["seconds"]] for r in rows]
+    d, rc = nnls(np.array(X), np.ones(len(rows)))
+    return replace(c, launch_layer_s=float(d), launch_recompute_s=float(rc))
+
+
+def fit_gpu(timed: list[dict], out: memory.Constants, card=H200) -> memory.Constants:
+    import numpy as np
+
     if len(timed) >= 4:
         X, y = [], []
         unit = replace(out, recompute_cost=0.0, attn_cost=0.0)

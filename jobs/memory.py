@@ -28,7 +28,8 @@ LoRA (forward 2N, input gradients 2N; anchors §1), plus 2·N_layer × `recomput
 checkpointed layer's recomputed forward, plus causal attention (6·s·d_attn a layer and 2·s·d_attn a
 recompute, s the mean packed sequence length) × `attn_cost`, over the card's dense bf16 rate × `efficiency`;
 plus the dequantization of every nf4 weight (read 0.5 byte, write 2) once a forward, once a backward and
-once a recompute, at the card's memory bandwidth × `bw_efficiency`.
+once a recompute, at the card's memory bandwidth × `bw_efficiency`; the micro-batch never takes less than
+the CPU's time to queue its kernels (`launch_seconds`), which is what bounds a small model.
 
 The constants (`Constants`) are fitted to the GPU measurements of bench/memory_fit.py (`--fit`; the rows
 file is named at `Constants`).
@@ -58,7 +59,10 @@ class Constants:
     `bench/memory_fit.py --fit bench/results/2026-11-30_h200_memory-fit.jsonl` (one H200, Qwen2.5 7B and
     14B architectures, short rows and rows of ~6k tokens; peaks within 2%, tokens/s within 14%), rounded.
     The per-unit split of act_* is loose (the grid's architectures share their proportions); their sum
-    a token is what the rows fix. transient_layers fits to 0: token_h absorbs it."""
+    a token is what the rows fix. transient_layers fits to 0: token_h absorbs it. launch_* are `--fit` over
+    that file and `..._memory-fit-0.5b.jsonl` (the 0.5B's rows, the only ones the launch floor decides);
+    the same fit would move act_h to 0 and act_kv to 29.5 without bringing any peak nearer than 3%, so the
+    memory constants stay those of the 7B/14B fit (the 0.5B's peaks within 7% with them)."""
 
     act_h: float = 4.92  # 16-bit values a token a non-checkpointed layer keeps, per hidden unit
     act_kv: float = 10.95  # ... per key/value unit (k and v for the attention kernel)
@@ -85,6 +89,12 @@ class Constants:
     # attention's cost a FLOP relative to the matmuls' (flash attention runs below the matmul rate, and its
     # backward is 2.5 forwards, not 2): what makes rows of ~6k tokens slower a token than short ones
     attn_cost: float = 1.4
+    # CPU seconds to queue one decoder layer's kernels (forward and backward), and one checkpointed layer's
+    # recompute: a micro-batch takes at least this, whatever the GPU. It decides for small models: the
+    # 0.5B took 0.17 s a forward+backward at 4,096 and at 16,384 tokens alike, 0.27 s with every layer
+    # checkpointed (bench/results/2026-11-30_h200_memory-fit-0.5b.jsonl; that machine's CPU, fitted)
+    launch_layer_s: float = 7.3e-3
+    launch_recompute_s: float = 3.8e-3
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -308,14 +318,28 @@ def dequant_seconds(arch: Arch, setup: Setup, shape: Shape, bandwidth: float, c:
     return passes * arch.layer_params * (NF4_BYTES + 2) / (bandwidth * c.bw_efficiency)
 
 
+def gpu_seconds(arch: Arch, setup: Setup, shape: Shape, tflops: float, bandwidth: float, c: Constants = DEFAULT) -> float:
+    """Seconds of GPU work in a micro-batch's forward and backward: matmuls and attention at the card's rate,
+    dequantization at its bandwidth."""
+    t = shape.micro_batch_tokens
+    seconds = t * flops_per_token(arch, setup, shape, c) / (tflops * 1e12 * c.efficiency)
+    return seconds + dequant_seconds(arch, setup, shape, bandwidth, c)
+
+
+def launch_seconds(arch: Arch, shape: Shape, c: Constants = DEFAULT) -> float:
+    """The CPU's floor under a micro-batch: queueing every layer's kernels (and the recomputed ones')."""
+    k = max(0, min(shape.checkpointed, arch.layers))
+    return arch.layers * c.launch_layer_s + k * c.launch_recompute_s
+
+
 def tokens_per_s(
     arch: Arch, setup: Setup, shape: Shape, tflops: float, bandwidth: float, c: Constants = DEFAULT
 ) -> float:
-    """Predicted trained tokens a second on a card of `tflops` dense bf16 TFLOP/s and `bandwidth` bytes/s."""
-    t = shape.micro_batch_tokens
-    seconds = t * flops_per_token(arch, setup, shape, c) / (tflops * 1e12 * c.efficiency)
-    seconds += dequant_seconds(arch, setup, shape, bandwidth, c)
-    return t / seconds
+    """Predicted trained tokens a second on a card of `tflops` dense bf16 TFLOP/s and `bandwidth` bytes/s:
+    the micro-batch over the longer of its GPU work and the CPU's launch floor (kernels queue
+    asynchronously, so the two overlap)."""
+    seconds = max(gpu_seconds(arch, setup, shape, tflops, bandwidth, c), launch_seconds(arch, shape, c))
+    return shape.micro_batch_tokens / seconds
 
 
 # --- the shape the worker would choose --------------------------------------------------------------

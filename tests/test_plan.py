@@ -291,3 +291,21 @@ def test_the_fused_mlp_frees_one_product_a_layer_and_the_plan_expects_it_where_t
     assert not setup_of(spec(target_modules=["q_proj", "v_proj"]), arch=q7).fused_mlp
     assert not setup_of(spec(), arch=arch("glm-4-9b")).fused_mlp  # fused gate_up_proj: not this MLP
     assert setup_of(spec(), arch=arch("llama-3-8b")).fused_mlp
+
+
+def test_a_small_model_is_held_by_the_cpu_launch_floor_and_a_large_one_is_not() -> None:
+    """The 0.5B took 0.17 s a forward+backward at 4,096 and at 16,384 tokens alike on the H200 (the CPU
+    queueing kernels, not the GPU): its tokens/s grow with the micro-batch; the 7B's do not."""
+    tflops, bandwidth = 989.0, 4.8e12  # the H200 the rows were measured on (jobs.cards)
+    setup = memory.Setup()
+
+    def speed(a: memory.Arch, t: int, k: int = 0) -> float:
+        return memory.tokens_per_s(a, setup, memory.Shape(t, k), tflops, bandwidth)
+
+    small, large = arch("qwen2.5-0.5b"), arch("qwen2.5-7b")
+    assert speed(small, 16384) / speed(small, 4096) == pytest.approx(4.0, rel=0.05)  # the same seconds
+    assert speed(small, 4096) == pytest.approx(24_832, rel=0.1)  # measured
+    assert speed(small, 4096, 24) == pytest.approx(15_243, rel=0.1)  # the recompute queues more
+    assert speed(large, 16384) / speed(large, 4096) < 1.25  # GPU-bound: about the same rate
+    shape = memory.Shape(4096, 0)
+    assert memory.launch_seconds(large, shape) < memory.gpu_seconds(large, setup, shape, tflops, bandwidth)
