@@ -274,6 +274,16 @@ def estimate(arch: Arch, setup: Setup, shape: Shape, c: Constants = DEFAULT) -> 
     return Estimate(weights, lora, acts, loss, allocated * c.alloc_frac + c.context_bytes)
 
 
+def fsdp_spared_bytes(arch: Arch, setup: Setup, gpus: int) -> float:
+    """Weight bytes a GPU does not hold when FSDP shards the 4-bit weights over `gpus`: all but its own
+    1/gpus, less the one layer it gathers at a time (what `plan` and the worker under FSDP add to a card's
+    memory before asking `choose`)."""
+    if gpus <= 1:
+        return 0.0
+    weights = weight_bytes(arch, setup)
+    return max(0.0, weights * (1 - 1 / gpus) - weights / max(1, arch.layers))
+
+
 def usable_limit(card_bytes: float, c: Constants = DEFAULT) -> float:
     """The allocated bytes a card of `card_bytes` leaves for a step: minus the CUDA context, minus the
     headroom the worker keeps when it chooses (remote_worker.calibrate)."""

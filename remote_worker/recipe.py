@@ -35,6 +35,7 @@ Never losing the work (remote_worker.checkpoints, remote_worker.stopping):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import shutil
@@ -383,8 +384,9 @@ def choose_batch_shape(model, spec: JobSpec, machine: Probe, checkpointing: bool
         return micro, on, f"kept from {resume_from.name}"
     if machine.device != "cuda":
         return unmeasured, checkpointing, "not measured on the CPU"
-    if mode == distributed.FSDP:  # a shard cannot run a step alone: the spec's shape, or the default
-        return unmeasured, checkpointing, "not measured under FSDP"
+    if mode == distributed.FSDP:  # a shard cannot run a step alone: predicted, not measured
+        micro, note = fsdp_micro_batch(model, spec, paths, unmeasured, checkpointing)
+        return micro, checkpointing, note
     shapes = calibrate.candidates(spec.train, spec.data.max_length)
     phase("calibrating", f"measuring {len(shapes)} micro-batch shape(s) on the GPU: memory and speed")
 
@@ -400,6 +402,31 @@ def choose_batch_shape(model, spec: JobSpec, machine: Probe, checkpointing: bool
         calibrate.set_checkpointing(model, on, layers)
     phase("calibrating", note)
     return micro, on, note
+
+
+def fsdp_micro_batch(model, spec: JobSpec, paths, unmeasured: int, checkpointing: bool = True) -> tuple[int, str]:
+    """(micro_batch_tokens, how it was chosen) under FSDP: with train.micro_batch_tokens = 0, the fastest of
+    the calibration's sizes that jobs.memory predicts to fit the smallest rank's GPU with the weights
+    sharded over the ranks, every layer checkpointed or none (FSDP's "auto" is every layer); else the
+    spec's size.
+
+    Not measured: a shard cannot run a step alone, and a trial that ran out of memory on one rank only
+    would leave the others waiting in a collective. A prediction that is wrong shows as an out-of-memory
+    failure on the first step, with the settings to change."""
+    arch = calibrate.arch_of(model)
+    if spec.train.micro_batch_tokens or arch is None:
+        return unmeasured, "the spec's micro-batch, not measured under FSDP"
+    usable = min(distributed.gather(float(calibrate.usable_memory() or 0)))
+    gpus = distributed.world().size
+    setup = dataclasses.replace(memory_setup(spec, paths), fused_mlp=False)  # FSDP: no fused LoRA
+    card = usable + memory.DEFAULT.context_bytes + memory.fsdp_spared_bytes(arch, setup, gpus)
+    sizes = memory.sizes_for(spec.data.max_length, 0)
+    choice = memory.choose(arch, setup, card, 1000.0, 4e12, sizes, "on" if checkpointing else "off")
+    micro = distributed.agree(choice.shape.micro_batch_tokens)
+    fits = "predicted to fit" if choice.fits else "the smallest; none is predicted to fit"
+    layers = "every layer checkpointed" if checkpointing else "no checkpointing"
+    return micro, (f"{micro:,} tokens, {layers}: {fits} {usable / 1e9:.1f} GB a GPU with the weights sharded "
+                   f"over {gpus} (jobs.memory; not measured under FSDP)")
 
 
 def memory_setup(spec: JobSpec, paths) -> memory.Setup:

@@ -309,3 +309,34 @@ def test_a_small_model_is_held_by_the_cpu_launch_floor_and_a_large_one_is_not() 
     assert speed(large, 16384) / speed(large, 4096) < 1.25  # GPU-bound: about the same rate
     shape = memory.Shape(4096, 0)
     assert memory.launch_seconds(large, shape) < memory.gpu_seconds(large, setup, shape, tflops, bandwidth)
+
+
+@pytest.mark.parametrize("card_gb", [24, 48, 80])
+def test_under_fsdp_the_worker_takes_the_micro_batch_the_plan_predicts(card_gb, monkeypatch) -> None:
+    """FSDP cannot measure a shape on one shard: the worker asks jobs.memory, as `plan --gpus 2` does, with
+    the weights sharded; the two must agree, or the plan prices a run the worker does not train."""
+    torch = pytest.importorskip("torch")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from client.plan import make_plan
+    from jobs.spec import JobSpec
+    from remote_worker import calibrate, recipe
+    from remote_worker.fast import FastPaths
+
+    cfg = AutoConfig.for_model(**json.loads((CONFIGS / "qwen2.5-32b.json").read_text()))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    spec = JobSpec.model_validate({"name": "t", "model": {"name_or_path": "x"}, "data": {"train": "x"},
+                                   "train": {"gpus": 2, "distributed": "fsdp", "liger": "on"}})  # fmt: skip
+    card = cards.Card(f"test {card_gb}", card_gb, 989, 4800, 1.0, "test", "test")
+    monkeypatch.setattr(calibrate, "usable_memory", lambda: int(card_gb * 1e9 - memory.DEFAULT.context_bytes))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it (no process group here: rank 0's view)
+    paths = FastPaths(liger="on (fused_linear_cross_entropy)")
+    micro, note = recipe.fsdp_micro_batch(model, spec, paths, unmeasured=16384)
+    report = {"records_out": 10_000, "tokens": {"train_total": 5_000_000, "train_mean": 500}}
+    planned = make_plan(spec, arch("qwen2.5-32b"), "fixture", report, [card], gpus=2).rows[0]
+    assert planned.parallel == "fsdp"
+    assert micro == planned.shape.micro_batch_tokens, (note, planned.shape)
+    assert "not measured under FSDP" in note and "sharded over 2" in note
+    fixed = spec.model_copy(update={"train": spec.train.model_copy(update={"micro_batch_tokens": 4096})})
+    assert recipe.fsdp_micro_batch(model, fixed, paths, unmeasured=4096)[0] == 4096  # the spec's own, kept

@@ -153,10 +153,10 @@ def plan_card(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, card: cardt
         forced = spec.train.distributed
         parallel = "ddp" if forced == "ddp" or (forced == "auto" and choice.fits) else "fsdp"
         if parallel == "fsdp":  # the same estimate on a card that holds the other shards' weights for free
-            weights = memory.weight_bytes(arch, setup)
-            spared = weights * (1 - 1 / gpus) - weights / arch.layers
-            choice = memory.choose(arch, setup, card.memory_bytes + max(0.0, spared), tflops, bandwidth, sizes, mode, c)
-            choice = replace(choice, estimate=replace(choice.estimate, weights=choice.estimate.weights - max(0.0, spared)))
+            spared = memory.fsdp_spared_bytes(arch, setup, gpus)
+            fsdp_mode = "on" if mode == "auto" else mode  # the worker checkpoints every layer under FSDP
+            choice = memory.choose(arch, setup, card.memory_bytes + spared, tflops, bandwidth, sizes, fsdp_mode, c)
+            choice = replace(choice, estimate=replace(choice.estimate, weights=choice.estimate.weights - spared))
     scale = gpus * (DDP_SCALING if gpus > 1 else 1.0)
     real_tps = choice.tokens_per_s * tokens.packing * scale if card.bf16_tflops else 0.0
     if tokens.max_steps:
