@@ -47,6 +47,9 @@ LORA_BYTES_PER_PARAM = 4 + 4 + 8  # fp32 weight, fp32 gradient, AdamW's two fp32
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # What the worker keeps free of the usable memory when it chooses (remote_worker.calibrate uses these).
 HEADROOM = 0.06
+# Under FSDP the allocator holds more reserved-but-unallocated memory (all-gather buffers of every size):
+# the 32B run at 24 GB a GPU failed its second step with 1.66 GB of 22.35 so held (2026-11-30).
+FSDP_HEADROOM = 0.12
 MIN_HEADROOM_BYTES = 1 << 30
 SIZES = (16384, 8192, 4096)  # micro-batch tokens tried when train.micro_batch_tokens = 0
 
@@ -93,6 +96,11 @@ class Constants:
     # recompute: a micro-batch takes at least this, whatever the GPU. It decides for small models: the
     # 0.5B took 0.17 s a forward+backward at 4,096 and at 16,384 tokens alike, 0.27 s with every layer
     # checkpointed (bench/results/2026-11-30_h200_memory-fit-0.5b.jsonl; that machine's CPU, fitted)
+    # Under FSDP (fused LoRA off: PEFT's path) the backward of a recomputed layer holds about this many full
+    # layers of activations beyond what the fused path keeps: 32B on 2 H200s, every layer checkpointed,
+    # measured 20.4 GB a GPU at 8,192 tokens and 28.6 at 16,384 against 18.2 and 24.3 without it
+    # (bench/results/2026-11-30_h200x2_fsdp-24gb.jsonl, ..._h200x2_multigpu.jsonl)
+    fsdp_transient_layers: float = 1.1
     launch_layer_s: float = 7.3e-3
     launch_recompute_s: float = 3.8e-3
 
@@ -203,6 +211,7 @@ class Setup:
     dtype_bytes: int = 2  # bf16/fp16 activations and unquantized weights
     mean_seq: float = 512.0  # mean packed sequence length (attention FLOP grow with it)
     fused_mlp: bool = False  # the worker's fused SwiGLU MLP: the product is recomputed, not kept
+    fsdp: bool = False  # trained under FSDP: a transient layer more, and a larger headroom (FSDP_HEADROOM)
 
 
 # Model types whose MLP is gate_proj/up_proj/down_proj with SiLU, the shape remote_worker/fast/fused_mlp.py
@@ -265,7 +274,8 @@ def estimate(arch: Arch, setup: Setup, shape: Shape, c: Constants = DEFAULT) -> 
     t, k = shape.micro_batch_tokens, max(0, min(shape.checkpointed, arch.layers))
     full = layer_activation_bytes(arch, t, c, setup.dtype_bytes, setup.fused_mlp)
     kept = t * c.ckpt_h * arch.hidden * setup.dtype_bytes
-    acts = (arch.layers - k) * full + k * kept + (c.transient_layers * full if k else 0.0)
+    transient = c.transient_layers + (c.fsdp_transient_layers if setup.fsdp else 0.0)
+    acts = (arch.layers - k) * full + k * kept + (transient * full if k else 0.0)
     loss = t * (c.fused_loss_h * arch.hidden if setup.fused_loss else c.unfused_loss_v * arch.vocab)
     loss += t * c.token_h * arch.hidden
     weights = weight_bytes(arch, setup)
@@ -284,17 +294,18 @@ def fsdp_spared_bytes(arch: Arch, setup: Setup, gpus: int) -> float:
     return max(0.0, weights * (1 - 1 / gpus) - weights / max(1, arch.layers))
 
 
-def usable_limit(card_bytes: float, c: Constants = DEFAULT) -> float:
+def usable_limit(card_bytes: float, c: Constants = DEFAULT, headroom: float = HEADROOM) -> float:
     """The allocated bytes a card of `card_bytes` leaves for a step: minus the CUDA context, minus the
-    headroom the worker keeps when it chooses (remote_worker.calibrate)."""
+    headroom the worker keeps when it chooses (remote_worker.calibrate; FSDP_HEADROOM under FSDP)."""
     usable = card_bytes - c.context_bytes
-    return usable - max(MIN_HEADROOM_BYTES, usable * HEADROOM)
+    return usable - max(MIN_HEADROOM_BYTES, usable * headroom)
 
 
 def fits(arch: Arch, setup: Setup, shape: Shape, card_bytes: float, c: Constants = DEFAULT) -> bool:
     """What the calibration accepts: allocated bytes (weights, LoRA state, activations, loss head) within
     the usable memory less the headroom."""
-    return estimate(arch, setup, shape, c).allocated <= usable_limit(card_bytes, c)
+    headroom = FSDP_HEADROOM if setup.fsdp else HEADROOM
+    return estimate(arch, setup, shape, c).allocated <= usable_limit(card_bytes, c, headroom)
 
 
 # --- speed ---------------------------------------------------------------------------------------

@@ -418,7 +418,7 @@ def fsdp_micro_batch(model, spec: JobSpec, paths, unmeasured: int, checkpointing
         return unmeasured, "the spec's micro-batch, not measured under FSDP"
     usable = min(distributed.gather(float(calibrate.usable_memory() or 0)))
     gpus = distributed.world().size
-    setup = dataclasses.replace(memory_setup(spec, paths), fused_mlp=False)  # FSDP: no fused LoRA
+    setup = dataclasses.replace(memory_setup(spec, paths), fused_mlp=False, fsdp=True)  # no fused LoRA
     card = usable + memory.DEFAULT.context_bytes + memory.fsdp_spared_bytes(arch, setup, gpus)
     sizes = memory.sizes_for(spec.data.max_length, 0)
     choice = memory.choose(arch, setup, card, 1000.0, 4e12, sizes, "on" if checkpointing else "off")

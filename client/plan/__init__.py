@@ -155,7 +155,8 @@ def plan_card(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, card: cardt
         if parallel == "fsdp":  # the same estimate on a card that holds the other shards' weights for free
             spared = memory.fsdp_spared_bytes(arch, setup, gpus)
             fsdp_mode = "on" if mode == "auto" else mode  # the worker checkpoints every layer under FSDP
-            choice = memory.choose(arch, setup, card.memory_bytes + spared, tflops, bandwidth, sizes, fsdp_mode, c)
+            sharded = replace(setup, fsdp=True, fused_mlp=False)  # no fused LoRA under FSDP
+            choice = memory.choose(arch, sharded, card.memory_bytes + spared, tflops, bandwidth, sizes, fsdp_mode, c)
             choice = replace(choice, estimate=replace(choice.estimate, weights=choice.estimate.weights - spared))
     scale = gpus * (DDP_SCALING if gpus > 1 else 1.0)
     real_tps = choice.tokens_per_s * tokens.packing * scale if card.bf16_tflops else 0.0
