@@ -3,15 +3,14 @@ templates, base models, datasets with nothing left to train, and tool calls."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest_dataset import JOB, family_tokenizer, spec, tiny_tokenizer
+from jobfiles import cli_here
 from rich.console import Console
 
 from client.dataset import check, prepare
@@ -40,21 +39,7 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    """`autodl-run ARGS` through the CLI's own main() (exit code, stdout, stderr), in this process: a new
-    interpreter per verb imported torch and transformers again just to load the tokenizer (~10 s each)."""
-    from client import cli as entry
-
-    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = ["autodl-run", *args]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            entry.main()
-        code = 0  # main() always exits; kept for the type checker
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    finally:
-        sys.argv = argv
-    return subprocess.CompletedProcess(["autodl-run", *args], code, out.getvalue(), err.getvalue())
+    return cli_here(*args, check=False)
 
 
 # 1. a template that rewrites earlier turns (Qwen3) --------------------------------------------------
