@@ -61,7 +61,7 @@ def test_submit_follow_fetch_over_ssh(sshd, tmp_path: Path, tmux_socket: str, ti
     assert [j["id"] for j in listed] == [job_id]
 
     # The same dataset and worker are not sent again.
-    again = json.loads(cli("submit", str(job), "--json").stdout)
+    again = json.loads(cli_here("submit", str(job), "--json").stdout)
     assert not again["data_sent"] and not again["bundle_sent"]
     cli("tail", again["job_id"])
 
