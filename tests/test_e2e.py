@@ -95,7 +95,7 @@ def test_tail_survives_a_cut_connection(sshd, tmp_path: Path, tmux_socket: str, 
         train={"max_steps": steps_in_all},
         rows=64,
     )
-    job_id = cli("submit", str(job)).stdout.strip()
+    job_id = cli_here("submit", str(job)).stdout.strip()
     job_dir = tmp_path / "remote" / "jobs" / job_id
     events_file = job_dir / "events.jsonl"
 

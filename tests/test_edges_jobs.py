@@ -71,7 +71,7 @@ def test_a_dataset_with_nothing_to_train_is_refused_before_launch_with_a_hint_th
     make_model(folder / "base")
     job = write_job(folder, model=folder / "base", instance=local(tmp_path, tmux_socket),
                     data={"max_length": 16, "overlong": "truncate"})  # fmt: skip
-    sub = cli("submit", str(job), "--follow", check=False)
+    sub = cli_here("submit", str(job), "--follow", check=False)
     assert sub.returncode == 3 and "nothing to train" in sub.stderr, sub.stderr
     assert "data.max_length" in sub.stderr.split("hint:", 1)[1]
     assert json.loads(cli("ls", "--json").stdout) == []  # nothing was launched, nothing to fetch or resume
