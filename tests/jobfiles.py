@@ -21,14 +21,19 @@ def cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.Comp
 
 def cli_here(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     """`autodl-run ARGS` through the CLI's own main() in this process: its exit code, stdout and stderr, as
-    cli() gives them. For verbs that launch nothing (check, prepare, a submit refused before its launch):
-    a new interpreter imports torch and transformers again only to load the tokenizer (~10 s of CPU each),
-    where this process has them already. `timeout`: SIGALRM ends a verb that hangs (main thread only)."""
+    cli() gives them. A new interpreter imports torch and transformers again only to load the tokenizer
+    (~10 s of CPU on the 2-core test machine), where this process has them already. For a verb that launches
+    nothing (check, prepare, a refused submit) and for a submit that only sets a test's scenario up (the
+    worker is the tmux server's, not this process's child); what a test is about stays cli(), a process as
+    a user runs it. `timeout`: SIGALRM ends a verb that hangs (main thread only)."""
     import contextlib
     import io
     import signal
 
     from client import cli as entry
+
+    if args and args[0] in ("ssh", "chat", "login"):  # exec, or a terminal of its own: only as a process
+        raise ValueError(f"`autodl-run {args[0]}` cannot run in this process: use cli()")
 
     def expired(signum, frame):
         raise TimeoutError(f"autodl-run {' '.join(args)} still ran after {timeout:g} s")
