@@ -19,6 +19,45 @@ def cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.Comp
     return res
 
 
+def cli_here(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`autodl-run ARGS` through the CLI's own main() in this process: its exit code, stdout and stderr, as
+    cli() gives them. A new interpreter imports torch and transformers again only to load the tokenizer
+    (~10 s of CPU on the 2-core test machine), where this process has them already. For a verb that launches
+    nothing (check, prepare, a refused submit) and for a submit that only sets a test's scenario up (the
+    worker is the tmux server's, not this process's child); what a test is about stays cli(), a process as
+    a user runs it. `timeout`: SIGALRM ends a verb that hangs (main thread only)."""
+    import contextlib
+    import io
+    import signal
+
+    from client import cli as entry
+
+    if args and args[0] in ("ssh", "chat", "login"):  # exec, or a terminal of its own: only as a process
+        raise ValueError(f"`autodl-run {args[0]}` cannot run in this process: use cli()")
+
+    def expired(signum, frame):
+        raise TimeoutError(f"autodl-run {' '.join(args)} still ran after {timeout:g} s")
+
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    before = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, timeout)
+    sys.argv = ["autodl-run", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            entry.main()
+        code = 0  # main() always exits
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+        sys.argv = argv
+    res = subprocess.CompletedProcess(["autodl-run", *args], code, out.getvalue(), err.getvalue())
+    if check and res.returncode != 0:
+        raise AssertionError(f"autodl-run {' '.join(args)} -> {res.returncode}\n{res.stdout}\n{res.stderr}")
+    return res
+
+
 def ssh_instance(sshd, root: Path, tmux_socket: str, **extra) -> dict:
     """[instance] fields reaching the test sshd, state under `root`. The guard never shuts this machine down."""
     return {

@@ -6,11 +6,11 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest_dataset import JOB, family_tokenizer, spec, tiny_tokenizer
+from jobfiles import cli_here
 from rich.console import Console
 
 from client.dataset import check, prepare
@@ -39,7 +39,7 @@ def write_rows(path: Path, rows: list[dict]) -> Path:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "client.cli", *args], capture_output=True, text=True, timeout=300)
+    return cli_here(*args, check=False)
 
 
 # 1. a template that rewrites earlier turns (Qwen3) --------------------------------------------------

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jobfiles import CLI, cli, ssh_instance, write_job
+from jobfiles import CLI, cli, cli_here, ssh_instance, write_job
 from tinymodel import make_model
 
 from jobs import events as ev
@@ -61,7 +61,7 @@ def test_submit_follow_fetch_over_ssh(sshd, tmp_path: Path, tmux_socket: str, ti
     assert [j["id"] for j in listed] == [job_id]
 
     # The same dataset and worker are not sent again.
-    again = json.loads(cli("submit", str(job), "--json").stdout)
+    again = json.loads(cli_here("submit", str(job), "--json").stdout)
     assert not again["data_sent"] and not again["bundle_sent"]
     cli("tail", again["job_id"])
 
@@ -95,7 +95,7 @@ def test_tail_survives_a_cut_connection(sshd, tmp_path: Path, tmux_socket: str, 
         train={"max_steps": steps_in_all},
         rows=64,
     )
-    job_id = cli("submit", str(job)).stdout.strip()
+    job_id = cli_here("submit", str(job)).stdout.strip()
     job_dir = tmp_path / "remote" / "jobs" / job_id
     events_file = job_dir / "events.jsonl"
 
@@ -147,7 +147,7 @@ def test_unreachable_host_is_reported_with_host_and_port(tmp_path: Path, tiny_mo
         model=tiny_model,
         instance={"host": "127.0.0.1", "port": port, "connect_timeout": 3.0},
     )
-    res = cli("submit", str(job), check=False)  # (cli's own timeout catches a submit that keeps retrying)
+    res = cli_here("submit", str(job), check=False)  # (cli_here's timeout catches a submit that keeps retrying)
     assert res.returncode == 4
     assert f"127.0.0.1 port {port}" in res.stderr
     assert json.loads(cli("ls", "--json").stdout) == []  # nothing launched, nothing recorded
@@ -166,7 +166,7 @@ def test_failed_authentication(sshd, tmp_path: Path, tiny_model: Path) -> None:
         "connect_timeout": 5.0,
     }
     job = write_job(tmp_path / "job", model=tiny_model, instance=inst)
-    res = cli("submit", str(job), check=False)
+    res = cli_here("submit", str(job), check=False)
     assert res.returncode == 4
     assert "auth" in res.stderr.lower()
 
@@ -184,7 +184,7 @@ def test_remote_python_lacking_a_package_is_named(
     py.chmod(0o755)
     inst = ssh_instance(sshd, tmp_path / "remote", tmux_socket, python=str(py), install_deps=False)
     job = write_job(tmp_path / "job", model=tiny_model, instance=inst)
-    res = cli("submit", str(job), check=False)
+    res = cli_here("submit", str(job), check=False)
     assert res.returncode == 5, res.stderr
     assert "lacks: peft" in res.stderr and "pip install peft" in res.stderr
     assert not (tmp_path / "remote" / "jobs").exists()  # nothing launched
@@ -197,17 +197,17 @@ def test_bad_inputs_fail_before_anything_is_uploaded(tmp_path: Path, tiny_model:
     rows = (tmp_path / "job" / "train.jsonl").read_text().splitlines()
     rows[2] = '{"instruction": "broken", '
     (tmp_path / "job" / "train.jsonl").write_text("\n".join(rows) + "\n")
-    res = cli("submit", str(job), check=False)
+    res = cli_here("submit", str(job), check=False)
     assert res.returncode == 3
     assert "train.jsonl:3" in res.stderr
     # a missing dataset
     (tmp_path / "job" / "train.jsonl").unlink()
-    res = cli("check", str(job), check=False)
+    res = cli_here("check", str(job), check=False)
     assert res.returncode == 3 and "train.jsonl" in res.stderr
     # a spec error
     (tmp_path / "job" / "job.toml").write_text(
         'name = "x"\n[model]\nname_or_path = "m"\n[data]\ntrain = "t"\nbogus = 1\n'
     )
-    res = cli("check", str(job), check=False)
+    res = cli_here("check", str(job), check=False)
     assert res.returncode == 2 and "job.toml:6: data.bogus: unknown key" in res.stderr
     assert not (tmp_path / "remote").exists()

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from jobfiles import cli, write_job
+from jobfiles import cli, cli_here, write_job
 from tinymodel import make_model
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def test_a_dataset_with_nothing_to_train_is_refused_before_launch_with_a_hint_th
     make_model(folder / "base")
     job = write_job(folder, model=folder / "base", instance=local(tmp_path, tmux_socket),
                     data={"max_length": 16, "overlong": "truncate"})  # fmt: skip
-    sub = cli("submit", str(job), "--follow", check=False)
+    sub = cli_here("submit", str(job), "--follow", check=False)
     assert sub.returncode == 3 and "nothing to train" in sub.stderr, sub.stderr
     assert "data.max_length" in sub.stderr.split("hint:", 1)[1]
     assert json.loads(cli("ls", "--json").stdout) == []  # nothing was launched, nothing to fetch or resume
@@ -89,7 +89,7 @@ def test_resume_says_which_checkpoint_the_worker_took_when_the_newest_is_damaged
     make_model(folder / "base")
     job = write_job(folder, model=folder / "base", instance=local(tmp_path, tmux_socket),
                     train={"max_steps": 2000, "save_steps": 2}, rows=32)  # fmt: skip
-    job_id = cli("submit", str(job)).stdout.splitlines()[0].strip()
+    job_id = cli_here("submit", str(job)).stdout.splitlines()[0].strip()
     job_dir = tmp_path / "remote" / "jobs" / job_id
     checkpoints = job_dir / "output" / "checkpoints"
 

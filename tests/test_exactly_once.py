@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jobfiles import CLI, cli, ssh_instance, write_job
+from jobfiles import CLI, cli, cli_here, ssh_instance, write_job
 from tinymodel import make_model
 
 from client.errors import ConnectError, JobError, LedgerError
@@ -73,7 +73,7 @@ def test_a_link_cut_right_after_launch_then_submit_again_reattaches(
     assert (remote / "jobs" / job_id / "launch.json").exists()
 
     sshd.start()
-    again = first_json(cli("submit", str(job), "--json").stdout)
+    again = first_json(cli_here("submit", str(job), "--json").stdout)
     assert again["reattached"] and again["job_id"] == job_id
     assert launched(remote) == [job_id]
     assert Ledger().get(job_id).state == "running"
@@ -86,7 +86,7 @@ def test_a_link_cut_right_after_launch_then_submit_again_reattaches(
     rec = json.loads(cli("recover", str(job), "--json").stdout)
     assert rec["added"] == [job_id] and rec["skipped"] == []
     assert Ledger().get(job_id).state == "running"
-    again = first_json(cli("submit", str(job), "--json").stdout)
+    again = first_json(cli_here("submit", str(job), "--json").stdout)
     assert again["reattached"] and again["job_id"] == job_id
     assert launched(remote) == [job_id]
 
@@ -115,7 +115,7 @@ def test_two_submits_at_once_launch_one_worker(tmp_path: Path, tmux_socket: str,
     first = results[0]["job_id"]
     launcher.cancel(LocalTransport(), JobPaths(str(remote / "jobs" / first)), socket=tmux_socket, session=first,
                     grace=30)  # fmt: skip
-    new = first_json(cli("submit", str(job), "--json").stdout)
+    new = first_json(cli_here("submit", str(job), "--json").stdout)
     assert not new["reattached"] and new["job_id"] != first
     assert launched(remote) == sorted([first, new["job_id"]])
 
@@ -148,21 +148,21 @@ def test_a_damaged_ledger_is_a_clear_error_before_anything_is_launched(
         led.close()
         _damage_index(ledger_file)
 
-    res = cli("submit", str(job), check=False)
+    res = cli_here("submit", str(job), check=False)
     assert res.returncode == 8, res.stderr
     assert str(ledger_file) in res.stderr and "autodl-run ledger repair" in res.stderr
     assert "Traceback" not in res.stderr
     assert not (remote / "jobs").exists()  # nothing launched, nothing uploaded
     for args in (["ls"], ["status"], ["fetch"], ["cancel", "old-1"]):
-        other = cli(*args, check=False)
+        other = cli_here(*args, check=False)
         assert "Traceback" not in other.stderr, (args, other.stderr)
         # what only reads may still work around a damaged index; a file that is not a database never does
         assert other.returncode == 8 or damage == "index", (args, other.stderr)
 
-    fixed = cli("ledger", "repair")
+    fixed = cli_here("ledger", "repair")
     assert "recover" in fixed.stdout
     assert list(autodl_home.glob("ledger.sqlite.damaged-*"))
-    cli("ls")
+    cli_here("ls")
     Ledger().check()
 
 

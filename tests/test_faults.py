@@ -9,7 +9,9 @@
 - no laptop at all: the guard copies the adapter to autodl-fs and shuts down after the grace.
 (A connection cut during `tail`: tests/test_e2e.py::test_tail_survives_a_cut_connection.)
 
-The guard's shutdown command is always `touch FILE`.
+The guard's shutdown command is always `touch FILE`. A submit that only sets a scenario up runs the CLI's main()
+in this process (jobfiles.cli_here: it saves a new interpreter importing torch for the tokenizer); the verbs
+a fault is tried against (tail, resume --follow, a submit cut mid-upload) run as a user runs them, in a subprocess.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jobfiles import CLI, cli, ssh_instance, write_job, write_toml
+from jobfiles import CLI, cli, cli_here, ssh_instance, write_job, write_toml
 from tinymodel import make_model
 
 from jobs import events as ev
@@ -200,7 +202,7 @@ def test_an_upload_cut_by_a_dead_sshd_is_finished_by_a_rerun_sending_only_the_re
     (metered_rsync / "rate").write_text("0")
     for f in metered_rsync.glob("bytes.*"):
         f.unlink()
-    again = first_json(cli("submit", str(job), "--json").stdout)
+    again = first_json(cli_here("submit", str(job), "--json").stdout)
     assert again["data_sent"]
     resent = data_bytes(metered_rsync)
     local = Path(os.environ["AUTODL_RUN_HOME"]) / "prepared" / again["data_digest"]
@@ -226,7 +228,7 @@ def test_a_worker_killed_mid_epoch_resumes_from_its_last_checkpoint(
         tmp_path / "job", model=tiny_model, instance=instance(sshd, tmp_path / "remote", tmux_socket),
         train={"max_steps": total, "save_steps": 20}, rows=64,  # 35 micro-batches an epoch
     )  # fmt: skip
-    job_id = first_json(cli("submit", str(job), "--json").stdout)["job_id"]
+    job_id = first_json(cli_here("submit", str(job), "--json").stdout)["job_id"]
     job_dir = tmp_path / "remote" / "jobs" / job_id
     tail = subprocess.Popen(
         [*CLI, "tail", job_id, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -246,8 +248,8 @@ def test_a_worker_killed_mid_epoch_resumes_from_its_last_checkpoint(
     assert [p.name for p in held.parent.parent.iterdir()] == [f"step-{last}"]
 
     before = len(events_of(job_dir))
-    assert cli("resume", job_id).stdout.splitlines()[0].strip() == job_id
-    again = first_json(cli("submit", str(job), "--json").stdout)  # the same job, while it runs again
+    assert cli_here("resume", job_id).stdout.splitlines()[0].strip() == job_id
+    again = first_json(cli_here("submit", str(job), "--json").stdout)  # the same job, while it runs again
     assert again["reattached"] and again["job_id"] == job_id
     cli("tail", job_id)
     second = events_of(job_dir)[before:]
@@ -286,7 +288,7 @@ def test_a_full_remote_disk_is_a_clear_error_and_the_last_checkpoint_survives(
         tmp_path / "job", model=tiny_model, instance=instance(sshd, small_disk / "autodl-run", tmux_socket),
         train={"max_steps": total, "save_steps": 50},
     )  # fmt: skip
-    job_id = first_json(cli("submit", str(job), "--json").stdout)["job_id"]
+    job_id = first_json(cli_here("submit", str(job), "--json").stdout)["job_id"]
     job_dir = small_disk / "autodl-run" / "jobs" / job_id
     first = wait_for(lambda: steps_on_disk(job_dir), timeout=180)[0]
     size = used_bytes(job_dir / "output" / "checkpoints" / f"step-{first}")
@@ -382,7 +384,7 @@ def test_without_a_fetch_the_guard_keeps_the_adapter_on_autodl_fs_and_shuts_down
         idle_grace_minutes=0.1, price_per_hour=3.6,
     )  # fmt: skip
     job = write_job(tmp_path / "job", model=tiny_model, instance=inst)
-    job_id = first_json(cli("submit", str(job), "--json").stdout)["job_id"]
+    job_id = first_json(cli_here("submit", str(job), "--json").stdout)["job_id"]
     job_dir = tmp_path / "remote" / "jobs" / job_id
     try:
         wait_for(lambda: ran.exists(), timeout=180, every=0.2)

@@ -325,7 +325,7 @@ def test_a_refused_refetch_cannot_change_the_modes_of_the_verified_copy(inst: In
 def test_an_rsync_that_never_answers_cannot_hold_a_fetch(inst: Instance, monkeypatch) -> None:
     from client.transport import rsync
 
-    monkeypatch.setattr(rsync, "IO_TIMEOUT_S", 3)
+    monkeypatch.setattr(rsync, "IO_TIMEOUT_S", 1)
     inst.manifest()
     inst.lie("rsync", "exec sleep 120\n")  # rsync's far end: alive, keep-alives answered, silent (and gone soon)
     with pytest.raises(AutodlRunError):

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from jobfiles import cli, write_job
+from jobfiles import cli, cli_here, write_job
 from test_faults import events_of, first_json, instance, steps_on_disk, tiny_model, wait_for  # noqa: F401
 
 from jobs import events as ev
@@ -28,7 +28,7 @@ def test_resume_onto_another_number_of_gpus(tmp_path: Path, sshd, tmux_socket, t
         train={"max_steps": STEPS, "save_steps": 2, "gpus": 2, "micro_batch_tokens": MICRO,
                "global_batch_tokens": 2 * MICRO, "save_every_minutes": 0}, rows=32,
     )  # fmt: skip
-    job_id = first_json(cli("submit", str(job), "--json").stdout)["job_id"]
+    job_id = first_json(cli_here("submit", str(job), "--json").stdout)["job_id"]
     job_dir = tmp_path / "remote" / "jobs" / job_id
     wait_for(lambda: steps_on_disk(job_dir), timeout=300)
     cli("cancel", job_id)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jobfiles import cli, ssh_instance, write_job
+from jobfiles import cli, cli_here, ssh_instance, write_job
 
 from client.ledger import Ledger
 from client.specfile import load_spec
@@ -152,7 +152,7 @@ def test_export_on_the_instance_and_here_come_back_verified(tmp_path, sshd, tmux
     assert (ack.what, ack.manifest_sha256) == ("export", digest)
     # --here: from the fetched adapter, on this machine
     shutil.copytree(paths.adapter, folder / "runs" / job_id / "adapter")
-    here = json.loads(cli("export", job_id, "--merged", "--here", "--json", timeout=1200).stdout)
+    here = json.loads(cli_here("export", job_id, "--merged", "--here", "--json", timeout=1200).stdout)
     assert here["where"] == "here" and "model.safetensors" in here["export"]["files"]
     verify_manifest(Path(here["folder"]))
     bad = cli("export", job_id, "--gguf", "q3_k", check=False)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jobfiles import cli, ssh_instance, write_job
+from jobfiles import cli, cli_here, ssh_instance, write_job
 from tinymodel import make_model
 
 from client.ledger import Ledger
@@ -51,7 +51,7 @@ def test_tail_uses_at_most_two_connections(
         tmp_path / "job", model=tiny_model, instance=ssh_instance(sshd, tmp_path / "remote", tmux_socket),
         train={"max_steps": 6, "save_steps": 2},
     )  # fmt: skip
-    job_id = json.loads(cli("submit", str(job), "--json").stdout)["job_id"]
+    job_id = json.loads(cli_here("submit", str(job), "--json").stdout)["job_id"]
 
     # rsync's own ssh runs, counted apart: each is one connection of rsync's, not of a session
     tools = tmp_path / "tools"
@@ -101,7 +101,7 @@ def test_the_spec_is_kept_as_written_and_old_ledgers_still_read(
         instance={**ssh_instance(sshd, tmp_path / "unused", tmux_socket), "remote_root": root},
         train={"max_steps": 2},
     )  # fmt: skip
-    job_id = json.loads(cli("submit", str(job), "--json").stdout)["job_id"]
+    job_id = json.loads(cli_here("submit", str(job), "--json").stdout)["job_id"]
     ledger = Ledger()
     record = ledger.get(job_id)
     assert record.spec.instance.remote_root == root  # as the user wrote it
