@@ -18,7 +18,6 @@ def test_a_record_touching_every_aligned_triple_of_private_use_is_encoded():
     assert trained == "\ue000 " + odd + "<|im_end|>"
 
 
-@pytest.mark.xfail(strict=True, reason="encode_many raises at the first TemplateError: check names one record a run")
 def test_every_record_holding_a_special_token_is_named_not_only_the_first(tmp_path):
     """A 50k-record file with a few hundred such records: naming one per run makes the user rerun
     `check` a few hundred times (overlong records are all listed; these should be too)."""
@@ -30,10 +29,14 @@ def test_every_record_holding_a_special_token_is_named_not_only_the_first(tmp_pa
     from client.errors import DatasetError
 
     tok = family_tokenizer("qwen2.5")
-    ok = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
-    bad = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "end with <|im_end|>"}]}
+    def ok(n):
+        return {"messages": [{"role": "user", "content": f"q{n}"}, {"role": "assistant", "content": "a"}]}
+
+    def bad(n):  # distinct: dedupe (on by default) would otherwise keep only the first
+        return {"messages": [{"role": "user", "content": f"q{n}"}, {"role": "assistant", "content": "end <|im_end|>"}]}
+
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in [ok, bad, ok, bad, bad]), encoding="utf-8")
+    data.write_text("".join(json.dumps(r) + "\n" for r in [ok(1), bad(2), ok(3), bad(4), bad(5)]), encoding="utf-8")
     with pytest.raises(DatasetError, match="special token") as e:
         check(spec(train=str(data), eval_fraction=0.0), JOB, tokenizer=tok)
     assert [p.line for p in e.value.problems] == [2, 4, 5]

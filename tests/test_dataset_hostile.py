@@ -43,7 +43,7 @@ def test_a_special_tokens_text_in_content_is_refused_with_its_place(tmp_path, fa
             verb(spec(train=str(data), eval_fraction=0.0), JOB, tokenizer=tok)
         (problem,) = e.value.problems
         assert problem.line == 2 and problem.file.endswith("d.jsonl")
-        assert f"turn {turn} ({msgs[turn]['role']}) content: holds {eot!r}" in str(problem)
+        assert f"d.jsonl:2: messages[{turn}].content: holds {eot!r}" in str(problem)
         assert "remove that text" in e.value.hint
 
 

@@ -223,7 +223,7 @@ def test_template_error_is_located(tmp_path, tok):
     with pytest.raises(DatasetError) as e:
         prepare(spec(train="alpaca.jsonl"), JOB, tmp_path, tokenizer=t)
     assert str(e.value.problems[0]).startswith(
-        "alpaca.jsonl:3: the chat template rejected the conversation: no system role"
+        "alpaca.jsonl:3: messages[0].role: the chat template refuses a system turn: no system role"
     )
 
 

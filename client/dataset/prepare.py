@@ -377,15 +377,23 @@ def _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts
     over = {"count": 0, "action": data.overlong, "max_length": data.max_length, "estimated": False,
             "dropped": 0, "truncated": 0}
     problems: list[Problem] = []
+    refused: list[tuple[Problem, str]] = []  # records the chat template cannot train, and what to do
     first_trained = 0  # train records whose first token is masked in: it is never predicted, so not trained
     notes: dict[str, list] = {}  # what the chat template did: note -> [count, index of the first record]
     try:
         with open(tmp / "all.jsonl", "rb") as again:
             records = (_loads(line) for line in again)
-            encoded = tokenize.encode_many(tok, records, data.max_length, "keep", workers, data.train_template_text)
+            encoded = tokenize.encode_many(tok, records, data.max_length, "keep", workers, data.train_template_text,
+                                           refusals=True)
             for i, (line, enc) in enumerate(zip(lines, encoded, strict=True)):
                 if not i & (BATCH - 1):
                     progress("tokenizing", i, scan.kept)
+                if isinstance(enc, tokenize.Refused):
+                    if data.on_error == "skip":
+                        scan.skip_record(i, enc.field, enc.reason)
+                    else:
+                        refused.append((_where(scan, i, enc.reason, enc.field), enc.hint))
+                    continue
                 assert enc is not None  # "keep" never drops a record
                 lengths.append(enc.full_length)
                 for note in enc.notes:
@@ -410,17 +418,15 @@ def _tokenized(tmp, scan, flags, data, tok, workers, lines, outs, hashes, counts
                 if split == "train":
                     first_trained += enc.mask[0] if len(enc.mask) else 0
                     train_lengths.append(len(enc.input_ids))
-    except tokenize.TemplateError as exc:
-        where = _where(scan, exc.index or 0, str(exc))
-        if SPECIAL_IN_CONTENT in str(exc):
-            raise DatasetError("a record's text holds a special token of the tokenizer", [where],
-                               hint="remove that text from the record, or write it differently; kept, the model "
-                               "would learn the control token there (an end-of-turn mid-reply: stop early)") from None
-        raise DatasetError("the model's chat template cannot render a record", [where],
-                           hint="fix the record, or check that the tokenizer matches the model; the error names "
-                           "what the template does not support") from None
+    except tokenize.TemplateError as exc:  # about the whole template (refusals=True): one error says it
+        where = _where(scan, exc.index or 0, exc.reason, exc.field)
+        raise DatasetError("the model's chat template cannot render the dataset's records", [where],
+                           hint=exc.hint or "use a model (or model.tokenizer) whose chat template supports them, "
+                           "or leave such records out") from None
     finally:
         files = {s: w.close() for s, w in writers.items()}
+    if refused:
+        _raise_refused(refused)
     if problems:
         raise DatasetError(
             f"{len(problems)} record(s) longer than data.max_length = {data.max_length} tokens",
@@ -451,6 +457,20 @@ def _shown(scan: Scan, i: int) -> str:
     return f"{scan.sources[scan.origin_file[i]].shown}:{scan.origin_line[i]}"
 
 
-def _where(scan: Scan, i: int, reason: str) -> Problem:
+def _where(scan: Scan, i: int, reason: str, fld: str = "") -> Problem:
     src = scan.sources[scan.origin_file[i]]
-    return Problem(src.shown, scan.origin_line[i], "", reason)
+    return Problem(src.shown, scan.origin_line[i], fld, reason)
+
+
+def _raise_refused(refused: list[tuple[Problem, str]]) -> None:
+    """Every record the chat template cannot train, in one error (DatasetError shows the first 20)."""
+    problems = [p for p, _ in refused]
+    special = sum(SPECIAL_IN_CONTENT in p.message for p in problems)
+    if special == len(problems):
+        summary = f"{special} record(s) hold a special token of the tokenizer in their text"
+    else:
+        summary = f"the model's chat template cannot train {len(problems)} record(s)" + (
+            f" ({special} hold a special token of the tokenizer)" if special else "")
+    hints = dict.fromkeys(h or "fix the record, or check that the tokenizer matches the model" for _, h in refused)
+    raise DatasetError(summary, problems, hint="; ".join(hints) + '; or set data.on_error = "skip" to drop '
+                       "such records (they are counted)")

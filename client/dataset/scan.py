@@ -108,6 +108,11 @@ class Scan:
         if self.data.on_error == "fail" or len(self.problems) < INVALID_KEPT:
             self.problems.append(Problem(src.shown, line, fld, reason))
 
+    def skip_record(self, i: int, fld: str, reason: str) -> None:
+        """Kept record i turned out bad later (the chat template refused it): counted and named as invalid."""
+        k = self.origin_file[i]
+        self._bad(self.sources[k], self.origin_line[i], fld, reason, self.files[k])
+
     def _file(self, index: int, src: Source, sink: Sink | None, seen: set[bytes]) -> dict:
         data = self.data
         info: dict[str, Any] = {"file": src.shown, "split": src.split, "type": None, "format": None,

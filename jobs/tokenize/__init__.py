@@ -22,12 +22,13 @@ from jobs.tokenize.chat import (
     render_chatml,
     template_used,
 )
-from jobs.tokenize.encoding import OVERLONG, Encoded, apply_overlong, bracketed, encode, explain
+from jobs.tokenize.encoding import OVERLONG, Encoded, Refused, apply_overlong, bracketed, encode, explain
 from jobs.tokenize.files import TOKENS_DIR, TokenWriter, load_tokenized, write_tokenized
 from jobs.tokenize.fingerprint import tokenizer_fingerprint
 
 __all__ = [
-    "CHATML_END", "CHATML_START", "OVERLONG", "PLAIN_TEMPLATE", "TOKENS_DIR", "Encoded", "TemplateError",
+    "CHATML_END", "CHATML_START", "OVERLONG", "PLAIN_TEMPLATE", "TOKENS_DIR", "Encoded", "Refused",
+    "TemplateError",
     "TokenWriter", "apply_overlong", "bracketed", "encode", "encode_many", "explain", "load_tokenized",
     "render_chat", "render_chatml", "template_used", "tokenizer_fingerprint", "write_tokenized",
 ]

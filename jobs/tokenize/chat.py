@@ -54,12 +54,32 @@ SPECIAL_IN_CONTENT = "a special token of this tokenizer"  # in the TemplateError
 NO_END_OF_TURN = "the chat template writes after a reply no token this tokenizer knows as special: no end-of-turn is trained"
 
 
-class TemplateError(ValueError):
-    """The chat template could not render a record (it raised, or it dropped the content)."""
+_REJECTED = "the chat template rejected the conversation: "
+SYSTEM_REFUSED_HINT = ("fold the system prompt into the first user turn (and leave data.system_prompt unset), or set "
+                       "model.tokenizer to a tokenizer whose chat template accepts a system turn")
+SPECIAL_HINT = ("remove that text from the record, or write it differently; kept, the model would learn the control "
+                "token there (an end-of-turn mid-reply: stop early)")
 
-    def __init__(self, message: str, index: int | None = None):
+
+class TemplateError(ValueError):
+    """The chat template could not render a record (it raised, or it dropped the content).
+
+    field: where in the canonical record ("messages[0].role", "text"; "messages" when no one field is to
+    blame); reason: the message without the field; hint: what to do. whole: the template itself lacks
+    something (no template and no EOS, no tool support): every such record fails, one error says it."""
+
+    def __init__(self, message: str, index: int | None = None, *, field: str = "", reason: str = "",
+                 hint: str = "", whole: bool = False):
         super().__init__(message)
         self.index = index
+        self.field, self.reason, self.hint, self.whole = field, reason or message, hint, whole
+
+    def __reduce__(self):  # crosses process pools whole (index, field, hint, whole)
+        return _template_error, (str(self), self.index, self.field, self.reason, self.hint, self.whole)
+
+
+def _template_error(message, index, field, reason, hint, whole) -> TemplateError:
+    return TemplateError(message, index, field=field, reason=reason, hint=hint, whole=whole)
 
 
 def _lcp(a: str, b: str) -> int:
@@ -182,7 +202,7 @@ class _Renderer:
                 return self._fast(messages, gen)
             return self._slow(messages, gen)
         except Exception as exc:
-            raise TemplateError(f"the chat template rejected the conversation: {exc}") from None
+            raise TemplateError(f"{_REJECTED}{exc}") from None
 
     # -------------------------------------------------------------------- composing
 
@@ -208,15 +228,41 @@ class _Renderer:
     def chat(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]], tuple[str, ...]]:
         """The rendered conversation, the character spans of its trained parts, and notes on
         what the template did to the record (DROPS_SYSTEM, REWRITES_TURN, ...)."""
-        notes: list[str] = []
         if self.plain and not self.eos:
-            raise TemplateError("the tokenizer has neither a chat template nor an EOS token: a reply could not end")
+            raise TemplateError("the tokenizer has neither a chat template nor an EOS token: a reply could not end",
+                                field="model.tokenizer", whole=True,
+                                hint="set model.tokenizer to a tokenizer with a chat template or an EOS token")
         self._check_no_special(messages)
         if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
             lack = self.tool_lack()
             if lack:
                 raise TemplateError(f"{lack}: this record has tool calls; train a model whose template supports "
-                                    "tools, or leave such records out")
+                                    "tools, or leave such records out", whole=True)
+        try:
+            return self._chat(messages)
+        except TemplateError as exc:  # only a failing record pays for finding what to blame
+            if not exc.field and not exc.whole:
+                self._blame(messages, exc)
+            raise
+
+    def _blame(self, messages: list[dict], exc: TemplateError) -> None:
+        """Name the field at fault: a system turn the template refuses (Gemma), else the conversation."""
+        exc.field = "messages"
+        if messages[0]["role"] != "system" or len(messages) < 2:
+            return
+        try:
+            self.render(messages)
+        except TemplateError:
+            try:
+                self.render(messages[1:])
+            except TemplateError:
+                return
+            exc.field, exc.hint = "messages[0].role", SYSTEM_REFUSED_HINT
+            exc.reason = f"the chat template refuses a system turn: {exc.reason.removeprefix(_REJECTED)}"
+            exc.args = (f"{exc.field}: {exc.reason}",)
+
+    def _chat(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]], tuple[str, ...]]:
+        notes: list[str] = []
         mark = _sentinel(messages)
         full = self.render(messages)
         prompt = self.render(messages[:-1], True)
@@ -261,8 +307,8 @@ class _Renderer:
         """A `text` record (continued pre-training) is tokenized whole too: the same rule as content."""
         hit = self._special_re.search(text) if self._special_re is not None else None
         if hit:
-            raise TemplateError(f"text: holds {hit.group()!r}, {SPECIAL_IN_CONTENT}; it would be read as that "
-                                "control token, not as text")
+            reason = f"holds {hit.group()!r}, {SPECIAL_IN_CONTENT}; it would be read as that control token, not as text"
+            raise TemplateError(f"text: {reason}", field="text", reason=reason, hint=SPECIAL_HINT)
 
     def _check_no_special(self, messages: list[dict]) -> None:
         """Content is tokenized as part of the rendered text: a special token's text in it would become
@@ -274,9 +320,9 @@ class _Renderer:
                 value = m.get(key)
                 hit = next(filter(None, map(self._special_re.search, _strings(value))), None)
                 if hit:
-                    raise TemplateError(
-                        f"turn {i} ({m['role']}) {key}: holds {hit.group()!r}, {SPECIAL_IN_CONTENT}; "
-                        "it would be read as that control token, not as text")
+                    reason = f"holds {hit.group()!r}, {SPECIAL_IN_CONTENT}; it would be read as that control token, not as text"
+                    raise TemplateError(f"turn {i} ({m['role']}) {key}: {reason}", field=f"messages[{i}].{key}",
+                                        reason=reason, hint=SPECIAL_HINT)
 
     def _span(self, messages: list[dict], i: int, text: str, whole: bool, mark: str) -> tuple[int, int, int]:
         """(trained start, own start, end) of turn i in `text`: its own text is what changes when its
@@ -284,12 +330,12 @@ class _Renderer:
         m = messages[i]
         alt = self._compose(_with(messages, i, {"role": "assistant", "content": mark}), whole)
         if alt == text:
-            raise TemplateError(f"the chat template drops assistant turn {i}")
+            raise TemplateError(f"the chat template drops assistant turn {i}", field=f"messages[{i}].content")
         if m.get("tool_calls"):
             bare = {k: v for k, v in m.items() if k != "tool_calls"}
             if self._compose(_with(messages, i, bare), whole) == text:
                 raise TemplateError("the chat template does not render tool calls (an assistant turn's "
-                                    "tool_calls are dropped): use a model whose template supports tools")
+                                    "tool_calls are dropped): use a model whose template supports tools", whole=True)
         start = own = _lcp(text, alt)
         end = len(text) - _lcs(text, alt, min(len(text), len(alt)) - start)
         at = alt.find(mark)
@@ -305,7 +351,7 @@ class _Renderer:
         alt = self._compose(_with(messages, i, {**messages[i], "content": mark}), whole)
         if alt == text:
             raise TemplateError("the chat template does not render tool results (role \"tool\"): "
-                                "use a model whose template supports tools")
+                                "use a model whose template supports tools", whole=True)
 
 
 def _strings(x: Any):

@@ -29,6 +29,16 @@ class Encoded:
         return sum(self.mask)
 
 
+@dataclass
+class Refused:
+    """A record the chat template cannot train, in its place in `encode_many(..., refusals=True)`:
+    the canonical field at fault ("messages[0].role", "text", "messages"), why, and what to do."""
+
+    field: str
+    reason: str
+    hint: str = ""
+
+
 def explain(tokenizer: Any, record: dict, template_text: bool = False) -> tuple[list[tuple[str, bool]], int, int]:
     """The record as the model sees it, cut into (text, trained) pieces at token boundaries;
     plus the token count and the trained token count. For `--show`."""
@@ -74,37 +84,37 @@ class _Staged:
     chat_at: list[int]
     plain_texts: list[str]
     plain_at: list[int]
+    refused: dict[int, Refused]
 
 
 def _encode_chunk(tokenizer: Any, records: list[dict], max_length: int, overlong: str,
-                  template_text: bool = False) -> list[Encoded | None]:
-    staged = _stage(tokenizer, records, template_text)
+                  template_text: bool = False, refusals: bool = False) -> list[Encoded | Refused | None]:
+    staged = _stage(tokenizer, records, template_text, refusals)
     return _finish(tokenizer, staged, _tokenize_staged(tokenizer, staged), max_length, overlong)
 
 
-def _stage(tokenizer: Any, records: list[dict], template_text: bool = False) -> _Staged:
-    """Render the conversations (Python, holds the GIL)."""
+def _stage(tokenizer: Any, records: list[dict], template_text: bool = False, refusals: bool = False) -> _Staged:
+    """Render the conversations (Python, holds the GIL). refusals: a record the template cannot train
+    becomes a Refused in its place (an error about the whole template still raises); else it raises."""
     rend = _renderer(tokenizer, template_text)
-    st = _Staged(len(records), [], [], [], [], [], [])
+    st = _Staged(len(records), [], [], [], [], [], [], {})
     for i, rec in enumerate(records):
-        if "messages" in rec:
-            try:
+        try:  # free for records that render (3.11+); only a refused one takes the except
+            if "messages" in rec:
                 text, spans, notes = rend.chat(rec["messages"])
-            except TemplateError as exc:
-                exc.index = i
-                raise
-            st.chat_texts.append(text)
-            st.chat_spans.append(spans)
-            st.chat_notes.append(notes)
-            st.chat_at.append(i)
-        else:
-            try:
+                st.chat_texts.append(text)
+                st.chat_spans.append(spans)
+                st.chat_notes.append(notes)
+                st.chat_at.append(i)
+            else:
                 rend.check_text(rec["text"])
-            except TemplateError as exc:
-                exc.index = i
+                st.plain_texts.append(rec["text"])
+                st.plain_at.append(i)
+        except TemplateError as exc:
+            exc.index = i
+            if not refusals or exc.whole:
                 raise
-            st.plain_texts.append(rec["text"])
-            st.plain_at.append(i)
+            st.refused[i] = Refused(exc.field, exc.reason, exc.hint)
     return st
 
 
@@ -126,7 +136,9 @@ def _tokenize_staged(tokenizer: Any, st: _Staged) -> tuple[list, list]:
 def _finish(tokenizer: Any, st: _Staged, encodings: tuple[list, list], max_length: int, overlong: str):
     """Ids and masks from the encodings (Python)."""
     chat, plain = encodings
-    out: list[Encoded | None] = [None] * st.n
+    out: list[Encoded | Refused | None] = [None] * st.n
+    for i, refused in st.refused.items():
+        out[i] = refused
     for i, enc, spans, text, notes in zip(st.chat_at, chat, st.chat_spans, st.chat_texts, st.chat_notes, strict=True):
         ids = enc.ids
         done = out[i] = _limit(ids, _mask(enc, len(ids), len(text), spans), max_length, overlong)
