@@ -199,6 +199,7 @@ def load_split(data_dir: str | Path, split: str, tokenizer, max_length: int, ove
                 f"{path}: record {n} is longer than data.max_length = {max_length} tokens",
                 hint='raise data.max_length, or set data.overlong = "drop" or "truncate"',
             )
+        assert not isinstance(enc, tokenize.Refused)  # without refusals=True encode_many raises instead
         if enc is None:
             result.dropped += 1
         else:

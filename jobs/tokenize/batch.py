@@ -99,14 +99,14 @@ def _pool_work(args: tuple[list[dict], int, str, bool, bool]):
 
 def _pack(encs: list[Encoded | Refused | None]):
     refused = {i: e for i, e in enumerate(encs) if isinstance(e, Refused)}
-    encs = [None if isinstance(e, Refused) else e for e in encs]
-    lens = np.array([-1 if e is None else len(e.input_ids) for e in encs], dtype=np.int64)
-    full = np.array([0 if e is None else e.full_length for e in encs], dtype=np.int64)
-    over = np.array([False if e is None else e.overlong for e in encs], dtype=bool)
-    kept = [e for e in encs if e is not None]
+    plain: list[Encoded | None] = [None if isinstance(e, Refused) else e for e in encs]
+    lens = np.array([-1 if e is None else len(e.input_ids) for e in plain], dtype=np.int64)
+    full = np.array([0 if e is None else e.full_length for e in plain], dtype=np.int64)
+    over = np.array([False if e is None else e.overlong for e in plain], dtype=bool)
+    kept = [e for e in plain if e is not None]
     ids = np.fromiter((t for e in kept for t in e.input_ids), dtype=np.uint32)
     mask = np.fromiter((t for e in kept for t in e.mask), dtype=np.uint8)
-    notes = {i: e.notes for i, e in enumerate(encs) if e is not None and e.notes}
+    notes = {i: e.notes for i, e in enumerate(plain) if e is not None and e.notes}
     return lens, full, over, ids, mask, notes, refused
 
 

@@ -72,7 +72,9 @@ def encode(tokenizer: Any, record: dict, max_length: int, overlong: str, templat
     "fail" return None when the record is longer than max_length (the caller counts or raises),
     "keep" returns it whole with `overlong` set.
     """
-    return next(iter(_encode_chunk(tokenizer, [record], max_length, overlong, template_text)))
+    enc = next(iter(_encode_chunk(tokenizer, [record], max_length, overlong, template_text)))
+    assert not isinstance(enc, Refused)  # without refusals=True a refused record raises TemplateError
+    return enc
 
 
 @dataclass
