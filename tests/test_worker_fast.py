@@ -276,6 +276,34 @@ def test_a_failing_mlp_check_unfuses_them_all(model_dir, monkeypatch):
     assert not any(getattr(m, fused_mlp.FLAG, False) for m in model.modules())
 
 
+def peft_init(model):
+    """B back to zero, as get_peft_model leaves it (and the worker checks it)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    return model
+
+
+@pytest.mark.parametrize("broken", ["lora forward", "lora input gradient"])
+def test_the_mlp_check_sees_lora_right_after_peft_init(model_dir, monkeypatch, broken):
+    """The worker checks right after get_peft_model, every B zero: LoRA's share of y, dx and dA is zero in
+    both runs then, so a check on the layers' own B could not see it wrong. It must, and leave B as it was."""
+    model = peft_init(lora_model(model_dir))
+    fused_lora.enable(model)
+    if broken == "lora forward":
+        real = fused_mlp._linear
+        monkeypatch.setattr(fused_mlp, "_linear", lambda x2, w, q, b, a, bb, s: real(x2, w, q, b, a, bb, 2 * s))
+    else:
+        real = fused_mlp._input_grad
+        monkeypatch.setattr(fused_mlp, "_input_grad", lambda dx, g, w, q, gb, a, s: real(dx, g, w, q, gb, a, -s))
+    assert fused_mlp.enable(model).startswith("off: mismatch against the MLP's own forward")
+    assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if "lora_B" in n)
+    monkeypatch.undo()
+    assert fused_mlp.enable(model) == "on (2 of 2 MLPs)"
+    assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
 # --- varlen attention -------------------------------------------------------------------------
 
 
