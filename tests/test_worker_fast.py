@@ -158,6 +158,20 @@ def test_fused_lora_falls_back_to_peft(model_dir, lora, reason):
     model(**data.packed_row(sequences()))
 
 
+def test_a_trainable_base_bias_keeps_peft_path(model_dir):
+    """LoraConfig(bias="all") trains the base layers' biases (Qwen2's q/k/v have one): the fused function
+    returns no gradient for a bias, so those layers must stay on PEFT's path, and every bias must learn."""
+    model = lora_model(model_dir, bias="all")
+    batch = data.packed_row(sequences())
+    _, _, ref = loss_and_grads(model, batch)
+    note = fast.FastPaths().enable_fused_lora(model, spec_for(model_dir))
+    assert note == "on (8 of 14 LoRA layers; 2 of 2 MLPs)", note  # q/k/v of both layers keep PEFT's forward
+    _, _, grads = loss_and_grads(model, batch)
+    assert grads.keys() == ref.keys() and sum(".bias" in n for n in grads) == 6
+    for name, g in grads.items():
+        assert rel(g, ref[name]) < 1e-4, name
+
+
 def test_several_adapters_fall_back(model_dir):
     model = lora_model(model_dir)
     model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))

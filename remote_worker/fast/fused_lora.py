@@ -116,7 +116,7 @@ def _operands(layer, x):
         return None
     base = layer.base_layer
     weight = base.weight
-    if weight.requires_grad:
+    if weight.requires_grad or (base.bias is not None and base.bias.requires_grad):  # the function trains A, B only
         return None
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:
@@ -184,6 +184,8 @@ def ineligible(layer) -> str | None:
         return "a LoRA bias"
     if not _plain_base(layer):
         return f"a {type(layer.base_layer).__name__} base layer"
+    if any(p.requires_grad for p in layer.base_layer.parameters()):
+        return "a trainable base weight or bias"
     return None
 
 
