@@ -293,6 +293,20 @@ def test_the_fused_mlp_frees_one_product_a_layer_and_the_plan_expects_it_where_t
     assert setup_of(spec(), arch=arch("llama-3-8b")).fused_mlp
 
 
+def test_fsdp_rows_do_not_count_on_the_fused_mlp() -> None:
+    """Under FSDP the worker fuses no LoRA layer (recipe.build_model: its kernels read whole weights), so
+    no MLP either: an FSDP row must budget the SwiGLU product, as with train.fused_lora = false."""
+    from client.plan import make_plan
+
+    table = [cards.find("RTX 4090", cards.table())]
+    for big in ("qwen2.5-32b", "qwen2.5-7b"):
+        fsdp = make_plan(_spec(gpus=2, distributed="fsdp"), arch(big), "fixture", REPORT, table, 2).rows[0]
+        unfused = make_plan(_spec(gpus=2, distributed="fsdp", fused_lora=False), arch(big), "fixture", REPORT,
+                            table, 2).rows[0]  # fmt: skip
+        assert fsdp.parallel == unfused.parallel == "fsdp"
+        assert (fsdp.shape, fsdp.estimate) == (unfused.shape, unfused.estimate), big
+
+
 def test_a_small_model_is_held_by_the_cpu_launch_floor_and_a_large_one_is_not() -> None:
     """The 0.5B took 0.17 s a forward+backward at 4,096 and at 16,384 tokens alike on the H200 (the CPU
     queueing kernels, not the GPU): its tokens/s grow with the micro-batch; the 7B's do not."""

@@ -153,6 +153,7 @@ def plan_card(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, card: cardt
         forced = spec.train.distributed
         parallel = "ddp" if forced == "ddp" or (forced == "auto" and choice.fits) else "fsdp"
         if parallel == "fsdp":  # the same estimate on a card that holds the other shards' weights for free
+            setup = replace(setup, fused_mlp=False)  # FSDP: no fused LoRA, so no fused MLP (recipe.build_model)
             weights = memory.weight_bytes(arch, setup)
             spared = weights * (1 - 1 / gpus) - weights / arch.layers
             choice = memory.choose(arch, setup, card.memory_bytes + max(0.0, spared), tflops, bandwidth, sizes, mode, c)
