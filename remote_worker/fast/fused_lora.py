@@ -13,7 +13,7 @@ against 10,452 with PEFT's own forward (docs/benchmarks.md).
 
 Only PEFT's forward is replaced: the modules, their parameters, state dicts and
 `save_pretrained` stay PEFT's. A layer takes the fused path only when it is plain LoRA:
-one active adapter, no dropout, no DoRA or other variant, no LoRA bias, a plain `nn.Linear`
+one active adapter, no dropout, no DoRA or other variant, no LoRA bias, a frozen base bias, a plain `nn.Linear`
 (not fan_in_fan_out) or a bnb 4-bit base, not merged, adapters enabled. Anything else, at
 any call, goes through PEFT's forward unchanged.
 
