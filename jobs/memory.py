@@ -49,6 +49,7 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 HEADROOM = 0.06
 MIN_HEADROOM_BYTES = 1 << 30
 SIZES = (16384, 8192, 4096)  # micro-batch tokens tried when train.micro_batch_tokens = 0
+UNMEASURED_TOKENS = 16384  # the worker's micro-batch where it measures none (FSDP, the CPU aside): remote_worker.data
 
 
 @dataclass(frozen=True)
@@ -357,6 +358,11 @@ def sizes_for(max_length: int, micro_batch_tokens: int = 0) -> list[int]:
     if micro_batch_tokens:
         return [micro_batch_tokens]
     return [t for t in SIZES if t >= max_length] or [max_length]
+
+
+def unmeasured_tokens(max_length: int, micro_batch_tokens: int = 0) -> int:
+    """The micro-batch the worker trains on CUDA without measuring (remote_worker.data.batch_shape)."""
+    return micro_batch_tokens or max(max_length, UNMEASURED_TOKENS)
 
 
 def layer_options(arch: Arch, mode: str) -> list[int]:

@@ -251,12 +251,13 @@ REPORT = {"train_records": 1000, "records_out": 1000, "tokens": {"total": 2_000_
 
 def test_several_gpus_train_data_parallel_where_one_fits_and_fsdp_where_it_does_not() -> None:
     """The plan counts train.gpus as the worker trains them (issue 16): a 32B does not fit one 24 GB card
-    but fits two with its weights sharded; a 7B on two 24 GB cards is data-parallel and finishes sooner."""
+    but fits two with its weights sharded (at 8,192 tokens: FSDP trains the spec's micro-batch unmeasured, and
+    the default 16,384 does not fit); a 7B on two 24 GB cards is data-parallel and finishes sooner."""
     from client.plan import make_plan, spec_gpus
 
     table = [cards.find("RTX 4090", cards.table())]
-    big = make_plan(_spec(gpus=2), arch("qwen2.5-32b"), "fixture", REPORT, table, 2)
-    alone = make_plan(_spec(), arch("qwen2.5-32b"), "fixture", REPORT, table, 1)
+    big = make_plan(_spec(gpus=2, micro_batch_tokens=8192), arch("qwen2.5-32b"), "fixture", REPORT, table, 2)
+    alone = make_plan(_spec(micro_batch_tokens=8192), arch("qwen2.5-32b"), "fixture", REPORT, table, 1)
     assert not alone.any_fits and big.any_fits and big.rows[0].parallel == "fsdp"
     assert big.rows[0].estimate.weights < alone.rows[0].estimate.weights / 1.5  # each GPU holds about half
     assert any("fit where one does not" in n for n in big.notes)
@@ -305,6 +306,28 @@ def test_fsdp_rows_do_not_count_on_the_fused_mlp() -> None:
                             table, 2).rows[0]  # fmt: skip
         assert fsdp.parallel == unfused.parallel == "fsdp"
         assert (fsdp.shape, fsdp.estimate) == (unfused.shape, unfused.estimate), big
+
+
+def test_an_fsdp_row_plans_the_shape_the_worker_trains_unmeasured() -> None:
+    """Under FSDP the worker measures nothing (recipe.choose_batch_shape: a shard cannot run a step alone): it
+    trains train.micro_batch_tokens, or max(max_length, 16,384), every layer checkpointed unless "off". The
+    plan's row must be that shape: a 32B on two 4090s was planned at 8,192 tokens with 63 of 64 layers
+    checkpointed (fits, 20.1 GB), while the worker runs 16,384 with all 64, which the same model puts at
+    24.3 GB of the 22.1 usable."""
+    from client.plan import make_plan
+
+    table = [cards.find("RTX 4090", cards.table())]
+    q32 = arch("qwen2.5-32b")
+    for train, shape in [
+        ({}, memory.Shape(16384, 64)),
+        ({"micro_batch_tokens": 8192}, memory.Shape(8192, 64)),
+        ({"gradient_checkpointing": "off", "micro_batch_tokens": 4096}, memory.Shape(4096, 0)),
+    ]:
+        row = make_plan(_spec(gpus=2, distributed="fsdp", **train), q32, "fixture", REPORT, table, 2).rows[0]
+        assert (row.parallel, row.shape) == ("fsdp", shape), train
+    default = make_plan(_spec(gpus=2), q32, "fixture", REPORT, table, 2)
+    assert default.rows[0].parallel == "fsdp" and not default.rows[0].fits
+    assert make_plan(_spec(gpus=2, micro_batch_tokens=8192), q32, "fixture", REPORT, table, 2).rows[0].fits
 
 
 def test_a_small_model_is_held_by_the_cpu_launch_floor_and_a_large_one_is_not() -> None:

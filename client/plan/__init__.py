@@ -154,6 +154,9 @@ def plan_card(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, card: cardt
         parallel = "ddp" if forced == "ddp" or (forced == "auto" and choice.fits) else "fsdp"
         if parallel == "fsdp":  # the same estimate on a card that holds the other shards' weights for free
             setup = replace(setup, fused_mlp=False)  # FSDP: no fused LoRA, so no fused MLP (recipe.build_model)
+            # nor a measured shape: the spec's or the default micro-batch, every layer checkpointed unless "off"
+            sizes = [memory.unmeasured_tokens(spec.data.max_length, spec.train.micro_batch_tokens)]
+            mode = "off" if mode == "off" else "on"
             weights = memory.weight_bytes(arch, setup)
             spared = weights * (1 - 1 / gpus) - weights / arch.layers
             choice = memory.choose(arch, setup, card.memory_bytes + max(0.0, spared), tflops, bandwidth, sizes, mode, c)
