@@ -327,6 +327,7 @@ def test_an_fsdp_row_plans_the_shape_the_worker_trains_unmeasured() -> None:
         assert (row.parallel, row.shape) == ("fsdp", shape), train
     default = make_plan(_spec(gpus=2), q32, "fixture", REPORT, table, 2)
     assert default.rows[0].parallel == "fsdp" and not default.rows[0].fits
+    assert default.advice[0].startswith("train.micro_batch_tokens = 8192"), default.advice
     assert make_plan(_spec(gpus=2, micro_batch_tokens=8192), q32, "fixture", REPORT, table, 2).rows[0].fits
 
 

@@ -225,6 +225,23 @@ def advise(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, cards: list[ca
     return out
 
 
+def fsdp_advice(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, cards: list[cardtable.Card], gpus: int,
+                tokens: RunTokens, now: float) -> list[str]:
+    """Under FSDP the worker trains the micro-batch it is given, unmeasured: the largest smaller one that
+    makes the largest card's row fit, as a setting."""
+    if gpus < 2 or not cards:
+        return []
+    big = max(cards, key=lambda k: k.memory_gb)
+    current = memory.unmeasured_tokens(spec.data.max_length, spec.train.micro_batch_tokens)
+    for t in memory.SIZES:
+        if spec.data.max_length <= t < current:
+            trial = spec.model_copy(update={"train": spec.train.model_copy(update={"micro_batch_tokens": t})})
+            row = plan_card(arch, setup, trial, big, gpus, tokens, 0.0, None, now)
+            if row.fits and row.parallel == "fsdp":
+                return [f"train.micro_batch_tokens = {t} (FSDP trains the micro-batch it is given, unmeasured)"]
+    return []
+
+
 def load_cards(home: Path | None) -> list[cardtable.Card]:
     """The card table with `$AUTODL_RUN_HOME/cards.toml` applied (when present)."""
     f = home / CARDS_FILE if home else None
@@ -274,7 +291,7 @@ def make_plan(spec: JobSpec, arch: memory.Arch, config_from: str, report: dict, 
     rows = [plan_card(arch, setup, spec, c, gpus, tokens, sum(over.values()), deadline_unix, now) for c in cards]
     plan = Plan(spec.model.name_or_path, config_from, arch, setup, tokens, rows, over, deadline_unix)
     if not plan.any_fits:
-        plan.advice = advise(arch, setup, spec, cards)
+        plan.advice = fsdp_advice(arch, setup, spec, cards, gpus, tokens, now) + advise(arch, setup, spec, cards)
     if setup.fused_loss:
         plan.notes.append("assumes the fused loss head (liger-kernel on the instance); without it the "
                           f"loss head needs about {memory.DEFAULT.unfused_loss_v * arch.vocab / 1e6:.1f} MB a token")
