@@ -331,6 +331,27 @@ def test_an_fsdp_row_plans_the_shape_the_worker_trains_unmeasured() -> None:
     assert make_plan(_spec(gpus=2, micro_batch_tokens=8192), q32, "fixture", REPORT, table, 2).rows[0].fits
 
 
+def test_auto_parallel_follows_the_workers_rule() -> None:
+    """train.distributed = "auto" on several GPUs: the worker trains data-parallel when the base weights take at
+    most 60% of a card (remote_worker.distributed.choose), whether a shape fits or not. A 14B with rows of 16k
+    tokens on two 4090s (8.5 GB of weights) was planned as FSDP that fits, while the worker goes data-parallel
+    and its calibration finds no shape that fits one card."""
+    from client.plan import make_plan
+    from jobs.spec import JobSpec
+
+    table = [cards.find("RTX 4090", cards.table())]
+    spec = JobSpec.model_validate({"name": "t", "model": {"name_or_path": "Org/M"},
+                                   "data": {"train": "x", "max_length": 16384}, "train": {"gpus": 2},
+                                   "instance": {"ssh": "ssh -p 1 root@h"}})  # fmt: skip
+    q14 = arch("qwen2.5-14b")
+    assert memory.data_parallel(q14.params, 4, table[0].memory_bytes)
+    row = make_plan(spec, q14, "fixture", REPORT, table, 2).rows[0]
+    one = make_plan(spec.model_copy(update={"train": spec.train.model_copy(update={"gpus": 1})}), q14, "fixture",
+                    REPORT, table, 1).rows[0]  # fmt: skip
+    assert row.parallel == "ddp" and row.fits == one.fits is False
+    assert not memory.data_parallel(arch("qwen2.5-32b").params, 4, table[0].memory_bytes)
+
+
 def test_a_small_model_is_held_by_the_cpu_launch_floor_and_a_large_one_is_not() -> None:
     """The 0.5B took 0.17 s a forward+backward at 4,096 and at 16,384 tokens alike on the H200 (the CPU
     queueing kernels, not the GPU): its tokens/s grow with the micro-batch; the 7B's do not."""
