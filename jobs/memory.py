@@ -52,6 +52,10 @@ HEADROOM = 0.06
 FSDP_HEADROOM = 0.12
 MIN_HEADROOM_BYTES = 1 << 30
 SIZES = (16384, 8192, 4096)  # micro-batch tokens tried when train.micro_batch_tokens = 0
+# remote_worker.distributed's rule for train.distributed = "auto" on several GPUs: data-parallel when the base
+# weights, as it reckons them (`card_weight_bytes`), take at most this share of one card; else FSDP
+DDP_WEIGHT_SHARE = 0.6
+UNMEASURED_TOKENS = 16384  # the worker's micro-batch where it measures none (FSDP, the CPU aside): remote_worker.data
 
 
 @dataclass(frozen=True)
@@ -378,6 +382,23 @@ def sizes_for(max_length: int, micro_batch_tokens: int = 0) -> list[int]:
     if micro_batch_tokens:
         return [micro_batch_tokens]
     return [t for t in SIZES if t >= max_length] or [max_length]
+
+
+def card_weight_bytes(params: int, bits: int) -> float:
+    """The base model's weights on one card as the worker reckons them before loading: nf4 with double
+    quantization about 0.53 bytes a parameter (4 bits plus absmax and the 16-bit embeddings/head, measured on
+    Qwen2.5-7B: 5.4 GB), 2 bytes at bits = 16; 8% over for what loading adds."""
+    return params * (0.53 if bits == 4 else 2.0) * 1.08
+
+
+def data_parallel(params: int, bits: int, card_bytes: float) -> bool:
+    """train.distributed = "auto" on several GPUs: data-parallel (else FSDP), the worker's rule."""
+    return card_weight_bytes(params, bits) <= DDP_WEIGHT_SHARE * card_bytes
+
+
+def unmeasured_tokens(max_length: int, micro_batch_tokens: int = 0) -> int:
+    """The micro-batch the worker trains on CUDA without measuring (remote_worker.data.batch_shape)."""
+    return micro_batch_tokens or max(max_length, UNMEASURED_TOKENS)
 
 
 def layer_options(arch: Arch, mode: str) -> list[int]:

@@ -64,6 +64,7 @@ import torch
 
 from jobs import tokenize
 from jobs.layout import DATASET_MANIFEST
+from jobs.memory import UNMEASURED_TOKENS
 from jobs.packing import DEFAULT as DEFAULT_PACKER
 from jobs.packing import pack
 from jobs.protocol import DatasetManifest, ProtocolError, read_model
@@ -71,7 +72,7 @@ from jobs.spec import TrainSpec
 from remote_worker import DataError
 
 IGNORE = -100  # the label the loss skips
-GPU_MIN_MICRO_BATCH_TOKENS = 16384  # the measured best packed micro-batch on an H100 (docstring)
+GPU_MIN_MICRO_BATCH_TOKENS = UNMEASURED_TOKENS  # 16,384: the measured best packed micro-batch on an H100 (docstring)
 
 
 class Seq(NamedTuple):

@@ -22,9 +22,11 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
+from jobs import memory
+
 DDP, FSDP, NONE = "ddp", "fsdp", "none"
 # The share of a card's memory the 4-bit weights may take for data-parallel; above it, FSDP.
-DDP_WEIGHT_SHARE = 0.6
+DDP_WEIGHT_SHARE = memory.DDP_WEIGHT_SHARE  # 0.6, shared with `autodl-run plan`
 
 
 @dataclass(frozen=True)
@@ -170,10 +172,7 @@ def finish() -> None:
 # --- data-parallel or sharded ---------------------------------------------------------------------
 
 
-def weight_bytes(params: int, bits: int) -> float:
-    """The base model's weights on one card: nf4 with double quantization is about 0.53 bytes a
-    parameter (4 bits plus absmax and the 16-bit embeddings/head, measured on Qwen2.5-7B: 5.4 GB)."""
-    return params * (0.53 if bits == 4 else 2.0) * 1.08
+weight_bytes = memory.card_weight_bytes  # the base model's weights on one card (jobs.memory, the plan's rule too)
 
 
 def choose(setting: str, w: World, params: int, bits: int, card_bytes: int | None) -> str:

@@ -251,13 +251,18 @@ REPORT = {"train_records": 1000, "records_out": 1000, "tokens": {"total": 2_000_
 
 def test_several_gpus_train_data_parallel_where_one_fits_and_fsdp_where_it_does_not() -> None:
     """The plan counts train.gpus as the worker trains them (issue 16): a 32B does not fit one 24 GB card
-    but fits two with its weights sharded; a 7B on two 24 GB cards is data-parallel and finishes sooner."""
+    but fits two with its weights sharded (at 4,096 tokens, the size the worker predicts under FSDP: 8,192
+    ran out of memory on two H200s capped to 24 GB); a 7B on two 24 GB cards is data-parallel and finishes
+    sooner."""
     from client.plan import make_plan, spec_gpus
 
     table = [cards.find("RTX 4090", cards.table())]
     big = make_plan(_spec(gpus=2), arch("qwen2.5-32b"), "fixture", REPORT, table, 2)
     alone = make_plan(_spec(), arch("qwen2.5-32b"), "fixture", REPORT, table, 1)
     assert not alone.any_fits and big.any_fits and big.rows[0].parallel == "fsdp"
+    assert big.rows[0].shape == memory.Shape(4096, 64)
+    assert not make_plan(_spec(gpus=2, micro_batch_tokens=8192), arch("qwen2.5-32b"), "fixture", REPORT, table,
+                         2).any_fits  # fmt: skip
     assert big.rows[0].estimate.weights < alone.rows[0].estimate.weights / 1.5  # each GPU holds about half
     assert any("fit where one does not" in n for n in big.notes)
     small = make_plan(_spec(gpus=2), arch("qwen2.5-7b"), "fixture", REPORT, table, 2)
@@ -291,6 +296,62 @@ def test_the_fused_mlp_frees_one_product_a_layer_and_the_plan_expects_it_where_t
     assert not setup_of(spec(target_modules=["q_proj", "v_proj"]), arch=q7).fused_mlp
     assert not setup_of(spec(), arch=arch("glm-4-9b")).fused_mlp  # fused gate_up_proj: not this MLP
     assert setup_of(spec(), arch=arch("llama-3-8b")).fused_mlp
+
+
+def test_fsdp_rows_do_not_count_on_the_fused_mlp() -> None:
+    """Under FSDP the worker fuses no LoRA layer (recipe.build_model: its kernels read whole weights), so
+    no MLP either: an FSDP row must budget the SwiGLU product, as with train.fused_lora = false."""
+    from client.plan import make_plan
+
+    table = [cards.find("RTX 4090", cards.table())]
+    for big in ("qwen2.5-32b", "qwen2.5-7b"):
+        fsdp = make_plan(_spec(gpus=2, distributed="fsdp"), arch(big), "fixture", REPORT, table, 2).rows[0]
+        unfused = make_plan(_spec(gpus=2, distributed="fsdp", fused_lora=False), arch(big), "fixture", REPORT,
+                            table, 2).rows[0]  # fmt: skip
+        assert fsdp.parallel == unfused.parallel == "fsdp"
+        assert (fsdp.shape, fsdp.estimate) == (unfused.shape, unfused.estimate), big
+
+
+def test_an_fsdp_row_plans_the_shape_the_worker_trains() -> None:
+    """Under FSDP the worker measures nothing (a shard cannot run a step alone): it trains
+    train.micro_batch_tokens when set, else the size jobs.memory predicts (recipe.fsdp_micro_batch), every
+    layer checkpointed unless "off". The plan's row must be that shape; a size set too large for the card
+    gets the advice of the one that fits."""
+    from client.plan import make_plan
+
+    table = [cards.find("RTX 4090", cards.table())]
+    q32 = arch("qwen2.5-32b")
+    for train, shape in [
+        ({}, memory.Shape(4096, 64)),
+        ({"micro_batch_tokens": 8192}, memory.Shape(8192, 64)),
+        ({"gradient_checkpointing": "off", "micro_batch_tokens": 4096}, memory.Shape(4096, 0)),
+    ]:
+        row = make_plan(_spec(gpus=2, distributed="fsdp", **train), q32, "fixture", REPORT, table, 2).rows[0]
+        assert (row.parallel, row.shape) == ("fsdp", shape), train
+    too_big = make_plan(_spec(gpus=2, micro_batch_tokens=16384), q32, "fixture", REPORT, table, 2)
+    assert too_big.rows[0].parallel == "fsdp" and not too_big.rows[0].fits
+    assert too_big.advice[0].startswith("train.micro_batch_tokens = 4096"), too_big.advice
+
+
+def test_auto_parallel_follows_the_workers_rule() -> None:
+    """train.distributed = "auto" on several GPUs: the worker trains data-parallel when the base weights take at
+    most 60% of a card (remote_worker.distributed.choose), whether a shape fits or not. A 14B with rows of 16k
+    tokens on two 4090s (8.5 GB of weights) was planned as FSDP that fits, while the worker goes data-parallel
+    and its calibration finds no shape that fits one card."""
+    from client.plan import make_plan
+    from jobs.spec import JobSpec
+
+    table = [cards.find("RTX 4090", cards.table())]
+    spec = JobSpec.model_validate({"name": "t", "model": {"name_or_path": "Org/M"},
+                                   "data": {"train": "x", "max_length": 16384}, "train": {"gpus": 2},
+                                   "instance": {"ssh": "ssh -p 1 root@h"}})  # fmt: skip
+    q14 = arch("qwen2.5-14b")
+    assert memory.data_parallel(q14.params, 4, table[0].memory_bytes)
+    row = make_plan(spec, q14, "fixture", REPORT, table, 2).rows[0]
+    one = make_plan(spec.model_copy(update={"train": spec.train.model_copy(update={"gpus": 1})}), q14, "fixture",
+                    REPORT, table, 1).rows[0]  # fmt: skip
+    assert row.parallel == "ddp" and row.fits == one.fits is False
+    assert not memory.data_parallel(arch("qwen2.5-32b").params, 4, table[0].memory_bytes)
 
 
 def test_a_small_model_is_held_by_the_cpu_launch_floor_and_a_large_one_is_not() -> None:

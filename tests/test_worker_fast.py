@@ -158,6 +158,20 @@ def test_fused_lora_falls_back_to_peft(model_dir, lora, reason):
     model(**data.packed_row(sequences()))
 
 
+def test_a_trainable_base_bias_keeps_peft_path(model_dir):
+    """LoraConfig(bias="all") trains the base layers' biases (Qwen2's q/k/v have one): the fused function
+    returns no gradient for a bias, so those layers must stay on PEFT's path, and every bias must learn."""
+    model = lora_model(model_dir, bias="all")
+    batch = data.packed_row(sequences())
+    _, _, ref = loss_and_grads(model, batch)
+    note = fast.FastPaths().enable_fused_lora(model, spec_for(model_dir))
+    assert note == "on (8 of 14 LoRA layers; 2 of 2 MLPs)", note  # q/k/v of both layers keep PEFT's forward
+    _, _, grads = loss_and_grads(model, batch)
+    assert grads.keys() == ref.keys() and sum(".bias" in n for n in grads) == 6
+    for name, g in grads.items():
+        assert rel(g, ref[name]) < 1e-4, name
+
+
 def test_several_adapters_fall_back(model_dir):
     model = lora_model(model_dir)
     model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
@@ -274,6 +288,34 @@ def test_a_failing_mlp_check_unfuses_them_all(model_dir, monkeypatch):
     monkeypatch.setattr(fused_mlp, "check", lambda mlp: "mismatch (forced)")
     assert fused_mlp.enable(model) == "off: mismatch (forced)"
     assert not any(getattr(m, fused_mlp.FLAG, False) for m in model.modules())
+
+
+def peft_init(model):
+    """B back to zero, as get_peft_model leaves it (and the worker checks it)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    return model
+
+
+@pytest.mark.parametrize("broken", ["lora forward", "lora input gradient"])
+def test_the_mlp_check_sees_lora_right_after_peft_init(model_dir, monkeypatch, broken):
+    """The worker checks right after get_peft_model, every B zero: LoRA's share of y, dx and dA is zero in
+    both runs then, so a check on the layers' own B could not see it wrong. It must, and leave B as it was."""
+    model = peft_init(lora_model(model_dir))
+    fused_lora.enable(model)
+    if broken == "lora forward":
+        real = fused_mlp._linear
+        monkeypatch.setattr(fused_mlp, "_linear", lambda x2, w, q, b, a, bb, s: real(x2, w, q, b, a, bb, 2 * s))
+    else:
+        real = fused_mlp._input_grad
+        monkeypatch.setattr(fused_mlp, "_input_grad", lambda dx, g, w, q, gb, a, s: real(dx, g, w, q, gb, a, -s))
+    assert fused_mlp.enable(model).startswith("off: mismatch against the MLP's own forward")
+    assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if "lora_B" in n)
+    monkeypatch.undo()
+    assert fused_mlp.enable(model) == "on (2 of 2 MLPs)"
+    assert all(p.abs().sum() == 0 for n, p in model.named_parameters() if "lora_B" in n)
 
 
 # --- varlen attention -------------------------------------------------------------------------

@@ -140,7 +140,7 @@ def plan_card(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, card: cardt
     """One card: the shape the calibration is predicted to choose there, its memory, speed, time and price.
 
     Several GPUs (train.gpus, or `plan --gpus`), as remote_worker.distributed trains them: data-parallel
-    when the model trains on one of them (memory per GPU unchanged), else FSDP, the 4-bit weights sharded
+    when the weights take at most DDP_WEIGHT_SHARE of one (memory per GPU unchanged), else FSDP, the weights sharded
     (each GPU holds 1/gpus of them plus one gathered layer; train.distributed forces either). Both are priced
     at DDP_SCALING per GPU: 7B data-parallel on 2 H200s measured 1.815x one (docs/benchmarks.md); FSDP's
     scaling was not measured against one GPU."""
@@ -151,7 +151,8 @@ def plan_card(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, card: cardt
     parallel = ""
     if gpus > 1:
         forced = spec.train.distributed
-        parallel = "ddp" if forced == "ddp" or (forced == "auto" and choice.fits) else "fsdp"
+        auto_ddp = forced == "auto" and memory.data_parallel(arch.params, setup.bits, card.memory_bytes)
+        parallel = "ddp" if forced == "ddp" or auto_ddp else "fsdp"
         if parallel == "fsdp":  # the same estimate on a card that holds the other shards' weights for free
             spared = memory.fsdp_spared_bytes(arch, setup, gpus)
             fsdp_mode = "on" if mode == "auto" else mode  # the worker checkpoints every layer under FSDP
@@ -222,6 +223,23 @@ def advise(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, cards: list[ca
     return out
 
 
+def fsdp_advice(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, cards: list[cardtable.Card], gpus: int,
+                tokens: RunTokens, now: float) -> list[str]:
+    """Under FSDP the worker trains the micro-batch it is given, unmeasured: the largest smaller one that
+    makes the largest card's row fit, as a setting."""
+    if gpus < 2 or not cards:
+        return []
+    big = max(cards, key=lambda k: k.memory_gb)
+    current = memory.unmeasured_tokens(spec.data.max_length, spec.train.micro_batch_tokens)
+    for t in memory.SIZES:
+        if spec.data.max_length <= t < current:
+            trial = spec.model_copy(update={"train": spec.train.model_copy(update={"micro_batch_tokens": t})})
+            row = plan_card(arch, setup, trial, big, gpus, tokens, 0.0, None, now)
+            if row.fits and row.parallel == "fsdp":
+                return [f"train.micro_batch_tokens = {t} (FSDP trains the micro-batch it is given, unmeasured)"]
+    return []
+
+
 def load_cards(home: Path | None) -> list[cardtable.Card]:
     """The card table with `$AUTODL_RUN_HOME/cards.toml` applied (when present)."""
     f = home / CARDS_FILE if home else None
@@ -271,12 +289,13 @@ def make_plan(spec: JobSpec, arch: memory.Arch, config_from: str, report: dict, 
     rows = [plan_card(arch, setup, spec, c, gpus, tokens, sum(over.values()), deadline_unix, now) for c in cards]
     plan = Plan(spec.model.name_or_path, config_from, arch, setup, tokens, rows, over, deadline_unix)
     if not plan.any_fits:
-        plan.advice = advise(arch, setup, spec, cards)
+        plan.advice = fsdp_advice(arch, setup, spec, cards, gpus, tokens, now) + advise(arch, setup, spec, cards)
     if setup.fused_loss:
         plan.notes.append("assumes the fused loss head (liger-kernel on the instance); without it the "
                           f"loss head needs about {memory.DEFAULT.unfused_loss_v * arch.vocab / 1e6:.1f} MB a token")
     if gpus > 1:
-        plan.notes.append(f"{gpus} GPUs a card: data-parallel where the model trains on one, else FSDP (weights "
+        plan.notes.append(f"{gpus} GPUs a card: data-parallel where the 4-bit weights take at most "
+                          f"{memory.DDP_WEIGHT_SHARE:.0%} of one, else FSDP (weights "
                           f"sharded), each at {DDP_SCALING:.0%} of a GPU (measured 91% for 2 H200s, data-parallel)")
         alone = {r.card.name: plan_card(arch, setup, spec, r.card, 1, tokens, sum(over.values()), deadline_unix, now)
                  for r in rows}  # fmt: skip

@@ -13,7 +13,7 @@ against 10,452 with PEFT's own forward (docs/benchmarks.md).
 
 Only PEFT's forward is replaced: the modules, their parameters, state dicts and
 `save_pretrained` stay PEFT's. A layer takes the fused path only when it is plain LoRA:
-one active adapter, no dropout, no DoRA or other variant, no LoRA bias, a plain `nn.Linear`
+one active adapter, no dropout, no DoRA or other variant, no LoRA bias, a frozen base bias, a plain `nn.Linear`
 (not fan_in_fan_out) or a bnb 4-bit base, not merged, adapters enabled. Anything else, at
 any call, goes through PEFT's forward unchanged.
 
@@ -116,7 +116,7 @@ def _operands(layer, x):
         return None
     base = layer.base_layer
     weight = base.weight
-    if weight.requires_grad:
+    if weight.requires_grad or (base.bias is not None and base.bias.requires_grad):  # the function trains A, B only
         return None
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:
@@ -184,6 +184,8 @@ def ineligible(layer) -> str | None:
         return "a LoRA bias"
     if not _plain_base(layer):
         return f"a {type(layer.base_layer).__name__} base layer"
+    if any(p.requires_grad for p in layer.base_layer.parameters()):
+        return "a trainable base weight or bias"
     return None
 
 

@@ -207,7 +207,10 @@ def set_enabled(model, on: bool) -> int:
 
 
 def check(mlp) -> str | None:
-    """The MLP fused and through its own forward on random input; None if output and gradients agree."""
+    """The MLP fused and through its own forward on random input; None if output and gradients agree.
+
+    PEFT starts every B at zero, which would zero LoRA's share of the output and of dx and dA in both
+    runs: the check runs with random B (the layers' own are put back after), as fused_lora.check does."""
     import torch
 
     gate = mlp.gate_proj
@@ -218,17 +221,29 @@ def check(mlp) -> str | None:
     fan_in = x_ref[4].shape[1]
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(2, 5, fan_in, generator=g, device=device, dtype=dtype, requires_grad=True)
+    if _operands(mlp, x) is None:
+        return "its layers cannot take the fused path"
     params = [p for p in mlp.parameters() if p.requires_grad]
-    with torch.autocast(device.type, enabled=False):
-        fused = mlp(x)
-        grad_y = torch.randn(fused.shape, generator=g, device=device, dtype=dtype)
-        fused_grads = torch.autograd.grad(fused, (x, *params), grad_y)
-        setattr(mlp, FLAG, False)
-        try:
-            ref = mlp(x)
-            ref_grads = torch.autograd.grad(ref, (x, *params), grad_y)
-        finally:
-            setattr(mlp, FLAG, True)
+    bs = [getattr(mlp, n).lora_B[getattr(mlp, n).active_adapters[0]].weight for n in ("gate_proj", "up_proj", "down_proj")]
+    kept = [b.detach().clone() for b in bs]
+    try:
+        with torch.no_grad():
+            for b in bs:
+                b.copy_(torch.randn(b.shape, generator=g, device=device) / b.shape[1] ** 0.5)
+        with torch.autocast(device.type, enabled=False):
+            fused = mlp(x)
+            grad_y = torch.randn(fused.shape, generator=g, device=device, dtype=dtype)
+            fused_grads = torch.autograd.grad(fused, (x, *params), grad_y)
+            setattr(mlp, FLAG, False)
+            try:
+                ref = mlp(x)
+                ref_grads = torch.autograd.grad(ref, (x, *params), grad_y)
+            finally:
+                setattr(mlp, FLAG, True)
+    finally:
+        with torch.no_grad():
+            for b, k in zip(bs, kept, strict=True):
+                b.copy_(k)
     errors = [
         ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
         for a, b in zip((fused, *fused_grads), (ref, *ref_grads), strict=True)
