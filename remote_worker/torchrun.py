@@ -66,8 +66,9 @@ def describe(rank: int, failure, job_id: str, last_good: Path | None) -> Failed:
             "SIGKILL with nothing logged is most often the kernel's OOM killer: the instance ran out of host "
             "memory (RAM, not GPU memory; `dmesg | grep -i oom`, `free -g`). Every rank holds its own copy of "
             f"what it loads: fewer GPUs (`autodl-run resume {job_id} --gpus N`; a resume does not read job.toml "
-            'again), train.distributed = "fsdp" (rank 0 alone reads the weights) '
-            "or an instance with more RAM"
+            'again), an instance with more RAM, or train.distributed = "fsdp" (rank 0 alone reads the weights) '
+            "in job.toml and a new `autodl-run submit JOB.toml` (it starts over: a resume keeps the "
+            "distribution its checkpoint was trained with)"
         )
     else:
         cause = f"something on the instance sent {name} to the rank"
