@@ -20,6 +20,7 @@ from jobs.events import EventWriter, Failed
 from jobs.layout import JobPaths
 from jobs.protocol import ProtocolError, read_model
 from jobs.spec import WorkerJob
+from remote_worker import nodewatch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     # worker.log says which machine of several this is (node 0 holds global rank 0, the one writer)
     print(f"torchrun: node {parsed.node_rank} of {parsed.nnodes}, {parsed.nproc_per_node} process(es) on it",
           file=sys.stderr, flush=True)  # fmt: skip
+    nnodes = max(int(n) for n in str(parsed.nnodes).split(":"))
+    nodewatch.start(parsed.node_rank, nnodes, parsed.master_addr, parsed.master_port, args[-1])
     try:
         run(parsed)
     except ChildFailedError as exc:
