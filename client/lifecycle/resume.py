@@ -18,7 +18,8 @@ its end has nothing to resume (one stopped early by its deadline or max_hours ha
 `--gpus N` continues on another number of GPUs (processes) per node: the checkpoint's global batch
 (`batch_shape.json`: processes x micro-batches a step) is kept, so N x nodes must divide it; a number
 that does not is refused here, before anything is launched, naming the numbers that do. It applies to
-this run: a later `resume` without `--gpus` goes back to the submitted `train.gpus`.
+this run: a later `resume` without `--gpus` goes back to the submitted `train.gpus`. A number above the
+GPUs the instance lists (its CPU cores on a CPU job) is refused as well (client.lifecycle.steps.check_processes).
 """
 
 from __future__ import annotations
