@@ -149,3 +149,24 @@ def test_cancel_reports_a_node_it_cannot_reach(servers, tmp_path, tmux_socket, t
     while _read(nodes[1] / JOB_FILES["state"]).strip() in ("", "running"):
         assert time.monotonic() < deadline, "node 1's worker did not stop with node 0's"
         time.sleep(0.5)
+
+
+def test_status_names_the_other_nodes_when_node_0_vanishes(servers, tmp_path, tmux_socket, tiny_model) -> None:
+    """Node 0's host goes away mid-run (its sshd and its worker killed): node 1 stops within
+    instance.node_timeout_s, and `status`, which cannot reach node 0, says how node 1 ended."""
+    inst = ssh_instance(servers[0], f"~/{ROOT}", tmux_socket, hosts=[_login(servers[1])], rdzv_port=free_port(),
+                        node_timeout_s=10)  # fmt: skip
+    job = write_job(tmp_path / "job", model=tiny_model, instance=inst, train={"gpus": 1, "max_steps": 100000}, rows=16)
+    job_id, nodes = _submit_and_wait_for_a_step(job, servers)
+    servers[0].kill()
+    try:
+        _kill_under(servers[0].home / ROOT)
+        deadline = time.monotonic() + 300
+        while _read(nodes[1] / JOB_FILES["state"]).strip() in ("", "running"):
+            assert time.monotonic() < deadline, "node 1 still runs without node 0"
+            time.sleep(0.5)
+        res = cli("status", job_id, check=False)
+    finally:
+        servers[0].start()
+    assert res.returncode != 0, res.stdout
+    assert "node 1 (" in res.stderr and "): failed: " in res.stderr, res.stderr
