@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -314,9 +315,14 @@ def _sync_and_launch(
     bundle = synced.bundle_digest
     run.run(steps.SETUP, session, spec, bundle, log)
     run.run(steps.MODEL, session, spec, job_id, bundle, log)
-    if before_launch is not None:
-        before_launch(bundle)
-    run.run(steps.LAUNCH, session, spec, job_id, record.data_digest, bundle, deadline)
+    with ExitStack() as nodes:  # every other node ready before any is launched, as submit does
+        ready = steps.prepare_nodes(spec, record.job_file, job_id, record.data_digest,
+                                    lambda: _prepare_again(record, spec), deadline, log, nodes)  # fmt: skip
+        if before_launch is not None:
+            before_launch(bundle)
+        run.run(steps.LAUNCH, session, spec, job_id, record.data_digest, bundle, deadline)
+        if ready:  # they take rank 0's checkpoint from their own job folder (a shared disk), or fail naming it
+            steps.launch_nodes(spec, job_id, ready, session, log)
     return step, bundle
 
 

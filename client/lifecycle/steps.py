@@ -279,7 +279,7 @@ def node_failed(spec: JobSpec, rank: int, what: str, exc: BaseException) -> JobE
     )  # fmt: skip
 
 
-def prepare_nodes(spec: JobSpec, job_file: str, job_id: str, digest: str, prepared: Path,
+def prepare_nodes(spec: JobSpec, job_file: str, job_id: str, digest: str, prepared: Path | Callable[[], Path],
                   deadline_unix: float | None, log: Log, stack: ExitStack) -> list[ReadyNode]:  # fmt: skip
     """The other nodes (instance.hosts), each like the instance: sync, the process count, set-up, model,
     job.json. Their sessions stay open in `stack` for the launch (launch_nodes), which comes only once
