@@ -430,7 +430,7 @@ def resume(
         typer.Option(
             "--gpus",
             help='train.gpus for this run (N or "all"): the checkpoint\'s global batch is kept, so N x nodes must '
-            "divide its micro-batches a step (docs/multigpu.md)",
+            "divide its micro-batches a step, and N is at most the GPUs it has (CPU cores on a CPU job) (docs/multigpu.md)",
         ),
     ] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="then follow it like `tail`")] = False,

@@ -67,6 +67,10 @@ class InstanceSpec(_Strict):
         None, description="the address the other nodes reach this one at (torchrun's rendezvous); default: host"
     )
     rdzv_port: int = Field(29400, ge=1, le=65535, description="torchrun's c10d rendezvous port on this instance")
+    node_timeout_s: float = Field(
+        300, ge=5, description="nodes 1, 2, ... stop when node 0's rendezvous port has not answered for this long "
+        "(its host down or unreachable), instead of waiting in a collective",
+    )
 
     @field_validator("remote_root")
     @classmethod

@@ -212,6 +212,9 @@ def _is_cuda_oom(exc: BaseException) -> bool:
 
 
 def oom_hint(job: WorkerJob) -> str:
+    """What to change after a CUDA OOM. Every knob but the number of GPUs is a job.toml field that only a
+    new submit reads: a resume runs the job as submitted (the ledger's spec) and continues its checkpoint
+    as it was trained (train.distributed included)."""
     t, d = job.spec.train, job.spec.data
     now = t.micro_batch_tokens or f"0 = auto, max({d.max_length}, 16384)"
     knobs = [f"lower train.micro_batch_tokens (now {now})", f"data.max_length (now {d.max_length})"]
@@ -220,8 +223,12 @@ def oom_hint(job: WorkerJob) -> str:
     if t.multi_process and t.distributed != "fsdp":
         knobs.append('set train.distributed = "fsdp" (shards the model over the GPUs)')
     elif not t.multi_process:
-        knobs.append("train on more GPUs with train.gpus (FSDP shards what does not fit one)")
-    return "the GPU ran out of memory: " + ", or ".join(knobs)
+        knobs.append('train on more GPUs with train.gpus = N and train.distributed = "fsdp" (shards what does not fit one)')
+    return (
+        "the GPU ran out of memory: in your job.toml " + ", or ".join(knobs)
+        + ", then submit it again (`autodl-run submit JOB.toml`: it starts over; `autodl-run resume "
+        + f"{job.job_id}` runs the job as it was submitted and cannot change these)"
+    )
 
 
 def import_hint(exc: ImportError) -> str:

@@ -20,6 +20,7 @@ from jobs.events import EventWriter, Failed
 from jobs.layout import JobPaths
 from jobs.protocol import ProtocolError, read_model
 from jobs.spec import WorkerJob
+from remote_worker import nodewatch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     # worker.log says which machine of several this is (node 0 holds global rank 0, the one writer)
     print(f"torchrun: node {parsed.node_rank} of {parsed.nnodes}, {parsed.nproc_per_node} process(es) on it",
           file=sys.stderr, flush=True)  # fmt: skip
+    nnodes = max(int(n) for n in str(parsed.nnodes).split(":"))
+    nodewatch.start(parsed.node_rank, nnodes, parsed.master_addr, parsed.master_port, args[-1])
     try:
         run(parsed)
     except ChildFailedError as exc:
@@ -66,8 +69,9 @@ def describe(rank: int, failure, job_id: str, last_good: Path | None) -> Failed:
             "SIGKILL with nothing logged is most often the kernel's OOM killer: the instance ran out of host "
             "memory (RAM, not GPU memory; `dmesg | grep -i oom`, `free -g`). Every rank holds its own copy of "
             f"what it loads: fewer GPUs (`autodl-run resume {job_id} --gpus N`; a resume does not read job.toml "
-            'again), train.distributed = "fsdp" (rank 0 alone reads the weights) '
-            "or an instance with more RAM"
+            'again), an instance with more RAM, or train.distributed = "fsdp" (rank 0 alone reads the weights) '
+            "in job.toml and a new `autodl-run submit JOB.toml` (it starts over: a resume keeps the "
+            "distribution its checkpoint was trained with)"
         )
     else:
         cause = f"something on the instance sent {name} to the rank"

@@ -15,6 +15,7 @@ import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,47 @@ def test_two_nodes_rendezvous_over_their_addresses(tmp_path, model_dir, data_dir
     assert isinstance(done, ev.Done) and done.steps == steps
     verify_manifest(done.adapter_path, done.manifest_sha256)
     assert read_events(jobs[1].job_dir) == [], "node 1 writes no events: rank 0 is on node 0"
+
+
+def test_a_node_whose_node_0_vanishes_stops(tmp_path, model_dir, data_dir, two_namespaces):
+    """Node 0's link goes down mid-run (its host unreachable: no connection is closed, so the ranks of
+    node 1 would wait in their collective for gloo's 30 minutes): node 1 stops once node 0's rendezvous
+    port has not answered for instance.node_timeout_s, with a NodeLost failure in its own job folder."""
+    from remote_worker import nodewatch
+
+    master = two_namespaces[0][2]
+    port = 29400 + random.randrange(1000)
+    procs, jobs = [], []
+    for rank, (ns, veth, _ip) in enumerate(two_namespaces):
+        job = make_job(tmp_path / f"node{rank}", model_dir, data_dir, max_steps=100000, global_batch_tokens=0)
+        job = job.model_copy(update={"spec": job.spec.model_copy(update={
+            "instance": job.spec.instance.model_copy(update={"node_timeout_s": 10})})})  # fmt: skip
+        (tmp_path / f"node{rank}" / "job.json").write_text(job.model_dump_json(indent=1))
+        Path(job.job_dir).mkdir(parents=True)
+        argv = launcher.worker_argv(sys.executable, str(tmp_path / f"node{rank}" / "job.json"), job.spec.train,
+                                    launcher.Node(rank=rank, count=2, master=master, port=port))  # fmt: skip
+        env = {**os.environ, **worker_env(), "GLOO_SOCKET_IFNAME": veth}
+        log = open(Path(job.job_dir) / "worker.log", "wb")  # noqa: SIM115
+        procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *argv], cwd=REPO, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT))  # fmt: skip
+        jobs.append(job)
+    deadline = time.monotonic() + 600
+    while not any(isinstance(e, ev.Step) for e in read_events(jobs[0].job_dir)):
+        assert time.monotonic() < deadline and procs[1].poll() is None, _log(jobs[1])
+        time.sleep(0.5)
+    ns0, veth0, _ = two_namespaces[0]
+    subprocess.run(["ip", "-n", ns0, "link", "set", veth0, "down"], check=True, capture_output=True)
+    try:
+        code = procs[1].wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("node 1 still waits for the node 0 it cannot reach")
+    assert code == nodewatch.EXIT_CODE, _log(jobs[1])
+    failed = [e for e in read_events(jobs[1].job_dir) if isinstance(e, ev.Failed)]
+    assert [e.error_class for e in failed] == ["NodeLost"], failed
+    assert f"{master}:{port}" in failed[0].message and "node 1 stopped its ranks" in failed[0].message
+    assert f"autodl-run resume {jobs[1].job_id}" in failed[0].hint
+    assert "NodeLost" not in (Path(jobs[0].job_dir) / "worker.log").read_text()
+
+
+def _log(job) -> str:
+    return (Path(job.job_dir) / "worker.log").read_text()[-3000:]

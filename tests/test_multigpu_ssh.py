@@ -149,3 +149,41 @@ def test_cancel_reports_a_node_it_cannot_reach(servers, tmp_path, tmux_socket, t
     while _read(nodes[1] / JOB_FILES["state"]).strip() in ("", "running"):
         assert time.monotonic() < deadline, "node 1's worker did not stop with node 0's"
         time.sleep(0.5)
+
+
+def test_status_names_the_other_nodes_when_node_0_vanishes(servers, tmp_path, tmux_socket, tiny_model) -> None:
+    """Node 0's host goes away mid-run (its sshd and its worker killed): node 1 stops within
+    instance.node_timeout_s, and `status`, which cannot reach node 0, says how node 1 ended."""
+    inst = ssh_instance(servers[0], f"~/{ROOT}", tmux_socket, hosts=[_login(servers[1])], rdzv_port=free_port(),
+                        node_timeout_s=10)  # fmt: skip
+    job = write_job(tmp_path / "job", model=tiny_model, instance=inst, train={"gpus": 1, "max_steps": 100000}, rows=16)
+    job_id, nodes = _submit_and_wait_for_a_step(job, servers)
+    servers[0].kill()
+    try:
+        _kill_under(servers[0].home / ROOT)
+        deadline = time.monotonic() + 300
+        while _read(nodes[1] / JOB_FILES["state"]).strip() in ("", "running"):
+            assert time.monotonic() < deadline, "node 1 still runs without node 0"
+            time.sleep(0.5)
+        res = cli("status", job_id, check=False)
+    finally:
+        servers[0].start()
+    assert res.returncode != 0, res.stdout
+    assert "node 1 (" in res.stderr and "): failed: " in res.stderr, res.stderr
+
+
+def test_resume_launches_every_node(servers, tmp_path, tmux_socket, tiny_model) -> None:
+    """A resume in place launches node 1 again too (it launched node 0 alone, which then waited at the
+    rendezvous). Without a shared disk node 1 lacks rank 0's checkpoint: its rank fails naming it."""
+    job = _two_node_job(tmp_path / "job", servers, tmux_socket, tiny_model, max_steps=100000, save_steps=1,
+                        save_every_minutes=0)  # fmt: skip
+    job_id, nodes = _submit_and_wait_for_a_step(job, servers)
+    cli("cancel", job_id, timeout=600)
+    assert list((nodes[0] / "output" / "checkpoints").glob("step-*")), "no checkpoint to resume from"
+    runs = _read(nodes[1] / JOB_FILES["log"]).count("torchrun: node 1 of 2")
+    cli("resume", job_id, check=False, timeout=600)
+    deadline = time.monotonic() + 300
+    while "is not on this node" not in _read(nodes[1] / JOB_FILES["log"]):
+        assert time.monotonic() < deadline, "node 1 was not launched by the resume: " + _read(nodes[1] / JOB_FILES["log"])[-2000:]
+        time.sleep(0.5)
+    assert _read(nodes[1] / JOB_FILES["log"]).count("torchrun: node 1 of 2") == runs + 1

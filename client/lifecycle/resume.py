@@ -18,13 +18,15 @@ its end has nothing to resume (one stopped early by its deadline or max_hours ha
 `--gpus N` continues on another number of GPUs (processes) per node: the checkpoint's global batch
 (`batch_shape.json`: processes x micro-batches a step) is kept, so N x nodes must divide it; a number
 that does not is refused here, before anything is launched, naming the numbers that do. It applies to
-this run: a later `resume` without `--gpus` goes back to the submitted `train.gpus`.
+this run: a later `resume` without `--gpus` goes back to the submitted `train.gpus`. A number above the
+GPUs the instance lists (its CPU cores on a CPU job) is refused as well (client.lifecycle.steps.check_processes).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,13 +212,15 @@ def resume(
     timed and reported the same way (client.lifecycle.pipeline). `gpus`: train.gpus for this run."""
     run = Pipeline(report, log)
     spec = with_gpus(record.spec, gpus, record.job_file)
+    field = "train.gpus" if gpus is None else "--gpus"  # what set the number, for a refusal
     if instance is None or same_target(instance, record.spec.instance):
-        return _in_place(record, spec, ledger, deadline_unix, run, log)
-    return _elsewhere(record, spec, ledger, instance, deadline_unix, run, log)
+        return _in_place(record, spec, ledger, deadline_unix, run, log, field)
+    return _elsewhere(record, spec, ledger, instance, deadline_unix, run, log, field)
 
 
 def _in_place(
-    record: JobRecord, spec: JobSpec, ledger: Ledger, deadline_unix: float | None, run: Pipeline, log: Log
+    record: JobRecord, spec: JobSpec, ledger: Ledger, deadline_unix: float | None, run: Pipeline, log: Log,
+    field: str = "train.gpus",
 ) -> Resumed:
     deadline = run.run(CHECK, spec, Path(record.job_file), ledger, deadline_unix)
     with run.run(steps.CONNECT, record) as session:
@@ -245,7 +249,8 @@ def _in_place(
                 return _upload_local_checkpoint(record, spec, session, record.id, log)
             return found[-1] if found else None
 
-        step, bundle = _sync_and_launch(run, session, record, spec, record.id, deadline, checkpoint, log)
+        step, bundle = _sync_and_launch(run, session, record, spec, record.id, deadline, checkpoint, log,
+                                        field=field)  # fmt: skip
         if not missing:  # back once the new run is under way: `tail` then never shows the last run's end
             step = _worker_resumed_from(session, paths, offset, found, log)
     ledger.update(record.id, state="running", finished_at=None, bundle_digest=bundle)
@@ -255,7 +260,7 @@ def _in_place(
 
 def _elsewhere(
     record: JobRecord, spec: JobSpec, ledger: Ledger, instance: InstanceSpec, deadline_unix: float | None,
-    run: Pipeline, log: Log,
+    run: Pipeline, log: Log, field: str = "train.gpus",
 ) -> Resumed:
     spec = spec.model_copy(update={"instance": instance.model_copy()})
     job_file = Path(record.job_file)
@@ -274,7 +279,7 @@ def _elsewhere(
 
         step, _ = _sync_and_launch(
             run, session, record, spec, job_id, deadline,
-            lambda: _upload_local_checkpoint(record, spec, session, job_id, log), log, record_first,
+            lambda: _upload_local_checkpoint(record, spec, session, job_id, log), log, record_first, field,
         )  # fmt: skip
         ledger.update(job_id, state="running")
         where = session.where
@@ -295,6 +300,7 @@ def _sync_and_launch(
     checkpoint: Callable[[], int | None],
     log: Log,
     before_launch: Callable[[str], None] | None = None,
+    field: str = "train.gpus",
 ) -> tuple[int | None, str]:
     """sync (the checkpoint, the data prepared again only if the instance lacks it, the worker), setup,
     model, launch. Returns (the checkpoint's step, the worker bundle's digest)."""
@@ -303,14 +309,20 @@ def _sync_and_launch(
         step = checkpoint()
         return step, steps.sync(session, record.data_digest, lambda: _prepare_again(record, spec))
 
+    steps.check_processes(session, spec, record.job_file, field)  # within the GPUs (cores) it has, before a launch
     run.run(steps.PLAN, session, spec, _prepared_report(record))  # the instance may be another card now
     step, synced = run.run(Step("sync", sync, lambda r: r[1].describe()))
     bundle = synced.bundle_digest
     run.run(steps.SETUP, session, spec, bundle, log)
     run.run(steps.MODEL, session, spec, job_id, bundle, log)
-    if before_launch is not None:
-        before_launch(bundle)
-    run.run(steps.LAUNCH, session, spec, job_id, record.data_digest, bundle, deadline)
+    with ExitStack() as nodes:  # every other node ready before any is launched, as submit does
+        ready = steps.prepare_nodes(spec, record.job_file, job_id, record.data_digest,
+                                    lambda: _prepare_again(record, spec), deadline, log, nodes)  # fmt: skip
+        if before_launch is not None:
+            before_launch(bundle)
+        run.run(steps.LAUNCH, session, spec, job_id, record.data_digest, bundle, deadline)
+        if ready:  # they take rank 0's checkpoint from their own job folder (a shared disk), or fail naming it
+            steps.launch_nodes(spec, job_id, ready, session, log)
     return step, bundle
 
 

@@ -13,12 +13,13 @@ import secrets
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from client import activity
-from client.errors import Problem, SpecError
+from client.errors import AutodlRunError, JobError, Problem, SpecError
 from client.lifecycle.pipeline import Log, Step
 from client.remote import guard as guard_launch
 from client.remote import launcher
@@ -206,26 +207,140 @@ def node_spec(spec: JobSpec, rank: int) -> JobSpec:
     return spec.model_copy(update={"instance": type(spec.instance).model_validate({**fields, "ssh": login})})
 
 
-def launch_nodes(spec: JobSpec, job_id: str, digest: str, prepared: Path, deadline_unix: float | None,
-                 log: Log) -> list[str]:  # fmt: skip
-    """The other nodes (instance.hosts), each like the instance: sync, set-up, model, then its worker
-    under torchrun with its node rank; they meet node 0 at its rendezvous. Their guards are not
-    started (node 0's guard and the follower watch the job); returns where each was launched."""
-    launched = []
+# --- how many processes a node can run -----------------------------------------------------------------
+
+# the GPUs nvidia-smi lists (0 without it), then the CPU cores this login may use (nproc would count
+# OMP_NUM_THREADS instead, where it is set)
+_COUNT = ("printf 'gpus '; { nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || true; } | grep -c .; "
+          "printf 'cores '; env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || getconf _NPROCESSORS_ONLN")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Capacity:
+    gpus: int  # 0: none listed (no nvidia-smi, or no GPU)
+    cores: int | None  # None: not told
+
+
+def capacity(session: Session) -> Capacity:
+    """How many GPUs and CPU cores the session's machine has (one round trip)."""
+    res = session.transport.run(["bash", "-c", _COUNT], check=False, timeout=60)
+    found: dict[str, int] = {}
+    for line in res.stdout.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key in ("gpus", "cores") and value.strip().isdigit():
+            found[key] = int(value)
+    return Capacity(found.get("gpus", 0), found.get("cores"))
+
+
+def check_processes(session: Session, spec: JobSpec, job_file: str, field: str = "train.gpus") -> None:
+    """Refuse train.gpus (`field`: the flag that set it) above what this node has, before anything is
+    launched: its GPUs where nvidia-smi lists some (a CUDA job), else its CPU cores (a process each)."""
+    gpus = spec.train.gpus
+    if not isinstance(gpus, int) or gpus == 1:
+        return
+    cap = capacity(session)
+    on_gpu = spec.train.device != "cpu" and cap.gpus > 0
+    have, what = (cap.gpus, "GPU(s)") if on_gpu else (cap.cores, "CPU core(s)")
+    if have is None or gpus <= have:
+        return
+    flag = f"--gpus {gpus}" if field.startswith("--") else f"train.gpus = {gpus}"
+    job = "" if on_gpu else " (a CPU job: one process a core)"
+    raise SpecError(
+        f"{flag}: {session.where} has {have} {what}{job}; a node runs train.gpus processes",
+        [Problem(job_file, None, field, f"{gpus} is more than the {have} {what} on {session.where}")],
+        hint=(f"use {'--gpus' if field.startswith('--') else 'train.gpus ='} {have} or fewer"
+              + (' (or "all")' if on_gpu else "") + ", or rent an instance with more"),
+    )  # fmt: skip
+
+
+# --- the other nodes ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReadyNode:
+    """Node `rank`, synced, set up, its model downloaded and its job.json written: only the launch is left."""
+
+    rank: int
+    session: Session
+    argv: list[str]
+    env: dict[str, str]
+    paths: JobPaths
+    socket: str
+
+
+def node_failed(spec: JobSpec, rank: int, what: str, exc: BaseException) -> JobError:
+    login = spec.instance.hosts[rank - 1]
+    detail = exc.message if isinstance(exc, AutodlRunError) else f"{type(exc).__name__}: {exc}"
+    hint = exc.hint if isinstance(exc, AutodlRunError) and exc.hint else ""
+    return JobError(
+        f"node {rank} of {1 + len(spec.instance.hosts)} ({login!r}, instance.hosts[{rank - 1}]) failed to {what}: {detail}",
+        hint=(hint + "; then " if hint else "") + "make that host reachable and ready (`autodl-run doctor` with its "
+        "login), or take it out of instance.hosts, and submit the job again",
+    )  # fmt: skip
+
+
+def prepare_nodes(spec: JobSpec, job_file: str, job_id: str, digest: str, prepared: Path | Callable[[], Path],
+                  deadline_unix: float | None, log: Log, stack: ExitStack) -> list[ReadyNode]:  # fmt: skip
+    """The other nodes (instance.hosts), each like the instance: sync, the process count, set-up, model,
+    job.json. Their sessions stay open in `stack` for the launch (launch_nodes), which comes only once
+    every node is ready, so a node that fails here leaves nothing running anywhere."""
+    ready = []
     for rank in range(1, 1 + len(spec.instance.hosts)):
         node = node_spec(spec, rank)
-        with open_session(node) as session:
+        try:
+            session = stack.enter_context(open_session(node))
             bundle_digest = sync(session, digest, prepared).bundle_digest
+            check_processes(session, node, job_file)
             setup(session, node, bundle_digest, log)
             model(session, node, job_id, bundle_digest, log)
             layout, placed = session.layout, session.placed(node)
             paths = put_job_json(session, placed, job_id, digest, deadline_unix)
-            argv = launcher.worker_argv(python_of(placed.instance), paths.spec, placed.train, node_of(spec, rank))
-            env = worker_env(placed, layout, layout.bundle_dir(bundle_digest))
-            launcher.launch(session.transport, paths, argv, socket=placed.instance.tmux_socket, session=job_id, env=env)
-            launched.append(session.where)
-            log(f"node {rank} of {1 + len(spec.instance.hosts)} launched on {session.where}")
-    return launched
+        except (AutodlRunError, OSError) as exc:
+            raise node_failed(spec, rank, "get ready", exc) from exc
+        argv = launcher.worker_argv(python_of(placed.instance), paths.spec, placed.train, node_of(spec, rank))
+        env = worker_env(placed, layout, layout.bundle_dir(bundle_digest))
+        ready.append(ReadyNode(rank, session, argv, env, paths, placed.instance.tmux_socket))
+        log(f"node {rank} of {1 + len(spec.instance.hosts)} ready on {session.where}")
+    return ready
+
+
+def launch_nodes(spec: JobSpec, job_id: str, ready: list[ReadyNode], first: Session, log: Log) -> list[str]:
+    """Launch the ready nodes after node 0 (on `first`); they meet it at its rendezvous. Their guards are
+    not started (node 0's guard and the follower watch the job). When one cannot be launched, node 0 and
+    the nodes launched before it are stopped (they would wait at the rendezvous) and the error names it."""
+    launched: list[ReadyNode] = []
+    for node in ready:
+        try:
+            launcher.launch(node.session.transport, node.paths, node.argv, socket=node.socket, session=job_id,
+                            env=node.env)  # fmt: skip
+        except AutodlRunError as exc:
+            error = node_failed(spec, node.rank, "launch", exc)
+            stopped = _stop_launched(spec, job_id, first, launched)
+            error.message += f"; {stopped}"
+            raise error from exc
+        launched.append(node)
+        log(f"node {node.rank} of {1 + len(spec.instance.hosts)} launched on {node.session.where}")
+    return [n.session.where for n in launched]
+
+
+STOP_GRACE_S = 10.0  # nothing trained yet: the ranks wait at the rendezvous, no checkpoint to save
+
+
+def _stop_launched(spec: JobSpec, job_id: str, first: Session, launched: list[ReadyNode]) -> str:
+    """Stop node 0 and `launched`; says what was stopped and what could not be (then `cancel` is the way)."""
+    targets = [(0, first, first.layout.job(job_id), spec.instance.tmux_socket)]
+    targets += [(n.rank, n.session, n.paths, n.socket) for n in launched]
+    done, left = [], []
+    for rank, session, paths, socket in targets:
+        try:
+            launcher.cancel(session.transport, paths, socket=socket, session=job_id, grace=STOP_GRACE_S)
+            done.append(str(rank))
+        except AutodlRunError as exc:
+            left.append(f"node {rank} ({exc.message})")
+    said = f"the job was stopped on node(s) {', '.join(done)}" if done else "nothing was stopped"
+    if left:
+        said += f"; still running: {'; '.join(left)}: stop it with `autodl-run cancel {job_id}`"
+    return said
 
 
 def ensure_guard(session: Session, spec: JobSpec, job_id: str, bundle_digest: str) -> bool:

@@ -11,6 +11,7 @@ worker's `deadline_unix`: it stops in time to save and fetch. With a shutdown po
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,34 +108,49 @@ def submit(
         found = submission.current(session.transport, layout, key)
         if found is not None:
             return _reattach(found, session, spec, job_file, prepared, ledger, run, log)
+        steps.check_processes(session, spec, str(job_file))  # train.gpus within the GPUs (cores) it has
         run.run(steps.PLAN, session, spec, prepared.report, gpu)  # refuses what cannot fit, before any upload
         synced = run.run(steps.SYNC, session, prepared.digest, prepared.dir)
         bundle_digest = synced.bundle_digest
         run.run(steps.SETUP, session, spec, bundle_digest, log)
         job_id = steps.new_job_id(spec.name)
         run.run(steps.MODEL, session, spec, job_id, bundle_digest, log)
-        record = LaunchRecord(
-            job_id=job_id, name=spec.name, submit_key=key, data_digest=prepared.digest,
-            bundle_digest=bundle_digest, job_file=str(job_file), spec_json=session.placed(spec).model_dump_json(),
-        )  # fmt: skip
-        ledger.add(job_id, spec, job_file, prepared.digest, bundle_digest, state="launching",
-                   placement=session.placement)  # fmt: skip
-        claim = submission.claim(session.transport, layout, record)
-        if not claim.mine:
-            ledger.remove(job_id)
-            return _reattach(claim, session, spec, job_file, prepared, ledger, run, log)
-        if claim.superseded and claim.superseded != job_id and ledger.has(claim.superseded):
-            ledger.update(claim.superseded, state="lost")
-        try:
-            guard = run.run(steps.LAUNCH, session, spec, job_id, prepared.digest, bundle_digest, deadline)
-            if spec.instance.hosts:  # more nodes (docs/multigpu.md): they join node 0's rendezvous
-                steps.launch_nodes(spec, job_id, prepared.digest, prepared.dir, deadline, log)
-        except (JobError, RemoteEnvError, RemoteCommandError, KeyboardInterrupt):
-            # The instance answers. If the worker runs (its guard failed), both records stay; if
-            # not, they go. (A cut link leaves both records: submit again reattaches.)
-            _drop_unless_running(session, key, job_id, ledger)
-            raise
-        ledger.update(job_id, state="running")
+        nodes = ExitStack()  # the other nodes' sessions, open from their preparation to their launch
+        with nodes:
+            # every other node ready before any is launched: one that fails here leaves nothing waiting
+            ready = steps.prepare_nodes(spec, str(job_file), job_id, prepared.digest, prepared.dir, deadline, log,
+                                        nodes)  # fmt: skip
+            return _launch(session, spec, job_file, prepared, synced, job_id, key, deadline, ready, ledger, run, log)
+
+
+def _launch(
+    session: Session, spec: JobSpec, job_file: Path, prepared: dataset.Prepared, synced: steps.Synced, job_id: str,
+    key: str, deadline: float | None, ready: list[steps.ReadyNode], ledger: Ledger, run: Pipeline, log: Log,
+) -> Submitted:  # fmt: skip
+    """Record the job (laptop, then instance), launch node 0, then the other nodes."""
+    layout, bundle_digest = session.layout, synced.bundle_digest
+    record = LaunchRecord(
+        job_id=job_id, name=spec.name, submit_key=key, data_digest=prepared.digest,
+        bundle_digest=bundle_digest, job_file=str(job_file), spec_json=session.placed(spec).model_dump_json(),
+    )  # fmt: skip
+    ledger.add(job_id, spec, job_file, prepared.digest, bundle_digest, state="launching",
+               placement=session.placement)  # fmt: skip
+    claim = submission.claim(session.transport, layout, record)
+    if not claim.mine:
+        ledger.remove(job_id)
+        return _reattach(claim, session, spec, job_file, prepared, ledger, run, log)
+    if claim.superseded and claim.superseded != job_id and ledger.has(claim.superseded):
+        ledger.update(claim.superseded, state="lost")
+    try:
+        guard = run.run(steps.LAUNCH, session, spec, job_id, prepared.digest, bundle_digest, deadline)
+        if ready:  # more nodes (docs/multigpu.md): they join node 0's rendezvous
+            steps.launch_nodes(spec, job_id, ready, session, log)
+    except (JobError, RemoteEnvError, RemoteCommandError, KeyboardInterrupt):
+        # The instance answers. If the worker runs (its guard failed), both records stay; if
+        # not, they go. (A cut link leaves both records: submit again reattaches.)
+        _drop_unless_running(session, key, job_id, ledger)
+        raise
+    ledger.update(job_id, state="running")
     return Submitted(job_id, spec, job_file, prepared.report, synced.data_sent, synced.bundle_sent, run.timings,
                      deadline_unix=deadline, guard=guard, placement=session.placement)  # fmt: skip
 

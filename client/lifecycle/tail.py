@@ -399,7 +399,14 @@ def status(record: JobRecord, ledger: Ledger) -> StatusReport:
         progress = laptop_progress(record)
         state = JobStatus(JobState(record.state), None, False)
         return StatusReport(record, state, progress, str(local_copy(record).report))
-    progress, state = status_progress(record)
+    try:
+        progress, state = status_progress(record)
+    except TransportError as exc:
+        if record.spec.instance.hosts:  # node 0 silent: what the other nodes say (nodewatch's NodeLost)
+            from client.lifecycle.nodes import describe_others
+
+            exc.message += "".join(f"\n  {line}" for line in describe_others(record))
+        raise
     if state.finished and record.state == "running":
         ledger.update(record.id, state=state.state.value, finished_at=time.time())
         job_record.invalidate(local_copy(record))  # pulled before this run ended: ask the instance until fetched
