@@ -46,11 +46,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def signalled(failures: dict) -> tuple[int, object] | None:
-    """(global rank, ProcessFailure) of the first rank that died of a signal; None when none did."""
+    """(global rank, ProcessFailure) of the rank that died of a signal first; None when none did.
+
+    Once one rank dies, torchrun's agent stops the others with SIGTERM, and its failures carry whole-second
+    timestamps: the rank killed first and the ones the agent stopped after it often tie. So a rank killed by
+    anything but SIGTERM is the cause when there is one (a SIGKILLed rank 1 was reported as "rank 0 killed
+    by SIGTERM" under load); among those, the earliest, then the lowest rank."""
     dead = [(f.timestamp, rank, f) for rank, f in failures.items() if f.exitcode is not None and f.exitcode < 0]
     if not dead:
         return None
-    _, rank, failure = min(dead, key=lambda x: (x[0], x[1]))
+    cause = [d for d in dead if -d[2].exitcode != signal.SIGTERM] or dead
+    _, rank, failure = min(cause, key=lambda x: (x[0], x[1]))
     return rank, failure
 
 
