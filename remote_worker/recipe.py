@@ -572,7 +572,7 @@ def step_accum(
     if resume_from is not None:
         saved = checkpoints.read_saved_shape(resume_from)
         return checkpoints.resumed_grad_accum(resume_from, saved, single, world_size)
-    return max(1, round(single / world_size)) if single > 1 else 1
+    return memory.rank_accum(single, world_size)
 
 
 def _param_count(model_path: str, spec: JobSpec) -> int:
