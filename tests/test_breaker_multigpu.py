@@ -48,3 +48,70 @@ def test_plan_of_a_max_steps_job_on_two_gpus_counts_the_micro_batches_the_worker
     per_step_1 = step_accum(_spec(**base), 16384, 1, None)
     # the training time is the micro-batches trained over the speed: the ratio is the worker's
     assert two.train_s * two.tokens_per_s / (one.train_s * one.tokens_per_s) == pytest.approx(per_step_2 / per_step_1)
+
+
+# --- two CPU processes (gloo) against one -------------------------------------------------------------
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import tinyjob  # noqa: E402
+from jobfiles import PAIRS, chat  # noqa: E402
+
+from jobs import events as ev  # noqa: E402
+from jobs.spec import JobSpec, WorkerJob  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_REPEATS = 2
+data_dir, model_dir, one_thread = tinyjob.data_dir, tinyjob.model_dir, tinyjob.one_thread  # module fixtures
+
+
+def _worker_job(folder: Path, model_dir: Path, data_dir: Path, gpus: int, **train) -> Path:
+    spec = JobSpec.model_validate({
+        "name": "brk", "model": {"name_or_path": str(model_dir)},
+        "data": {"train": "train.jsonl", "max_length": 64}, "quant": {"bits": 16}, "lora": {"r": 8, "alpha": 16},
+        "train": {"learning_rate": 5e-3, "micro_batch_tokens": 96, "device": "cpu", "save_every_minutes": 0,
+                  "gpus": gpus, **train},
+    })  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    job = WorkerJob(job_id=folder.name, spec=spec, data_dir=str(data_dir), job_dir=str(folder / "job"),
+                    hf_home=str(folder / "hf"))  # fmt: skip
+    (folder / "job.json").write_text(job.model_dump_json())
+    return folder / "job.json"
+
+
+def _run(job_json: Path, gpus: int) -> list:
+    """The worker as the launcher runs it: alone, or under torchrun with `gpus` gloo processes."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", str(gpus)]
+    argv = [sys.executable, *(launch if gpus > 1 else []), "-m", "remote_worker", str(job_json)]
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    path = job_json.parent / "job" / "events.jsonl"
+    return [ev.parse(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def test_the_eval_loss_of_two_processes_is_the_one_process_eval_loss(tmp_path, model_dir, data_dir) -> None:
+    """Evaluation on N ranks: transformers divides each rank's eval micro-batch by the labels of all ranks'
+    micro-batches that round (average_tokens_across_devices, meant for the training step), and counts the
+    micro-batch accelerate repeats to even the ranks out; one process takes each micro-batch's own mean.
+    The same weights (the step losses match) gave another eval_loss on two processes (6.019 against 6.014)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text((data_dir / "train.jsonl").read_text())
+    rows = [chat(f"{q} [{i}]", a) for i in range(2) for q, a in PAIRS[:3]]  # three eval micro-batches of two
+    (data / "eval.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    got = {}
+    for gpus in (1, 2):
+        job = _worker_job(tmp_path / f"g{gpus}", model_dir, data, gpus, max_steps=2, save_steps=1,
+                          global_batch_tokens=2 * 96)  # fmt: skip
+        events = _run(job, gpus)
+        got[gpus] = ({e.step: e.loss for e in events if isinstance(e, ev.Step)},
+                     {e.step: e.eval_loss for e in events if isinstance(e, ev.Eval)})  # fmt: skip
+    (steps_1, evals_1), (steps_2, evals_2) = got[1], got[2]
+    assert sorted(evals_1) == sorted(evals_2) == [1, 2]
+    for step in (1, 2):
+        assert steps_2[step] == pytest.approx(steps_1[step], abs=1e-4)  # the same weights
+        assert evals_2[step] == pytest.approx(evals_1[step], abs=1e-4), step
