@@ -35,7 +35,6 @@ def test_plan_of_a_max_steps_job_on_two_gpus_counts_the_micro_batches_the_worker
     """A max_steps job trains max_steps x (gpus x micro-batches a rank) micro-batches (recipe.step_accum):
     the plan counted one GPU's global batch, so two GPUs looked twice as fast as they are."""
     from client.plan import make_plan
-    from jobs.spec import JobSpec
     from remote_worker.recipe import step_accum
 
     table = [cards.find("RTX 4090", cards.table())]
@@ -43,7 +42,7 @@ def test_plan_of_a_max_steps_job_on_two_gpus_counts_the_micro_batches_the_worker
     one = make_plan(_spec(**base), _arch("qwen2.5-7b"), "fixture", REPORT, table, 1).rows[0]
     two = make_plan(_spec(gpus=2, **base), _arch("qwen2.5-7b"), "fixture", REPORT, table, 2).rows[0]
     assert two.parallel == "ddp" and two.shape.micro_batch_tokens == one.shape.micro_batch_tokens == 16384
-    spec: JobSpec = _spec(gpus=2, **base)
+    spec = _spec(gpus=2, **base)
     per_step_2 = 2 * step_accum(spec, 16384, 2, None)
     per_step_1 = step_accum(_spec(**base), 16384, 1, None)
     # the training time is the micro-batches trained over the speed: the ratio is the worker's
