@@ -114,3 +114,31 @@ def test_the_eval_loss_of_two_processes_is_the_one_process_eval_loss(tmp_path, m
     for step in (1, 2):
         assert steps_2[step] == pytest.approx(steps_1[step], abs=1e-4)  # the same weights
         assert evals_2[step] == pytest.approx(evals_1[step], abs=1e-4), step
+
+
+def test_tail_and_status_show_the_processes_and_each_ranks_memory() -> None:
+    """A 2-GPU job's `started` line said "micro-batch 8192 tokens x 2", half the step it trains (2 ranks x 2),
+    and never the processes; the step line and the status panel showed one peak, not each rank's
+    (rank_peak_mem_gb, in the event since issue 16)."""
+    from rich.console import Console
+
+    from client.progress import Progress
+    from client.views.render import event_line, panel
+
+    started = ev.Started(total_steps=10, device="H200", dtype="bfloat16", attention="sdpa", quant="nf4",
+                         trainable_params=1, total_params=2, train_sequences=1, train_tokens=1,
+                         micro_batch_tokens=8192, grad_accum=2, gradient_checkpointing=False, world_size=2,
+                         distributed="ddp")  # fmt: skip
+    line = event_line(started)
+    assert "micro-batch 8192 tokens x 2" in line and "on 2 processes (ddp): 4 micro-batches a step" in line, line
+    alone = event_line(started.model_copy(update={"world_size": 1, "distributed": "none"}))
+    assert "processes" not in alone
+    step = ev.Step(step=1, total_steps=10, epoch=0.1, loss=1.0, lr=1e-4, tokens_per_s=2000.0, peak_mem_gb=20.5,
+                   rank_peak_mem_gb=[19.25, 20.5])  # fmt: skip
+    assert "mem 20.5GB (ranks 19.2/20.5)" in event_line(step)
+    p = Progress("j")
+    p.apply(started)
+    p.apply(step)
+    console = Console(width=120, record=True)
+    console.print(panel(p, "running"))
+    assert "20.5 GB peak (ranks 19.2, 20.5 GB)" in console.export_text()
