@@ -142,3 +142,4 @@ def test_tail_and_status_show_the_processes_and_each_ranks_memory() -> None:
     console = Console(width=120, record=True)
     console.print(panel(p, "running"))
     assert "20.5 GB peak (ranks 19.2, 20.5 GB)" in console.export_text()
+    assert p.as_dict()["rank_peak_mem_gb"] == [19.25, 20.5]  # status --json
