@@ -132,6 +132,7 @@ class Progress:
             "lr": s.lr if s else None,
             "tokens_per_s": s.tokens_per_s if s else None,
             "peak_mem_gb": s.peak_mem_gb if s else None,
+            "rank_peak_mem_gb": s.rank_peak_mem_gb if s else None,  # each rank's, with several GPUs
             "elapsed_s": self.elapsed_s(),
             "eta_s": self.eta_s,
             "eval_loss": self.eval_loss,

@@ -396,6 +396,13 @@ def data_parallel(params: int, bits: int, card_bytes: float) -> bool:
     return card_weight_bytes(params, bits) <= DDP_WEIGHT_SHARE * card_bytes
 
 
+def rank_accum(single_accum: int, world_size: int) -> int:
+    """Micro-batches each of `world_size` processes takes a step for a global batch of `single_accum`
+    micro-batches (the worker's rule, remote_worker.recipe.step_accum; `plan` counts a step's micro-batches
+    with it): the global batch shared, rounded, at least one each, so a step trains world_size x this."""
+    return max(1, round(single_accum / world_size)) if single_accum > 1 else 1
+
+
 def unmeasured_tokens(max_length: int, micro_batch_tokens: int = 0) -> int:
     """The micro-batch the worker trains on CUDA without measuring (remote_worker.data.batch_shape)."""
     return micro_batch_tokens or max(max_length, UNMEASURED_TOKENS)

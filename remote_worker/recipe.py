@@ -199,7 +199,7 @@ def run(job: WorkerJob, events: EventWriter) -> Done:
         batch_shape=(micro_batch_tokens, checkpointing, rank.size, grad_accum, checkpointed_layers, packer),
         job_dir=job_dir,
     )
-    trainer = Trainer(
+    trainer = RecipeTrainer(
         model=model,
         args=args,
         train_dataset=train_set,
@@ -497,6 +497,24 @@ def training_arguments(spec: JobSpec, job_dir: Path, machine: Probe, grad_accum:
     )
 
 
+class RecipeTrainer(Trainer):
+    """The Trainer, with an evaluation that gives every process count the eval loss of one process.
+
+    average_tokens_across_devices (on: a training step's loss is divided by the labels of the whole step,
+    over all ranks) also reached evaluation, where each rank's eval micro-batch was divided by the labels of
+    every rank's micro-batch that round, the one accelerate repeats to even the ranks out included: two
+    processes reported 5.07 where one reported 6.00 for the same weights (tests/test_breaker_multigpu.py).
+    Off while evaluating, each micro-batch's loss is its own mean, gathered once (the repeat dropped)."""
+
+    def evaluate(self, *args, **kwargs):
+        before = self.args.average_tokens_across_devices
+        self.args.average_tokens_across_devices = False
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self.args.average_tokens_across_devices = before
+
+
 def _evaluated_at(trainer: Trainer, step: int) -> bool:
     return any("eval_loss" in log and log.get("step") == step for log in trainer.state.log_history)
 
@@ -572,7 +590,7 @@ def step_accum(
     if resume_from is not None:
         saved = checkpoints.read_saved_shape(resume_from)
         return checkpoints.resumed_grad_accum(resume_from, saved, single, world_size)
-    return max(1, round(single / world_size)) if single > 1 else 1
+    return memory.rank_accum(single, world_size)
 
 
 def _param_count(model_path: str, spec: JobSpec) -> int:

@@ -162,8 +162,9 @@ def plan_card(arch: memory.Arch, setup: memory.Setup, spec: JobSpec, card: cardt
     scale = gpus * (DDP_SCALING if gpus > 1 else 1.0)
     real_tps = choice.tokens_per_s * tokens.packing * scale if card.bf16_tflops else 0.0
     if tokens.max_steps:
-        ga = 1 if not spec.train.global_batch_tokens else max(
-            1, round(spec.train.global_batch_tokens / choice.shape.micro_batch_tokens))
+        global_tokens = spec.train.global_batch_tokens or round(spec.train.global_batch_sequences * tokens.mean_seq)
+        single = max(1, round(global_tokens / choice.shape.micro_batch_tokens)) if global_tokens else 1
+        ga = gpus * memory.rank_accum(single, gpus)  # a step's micro-batches over all GPUs, as the worker trains them
         run_tokens = tokens.max_steps * ga * choice.shape.micro_batch_tokens * tokens.packing
     else:
         run_tokens = tokens.total * tokens.epochs

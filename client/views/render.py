@@ -33,6 +33,8 @@ def step_line(e: ev.Step, p: Progress | None = None) -> str:
     """With the job's Progress (fed up to `e`), the elapsed time is the job's (Progress.elapsed_s, what
     `status` and the panel show) and the ETA follows; without, the worker's own training time."""
     mem = f"  mem {e.peak_mem_gb:.1f}GB" if e.peak_mem_gb is not None else ""
+    if mem and e.rank_peak_mem_gb and len(e.rank_peak_mem_gb) > 1:  # several GPUs: each rank's peak
+        mem += f" (ranks {'/'.join(f'{g:.1f}' for g in e.rank_peak_mem_gb)})"
     when = fmt_duration(e.elapsed_s)
     if p is not None:
         when = f"elapsed {fmt_duration(p.elapsed_s(e.t))}  ETA {fmt_duration(p.eta_s)}"
@@ -55,6 +57,8 @@ def event_line(e, p: Progress | None = None) -> str | None:
             f"{e.train_sequences:,} sequences / {e.train_tokens:,} tokens, "
             f"micro-batch {e.micro_batch_tokens} tokens x {e.grad_accum}, "
             f"checkpointing {'on' if e.gradient_checkpointing else 'off'}"
+            + (f", on {e.world_size} processes ({shown(e.distributed)}): {e.world_size * e.grad_accum} micro-batches "
+               "a step" if e.world_size > 1 else "")  # fmt: skip
             + (f", resumed at step {e.resumed_from_step}" if e.resumed_from_step else "")
         )
     if isinstance(e, ev.Eval):
@@ -112,7 +116,9 @@ def panel(p: Progress, state: str, note: str = "", now: float | None = None) -> 
         table.add_row("lr", f"{s.lr:.2e}")
         table.add_row("tokens/s", f"{s.tokens_per_s:,.0f}")
         if s.peak_mem_gb is not None:
-            table.add_row("GPU memory", f"{s.peak_mem_gb:.1f} GB peak")
+            ranks = s.rank_peak_mem_gb if s.rank_peak_mem_gb and len(s.rank_peak_mem_gb) > 1 else None
+            each = f" (ranks {', '.join(f'{g:.1f}' for g in ranks)} GB)" if ranks else ""
+            table.add_row("GPU memory", f"{s.peak_mem_gb:.1f} GB peak{each}")
     table.add_row("elapsed", fmt_duration(p.elapsed_s(now)))
     table.add_row("ETA", fmt_duration(p.eta_s))
     spend = p.spend(now)
