@@ -109,7 +109,9 @@ def _ignored() -> set[int]:
     try:  # the kernel's own record: a C library's sigaction is not in signal.getsignal
         with open("/proc/self/status") as f:
             mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigIgn:"))
-        return {n for n in range(1, signal.NSIG) if mask >> (n - 1) & 1}
+        # 1-31: glibc reserves 32 and 33 (Python cannot reset them; some launchers start all with 32
+        # ignored), and nothing here sends a real-time signal
+        return {n for n in range(1, 32) if mask >> (n - 1) & 1}
     except (OSError, StopIteration, ValueError, IndexError):
         return {s for s in signal.valid_signals() if signal.getsignal(s) is signal.SIG_IGN}
 
