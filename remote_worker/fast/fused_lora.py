@@ -237,24 +237,33 @@ def check(layer) -> str | None:
     return None
 
 
-def enable(model) -> str:
-    """Turn the fused path on where it applies, after a check; returns a line for the `started` event."""
+def checked_enable(mark, modules: list, flag: str, ineligible, check, unit: str, none: str) -> str:
+    """Mark the eligible `modules` (`mark(on) -> how many`), check the first marked one and unmark them all
+    when it fails; the line for the `started` event. Shared by fused LoRA and the fused MLP."""
     try:
-        marked = set_enabled(model, True)
+        marked = mark(True)
     except Exception as exc:  # noqa: BLE001 - a PEFT without these classes: its own path
         return f"off: {type(exc).__name__}: {str(exc)[:120]}"
-    classes = tuple(lora_classes())
-    layers = [m for m in model.modules() if isinstance(m, classes)]
     if not marked:
-        reasons = sorted({ineligible(m) or "" for m in layers} - {""})
-        return "off: " + (", ".join(reasons) if reasons else "no LoRA linear layers")
-    first = next(m for m in layers if getattr(m, FLAG, False))
+        reasons = sorted({ineligible(m) or "" for m in modules} - {""})
+        return "off: " + (", ".join(reasons) if reasons else none)
+    first = next(m for m in modules if getattr(m, flag, False))
     try:
         problem = check(first)
     except Exception as exc:  # noqa: BLE001 - e.g. a bitsandbytes build without this dequantize
         problem = f"{type(exc).__name__}: {str(exc)[:160]}"
     if problem:
-        set_enabled(model, False)
+        mark(False)
         return f"off: {problem}"
-    note = f"on ({marked} of {len(layers)} LoRA layers)"
-    return note
+    return f"on ({marked} of {len(modules)} {unit})"
+
+
+def enable(model) -> str:
+    """Turn the fused path on where it applies, after a check; returns a line for the `started` event."""
+    try:
+        classes = tuple(lora_classes())
+    except Exception as exc:  # noqa: BLE001 - a PEFT without these classes: its own path
+        return f"off: {type(exc).__name__}: {str(exc)[:120]}"
+    layers = [m for m in model.modules() if isinstance(m, classes)]
+    return checked_enable(lambda on: set_enabled(model, on), layers, FLAG, ineligible, check,
+                          "LoRA layers", "no LoRA linear layers")  # fmt: skip

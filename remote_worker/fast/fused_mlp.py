@@ -256,20 +256,5 @@ def check(mlp) -> str | None:
 
 def enable(model) -> str:
     """Fuse the eligible MLPs after a check; a line for the `started` event. Call after fused_lora.enable."""
-    try:
-        found = mlps(model)
-        marked = set_enabled(model, True)
-    except Exception as exc:  # noqa: BLE001
-        return f"off: {type(exc).__name__}: {str(exc)[:120]}"
-    if not marked:
-        reasons = sorted({ineligible(m) or "" for m in found} - {""})
-        return "off: " + (", ".join(reasons) if reasons else "no gate/up/down MLPs")
-    first = next(m for m in found if getattr(m, FLAG, False))
-    try:
-        problem = check(first)
-    except Exception as exc:  # noqa: BLE001
-        problem = f"{type(exc).__name__}: {str(exc)[:160]}"
-    if problem:
-        set_enabled(model, False)
-        return f"off: {problem}"
-    return f"on ({marked} of {len(found)} MLPs)"
+    return fused_lora.checked_enable(lambda on: set_enabled(model, on), mlps(model), FLAG, ineligible,
+                                     check, "MLPs", "no gate/up/down MLPs")  # fmt: skip
