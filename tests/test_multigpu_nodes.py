@@ -64,13 +64,17 @@ def two_namespaces():
             subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-def test_two_nodes_rendezvous_over_their_addresses(tmp_path, model_dir, data_dir, two_namespaces):
-    steps = 8
+def launch_two_nodes(tmp_path, model_dir, data_dir, two_namespaces, steps: int, **instance):
+    """One worker a namespace under torchrun, meeting at node 0's address; (processes, jobs, "addr:port")."""
     master = two_namespaces[0][2]
     port = 29400 + random.randrange(1000)
     procs, jobs = [], []
     for rank, (ns, veth, _ip) in enumerate(two_namespaces):
         job = make_job(tmp_path / f"node{rank}", model_dir, data_dir, max_steps=steps, global_batch_tokens=0)
+        if instance:
+            job = job.model_copy(update={"spec": job.spec.model_copy(update={
+                "instance": job.spec.instance.model_copy(update=instance)})})  # fmt: skip
+            (tmp_path / f"node{rank}" / "job.json").write_text(job.model_dump_json(indent=1))
         Path(job.job_dir).mkdir(parents=True)
         argv = launcher.worker_argv(sys.executable, str(tmp_path / f"node{rank}" / "job.json"), job.spec.train,
                                     launcher.Node(rank=rank, count=2, master=master, port=port))  # fmt: skip
@@ -79,6 +83,12 @@ def test_two_nodes_rendezvous_over_their_addresses(tmp_path, model_dir, data_dir
         procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *argv], cwd=REPO, env=env, stdout=log,
                                       stderr=subprocess.STDOUT))  # fmt: skip
         jobs.append(job)
+    return procs, jobs, f"{master}:{port}"
+
+
+def test_two_nodes_rendezvous_over_their_addresses(tmp_path, model_dir, data_dir, two_namespaces):
+    steps = 8
+    procs, jobs, _ = launch_two_nodes(tmp_path, model_dir, data_dir, two_namespaces, steps)
     codes = [p.wait(timeout=600) for p in procs]
     logs = [(Path(j.job_dir) / "worker.log").read_text()[-3000:] for j in jobs]
     assert codes == [0, 0], logs
@@ -98,22 +108,8 @@ def test_a_node_whose_node_0_vanishes_stops(tmp_path, model_dir, data_dir, two_n
     port has not answered for instance.node_timeout_s, with a NodeLost failure in its own job folder."""
     from remote_worker import nodewatch
 
-    master = two_namespaces[0][2]
-    port = 29400 + random.randrange(1000)
-    procs, jobs = [], []
-    for rank, (ns, veth, _ip) in enumerate(two_namespaces):
-        job = make_job(tmp_path / f"node{rank}", model_dir, data_dir, max_steps=100000, global_batch_tokens=0)
-        job = job.model_copy(update={"spec": job.spec.model_copy(update={
-            "instance": job.spec.instance.model_copy(update={"node_timeout_s": 10})})})  # fmt: skip
-        (tmp_path / f"node{rank}" / "job.json").write_text(job.model_dump_json(indent=1))
-        Path(job.job_dir).mkdir(parents=True)
-        argv = launcher.worker_argv(sys.executable, str(tmp_path / f"node{rank}" / "job.json"), job.spec.train,
-                                    launcher.Node(rank=rank, count=2, master=master, port=port))  # fmt: skip
-        env = {**os.environ, **worker_env(), "GLOO_SOCKET_IFNAME": veth}
-        log = open(Path(job.job_dir) / "worker.log", "wb")  # noqa: SIM115
-        procs.append(subprocess.Popen(["ip", "netns", "exec", ns, *argv], cwd=REPO, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT))  # fmt: skip
-        jobs.append(job)
+    procs, jobs, rendezvous = launch_two_nodes(tmp_path, model_dir, data_dir, two_namespaces, 100000,
+                                               node_timeout_s=10)
     deadline = time.monotonic() + 600
     while not any(isinstance(e, ev.Step) for e in read_events(jobs[0].job_dir)):
         assert time.monotonic() < deadline and procs[1].poll() is None, _log(jobs[1])
@@ -127,7 +123,7 @@ def test_a_node_whose_node_0_vanishes_stops(tmp_path, model_dir, data_dir, two_n
     assert code == nodewatch.EXIT_CODE, _log(jobs[1])
     failed = [e for e in read_events(jobs[1].job_dir) if isinstance(e, ev.Failed)]
     assert [e.error_class for e in failed] == ["NodeLost"], failed
-    assert f"{master}:{port}" in failed[0].message and "node 1 stopped its ranks" in failed[0].message
+    assert rendezvous in failed[0].message and "node 1 stopped its ranks" in failed[0].message
     assert f"autodl-run resume {jobs[1].job_id}" in failed[0].hint
     assert "NodeLost" not in (Path(jobs[0].job_dir) / "worker.log").read_text()
 
