@@ -105,14 +105,10 @@ def test_a_llama_gguf_is_written_in_llama_cpp_s_layout(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from remote_worker import export
-    from tests.tinymodel import make_tokenizer
+    from tests.tinymodel import make_tokenizer, tiny_causal_lm
 
     tok = make_tokenizer(tmp_path / "tok")
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id, tie_word_embeddings=False)  # fmt: skip
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model = tiny_causal_lm(LlamaConfig, tok)
     export.write_gguf(model, tok, tmp_path / "m.gguf", "f32", [tok.eos_token_id])
     back = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf", dtype=torch.float32).eval()
     assert (_logits(back, tok) - _logits(model, tok)).abs().max().item() < 1e-4

@@ -12,20 +12,16 @@ torch = pytest.importorskip("torch")
 gguf = pytest.importorskip("gguf")
 
 from remote_worker import export, gguf_io  # noqa: E402
-from tests.tinymodel import make_tokenizer  # noqa: E402
+from tests.tinymodel import make_tokenizer, tiny_causal_lm  # noqa: E402
 
 T = gguf.GGMLQuantizationType
 
 
 def _qwen(tmp_path):
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
 
     tok = make_tokenizer(tmp_path / "tok")
-    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
-                      eos_token_id=tok.eos_token_id, tie_word_embeddings=False)  # fmt: skip
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval(), tok
+    return tiny_causal_lm(Qwen2Config, tok), tok
 
 
 @pytest.mark.parametrize("qt", [T.Q8_0, T.Q5_0, T.Q4_0, T.BF16, T.F16, T.F32])

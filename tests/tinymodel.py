@@ -58,6 +58,21 @@ def load_tokenizer(path: str | Path):
     return PreTrainedTokenizerFast.from_pretrained(str(path))
 
 
+def tiny_causal_lm(config_class, tok, seed: int = 0, **config):
+    """A random float32 causal LM of `config_class` (Qwen2Config, LlamaConfig, ...) with make_model's shape
+    over `tok`'s vocabulary, in eval mode, not saved."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = config_class(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
+        eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **config,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
 def make_model(out_dir: str | Path, vocab_size: int = 512, seed: int = 0) -> Path:
     """Save a tiny random Qwen2 (hidden 64, 2 layers) plus its tokenizer into out_dir."""
     import torch
