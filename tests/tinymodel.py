@@ -59,34 +59,26 @@ def load_tokenizer(path: str | Path):
 
 
 def tiny_causal_lm(config_class, tok, seed: int = 0, **config):
-    """A random float32 causal LM of `config_class` (Qwen2Config, LlamaConfig, ...) with make_model's shape
-    over `tok`'s vocabulary, in eval mode, not saved."""
+    """A random float32 causal LM of `config_class` (Qwen2Config, LlamaConfig, ...), hidden 64 and 2 layers,
+    over `tok`'s vocabulary, in eval mode, not saved; `config` overrides any config field."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    cfg = config_class(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
-        eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **config,
-    )  # fmt: skip
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
+                 eos_token_id=tok.eos_token_id, tie_word_embeddings=False)  # fmt: skip
+    cfg = config_class(**{**shape, **config})
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
 def make_model(out_dir: str | Path, vocab_size: int = 512, seed: int = 0) -> Path:
     """Save a tiny random Qwen2 (hidden 64, 2 layers) plus its tokenizer into out_dir."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import Qwen2Config
 
     out = Path(out_dir)
     tok = make_tokenizer(out, vocab_size)
-    cfg = Qwen2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=4096,
-        tie_word_embeddings=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-    )
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = tiny_causal_lm(Qwen2Config, tok, seed, max_position_embeddings=4096, pad_token_id=tok.pad_token_id,
+                           bos_token_id=None)  # fmt: skip
     model.save_pretrained(out)
     return out
