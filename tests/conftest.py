@@ -1,7 +1,8 @@
 """Shared fixtures.
 
+- `_session_home` (autouse, session): $HOME in a folder of the session's, never the real user's.
 - `autodl_home` (autouse): $AUTODL_RUN_HOME in a tmp folder; no ssh agent, not inside tmux.
-- `local_home`: $HOME in a tmp folder (for LocalTransport tests: `~` and the login shell).
+- `local_home`: $HOME in a tmp folder of the test's own (for LocalTransport tests: `~` and the login shell).
 - `sshd`: a real OpenSSH server on 127.0.0.1 (tests/sshd.py), one per session, restarted
   if a test killed it. Attributes: host, port, user, identity_file, host_key, authorized_keys,
   home (the sessions' $HOME, a tmp folder);
@@ -34,6 +35,22 @@ from sshd import Sshd, missing_tools
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from client.transport.ssh import SshTransport
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """$HOME in a folder of this test session's, for every test: the login shells of the local target
+    (`bash -lc`, one per command, a tail polls every second) never source the test machine's own
+    ~/.profile, which may be slow (pyenv init: 1.3 s each here) or print; no test reads or writes the
+    real user's ~/.ssh, ~/.cache or ~/autodl-tmp. `local_home` gives a test a home of its own."""
+    home = tmp_path_factory.mktemp("home")
+    before = os.environ.get("HOME")
+    os.environ["HOME"] = str(home)
+    yield home
+    if before is None:
+        os.environ.pop("HOME", None)
+    else:
+        os.environ["HOME"] = before
 
 
 @pytest.fixture(autouse=True)
