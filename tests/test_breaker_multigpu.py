@@ -56,7 +56,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import tinyjob  # noqa: E402
-from jobfiles import PAIRS, chat  # noqa: E402
+from jobfiles import PAIRS, chat, run_in_process  # noqa: E402
 
 from jobs import events as ev  # noqa: E402
 from jobs.spec import JobSpec, WorkerJob  # noqa: E402
@@ -81,14 +81,18 @@ def _worker_job(folder: Path, model_dir: Path, data_dir: Path, gpus: int, **trai
 
 
 def _run(job_json: Path, gpus: int) -> list:
-    """The worker as the launcher runs it: alone, or under torchrun with `gpus` gloo processes."""
+    """The worker as the launcher runs it under torchrun with `gpus` gloo processes; one process, the
+    reference, runs the same recipe in this process (a worker process would import torch again)."""
+    path = job_json.parent / "job" / "events.jsonl"
+    if gpus == 1:
+        run_in_process(WorkerJob.model_validate_json(job_json.read_text()))
+        return [ev.parse(ln) for ln in path.read_text().splitlines() if ln.strip()]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     launch = ["-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", str(gpus)]
-    argv = [sys.executable, *(launch if gpus > 1 else []), "-m", "remote_worker", str(job_json)]
+    argv = [sys.executable, *launch, "-m", "remote_worker", str(job_json)]
     res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
-    path = job_json.parent / "job" / "events.jsonl"
     return [ev.parse(ln) for ln in path.read_text().splitlines() if ln.strip()]
 
 

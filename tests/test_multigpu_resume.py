@@ -3,12 +3,15 @@
 A job submitted with train.gpus = 2 (one micro-batch a rank, two a step) is cancelled after a checkpoint.
 - `--gpus 3` cannot split the checkpoint's two micro-batches a step: refused before anything is
   launched, naming the numbers that can;
-- `--gpus 1` continues on one process from that checkpoint (one process accumulating two) to `done`.
+- `--gpus 1` continues on one process from that checkpoint (one process accumulating two) to `done`;
+- then, its folder gone, `--gpus 1000` (more than the instance's cores) is refused before anything is
+  launched, naming --gpus (test_multigpu_count's resume case, on this job: one worker launch fewer).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,7 @@ from jobs import events as ev
 
 pytestmark = [pytest.mark.slow, pytest.mark.ssh]
 STEPS = 40
+TOO_MANY = "1000"  # processes: more than any test machine has cores (test_multigpu_count.py)
 MICRO = 128
 
 
@@ -31,7 +35,7 @@ def test_resume_onto_another_number_of_gpus(tmp_path: Path, sshd, tmux_socket, t
     job_id = first_json(cli_here("submit", str(job), "--json").stdout)["job_id"]
     job_dir = tmp_path / "remote" / "jobs" / job_id
     wait_for(lambda: steps_on_disk(job_dir), timeout=300)
-    cli("cancel", job_id)
+    cli_here("cancel", job_id)  # sets the scenario up: in this process
     first = events_of(job_dir)
     started = next(e for e in first if isinstance(e, ev.Started))
     assert started.world_size == 2 and started.grad_accum == 1
@@ -46,7 +50,7 @@ def test_resume_onto_another_number_of_gpus(tmp_path: Path, sshd, tmux_socket, t
     assert res.returncode == 2 and "train.gpus (--gpus)" in res.stderr, res.stderr
 
     cli("resume", job_id, "--gpus", "1")
-    cli("tail", job_id)
+    cli_here("tail", job_id)  # waits for the end
     second = events_of(job_dir)[len(first):]
     again = next(e for e in second if isinstance(e, ev.Started))
     assert again.world_size == 1 and again.grad_accum == 2 and again.resumed_from_step == last
@@ -55,3 +59,14 @@ def test_resume_onto_another_number_of_gpus(tmp_path: Path, sshd, tmux_socket, t
     assert isinstance(done, ev.Done) and done.steps == STEPS and not done.stopped
     status = json.loads(cli("status", job_id, "--json").stdout)
     assert status["state"] == "done"
+
+    # test_multigpu_count's resume: more processes than the instance has cores, on a job whose folder is gone
+    # (where the old code went on to look for a checkpoint to upload), is refused before anything is launched
+    shutil.rmtree(job_dir)
+    res = cli("resume", job_id, "--gpus", TOO_MANY, check=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert f"--gpus {TOO_MANY}" in res.stderr and "CPU core(s)" in res.stderr, res.stderr
+    assert "use --gpus " in res.stderr, res.stderr
+    assert not job_dir.exists(), "nothing was launched"
+    status = json.loads(cli("status", job_id, "--json").stdout)
+    assert status["state"] != "running"

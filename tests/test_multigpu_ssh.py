@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from jobfiles import cli, ssh_instance, write_job
+from jobfiles import cli, cli_here, ssh_instance, write_job
 from sshd import Sshd, free_port
 from tinymodel import make_model
 
@@ -103,26 +103,8 @@ def test_submit_trains_on_both_nodes(servers, tmp_path, tmux_socket, tiny_model)
     assert _read(nodes[1] / JOB_FILES["events"]) == "", "node 1 writes no events: global rank 0 is on node 0"
 
 
-def test_cancel_stops_every_node(servers, tmp_path, tmux_socket, tiny_model) -> None:
-    job = _two_node_job(tmp_path / "job", servers, tmux_socket, tiny_model, max_steps=100000)
-    job_id, nodes = _submit_and_wait_for_a_step(job, servers)
-    res = cli("cancel", job_id, timeout=600)
-    for folder in nodes:  # node 1 was stopped by cancel itself, not only by its ranks' agreement with node 0's
-        assert _read(folder / JOB_FILES["state"]).strip() == "cancelled", _read(folder / JOB_FILES["log"])[-3000:]
-    assert f"cancelled {job_id}" in res.stdout, res.stdout + res.stderr
-    assert "node 1 (" in res.stdout and "): cancelled" in res.stdout, res.stdout + res.stderr
-    for folder in nodes:
-        pid = int(_read(folder / JOB_FILES["pid"]))
-        assert not Path(f"/proc/{pid}").exists() or b"Z" in Path(f"/proc/{pid}/stat").read_bytes().split()[2]
-    tmux = subprocess.run(["tmux", "-L", tmux_socket, "has-session", "-t", job_id], capture_output=True,
-                          env={**os.environ, "TMUX_TMPDIR": str(servers[1].home)})  # fmt: skip
-    assert tmux.returncode != 0, "node 1's tmux session ended with its worker"
-    status = json.loads(cli("status", job_id, "--json").stdout)
-    assert status["state"] == "cancelled"
-
-
 def _submit_and_wait_for_a_step(job: Path, servers: list[Sshd]) -> tuple[str, list[Path]]:
-    job_id = cli("submit", str(job), timeout=900).stdout.strip()
+    job_id = cli_here("submit", str(job), timeout=900).stdout.strip()  # sets the scenario up: in this process
     nodes = [_job_dir(s, job_id) for s in servers]
     deadline = time.monotonic() + 600
     while '"type":"step"' not in _read(nodes[0] / JOB_FILES["events"]).replace(" ", ""):
@@ -172,13 +154,27 @@ def test_status_names_the_other_nodes_when_node_0_vanishes(servers, tmp_path, tm
     assert "node 1 (" in res.stderr and "): failed: " in res.stderr, res.stderr
 
 
-def test_resume_launches_every_node(servers, tmp_path, tmux_socket, tiny_model) -> None:
-    """A resume in place launches node 1 again too (it launched node 0 alone, which then waited at the
-    rendezvous). Without a shared disk node 1 lacks rank 0's checkpoint: its rank fails naming it."""
+def test_cancel_stops_every_node_and_a_resume_launches_every_node(servers, tmp_path, tmux_socket, tiny_model) -> None:
+    """`cancel` stops every node. Then a resume in place launches node 1 again too (it launched node 0
+    alone, which then waited at the rendezvous). Without a shared disk node 1 lacks rank 0's checkpoint:
+    its rank fails naming it. (One job for both: the cancel is the resume's first half.)"""
     job = _two_node_job(tmp_path / "job", servers, tmux_socket, tiny_model, max_steps=100000, save_steps=1,
                         save_every_minutes=0)  # fmt: skip
     job_id, nodes = _submit_and_wait_for_a_step(job, servers)
-    cli("cancel", job_id, timeout=600)
+    res = cli("cancel", job_id, timeout=600)
+    for folder in nodes:  # node 1 was stopped by cancel itself, not only by its ranks' agreement with node 0's
+        assert _read(folder / JOB_FILES["state"]).strip() == "cancelled", _read(folder / JOB_FILES["log"])[-3000:]
+    assert f"cancelled {job_id}" in res.stdout, res.stdout + res.stderr
+    assert "node 1 (" in res.stdout and "): cancelled" in res.stdout, res.stdout + res.stderr
+    for folder in nodes:
+        pid = int(_read(folder / JOB_FILES["pid"]))
+        assert not Path(f"/proc/{pid}").exists() or b"Z" in Path(f"/proc/{pid}/stat").read_bytes().split()[2]
+    tmux = subprocess.run(["tmux", "-L", tmux_socket, "has-session", "-t", job_id], capture_output=True,
+                          env={**os.environ, "TMUX_TMPDIR": str(servers[1].home)})  # fmt: skip
+    assert tmux.returncode != 0, "node 1's tmux session ended with its worker"
+    status = json.loads(cli("status", job_id, "--json").stdout)
+    assert status["state"] == "cancelled"
+
     assert list((nodes[0] / "output" / "checkpoints").glob("step-*")), "no checkpoint to resume from"
     runs = _read(nodes[1] / JOB_FILES["log"]).count("torchrun: node 1 of 2")
     cli("resume", job_id, check=False, timeout=600)
