@@ -12,6 +12,8 @@
 The guard's shutdown command is always `touch FILE`. A submit that only sets a scenario up runs the CLI's main()
 in this process (jobfiles.cli_here: it saves a new interpreter importing torch for the tokenizer); the verbs
 a fault is tried against (tail, resume --follow, a submit cut mid-upload) run as a user runs them, in a subprocess.
+Where a fault must meet the worker at a given point (killed mid-save, the disk filled after the first checkpoint,
+a second submit while it runs), the worker freezes itself there (tests/stophook): no test races the training.
 """
 
 from __future__ import annotations
