@@ -80,7 +80,7 @@ def arm(stops: Path, when: str, step: int) -> None:
     (stops / f"{when}-step-{step}").touch()
 
 
-def wait_stopped(stops: Path, when: str, step: int, timeout: float = 180) -> int:
+def wait_stopped(stops: Path, when: str, step: int, timeout: float = 600) -> int:
     """The pid of the worker frozen by `arm(stops, when, step)`, once it is stopped."""
     pidfile = stops / f"stopped-{when}-step-{step}"
 

@@ -139,16 +139,19 @@ def test_a_real_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, model
     proc = subprocess.Popen(
         argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # on a busy 2-core machine its imports alone once took over 120 s
     events_file = job_dir / "events.jsonl"
-    while time.monotonic() < deadline:
-        if events_file.exists() and '"type":"step"' in events_file.read_text():
-            break
+
+    def steps_written() -> list[int]:  # whole lines only: one still being written is not read
+        whole = events_file.read_text().rpartition("\n")[0] if events_file.exists() else ""
+        return [e.step for e in map(ev.parse, whole.splitlines()) if isinstance(e, ev.Step)]
+
+    while not steps_written():  # a signal before the first step would test nothing
         assert proc.poll() is None, proc.stdout.read()
-        time.sleep(0.01)
+        assert time.monotonic() < deadline, "the worker made no step in 600 s"
+        time.sleep(0.05)
     proc.send_signal(signal.SIGSTOP)  # frozen while the test looks: the SIGTERM lands mid-run, or it says so
-    whole = events_file.read_text().rpartition("\n")[0].splitlines()  # a line cut by the stop is not read
-    ran = max(e.step for e in map(ev.parse, whole) if isinstance(e, ev.Step))
+    ran = max(steps_written())
     assert ran < total - 1, "the job was about to end before the signal: make it longer"
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGCONT)
