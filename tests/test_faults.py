@@ -133,7 +133,7 @@ def worker_pid(job_dir: Path) -> int:
 
 RELAY = r"""
 import os, subprocess, sys, threading, time
-log, rate_file, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+log, hold_file, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 child = subprocess.Popen(argv, stdin=subprocess.PIPE)
 
 
@@ -151,9 +151,8 @@ def pump():
         total += len(chunk)
         with open(log, "w") as f:
             f.write(f"{total} {argv[-1]}\n")
-        rate = float(open(rate_file).read() or 0)
-        if rate:
-            time.sleep(len(chunk) / rate)
+        while "/data/" in argv[-1] and 0 < int(open(hold_file).read() or 0) <= total:
+            time.sleep(0.05)  # held: the dataset's upload waits here until the test lets it go on
     try:
         child.stdin.close()
     except (BrokenPipeError, ValueError):
@@ -161,24 +160,27 @@ def pump():
 
 
 threading.Thread(target=pump, daemon=True).start()
-os._exit(child.wait())  # when rsync is done, so is the channel (the sender waits for that, not for our EOF)
+code = child.wait()
+open(log.replace("bytes.", "done."), "w").close()
+os._exit(code)  # when rsync is done, so is the channel (the sender waits for that, not for our EOF)
 """
 
 
 @pytest.fixture
 def metered_rsync(sshd, tmp_path: Path):
-    """On the 'instance', the receiving rsync reads through a relay that counts (and can throttle) bytes."""
+    """On the 'instance', the receiving rsync reads through a relay that counts bytes, and holds the dataset's
+    upload once `hold` bytes of it arrived (0: never): the test acts mid-upload without racing its end."""
     d = tmp_path / "meter"
     d.mkdir()
     (d / "relay.py").write_text(RELAY)
-    (d / "rate").write_text("0")
+    (d / "hold").write_text("0")
     real = subprocess.run(["bash", "-c", "command -v rsync"], capture_output=True, text=True).stdout.strip()
     wrapper = d / "bin" / "rsync"
     wrapper.parent.mkdir()
     wrapper.write_text(
         "#!/bin/sh\n"
         'case " $* " in *" --server "*) case " $* " in *" --sender "*) ;; *)\n'
-        f'  exec {sys.executable} {d / "relay.py"} "{d}/bytes.$$" {d / "rate"} {real} "$@";; esac;; esac\n'
+        f'  exec {sys.executable} {d / "relay.py"} "{d}/bytes.$$" {d / "hold"} {real} "$@";; esac;; esac\n'
         f'exec {real} "$@"\n'
     )
     wrapper.chmod(0o755)
@@ -219,14 +221,25 @@ def test_an_upload_cut_by_a_dead_sshd_is_finished_by_a_rerun_sending_only_the_re
             f.write(json.dumps({"instruction": f"Question {i}?", "input": "", "output": answer}) + "\n")
     size = (tmp_path / "job" / "train.jsonl").stat().st_size
 
-    (metered_rsync / "rate").write_text(str(1_000_000))  # 1 MB/s: the upload takes about 3 s
+    (metered_rsync / "hold").write_text(str(size // 2 + 1))  # the upload stops halfway until sshd is dead
     first = subprocess.Popen(
         [*CLI, "submit", str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    wait_for(lambda: data_bytes(metered_rsync) > size // 2, timeout=120)
+    # (a submit preparing 3 MB on a busy 2-core machine once took over 120 s to start the upload)
+    wait_for(lambda: data_bytes(metered_rsync) > size // 2, timeout=600)
     sshd.kill()  # mid-upload: every connection drops
-    out, err = first.communicate(timeout=120)
+    (metered_rsync / "hold").write_text("0")  # the relay passes on what it has left, then sees the end
+    out, err = first.communicate(timeout=600)
     assert first.returncode == 4, out + err
+
+    def receivers_ended():
+        """every receiving rsync ended (it keeps what arrived as it ends)"""
+        return all(
+            (metered_rsync / f.name.replace("bytes.", "done.")).exists()
+            for f in metered_rsync.glob("bytes.*")
+        )
+
+    wait_for(receivers_ended, timeout=120)
     partial = [p for p in (remote / "data").iterdir() if p.name.endswith(".partial")]
     assert partial, "nothing was kept of the interrupted upload"
     # what arrived whole, or was kept as a partial file (rsync --partial); not rsync's hidden temp files
@@ -235,7 +248,6 @@ def test_an_upload_cut_by_a_dead_sshd_is_finished_by_a_rerun_sending_only_the_re
     sent_before = data_bytes(metered_rsync)
 
     sshd.start()
-    (metered_rsync / "rate").write_text("0")
     for f in metered_rsync.glob("bytes.*"):
         f.unlink()
     again = first_json(cli_here("submit", str(job), "--json").stdout)
