@@ -87,6 +87,31 @@ def _sshd_only(pids: list[int]) -> list[int]:
     return out
 
 
+def _pidfds(pids: list[int]) -> list[int]:
+    """A pidfd for each process still there and still an sshd. A session's pid, once it has exited, can soon
+    be another process's (pid_max is 32768 on the test machine and the suite forks a lot): a SIGKILL sent by
+    pid after the wait could land on an unrelated process, such as another test's fresh ssh session (which
+    then loses its connection mid-command). A pidfd names the process itself, never a later one."""
+    fds = []
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        if _sshd_only([pid]):  # listed as sshd, and still that process now that the pidfd holds it
+            fds.append(fd)
+        else:
+            os.close(fd)
+    return fds
+
+
+def _send(pidfd: int, sig: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        pass
+
+
 @dataclass
 class Sshd:
     dir: Path
@@ -194,25 +219,24 @@ class Sshd:
     def _signal_all(self, sig: int, then_kill: bool = False) -> None:
         if self.proc is None:
             return
-        pids = [self.proc.pid] + _sshd_only(descendants(self.proc.pid)) if self.proc.poll() is None else []
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+        sessions = _pidfds(_sshd_only(descendants(self.proc.pid))) if self.proc.poll() is None else []
         try:
-            self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            if not then_kill:
-                raise
-            self.proc.kill()
-            self.proc.wait()
-        if then_kill:
-            for pid in pids[1:]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            self.proc.send_signal(sig)
+            for fd in sessions:
+                _send(fd, sig)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                if not then_kill:
+                    raise
+                self.proc.kill()
+                self.proc.wait()
+            if then_kill:
+                for fd in sessions:
+                    _send(fd, signal.SIGKILL)
+        finally:
+            for fd in sessions:
+                os.close(fd)
         self.proc = None
 
     def log(self) -> str:

@@ -12,6 +12,8 @@
 The guard's shutdown command is always `touch FILE`. A submit that only sets a scenario up runs the CLI's main()
 in this process (jobfiles.cli_here: it saves a new interpreter importing torch for the tokenizer); the verbs
 a fault is tried against (tail, resume --follow, a submit cut mid-upload) run as a user runs them, in a subprocess.
+Where a fault must meet the worker at a given point (killed mid-save, the disk filled after the first checkpoint,
+a second submit while it runs), the worker freezes itself there (tests/stophook): no test races the training.
 """
 
 from __future__ import annotations
@@ -44,19 +46,53 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model(tmp_path_factory.mktemp("model") / "tiny-qwen2")
 
 
-def worker_python(folder: Path, **env: str) -> str:
+STOPHOOK = Path(__file__).parent / "stophook"
+
+
+def worker_python(folder: Path, stops: Path | None = None, **env: str) -> str:
     """The instance's python, for the tiny model: one torch thread (on a busy 2-core machine two threads
-    spin against each other and train 5-10x slower), plus `env`."""
+    spin against each other and train 5-10x slower), plus `env`; with `stops`, a worker freezes where a
+    test armed it (tests/stophook: `arm`, `wait_stopped`)."""
     folder.mkdir(parents=True, exist_ok=True)
     py = folder / "python"
+    if stops is not None:
+        env = {
+            "AUTODL_TEST_STOPS": str(stops),
+            "PYTHONPATH": f'"{STOPHOOK}${{PYTHONPATH:+:$PYTHONPATH}}"',
+            **env,
+        }
     exports = "".join(f"{k}={v} " for k, v in {"OMP_NUM_THREADS": "1", **env}.items())
     py.write_text(f'#!/bin/sh\n{exports}exec {sys.executable} "$@"\n')
     py.chmod(0o755)
     return str(py)
 
 
-def instance(sshd, root: Path, tmux_socket: str, **extra) -> dict:
-    return ssh_instance(sshd, root, tmux_socket, **{"python": worker_python(root.parent / "bin"), **extra})
+def instance(sshd, root: Path, tmux_socket: str, stops: Path | None = None, **extra) -> dict:
+    return ssh_instance(
+        sshd, root, tmux_socket, **{"python": worker_python(root.parent / "bin", stops), **extra}
+    )
+
+
+def arm(stops: Path, when: str, step: int) -> None:
+    """The next worker to save checkpoint `step` freezes `when` ("before": written, not yet renamed to
+    step-N; "after": step-N complete) until the test kills or continues it: no race with its training."""
+    stops.mkdir(exist_ok=True)
+    (stops / f"{when}-step-{step}").touch()
+
+
+def wait_stopped(stops: Path, when: str, step: int, timeout: float = 600) -> int:
+    """The pid of the worker frozen by `arm(stops, when, step)`, once it is stopped."""
+    pidfile = stops / f"stopped-{when}-step-{step}"
+
+    def frozen():
+        if not pidfile.exists():
+            return None
+        pid = int(pidfile.read_text())
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        return pid if state in ("T", "t") else None
+
+    frozen.__doc__ = f"a worker frozen {when} saving step-{step}"
+    return wait_for(frozen, timeout=timeout)
 
 
 def events_of(job_dir: Path) -> list:
@@ -97,7 +133,7 @@ def worker_pid(job_dir: Path) -> int:
 
 RELAY = r"""
 import os, subprocess, sys, threading, time
-log, rate_file, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+log, hold_file, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 child = subprocess.Popen(argv, stdin=subprocess.PIPE)
 
 
@@ -115,9 +151,8 @@ def pump():
         total += len(chunk)
         with open(log, "w") as f:
             f.write(f"{total} {argv[-1]}\n")
-        rate = float(open(rate_file).read() or 0)
-        if rate:
-            time.sleep(len(chunk) / rate)
+        while "/data/" in argv[-1] and 0 < int(open(hold_file).read() or 0) <= total:
+            time.sleep(0.05)  # held: the dataset's upload waits here until the test lets it go on
     try:
         child.stdin.close()
     except (BrokenPipeError, ValueError):
@@ -125,24 +160,27 @@ def pump():
 
 
 threading.Thread(target=pump, daemon=True).start()
-os._exit(child.wait())  # when rsync is done, so is the channel (the sender waits for that, not for our EOF)
+code = child.wait()
+open(log.replace("bytes.", "done."), "w").close()
+os._exit(code)  # when rsync is done, so is the channel (the sender waits for that, not for our EOF)
 """
 
 
 @pytest.fixture
 def metered_rsync(sshd, tmp_path: Path):
-    """On the 'instance', the receiving rsync reads through a relay that counts (and can throttle) bytes."""
+    """On the 'instance', the receiving rsync reads through a relay that counts bytes, and holds the dataset's
+    upload once `hold` bytes of it arrived (0: never): the test acts mid-upload without racing its end."""
     d = tmp_path / "meter"
     d.mkdir()
     (d / "relay.py").write_text(RELAY)
-    (d / "rate").write_text("0")
+    (d / "hold").write_text("0")
     real = subprocess.run(["bash", "-c", "command -v rsync"], capture_output=True, text=True).stdout.strip()
     wrapper = d / "bin" / "rsync"
     wrapper.parent.mkdir()
     wrapper.write_text(
         "#!/bin/sh\n"
         'case " $* " in *" --server "*) case " $* " in *" --sender "*) ;; *)\n'
-        f'  exec {sys.executable} {d / "relay.py"} "{d}/bytes.$$" {d / "rate"} {real} "$@";; esac;; esac\n'
+        f'  exec {sys.executable} {d / "relay.py"} "{d}/bytes.$$" {d / "hold"} {real} "$@";; esac;; esac\n'
         f'exec {real} "$@"\n'
     )
     wrapper.chmod(0o755)
@@ -183,14 +221,25 @@ def test_an_upload_cut_by_a_dead_sshd_is_finished_by_a_rerun_sending_only_the_re
             f.write(json.dumps({"instruction": f"Question {i}?", "input": "", "output": answer}) + "\n")
     size = (tmp_path / "job" / "train.jsonl").stat().st_size
 
-    (metered_rsync / "rate").write_text(str(1_000_000))  # 1 MB/s: the upload takes about 3 s
+    (metered_rsync / "hold").write_text(str(size // 2 + 1))  # the upload stops halfway until sshd is dead
     first = subprocess.Popen(
         [*CLI, "submit", str(job)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    wait_for(lambda: data_bytes(metered_rsync) > size // 2, timeout=120)
+    # (a submit preparing 3 MB on a busy 2-core machine once took over 120 s to start the upload)
+    wait_for(lambda: data_bytes(metered_rsync) > size // 2, timeout=600)
     sshd.kill()  # mid-upload: every connection drops
-    out, err = first.communicate(timeout=120)
+    (metered_rsync / "hold").write_text("0")  # the relay passes on what it has left, then sees the end
+    out, err = first.communicate(timeout=600)
     assert first.returncode == 4, out + err
+
+    def receivers_ended():
+        """every receiving rsync ended (it keeps what arrived as it ends)"""
+        return all(
+            (metered_rsync / f.name.replace("bytes.", "done.")).exists()
+            for f in metered_rsync.glob("bytes.*")
+        )
+
+    wait_for(receivers_ended, timeout=120)
     partial = [p for p in (remote / "data").iterdir() if p.name.endswith(".partial")]
     assert partial, "nothing was kept of the interrupted upload"
     # what arrived whole, or was kept as a partial file (rsync --partial); not rsync's hidden temp files
@@ -199,7 +248,6 @@ def test_an_upload_cut_by_a_dead_sshd_is_finished_by_a_rerun_sending_only_the_re
     sent_before = data_bytes(metered_rsync)
 
     sshd.start()
-    (metered_rsync / "rate").write_text("0")
     for f in metered_rsync.glob("bytes.*"):
         f.unlink()
     again = first_json(cli_here("submit", str(job), "--json").stdout)
@@ -223,24 +271,31 @@ def test_an_upload_cut_by_a_dead_sshd_is_finished_by_a_rerun_sending_only_the_re
 def test_a_worker_killed_mid_epoch_resumes_from_its_last_checkpoint(
     sshd, tmp_path: Path, tmux_socket: str, tiny_model: Path
 ) -> None:
-    total = 300
+    # 35 micro-batches an epoch: killed in the first (while saving step 20, frozen there by the stop hook,
+    # so the kill never races the job's end), the resumed run goes on into the second
+    total, every = 40, 10
+    stops = tmp_path / "stops"
+    arm(stops, "before", 2 * every)
     job = write_job(
-        tmp_path / "job", model=tiny_model, instance=instance(sshd, tmp_path / "remote", tmux_socket),
-        train={"max_steps": total, "save_steps": 20}, rows=64,  # 35 micro-batches an epoch
+        tmp_path / "job", model=tiny_model, instance=instance(sshd, tmp_path / "remote", tmux_socket, stops),
+        train={"max_steps": total, "save_steps": every}, rows=64,
     )  # fmt: skip
     job_id = first_json(cli_here("submit", str(job), "--json").stdout)["job_id"]
     job_dir = tmp_path / "remote" / "jobs" / job_id
     tail = subprocess.Popen(
         [*CLI, "tail", job_id, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    wait_for(lambda: [s for s in steps_on_disk(job_dir) if s >= 40], timeout=180)
-    os.kill(worker_pid(job_dir), signal.SIGKILL)
+    frozen = wait_stopped(stops, "before", 2 * every)
+    assert frozen == worker_pid(job_dir), "the stop hook froze another process than the worker"
+    assert (job_dir / "output" / "checkpoints" / f"checkpoint-{2 * every}").is_dir()  # a save cut halfway
+    os.kill(frozen, signal.SIGKILL)
     killed_at = max(e.step for e in events_of(job_dir) if isinstance(e, ev.Step))
     assert killed_at < total, "the job ended before the kill: make it longer"
     _, stderr = tail.communicate(timeout=120)
     assert tail.returncode == 6, stderr
     assert "exit code 137" in stderr and f"autodl-run resume {job_id}" in stderr
     last = steps_on_disk(job_dir)[-1]
+    assert last < killed_at, (last, killed_at)
     # auto-fetch: the laptop holds the newest checkpoint's adapter (only that one), verified
     held = tmp_path / "job" / "runs" / job_id / "checkpoints" / f"step-{last}" / "adapter"
     remote_manifest = job_dir / "output" / "checkpoints" / f"step-{last}" / "adapter" / "manifest.json"
@@ -248,9 +303,12 @@ def test_a_worker_killed_mid_epoch_resumes_from_its_last_checkpoint(
     assert [p.name for p in held.parent.parent.iterdir()] == [f"step-{last}"]
 
     before = len(events_of(job_dir))
+    arm(stops, "before", 3 * every)  # the resumed run waits there while the same job is submitted again
     assert cli_here("resume", job_id).stdout.splitlines()[0].strip() == job_id
+    running = wait_stopped(stops, "before", 3 * every)
     again = first_json(cli_here("submit", str(job), "--json").stdout)  # the same job, while it runs again
     assert again["reattached"] and again["job_id"] == job_id
+    os.kill(running, signal.SIGCONT)
     cli("tail", job_id)
     second = events_of(job_dir)[before:]
     started = next(e for e in second if isinstance(e, ev.Started))
@@ -283,19 +341,24 @@ def used_bytes(folder: Path) -> int:
 def test_a_full_remote_disk_is_a_clear_error_and_the_last_checkpoint_survives(
     sshd, tmp_path: Path, tmux_socket: str, tiny_model: Path, small_disk: Path
 ) -> None:
-    total = 400
+    total, every = 30, 10
+    stops = tmp_path / "stops"
+    arm(stops, "after", every)  # frozen once its first checkpoint is complete, until the disk is full
     job = write_job(
-        tmp_path / "job", model=tiny_model, instance=instance(sshd, small_disk / "autodl-run", tmux_socket),
-        train={"max_steps": total, "save_steps": 50},
+        tmp_path / "job", model=tiny_model,
+        instance=instance(sshd, small_disk / "autodl-run", tmux_socket, stops),
+        train={"max_steps": total, "save_steps": every},
     )  # fmt: skip
     job_id = first_json(cli_here("submit", str(job), "--json").stdout)["job_id"]
     job_dir = small_disk / "autodl-run" / "jobs" / job_id
-    first = wait_for(lambda: steps_on_disk(job_dir), timeout=180)[0]
-    size = used_bytes(job_dir / "output" / "checkpoints" / f"step-{first}")
+    frozen = wait_stopped(stops, "after", every)
+    assert steps_on_disk(job_dir) == [every]
+    size = used_bytes(job_dir / "output" / "checkpoints" / f"step-{every}")
     st = os.statvfs(small_disk)
     free = st.f_bavail * st.f_frsize
     with open(small_disk / "filler", "wb") as f:  # leave half a checkpoint: the next save cannot fit
         f.write(b"\0" * max(0, free - size // 2))
+    os.kill(frozen, signal.SIGCONT)
 
     res = cli("tail", job_id, check=False)
     assert res.returncode == 6, res.stdout + res.stderr
@@ -343,14 +406,14 @@ def test_a_deadline_saves_fetches_and_verifies_then_the_guard_shuts_down(
         shutdown_command=f"touch {ran}", idle_grace_minutes=30,
     )  # fmt: skip
     job = write_job(tmp_path / "job", model=tiny_model, instance=inst, train={"max_steps": 100_000}, rows=64)
-    res = cli("submit", str(job), "--deadline", "25s", "--follow", "--json")
+    res = cli("submit", str(job), "--deadline", "15s", "--follow", "--json")
     job_id = first_json(res.stdout)["job_id"]
     job_dir = tmp_path / "remote" / "jobs" / job_id
     done = events_of(job_dir)[-1]
     assert isinstance(done, ev.Done) and done.stopped == "deadline" and done.steps < 100_000
     # When the steps, the save and the fetch happen relative to the wall-clock deadline depends on this
     # machine's load, so no time is asserted (no test may depend on wall-clock speed): on a busy 2-core
-    # machine submit and launch alone took longer than the 25 s, and the worker then stopped after one
+    # machine submit and launch alone took longer than 25 s, and the worker then stopped after one
     # step, saved and was fetched, which is what the assertions here hold.
     assert any(isinstance(e, ev.Checkpoint) and e.reason == "deadline" for e in events_of(job_dir))
 

@@ -130,7 +130,7 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path, model_dir, data_
 
 def test_a_real_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, model_dir, data_dir):
     """The worker process itself: SIGTERM mid-run -> checkpoint, `cancelled`; started again -> resumes."""
-    total = 150
+    total = 60
     job = make_job(tmp_path / "c", model_dir, data_dir, max_steps=total, save_steps=0)
     job_dir = Path(job.job_dir)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -139,14 +139,22 @@ def test_a_real_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, model
     proc = subprocess.Popen(
         argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600  # on a busy 2-core machine its imports alone once took over 120 s
     events_file = job_dir / "events.jsonl"
-    while time.monotonic() < deadline:
-        if events_file.exists() and '"type":"step"' in events_file.read_text():
-            break
+
+    def steps_written() -> list[int]:  # whole lines only: one still being written is not read
+        whole = events_file.read_text().rpartition("\n")[0] if events_file.exists() else ""
+        return [e.step for e in map(ev.parse, whole.splitlines()) if isinstance(e, ev.Step)]
+
+    while not steps_written():  # a signal before the first step would test nothing
         assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "the worker made no step in 600 s"
         time.sleep(0.05)
+    proc.send_signal(signal.SIGSTOP)  # frozen while the test looks: the SIGTERM lands mid-run, or it says so
+    ran = max(steps_written())
+    assert ran < total - 1, "the job was about to end before the signal: make it longer"
     proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 1, out
     assert (job_dir / "state").read_text().strip() == "cancelled"
