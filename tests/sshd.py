@@ -87,27 +87,34 @@ def _sshd_only(pids: list[int]) -> list[int]:
     return out
 
 
-def _pidfds(pids: list[int]) -> list[int]:
-    """A pidfd for each process still there and still an sshd. A session's pid, once it has exited, can soon
-    be another process's (pid_max is 32768 on the test machine and the suite forks a lot): a SIGKILL sent by
-    pid after the wait could land on an unrelated process, such as another test's fresh ssh session (which
-    then loses its connection mid-command). A pidfd names the process itself, never a later one."""
-    fds = []
+def _pidfds(pids: list[int]) -> list[tuple[int, int | None]]:
+    """(pid, pidfd) for each process still there and still an sshd. A session's pid, once it has exited, can
+    soon be another process's (pid_max is 32768 on the test machine and the suite forks a lot): a SIGKILL
+    sent by pid after the wait could land on an unrelated process, such as another test's fresh ssh session
+    (which then loses its connection mid-command). A pidfd names the process itself, never a later one.
+    Where pidfds are not available (a kernel before 5.3, a seccomp profile), the pid alone (pidfd None)."""
+    handles: list[tuple[int, int | None]] = []
     for pid in pids:
         try:
-            fd = os.pidfd_open(pid)
+            fd: int | None = os.pidfd_open(pid)
         except ProcessLookupError:
             continue
+        except (OSError, AttributeError):
+            fd = None
         if _sshd_only([pid]):  # listed as sshd, and still that process now that the pidfd holds it
-            fds.append(fd)
-        else:
+            handles.append((pid, fd))
+        elif fd is not None:
             os.close(fd)
-    return fds
+    return handles
 
 
-def _send(pidfd: int, sig: int) -> None:
+def _send(handle: tuple[int, int | None], sig: int) -> None:
+    pid, fd = handle
     try:
-        signal.pidfd_send_signal(pidfd, sig)
+        if fd is None:
+            os.kill(pid, sig)
+        else:
+            signal.pidfd_send_signal(fd, sig)
     except ProcessLookupError:
         pass
 
@@ -222,8 +229,8 @@ class Sshd:
         sessions = _pidfds(_sshd_only(descendants(self.proc.pid))) if self.proc.poll() is None else []
         try:
             self.proc.send_signal(sig)
-            for fd in sessions:
-                _send(fd, sig)
+            for handle in sessions:
+                _send(handle, sig)
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
@@ -232,11 +239,12 @@ class Sshd:
                 self.proc.kill()
                 self.proc.wait()
             if then_kill:
-                for fd in sessions:
-                    _send(fd, signal.SIGKILL)
+                for handle in sessions:
+                    _send(handle, signal.SIGKILL)
         finally:
-            for fd in sessions:
-                os.close(fd)
+            for _, fd in sessions:
+                if fd is not None:
+                    os.close(fd)
         self.proc = None
 
     def log(self) -> str:

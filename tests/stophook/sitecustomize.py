@@ -12,7 +12,7 @@ _stops = os.environ.get("AUTODL_TEST_STOPS")
 
 
 def _install(stops: str) -> None:
-    rename = os.rename
+    rename, replace = os.rename, os.replace
 
     def stop(when: str, dst) -> None:
         name = f"{when}-{os.path.basename(os.fspath(dst))}"
@@ -25,12 +25,16 @@ def _install(stops: str) -> None:
         rename(os.path.join(stops, f"stopped-{name}.tmp"), os.path.join(stops, f"stopped-{name}"))
         os.kill(os.getpid(), signal.SIGSTOP)
 
-    def stopping_rename(src, dst, *args, **kwargs):
-        stop("before", dst)
-        rename(src, dst, *args, **kwargs)
-        stop("after", dst)
+    def stopping(move):
+        def moving(src, dst, *args, **kwargs):
+            stop("before", dst)
+            move(src, dst, *args, **kwargs)
+            stop("after", dst)
 
-    os.rename = stopping_rename
+        return moving
+
+    # the worker finalizes a checkpoint by renaming `checkpoint-N` to `step-N` (Path.rename or Path.replace)
+    os.rename, os.replace = stopping(rename), stopping(replace)
 
 
 if _stops:
