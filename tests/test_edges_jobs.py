@@ -54,13 +54,6 @@ def test_a_relative_model_path_that_is_not_there_is_refused_at_check(tmp_path: P
     assert res.returncode == 2 and "model.name_or_path" in res.stderr and "nowhere" in res.stderr
 
 
-def events_of(job_dir: Path) -> list:
-    from jobs import events as ev
-
-    path = job_dir / "events.jsonl"
-    return [ev.parse(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
-
-
 def test_a_dataset_with_nothing_to_train_is_refused_before_launch_with_a_hint_that_helps(
     tmp_path: Path, tmux_socket: str, local_home: Path
 ) -> None:
@@ -78,42 +71,5 @@ def test_a_dataset_with_nothing_to_train_is_refused_before_launch_with_a_hint_th
     assert not (tmp_path / "remote" / "jobs").exists() or not any((tmp_path / "remote" / "jobs").iterdir())
 
 
-def test_resume_says_which_checkpoint_the_worker_took_when_the_newest_is_damaged(
-    tmp_path: Path, tmux_socket: str, local_home: Path
-) -> None:
-    import time
-
-    from jobs import events as ev
-
-    folder = tmp_path / "job"
-    make_model(folder / "base")
-    job = write_job(folder, model=folder / "base", instance=local(tmp_path, tmux_socket),
-                    train={"max_steps": 2000, "save_steps": 2}, rows=32)  # fmt: skip
-    job_id = cli_here("submit", str(job)).stdout.splitlines()[0].strip()
-    job_dir = tmp_path / "remote" / "jobs" / job_id
-    checkpoints = job_dir / "output" / "checkpoints"
-
-    def steps() -> list[int]:
-        return sorted(int(p.name[5:]) for p in checkpoints.glob("step-*")) if checkpoints.is_dir() else []
-
-    deadline = time.monotonic() + 300
-    while len(steps()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    cli("cancel", job_id)  # it saves a checkpoint, then stops: resumable
-    *_, before, newest = steps()
-    damaged = next(p for p in (checkpoints / f"step-{newest}").rglob("*.safetensors"))
-    damaged.write_bytes(damaged.read_bytes()[:-8] + b"damaged!")
-    runs = len(events_of(job_dir))
-
-    res = cli("resume", job_id)
-    # back once the new run is under way: `tail` (and `resume --follow`) never show the last run's end
-    assert any(isinstance(e, ev.Phase) and e.phase == "setup" for e in events_of(job_dir)[runs:])
-    said = res.stdout + res.stderr
-    assert f"step-{newest} is damaged" in said and f"resumed from the checkpoint before it, step-{before}" in said
-    assert f"from checkpoint step-{before}" in said and f"from checkpoint step-{newest}" not in said
-    deadline = time.monotonic() + 300
-    while not any(isinstance(e, ev.Started) for e in events_of(job_dir)[runs:]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    started = next(e for e in events_of(job_dir)[runs:] if isinstance(e, ev.Started))
-    assert started.resumed_from_step == before
-    cli("cancel", job_id)
+# The damaged-checkpoint resume shares test_session's submitted-and-resumed job: see
+# test_session.test_submit_and_resume_print_the_same_timed_steps_and_resume_skips_a_damaged_checkpoint.

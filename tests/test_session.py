@@ -73,23 +73,55 @@ def test_tail_uses_at_most_two_connections(
     assert 1 <= sessions <= 2, f"{accepted} connections, {rsync_runs} of them rsync's\n{out.stderr}"
 
 
-def test_submit_and_resume_print_the_same_timed_steps(tmp_path: Path, tmux_socket: str, tiny_model: Path) -> None:
+def test_submit_and_resume_print_the_same_timed_steps_and_resume_skips_a_damaged_checkpoint(
+    tmp_path: Path, tmux_socket: str, tiny_model: Path, local_home: Path
+) -> None:
+    """One job, submitted, cancelled once two checkpoints are written, its newest checkpoint damaged, resumed:
+    submit and resume print the same timed steps (less `prepare`), and resume says which checkpoint the
+    worker took (issue 13: formerly test_edges_jobs' own job; one worker run less for the same assertions)."""
+    from jobs import events as ev
+
     inst = {"host": "local", "remote_root": str(tmp_path / "remote"), "tmux_socket": tmux_socket,
             "python": sys.executable}  # fmt: skip
-    job = write_job(tmp_path / "job", model=tiny_model, instance=inst, train={"max_steps": 3000, "save_steps": 1})
+    job = write_job(tmp_path / "job", model=tiny_model, instance=inst, train={"max_steps": 3000, "save_steps": 2},
+                    rows=32)  # fmt: skip
     sub = cli("submit", str(job))
     job_id = sub.stdout.splitlines()[0].strip()
     submitted = STEP_LINE.findall(sub.stderr)
     assert submitted == ["check", "prepare", "connect", "plan", "sync", "setup", "model", "launch"], sub.stderr
 
-    checkpoints = tmp_path / "remote" / "jobs" / job_id / "output" / "checkpoints"
-    _wait(lambda: checkpoints.is_dir() and any(p.name.startswith("step-") for p in checkpoints.iterdir()))
-    cli("cancel", job_id, timeout=300)
+    job_dir = tmp_path / "remote" / "jobs" / job_id
+    checkpoints = job_dir / "output" / "checkpoints"
+
+    def steps() -> list[int]:
+        return sorted(int(p.name[5:]) for p in checkpoints.glob("step-*")) if checkpoints.is_dir() else []
+
+    _wait(lambda: len(steps()) >= 2, timeout=300)
+    cli("cancel", job_id, timeout=300)  # it saves a checkpoint, then stops: resumable
+    *_, before, newest = steps()
+    damaged = next(p for p in (checkpoints / f"step-{newest}").rglob("*.safetensors"))
+    damaged.write_bytes(damaged.read_bytes()[:-8] + b"damaged!")
+    runs = len(_events_of(job_dir))
+
     res = cli("resume", job_id)
     resumed = STEP_LINE.findall(res.stderr)
-    assert resumed == [s for s in submitted if s != "prepare"], res.stderr
-    assert "from checkpoint step-" in res.stderr
+    assert resumed == [s for s in submitted if s != "prepare"], f"resume's timed steps differ: {res.stderr}"
+    # back once the new run is under way: `tail` (and `resume --follow`) never show the last run's end
+    assert any(isinstance(e, ev.Phase) and e.phase == "setup" for e in _events_of(job_dir)[runs:]), res.stderr
+    said = res.stdout + res.stderr
+    assert f"step-{newest} is damaged" in said and f"resumed from the checkpoint before it, step-{before}" in said
+    assert f"from checkpoint step-{before}" in said and f"from checkpoint step-{newest}" not in said, said
+    _wait(lambda: any(isinstance(e, ev.Started) for e in _events_of(job_dir)[runs:]), timeout=300)
+    started = next(e for e in _events_of(job_dir)[runs:] if isinstance(e, ev.Started))
+    assert started.resumed_from_step == before, "the worker did not resume from the checkpoint before the damaged one"
     cli("cancel", job_id, timeout=300)
+
+
+def _events_of(job_dir: Path) -> list:
+    from jobs import events as ev
+
+    path = job_dir / "events.jsonl"
+    return [ev.parse(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
 def test_the_spec_is_kept_as_written_and_old_ledgers_still_read(
