@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -19,33 +18,8 @@ def local(tmp_path: Path, tmux_socket: str) -> dict:
             "python": sys.executable}  # fmt: skip
 
 
-def test_a_finished_job_from_a_relative_model_path_with_skipped_rows_cannot_be_cancelled(
-    tmp_path: Path, tmux_socket: str, local_home: Path
-) -> None:
-    """The model given as `./base` on the local target, two bad rows skipped; then cancel on it, done."""
-    folder = tmp_path / "job"
-    make_model(folder / "base")
-    job = write_job(folder, model="./base", instance=local(tmp_path, tmux_socket), data={"on_error": "skip"})
-    with open(folder / "train.jsonl", "a") as f:
-        f.write("{not json\n" + json.dumps({"unrelated": 1}) + "\n")
-    sub = cli("submit", str(job), "--follow")
-    job_id = sub.stdout.splitlines()[0].strip()
-    assert "2 invalid rows skipped" in sub.stderr
-    status = json.loads(cli("status", job_id, "--json").stdout)
-    assert status["state"] == "done" and status["step"] == 6
-    # piped, each step has an ETA, and the time `done` took is the elapsed time `status` shows
-    assert all(" ETA " in ln for ln in sub.stdout.splitlines() if ln.startswith("step "))
-    from client.views.render import fmt_duration
-
-    assert f"done: 6 steps in {fmt_duration(status['elapsed_s'])}" in sub.stdout
-    assert re.search(rf"^elapsed +{fmt_duration(status['elapsed_s'])}$", cli("status", job_id).stdout, re.M)
-
-    res = cli("cancel", job_id, check=False)
-    assert res.returncode == 6 and "already ended (done)" in res.stderr, res.stderr
-    assert "cancelled" not in res.stdout
-    assert [j["state"] for j in json.loads(cli("ls", "--json").stdout)] == ["done"]
-    res = cli("tail", job_id)
-    assert "no final adapter" not in res.stdout + res.stderr
+# A finished job from a relative model path with skipped rows, that cannot be cancelled: test_e2e's
+# test_submit_follow_fetch_on_the_local_target (its job, fetched there too).
 
 
 def test_a_relative_model_path_that_is_not_there_is_refused_at_check(tmp_path: Path, tmux_socket: str) -> None:

@@ -1,31 +1,22 @@
 """One session per command, one pipeline of timed steps (issue 11, items 4 and 5).
 
-- `tail` of a job that checkpoints and finishes opens at most two SSH connections of its own (the
-  follower's session, reused for the final fetch and the guard; the auto-fetch's): counted in the test
-  sshd's log ("Accepted publickey", one a connection), less the ones rsync's ssh opened (counted by an
-  `ssh` on PATH that notes each run, then runs the real one).
-- `submit` and `resume` print the same timed steps (resume has no `prepare`: the data is prepared at submit).
-- The user's spec is never changed: the ledger keeps it as written, and the resolved root apart; a
-  ledger from before that column is migrated, and its rows (whose spec held the resolved root) still read.
+- `submit` and `resume` print the same timed steps (resume has no `prepare`: the data is prepared at submit);
+  the same job, its newest checkpoint damaged, shows that resume says which checkpoint the worker took.
+- `tail` of a job that checkpoints and finishes opens at most two SSH connections of its own, and the
+  user's spec is kept as written (an old ledger still reads): asserted in test_e2e's
+  test_submit_follow_fetch_over_ssh, on the jobs that test trains over ssh anyway.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import shutil
-import sqlite3
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from jobfiles import cli, cli_here, ssh_instance, write_job
+from jobfiles import cli, write_job
 from tinymodel import make_model
-
-from client.ledger import Ledger
-from jobs.manifest import verify_manifest
 
 pytestmark = pytest.mark.slow
 STEP_LINE = re.compile(r"^✓ (\S+)\s+\d+\.\d\ds$", re.M)
@@ -41,36 +32,6 @@ def _wait(cond, timeout: float = 180.0) -> None:
     while not cond():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.2)
-
-
-@pytest.mark.ssh
-def test_tail_uses_at_most_two_connections(
-    sshd, tmp_path: Path, tmux_socket: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    job = write_job(
-        tmp_path / "job", model=tiny_model, instance=ssh_instance(sshd, tmp_path / "remote", tmux_socket),
-        train={"max_steps": 6, "save_steps": 2},
-    )  # fmt: skip
-    job_id = json.loads(cli_here("submit", str(job), "--json").stdout)["job_id"]
-
-    # rsync's own ssh runs, counted apart: each is one connection of rsync's, not of a session
-    tools = tmp_path / "tools"
-    tools.mkdir()
-    runs = tmp_path / "ssh-runs"
-    (tools / "ssh").write_text(f'#!/bin/sh\necho x >> {runs}\nexec {shutil.which("ssh")} "$@"\n')
-    (tools / "ssh").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tools}:{os.environ['PATH']}")
-    before = sshd.log().count("Accepted publickey")
-    out = cli("tail", job_id)
-    accepted = sshd.log().count("Accepted publickey") - before
-    rsync_runs = len(runs.read_text().splitlines()) if runs.exists() else 0
-
-    runs_dir = tmp_path / "job" / "runs" / job_id
-    verify_manifest(runs_dir / "adapter")  # the final adapter came
-    assert list((runs_dir / "checkpoints").glob("step-*/adapter/manifest.json")), "no checkpoint was fetched"
-    assert rsync_runs >= 2, out.stderr  # a checkpoint's adapter and the final one, at least
-    sessions = accepted - rsync_runs
-    assert 1 <= sessions <= 2, f"{accepted} connections, {rsync_runs} of them rsync's\n{out.stderr}"
 
 
 def test_submit_and_resume_print_the_same_timed_steps_and_resume_skips_a_damaged_checkpoint(
@@ -122,35 +83,3 @@ def _events_of(job_dir: Path) -> list:
 
     path = job_dir / "events.jsonl"
     return [ev.parse(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
-
-
-def test_the_spec_is_kept_as_written_and_old_ledgers_still_read(
-    sshd, tmp_path: Path, tmux_socket: str, tiny_model: Path
-) -> None:
-    root = "~/placed-root"
-    job = write_job(
-        tmp_path / "job", model=tiny_model,
-        instance={**ssh_instance(sshd, tmp_path / "unused", tmux_socket), "remote_root": root},
-        train={"max_steps": 2},
-    )  # fmt: skip
-    job_id = json.loads(cli_here("submit", str(job), "--json").stdout)["job_id"]
-    ledger = Ledger()
-    record = ledger.get(job_id)
-    assert record.spec.instance.remote_root == root  # as the user wrote it
-    assert record.remote_root == str(sshd.home / "placed-root")  # resolved, apart
-    assert (sshd.home / "placed-root" / "jobs" / job_id).is_dir()
-    cli("tail", job_id, "--no-fetch")
-    ledger.close()
-
-    # a ledger from before the column: its spec held the resolved root
-    path = Path(ledger.path)
-    db = sqlite3.connect(path)
-    spec = json.loads(db.execute("SELECT spec_json FROM jobs WHERE id = ?", (job_id,)).fetchone()[0])
-    spec["instance"]["remote_root"] = str(sshd.home / "placed-root")
-    db.execute("UPDATE jobs SET spec_json = ?", (json.dumps(spec),))
-    db.execute("ALTER TABLE jobs DROP COLUMN remote_root")
-    db.commit()
-    db.close()
-    status = json.loads(cli("status", job_id, "--json").stdout)
-    assert status["state"] == "done" and status["step"] == 2
-    assert Ledger().get(job_id).remote_root is None  # the column is back, empty for the old row
