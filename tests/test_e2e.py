@@ -24,7 +24,9 @@ from tinymodel import make_model
 
 from client.ledger import Ledger
 from jobs import events as ev
+from jobs.layout import EVAL_JSON, RemoteLayout
 from jobs.manifest import verify_manifest
+from jobs.protocol import EvalResult, FetchAck
 
 pytestmark = pytest.mark.slow
 
@@ -127,9 +129,11 @@ def test_submit_follow_fetch_over_ssh(
 def test_submit_follow_fetch_on_the_local_target(
     tmp_path: Path, tmux_socket: str, tiny_model: Path, local_home: Path
 ) -> None:
-    """The model given as `./base` on the local target, two bad rows skipped; status, then cancel on it,
-    done; then fetch. (The relative path, the skipped rows and the refused cancel were test_edges_jobs',
-    with a job of their own: the same assertions on this job, one worker run less.)"""
+    """The model given as `./base` on the local target, two bad rows skipped, `[eval] at_end = true`: the
+    evaluation comes back with --follow, verified, and the snippet --follow prints loads the adapter; status,
+    then cancel on it, done; then fetch. (The relative path, the skipped rows and the refused cancel were
+    test_edges_jobs', the evaluation at the end test_post_commands', each with a job of their own: the same
+    assertions on this job, two worker runs less.)"""
     inst = {
         "host": "local",
         "remote_root": str(tmp_path / "remote"),
@@ -138,12 +142,30 @@ def test_submit_follow_fetch_on_the_local_target(
     }
     folder = tmp_path / "job"
     shutil.copytree(tiny_model, folder / "base")
-    job = write_job(folder, model="./base", instance=inst, data={"on_error": "skip"})
+    job = write_job(folder, model="./base", instance=inst, data={"on_error": "skip", "eval_fraction": 0.25})
+    job.write_text(job.read_text() + "\n[eval]\nmax_new_tokens = 8\nlimit = 3\nat_end = true\n")
     with open(folder / "train.jsonl", "a") as f:
         f.write("{not json\n" + json.dumps({"unrelated": 1}) + "\n")
-    sub = cli("submit", str(job), "--follow")
+    sub = cli("submit", str(job), "--follow", timeout=1800)
     job_id = sub.stdout.splitlines()[0].strip()
+    said = sub.stdout + sub.stderr
     assert "2 invalid rows skipped" in sub.stderr, sub.stderr
+
+    # `[eval] at_end`: evaluated on the instance, fetched and verified by --follow
+    local = folder / "runs" / job_id
+    assert (local / "eval" / "manifest.json").is_file(), said[-3000:]
+    digest = verify_manifest(local / "eval")
+    result = EvalResult.model_validate_json((local / "eval" / EVAL_JSON).read_text())
+    assert result.samples and all(s.base is not None and s.tuned is not None for s in result.samples), result
+    paths = RemoteLayout(str(tmp_path / "remote")).job(job_id)
+    assert FetchAck.model_validate_json(Path(paths.post("eval").fetched).read_text()).manifest_sha256 == digest
+    # The snippet, printed at the end of --follow, loads the adapter as printed.
+    code = said[said.index("Load it with:") + len("Load it with:"):].strip()
+    code = "\n".join(code.splitlines()[:4])
+    res = subprocess.run([sys.executable, "-c", code + "\nprint(type(model).__name__)"], capture_output=True,
+                         text=True, timeout=600, cwd=folder, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert res.returncode == 0 and res.stdout.split()[-1] == "PeftModelForCausalLM", res.stderr[-2000:]
+
     assert (tmp_path / "remote" / "jobs" / job_id / "events.jsonl").exists()
     status = json.loads(cli("status", job_id, "--json").stdout)
     assert status["state"] == "done" and status["step"] == 6, status
