@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -19,7 +22,11 @@ import pytest
 from jobfiles import CLI, cli, cli_here, ssh_instance, write_job
 from tinymodel import make_model
 
+from client.ledger import Ledger
 from jobs import events as ev
+from jobs.layout import EVAL_JSON, RemoteLayout
+from jobs.manifest import verify_manifest
+from jobs.protocol import EvalResult, FetchAck
 
 pytestmark = pytest.mark.slow
 
@@ -41,13 +48,31 @@ def lora_weights_moved(adapter: Path, base: Path) -> float:
 
 
 @pytest.mark.ssh
-def test_submit_follow_fetch_over_ssh(sshd, tmp_path: Path, tmux_socket: str, tiny_model: Path) -> None:
-    job = write_job(tmp_path / "job", model=tiny_model, instance=ssh_instance(sshd, tmp_path / "remote", tmux_socket))
+def test_submit_follow_fetch_over_ssh(
+    sshd, tmp_path: Path, tmux_socket: str, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Submit --follow, fetch, status, ls over ssh; then a second submit of the same job (nothing sent again)
+    whose `tail` opens at most two SSH connections of its own; the spec is kept as written (a `~` root) and
+    a ledger from before the resolved-root column still reads. (The last two were test_session's, with two
+    jobs of their own: the same assertions on these two jobs, two worker runs less.)"""
+    root = "~/placed-root"
+    job = write_job(
+        tmp_path / "job", model=tiny_model,
+        instance={**ssh_instance(sshd, tmp_path / "unused", tmux_socket), "remote_root": root},
+        train={"max_steps": 6, "save_steps": 2},
+    )  # fmt: skip
     sub = cli("submit", str(job), "--follow", "--json")
     info = json.loads(sub.stdout[: sub.stdout.index("\n}") + 2])
     job_id = info["job_id"]
     assert info["data_sent"] and info["bundle_sent"]
     assert "step 6/6" in sub.stdout + sub.stderr
+
+    # the spec as the user wrote it, the resolved root apart
+    record = Ledger().get(job_id)
+    assert record.spec.instance.remote_root == root, "the ledger changed the spec's remote_root"
+    assert record.remote_root == str(sshd.home / "placed-root"), "the resolved root is not kept apart"
+    assert (sshd.home / "placed-root" / "jobs" / job_id).is_dir()
+    cli("tail", job_id, "--no-fetch")
 
     fetched = json.loads(cli("fetch", job_id, "--json").stdout)
     adapter = Path(fetched["adapter"])
@@ -63,22 +88,103 @@ def test_submit_follow_fetch_over_ssh(sshd, tmp_path: Path, tmux_socket: str, ti
     # The same dataset and worker are not sent again.
     again = json.loads(cli_here("submit", str(job), "--json").stdout)
     assert not again["data_sent"] and not again["bundle_sent"]
-    cli("tail", again["job_id"])
+    again_id = again["job_id"]
+
+    # `tail` of a job that checkpoints and finishes opens at most two SSH connections of its own (the
+    # follower's session, reused for the final fetch and the guard; the auto-fetch's): counted in the sshd's
+    # log, less the ones rsync's ssh opened (counted by an `ssh` on PATH that notes each run).
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    runs = tmp_path / "ssh-runs"
+    (tools / "ssh").write_text(f'#!/bin/sh\necho x >> {runs}\nexec {shutil.which("ssh")} "$@"\n')
+    (tools / "ssh").chmod(0o755)
+    with monkeypatch.context() as m:
+        m.setenv("PATH", f"{tools}:{os.environ['PATH']}")
+        before = sshd.log().count("Accepted publickey")
+        out = cli("tail", again_id)
+        accepted = sshd.log().count("Accepted publickey") - before
+    rsync_runs = len(runs.read_text().splitlines()) if runs.exists() else 0
+    runs_dir = tmp_path / "job" / "runs" / again_id
+    verify_manifest(runs_dir / "adapter")  # the final adapter came
+    assert list((runs_dir / "checkpoints").glob("step-*/adapter/manifest.json")), "no checkpoint was fetched"
+    assert rsync_runs >= 2, out.stderr  # a checkpoint's adapter and the final one, at least
+    sessions = accepted - rsync_runs
+    assert 1 <= sessions <= 2, f"{accepted} connections, {rsync_runs} of them rsync's\n{out.stderr}"
+
+    # a ledger from before the remote_root column: its specs held the resolved root
+    path = Path(Ledger().path)
+    db = sqlite3.connect(path)
+    for row_id, spec_json in db.execute("SELECT id, spec_json FROM jobs").fetchall():
+        spec = json.loads(spec_json)
+        spec["instance"]["remote_root"] = str(sshd.home / "placed-root")
+        db.execute("UPDATE jobs SET spec_json = ? WHERE id = ?", (json.dumps(spec), row_id))
+    db.execute("ALTER TABLE jobs DROP COLUMN remote_root")
+    db.commit()
+    db.close()
+    status = json.loads(cli("status", job_id, "--json").stdout)
+    assert status["state"] == "done" and status["step"] == 6, f"an old ledger's row no longer reads: {status}"
+    assert Ledger().get(job_id).remote_root is None  # the column is back, empty for the old row
 
 
-def test_submit_follow_fetch_on_the_local_target(tmp_path: Path, tmux_socket: str, tiny_model: Path) -> None:
+def test_submit_follow_fetch_on_the_local_target(
+    tmp_path: Path, tmux_socket: str, tiny_model: Path, local_home: Path
+) -> None:
+    """The model given as `./base` on the local target, two bad rows skipped, `[eval] at_end = true`: the
+    evaluation comes back with --follow, verified, and the snippet --follow prints loads the adapter; status,
+    then cancel on it, done; then fetch. (The relative path, the skipped rows and the refused cancel were
+    test_edges_jobs', the evaluation at the end test_post_commands', each with a job of their own: the same
+    assertions on this job, two worker runs less.)"""
     inst = {
         "host": "local",
         "remote_root": str(tmp_path / "remote"),
         "tmux_socket": tmux_socket,
         "python": sys.executable,
     }
-    job = write_job(tmp_path / "job", model=tiny_model, instance=inst)
-    sub = cli("submit", str(job), "--follow")
+    folder = tmp_path / "job"
+    shutil.copytree(tiny_model, folder / "base")
+    job = write_job(folder, model="./base", instance=inst, data={"on_error": "skip", "eval_fraction": 0.25})
+    job.write_text(job.read_text() + "\n[eval]\nmax_new_tokens = 8\nlimit = 3\nat_end = true\n")
+    with open(folder / "train.jsonl", "a") as f:
+        f.write("{not json\n" + json.dumps({"unrelated": 1}) + "\n")
+    sub = cli("submit", str(job), "--follow", timeout=1800)
     job_id = sub.stdout.splitlines()[0].strip()
+    said = sub.stdout + sub.stderr
+    assert "2 invalid rows skipped" in sub.stderr, sub.stderr
+
+    # `[eval] at_end`: evaluated on the instance, fetched and verified by --follow
+    local = folder / "runs" / job_id
+    assert (local / "eval" / "manifest.json").is_file(), said[-3000:]
+    digest = verify_manifest(local / "eval")
+    result = EvalResult.model_validate_json((local / "eval" / EVAL_JSON).read_text())
+    assert result.samples and all(s.base is not None and s.tuned is not None for s in result.samples), result
+    paths = RemoteLayout(str(tmp_path / "remote")).job(job_id)
+    assert FetchAck.model_validate_json(Path(paths.post("eval").fetched).read_text()).manifest_sha256 == digest
+    # The snippet, printed at the end of --follow, loads the adapter as printed.
+    code = said[said.index("Load it with:") + len("Load it with:"):].strip()
+    code = "\n".join(code.splitlines()[:4])
+    res = subprocess.run([sys.executable, "-c", code + "\nprint(type(model).__name__)"], capture_output=True,
+                         text=True, timeout=600, cwd=folder, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert res.returncode == 0 and res.stdout.split()[-1] == "PeftModelForCausalLM", res.stderr[-2000:]
+
     assert (tmp_path / "remote" / "jobs" / job_id / "events.jsonl").exists()
+    status = json.loads(cli("status", job_id, "--json").stdout)
+    assert status["state"] == "done" and status["step"] == 6, status
+    # piped, each step has an ETA, and the time `done` took is the elapsed time `status` shows
+    assert all(" ETA " in ln for ln in sub.stdout.splitlines() if ln.startswith("step ")), sub.stdout
+    from client.views.render import fmt_duration
+
+    assert f"done: 6 steps in {fmt_duration(status['elapsed_s'])}" in sub.stdout, sub.stdout
+    assert re.search(rf"^elapsed +{fmt_duration(status['elapsed_s'])}$", cli("status", job_id).stdout, re.M)
+
+    res = cli("cancel", job_id, check=False)
+    assert res.returncode == 6 and "already ended (done)" in res.stderr, res.stderr
+    assert "cancelled" not in res.stdout
+    assert [j["state"] for j in json.loads(cli("ls", "--json").stdout)] == ["done"]
+    res = cli("tail", job_id)
+    assert "no final adapter" not in res.stdout + res.stderr
+
     fetched = json.loads(cli("fetch", "--json").stdout)
-    assert lora_weights_moved(Path(fetched["adapter"]), tiny_model) > 0
+    assert lora_weights_moved(Path(fetched["adapter"]), folder / "base") > 0
     out = cli("fetch").stdout
     assert "PeftModel.from_pretrained" in out
 

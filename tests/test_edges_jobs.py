@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -19,46 +18,14 @@ def local(tmp_path: Path, tmux_socket: str) -> dict:
             "python": sys.executable}  # fmt: skip
 
 
-def test_a_finished_job_from_a_relative_model_path_with_skipped_rows_cannot_be_cancelled(
-    tmp_path: Path, tmux_socket: str, local_home: Path
-) -> None:
-    """The model given as `./base` on the local target, two bad rows skipped; then cancel on it, done."""
-    folder = tmp_path / "job"
-    make_model(folder / "base")
-    job = write_job(folder, model="./base", instance=local(tmp_path, tmux_socket), data={"on_error": "skip"})
-    with open(folder / "train.jsonl", "a") as f:
-        f.write("{not json\n" + json.dumps({"unrelated": 1}) + "\n")
-    sub = cli("submit", str(job), "--follow")
-    job_id = sub.stdout.splitlines()[0].strip()
-    assert "2 invalid rows skipped" in sub.stderr
-    status = json.loads(cli("status", job_id, "--json").stdout)
-    assert status["state"] == "done" and status["step"] == 6
-    # piped, each step has an ETA, and the time `done` took is the elapsed time `status` shows
-    assert all(" ETA " in ln for ln in sub.stdout.splitlines() if ln.startswith("step "))
-    from client.views.render import fmt_duration
-
-    assert f"done: 6 steps in {fmt_duration(status['elapsed_s'])}" in sub.stdout
-    assert re.search(rf"^elapsed +{fmt_duration(status['elapsed_s'])}$", cli("status", job_id).stdout, re.M)
-
-    res = cli("cancel", job_id, check=False)
-    assert res.returncode == 6 and "already ended (done)" in res.stderr, res.stderr
-    assert "cancelled" not in res.stdout
-    assert [j["state"] for j in json.loads(cli("ls", "--json").stdout)] == ["done"]
-    res = cli("tail", job_id)
-    assert "no final adapter" not in res.stdout + res.stderr
+# A finished job from a relative model path with skipped rows, that cannot be cancelled: test_e2e's
+# test_submit_follow_fetch_on_the_local_target (its job, fetched there too).
 
 
 def test_a_relative_model_path_that_is_not_there_is_refused_at_check(tmp_path: Path, tmux_socket: str) -> None:
     job = write_job(tmp_path / "job", model="./nowhere", instance=local(tmp_path, tmux_socket))
     res = cli("check", str(job), check=False)
     assert res.returncode == 2 and "model.name_or_path" in res.stderr and "nowhere" in res.stderr
-
-
-def events_of(job_dir: Path) -> list:
-    from jobs import events as ev
-
-    path = job_dir / "events.jsonl"
-    return [ev.parse(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
 
 
 def test_a_dataset_with_nothing_to_train_is_refused_before_launch_with_a_hint_that_helps(
@@ -78,42 +45,5 @@ def test_a_dataset_with_nothing_to_train_is_refused_before_launch_with_a_hint_th
     assert not (tmp_path / "remote" / "jobs").exists() or not any((tmp_path / "remote" / "jobs").iterdir())
 
 
-def test_resume_says_which_checkpoint_the_worker_took_when_the_newest_is_damaged(
-    tmp_path: Path, tmux_socket: str, local_home: Path
-) -> None:
-    import time
-
-    from jobs import events as ev
-
-    folder = tmp_path / "job"
-    make_model(folder / "base")
-    job = write_job(folder, model=folder / "base", instance=local(tmp_path, tmux_socket),
-                    train={"max_steps": 2000, "save_steps": 2}, rows=32)  # fmt: skip
-    job_id = cli_here("submit", str(job)).stdout.splitlines()[0].strip()
-    job_dir = tmp_path / "remote" / "jobs" / job_id
-    checkpoints = job_dir / "output" / "checkpoints"
-
-    def steps() -> list[int]:
-        return sorted(int(p.name[5:]) for p in checkpoints.glob("step-*")) if checkpoints.is_dir() else []
-
-    deadline = time.monotonic() + 300
-    while len(steps()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    cli("cancel", job_id)  # it saves a checkpoint, then stops: resumable
-    *_, before, newest = steps()
-    damaged = next(p for p in (checkpoints / f"step-{newest}").rglob("*.safetensors"))
-    damaged.write_bytes(damaged.read_bytes()[:-8] + b"damaged!")
-    runs = len(events_of(job_dir))
-
-    res = cli("resume", job_id)
-    # back once the new run is under way: `tail` (and `resume --follow`) never show the last run's end
-    assert any(isinstance(e, ev.Phase) and e.phase == "setup" for e in events_of(job_dir)[runs:])
-    said = res.stdout + res.stderr
-    assert f"step-{newest} is damaged" in said and f"resumed from the checkpoint before it, step-{before}" in said
-    assert f"from checkpoint step-{before}" in said and f"from checkpoint step-{newest}" not in said
-    deadline = time.monotonic() + 300
-    while not any(isinstance(e, ev.Started) for e in events_of(job_dir)[runs:]) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    started = next(e for e in events_of(job_dir)[runs:] if isinstance(e, ev.Started))
-    assert started.resumed_from_step == before
-    cli("cancel", job_id)
+# The damaged-checkpoint resume shares test_session's submitted-and-resumed job: see
+# test_session.test_submit_and_resume_print_the_same_timed_steps_and_resume_skips_a_damaged_checkpoint.

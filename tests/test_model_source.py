@@ -127,12 +127,19 @@ def test_source_hf_and_source_modelscope_ask_one_hub_only(tmp_path, hubs, tiny) 
     assert messages[-1].startswith("failed: no model")
 
 
-def test_the_worker_trains_from_where_the_model_was_downloaded(tmp_path, hubs, tiny) -> None:
+def test_the_worker_trains_from_where_the_model_was_downloaded(tmp_path, hubs, tiny, monkeypatch) -> None:
+    """Also SwanLab in local mode, logging inside the job folder (test_trackers' own worker run before: the
+    same assertions on this run, one worker launch less)."""
     pytest.importorskip("peft")
-    from test_worker_run import make_job, run_worker
+    from test_worker_run import _swanlog_in_cwd, make_job, read_events, run_worker
 
+    monkeypatch.delenv("SWANLAB_LOGDIR", raising=False)
+    monkeypatch.setenv("SWANLAB_SAVE_DIR", str(tmp_path / "swan"))
     ms, hf = hubs
     job = make_job(tmp_path, "Qwen/tiny-qwen2", train={"max_steps": 2})
+    track = job.spec.track.model_copy(update={"report_to": ["swanlab"], "swanlab_mode": "local"})
+    job = job.model_copy(update={"spec": job.spec.model_copy(update={"track": track})})
+    (tmp_path / "job.json").write_text(job.model_dump_json(indent=1))
     layout_root = tmp_path / "root"
     result, _ = prefetch(tmp_path, ms, hf, "Qwen/tiny-qwen2")
     assert result.ok
@@ -142,9 +149,15 @@ def test_the_worker_trains_from_where_the_model_was_downloaded(tmp_path, hubs, t
     Path(jp.prefetch_result).write_text(
         Path(RemoteLayout(str(layout_root)).job("job-1").prefetch_result).read_text()
     )
+    before = _swanlog_in_cwd()
     proc = run_worker(tmp_path / "job.json")  # offline: a hub id alone could not be loaded
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (Path(job.job_dir) / "output" / "adapter" / "adapter_model.safetensors").exists()
+    events = read_events(job.job_dir)
+    assert events[-1].type == "done" and not [e for e in events if e.type == "warning"], events
+    runs = list((Path(job.job_dir) / "swanlog").glob("run-*/*.swanlab"))
+    assert runs and runs[0].stat().st_size > 0, list((Path(job.job_dir)).rglob("*"))
+    assert _swanlog_in_cwd() == before, "SwanLab wrote a swanlog/ into the worker's cwd"
 
 
 def test_the_mirror_and_the_requirements_follow_the_source() -> None:

@@ -88,10 +88,35 @@ def lora_weights(adapter_dir: str | Path, kind: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in weights.items() if kind in k}
 
 
+def _swanlog_in_cwd() -> set[str]:
+    return {p.name for p in (REPO / "swanlog").glob("*")} if (REPO / "swanlog").is_dir() else set()
+
+
 @pytest.mark.slow
-def test_full_run(tmp_path, model_dir):
+def test_full_run(tmp_path, model_dir, monkeypatch):
+    """The whole run, with W&B and SwanLab asked for and neither able to connect: each warns (a `warning`
+    event and a log line) and training finishes; TensorBoard logs regardless. (The trackers' part was
+    test_trackers' own worker run: the same assertions on this run, one worker launch less.)"""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # Online, with endpoints on a closed port of this machine: no network needed, every connection refused.
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("SWANLAB_API_KEY", "k" * 21)
+    monkeypatch.setenv("SWANLAB_API_HOST", "http://127.0.0.1:9/api")
+    monkeypatch.setenv("SWANLAB_WEB_HOST", "http://127.0.0.1:9")
+    monkeypatch.setenv("SWANLAB_SAVE_DIR", str(tmp_path / "swan"))
     job = make_job(tmp_path, str(model_dir), train={"save_steps": 10})
+    track = job.spec.track.model_copy(update={"report_to": ["wandb", "swanlab"]})
+    job = job.model_copy(update={"spec": job.spec.model_copy(update={"track": track})})
+    (tmp_path / "job.json").write_text(job.model_dump_json(indent=1))
+    before = _swanlog_in_cwd()
     proc = run_worker(tmp_path / "job.json")
+    assert _swanlog_in_cwd() == before  # the worker's cwd (the repository here) gets no swanlog/
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job_dir = Path(job.job_dir)
     assert (job_dir / "state").read_text().strip() == "done"
@@ -134,6 +159,14 @@ def test_full_run(tmp_path, model_dir):
     lora_b = lora_weights(done.adapter_path, "lora_B")
     assert lora_b and all(w.abs().sum() > 0 for w in lora_b.values())  # B starts at 0: it moved
     assert not list((job_dir / "output").glob("adapter.*"))  # no temp folder left behind
+
+    warned = {e.source for e in events if e.type == "warning"}
+    assert warned == {"wandb", "swanlab"}, [e for e in events if e.type == "warning"]
+    assert "warning: wandb failed" in proc.stderr and "warning: swanlab failed" in proc.stderr
+    assert (job_dir / "swanlog").is_dir()  # SwanLab's files in the job folder, not the worker's cwd
+    acc = EventAccumulator(str(job_dir / "tensorboard"))  # TensorBoard went on regardless
+    acc.Reload()
+    assert [s.step for s in acc.Scalars("train/loss")] == list(range(1, 31))
 
 
 @pytest.mark.slow
