@@ -1,6 +1,8 @@
 """`autodl-run resume JOB --gpus N` through the real CLI, sshd, tmux and torchrun (two CPU processes, gloo).
 
-A job submitted with train.gpus = 2 (one micro-batch a rank, two a step) is cancelled after a checkpoint.
+A job submitted with train.gpus = 2 (one micro-batch a rank, two a step) is cancelled after a checkpoint:
+rank 0 is frozen right after saving step-2 (tests/stophook) until cancel's signal is pending on it, so the
+cancel never races the job's end, however fast the machine.
 - `--gpus 3` cannot split the checkpoint's two micro-batches a step: refused before anything is
   launched, naming the numbers that can;
 - `--gpus 1` continues on one process from that checkpoint (one process accumulating two) to `done`;
@@ -11,12 +13,24 @@ A job submitted with train.gpus = 2 (one micro-batch a rank, two a step) is canc
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
-from jobfiles import cli, cli_here, write_job
-from test_faults import events_of, first_json, instance, steps_on_disk, tiny_model, wait_for  # noqa: F401
+from jobfiles import CLI, cli, cli_here, write_job
+from test_faults import (  # noqa: F401
+    arm,
+    events_of,
+    first_json,
+    instance,
+    steps_on_disk,
+    tiny_model,
+    wait_for,
+    wait_stopped,
+)
 
 from jobs import events as ev
 
@@ -26,16 +40,34 @@ TOO_MANY = "1000"  # processes: more than any test machine has cores (test_multi
 MICRO = 128
 
 
+def _stop_signal_pending(pid: int) -> bool:
+    """SIGINT or SIGTERM (cancel's, or torchrun's passing it on) waits on the frozen process `pid`."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    pending = 0
+    for line in status.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")):
+            pending |= int(line.split()[1], 16)
+    return bool(pending & ((1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))))
+
+
 def test_resume_onto_another_number_of_gpus(tmp_path: Path, sshd, tmux_socket, tiny_model) -> None:  # noqa: F811
+    stops = tmp_path / "stops"
+    arm(stops, "after", 2)
     job = write_job(
-        tmp_path / "job", model=tiny_model, instance=instance(sshd, tmp_path / "remote", tmux_socket),
+        tmp_path / "job", model=tiny_model, instance=instance(sshd, tmp_path / "remote", tmux_socket, stops),
         train={"max_steps": STEPS, "save_steps": 2, "gpus": 2, "micro_batch_tokens": MICRO,
                "global_batch_tokens": 2 * MICRO, "save_every_minutes": 0}, rows=32,
     )  # fmt: skip
     job_id = first_json(cli_here("submit", str(job), "--json").stdout)["job_id"]
     job_dir = tmp_path / "remote" / "jobs" / job_id
-    wait_for(lambda: steps_on_disk(job_dir), timeout=300)
-    cli_here("cancel", job_id)  # sets the scenario up: in this process
+    frozen = wait_stopped(stops, "after", 2)
+    cancel = subprocess.Popen([*CLI, "cancel", job_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _stop_signal_pending(frozen) or cancel.poll() is not None, timeout=600)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    out, err = cancel.communicate(timeout=600)
+    assert cancel.returncode == 0, out + err
     first = events_of(job_dir)
     started = next(e for e in first if isinstance(e, ev.Started))
     assert started.world_size == 2 and started.grad_accum == 1
