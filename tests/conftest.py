@@ -44,13 +44,9 @@ def _session_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     ~/.profile, which may be slow (pyenv init: 1.3 s each here) or print; no test reads or writes the
     real user's ~/.ssh, ~/.cache or ~/autodl-tmp. `local_home` gives a test a home of its own."""
     home = tmp_path_factory.mktemp("home")
-    before = os.environ.get("HOME")
-    os.environ["HOME"] = str(home)
-    yield home
-    if before is None:
-        os.environ.pop("HOME", None)
-    else:
-        os.environ["HOME"] = before
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        yield home
 
 
 @pytest.fixture(autouse=True)

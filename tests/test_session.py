@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from jobfiles import cli, write_job
+from test_faults import events_of, steps_on_disk
 from tinymodel import make_model
 
 pytestmark = pytest.mark.slow
@@ -53,33 +54,23 @@ def test_submit_and_resume_print_the_same_timed_steps_and_resume_skips_a_damaged
 
     job_dir = tmp_path / "remote" / "jobs" / job_id
     checkpoints = job_dir / "output" / "checkpoints"
-
-    def steps() -> list[int]:
-        return sorted(int(p.name[5:]) for p in checkpoints.glob("step-*")) if checkpoints.is_dir() else []
-
-    _wait(lambda: len(steps()) >= 2, timeout=300)
+    _wait(lambda: len(steps_on_disk(job_dir)) >= 2, timeout=300)
     cli("cancel", job_id, timeout=300)  # it saves a checkpoint, then stops: resumable
-    *_, before, newest = steps()
+    *_, before, newest = steps_on_disk(job_dir)
     damaged = next(p for p in (checkpoints / f"step-{newest}").rglob("*.safetensors"))
     damaged.write_bytes(damaged.read_bytes()[:-8] + b"damaged!")
-    runs = len(_events_of(job_dir))
+    runs = len(events_of(job_dir))
 
     res = cli("resume", job_id)
     resumed = STEP_LINE.findall(res.stderr)
     assert resumed == [s for s in submitted if s != "prepare"], f"resume's timed steps differ: {res.stderr}"
     # back once the new run is under way: `tail` (and `resume --follow`) never show the last run's end
-    assert any(isinstance(e, ev.Phase) and e.phase == "setup" for e in _events_of(job_dir)[runs:]), res.stderr
+    assert any(isinstance(e, ev.Phase) and e.phase == "setup" for e in events_of(job_dir)[runs:]), res.stderr
     said = res.stdout + res.stderr
     assert f"step-{newest} is damaged" in said and f"resumed from the checkpoint before it, step-{before}" in said
     assert f"from checkpoint step-{before}" in said and f"from checkpoint step-{newest}" not in said, said
-    _wait(lambda: any(isinstance(e, ev.Started) for e in _events_of(job_dir)[runs:]), timeout=300)
-    started = next(e for e in _events_of(job_dir)[runs:] if isinstance(e, ev.Started))
+    _wait(lambda: any(isinstance(e, ev.Started) for e in events_of(job_dir)[runs:]), timeout=300)
+    started = next(e for e in events_of(job_dir)[runs:] if isinstance(e, ev.Started))
     assert started.resumed_from_step == before, "the worker did not resume from the checkpoint before the damaged one"
     cli("cancel", job_id, timeout=300)
 
-
-def _events_of(job_dir: Path) -> list:
-    from jobs import events as ev
-
-    path = job_dir / "events.jsonl"
-    return [ev.parse(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from client.errors import SpecError
 from client.specfile import load_spec
@@ -18,10 +19,9 @@ SHIPPED = sorted(ROOT.glob("examples/**/*.toml")) + [ROOT / "client" / "example_
 def test_every_shipped_spec_loads_and_says_how_to_run_it(path: Path, local_home: Path) -> None:
     # a model in the user's home (the demo's, which `make demo` makes) is there, as after `make demo`:
     # this test must not depend on `make demo` having run on this machine
-    for line in path.read_text().splitlines():
-        key, _, value = line.partition("=")
-        if key.strip() == "name_or_path" and value.strip().strip('"').startswith("~/"):
-            (local_home / value.strip().strip('"')[2:]).mkdir(parents=True)
+    model = tomllib.loads(path.read_text()).get("model", {}).get("name_or_path", "")
+    if model.startswith("~/"):
+        (local_home / model[2:]).mkdir(parents=True)
     spec = load_spec(path)
     assert spec.name
     first = path.read_text().splitlines()[0]
