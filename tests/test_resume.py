@@ -130,7 +130,7 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path, model_dir, data_
 
 def test_a_real_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, model_dir, data_dir):
     """The worker process itself: SIGTERM mid-run -> checkpoint, `cancelled`; started again -> resumes."""
-    total = 60
+    total = 150  # the steps' margin between seeing the first step and the SIGSTOP (about 5 s at full speed)
     job = make_job(tmp_path / "c", model_dir, data_dir, max_steps=total, save_steps=0)
     job_dir = Path(job.job_dir)
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -151,6 +151,9 @@ def test_a_real_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, model
         assert time.monotonic() < deadline, "the worker made no step in 600 s"
         time.sleep(0.05)
     proc.send_signal(signal.SIGSTOP)  # frozen while the test looks: the SIGTERM lands mid-run, or it says so
+    stat = Path(f"/proc/{proc.pid}/stat")
+    while stat.read_text().rpartition(")")[2].split()[0] not in ("T", "t"):  # stopped, not still writing
+        time.sleep(0.01)
     ran = max(steps_written())
     assert ran < total - 1, "the job was about to end before the signal: make it longer"
     proc.send_signal(signal.SIGTERM)
