@@ -15,11 +15,11 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 from jobfiles import CLI, cli, cli_here, ssh_instance, write_job
+from test_faults import arm, events_of, instance, wait_for, wait_stopped
 from tinymodel import make_model
 
 from client.ledger import Ledger
@@ -192,27 +192,20 @@ def test_submit_follow_fetch_on_the_local_target(
 @pytest.mark.ssh
 def test_tail_survives_a_cut_connection(sshd, tmp_path: Path, tmux_socket: str, tiny_model: Path) -> None:
     """sshd is killed (every connection with it) mid-training; the job trains on while tail cannot reach it;
-    tail reconnects, no event lost or repeated."""
-    steps_in_all = 200  # a second or two of training here: the job is held below before it can end
+    tail reconnects, no event lost or repeated. The worker freezes itself once its step-10 checkpoint is
+    complete (tests/stophook), so the cut comes mid-run however fast or slow this machine is."""
+    steps_in_all, held = 40, 10
+    stops = tmp_path / "stops"
+    arm(stops, "after", held)
     job = write_job(
         tmp_path / "job",
         model=tiny_model,
-        instance=ssh_instance(sshd, tmp_path / "remote", tmux_socket),
-        train={"max_steps": steps_in_all},
+        instance=instance(sshd, tmp_path / "remote", tmux_socket, stops),
+        train={"max_steps": steps_in_all, "save_steps": held},
         rows=64,
     )
     job_id = cli_here("submit", str(job)).stdout.strip()
     job_dir = tmp_path / "remote" / "jobs" / job_id
-    events_file = job_dir / "events.jsonl"
-
-    def written() -> list[str]:
-        return events_file.read_text().splitlines() if events_file.exists() else []
-
-    def wait_for(what: str, condition) -> None:  # generous: a loaded machine trains slowly
-        deadline = time.monotonic() + 600
-        while not condition():
-            assert time.monotonic() < deadline, f"gave up waiting for {what}"
-            time.sleep(0.02)
 
     tail = subprocess.Popen([*CLI, "tail", job_id, "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -221,26 +214,23 @@ def test_tail_survives_a_cut_connection(sshd, tmp_path: Path, tmux_socket: str, 
     reader = threading.Thread(target=lambda: lines.extend(tail.stdout), daemon=True)
     reader.start()
     threading.Thread(target=lambda: said.extend(tail.stderr), daemon=True).start()
-    wait_for("the job's third step", lambda: sum('"type":"step"' in ln for ln in written()) >= 3)
-    group = int((job_dir / "pid").read_text())  # the wrapper leads the job's process group
-    os.killpg(group, signal.SIGSTOP)  # held still, so the cut comes mid-run however fast this machine is
+    worker = wait_stopped(stops, "after", held, job_dir)
     try:
-        held_at = len(written())
-        assert not any('"type":"done"' in ln for ln in written()), "the job ended before it was held: make it longer"
-        wait_for("tail to show 3 steps", lambda: sum('"type":"step"' in ln for ln in lines) >= 3)
+        held_at = len(events_of(job_dir))
+        wait_for(lambda: sum('"type":"step"' in ln for ln in lines) >= held, timeout=600)  # tail has caught up
         sshd.kill()  # every connection drops with it
     finally:
-        os.killpg(group, signal.SIGCONT)  # the job trains on while tail cannot reach it
-    wait_for("tail to say it reconnects", lambda: any("reconnecting" in ln for ln in said))
-    wait_for("events written while cut off", lambda: len(written()) > held_at + 2)
+        os.kill(worker, signal.SIGCONT)  # the job trains on while tail cannot reach it
+    wait_for(lambda: any("reconnecting" in ln for ln in said), timeout=600)
+    wait_for(lambda: len(events_of(job_dir)) > held_at + 2, timeout=600)  # events written while cut off
     sshd.start()
     assert tail.wait(timeout=900) == 0, "".join(said)  # a hang guard
-    reader.join(timeout=5)
+    reader.join(timeout=60)
     got = [ev.parse(ln) for ln in lines]
     steps = [e.step for e in got if isinstance(e, ev.Step)]
     assert steps == list(range(1, steps_in_all + 1))
     assert isinstance(got[-1], ev.Done)
-    assert [ev.parse(ln) for ln in events_file.read_text().splitlines()] == got
+    assert events_of(job_dir) == got
 
 
 @pytest.mark.ssh

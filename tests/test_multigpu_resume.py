@@ -60,7 +60,7 @@ def test_resume_onto_another_number_of_gpus(tmp_path: Path, sshd, tmux_socket, t
     )  # fmt: skip
     job_id = first_json(cli_here("submit", str(job), "--json").stdout)["job_id"]
     job_dir = tmp_path / "remote" / "jobs" / job_id
-    frozen = wait_stopped(stops, "after", 2)
+    frozen = wait_stopped(stops, "after", 2, job_dir)
     cancel = subprocess.Popen([*CLI, "cancel", job_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: _stop_signal_pending(frozen) or cancel.poll() is not None, timeout=600)
