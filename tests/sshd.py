@@ -8,6 +8,7 @@ at once, as when an instance vanishes) and started again on the same port with t
 
 from __future__ import annotations
 
+import ctypes
 import getpass
 import os
 import re
@@ -119,6 +120,20 @@ def _send(handle: tuple[int, int | None], sig: int) -> None:
         pass
 
 
+def _default_signals() -> None:
+    """In sshd's child before exec: no signal ignored or blocked, as a daemon started by systemd has it.
+    Its sessions inherit what it starts with, and an ignored signal passes through exec: started under a
+    profiler (perf ignores SIGUSR2) or a launcher that ignores one, the sessions did too, and the test of
+    commands starting with default signals failed for the environment's sake. (libc's signal(), not
+    Python's: the fork may come from a thread other than the main one.)"""
+    libc = ctypes.CDLL(None)
+    libc.signal.restype = ctypes.c_void_p
+    for sig in range(1, 32):
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            libc.signal(sig, None)  # SIG_DFL
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 @dataclass
 class Sshd:
     dir: Path
@@ -192,7 +207,8 @@ class Sshd:
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # the privilege separation folder
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                     preexec_fn=_default_signals)  # fmt: skip
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
