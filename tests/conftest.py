@@ -30,7 +30,7 @@ import pytest
 from sshd import Sshd, missing_tools
 
 # One thread per torch process (this one, and the workers it starts: they inherit it), before anything
-# imports torch: the suite runs two pytest processes, each with training workers, on few cores, and more
+# imports torch: the suite runs three pytest processes, each with training workers, on few cores, and more
 # threads than cores made training many times slower. The sshd sessions get the same (tests/sshd.py).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -188,8 +188,8 @@ def _durations() -> dict[str, float]:
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The slowest tests first (tests/durations.txt says which), the rest in their usual order: under
-    `pytest -n 2` a process that is free takes the next test (see pytest_configure), so the long ones
-    start early and the two processes end together. The same order in every process (xdist needs it)."""
+    `pytest -n 3` a process that is free takes the next test (see pytest_configure), so the long ones
+    start early and the processes end together. The same order in every process (xdist needs it)."""
     seconds = _durations()
     took = [seconds.get(item.nodeid.split("[")[0], 0.0) for item in items]
     order = sorted(range(len(items)), key=lambda i: (-took[i], i))
