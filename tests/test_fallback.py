@@ -74,16 +74,18 @@ def test_no_tmux_tries_apt_once_then_runs_the_job_under_setsid(make_instance, tm
         status = launcher.launch(
             t,
             paths,
-            ["sh", "-c", "echo started; sleep 1; exit 3"],
+            ["sh", "-c", "echo started; while [ ! -e go ]; do sleep 0.05; done; exit 3"],  # `go`: after the checks
             socket="autodl-run",
             session="j-1",
             env={"A": "b c"},
         )
-        assert status.state == "running" and status.alive
+        # starting: the wrapper wrote its pid (launch waits for that) but not yet `state`
+        assert status.state in ("starting", "running") and status.alive
         pid = status.pid
         sid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
         assert sid == pid  # a session of its own: setsid, not a tmux pane
-        deadline = time.monotonic() + 15
+        (inst.root / "autodl-tmp" / "autodl-run" / "jobs" / "j-1" / "go").touch()
+        deadline = time.monotonic() + 120  # a hang guard
         while launcher.job_status(t, paths).state == "running" and time.monotonic() < deadline:
             time.sleep(0.2)
         assert launcher.job_status(t, paths) == launcher.LaunchStatus(JobState.FAILED, 3, False, pid)
