@@ -246,9 +246,6 @@ def rank_pid(wrapper_pid: int, rank: int) -> int | None:
 def test_a_rank_killed_by_sigkill_is_named_with_its_cause_and_the_resume(
     tmp_path, model_dir, data_dir, tmux_socket, rank
 ):
-    import os
-    import signal
-
     from client.progress import Progress
 
     job = make_job(tmp_path / "k", model_dir, data_dir, gpus=2, save_steps=2, max_steps=400)
@@ -256,10 +253,17 @@ def test_a_rank_killed_by_sigkill_is_named_with_its_cause_and_the_resume(
     Path(job.job_dir).mkdir(parents=True)
     argv = launcher.worker_argv(sys.executable, str(tmp_path / "k" / "job.json"), job.spec.train)
     log = Path(paths.log)
-    launcher.launch(LocalTransport(), paths, argv, socket=tmux_socket, session="k-1", env=worker_env())
-    wait_for(lambda: any(isinstance(e, ev.Checkpoint) for e in read_events(job.job_dir)), what="a checkpoint", log=log)
+    # rank 0 freezes once its step-2 checkpoint is complete (tests/stophook): the kill lands mid-run, not
+    # after a margin of steps the test could lose on a loaded machine
+    stops = tmp_path / "stops"
+    arm(stops, "after", 2)
+    env = {**worker_env(), "PYTHONPATH": f"{STOPHOOK}:{REPO}", "AUTODL_TEST_STOPS": str(stops)}
+    launcher.launch(LocalTransport(), paths, argv, socket=tmux_socket, session="k-1", env=env)
+    frozen = wait_stopped(stops, "after", 2, Path(job.job_dir))
     victim = wait_for(lambda: rank_pid(int(Path(paths.pid).read_text()), rank), what=f"rank {rank}", log=log)
     os.kill(victim, signal.SIGKILL)
+    if victim != frozen:
+        os.kill(frozen, signal.SIGCONT)  # rank 0 goes on, as it would have, and meets the dead rank
     wait_for(lambda: launcher.job_status(LocalTransport(), paths).state is JobState.FAILED, what="the end", log=log)
     events = read_events(job.job_dir)
     last_good = sorted(Path(paths.checkpoints).glob("step-*"), key=lambda p: int(p.name[5:]))[-1]
