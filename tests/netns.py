@@ -612,4 +612,4 @@ def login(inst: Instance, name: str = "gpu1") -> object:
     """Log in through the library (the password given in memory), for tests about what comes after."""
     from client.instances.login import login as do_login
 
-    return do_login(inst.login_command(), name, password=lambda: PASSWORD, connect_timeout=5)
+    return do_login(inst.login_command(), name, password=lambda: PASSWORD, connect_timeout=30)

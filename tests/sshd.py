@@ -257,7 +257,7 @@ class Sshd:
             "port": self.port,
             "user": self.user,
             "identity_file": str(self.identity_file),
-            "connect_timeout": 5.0,
+            "connect_timeout": 30.0,
         }
         fields.update(overrides)
         return InstanceSpec(**fields)

@@ -51,7 +51,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def _spec(**instance: object) -> JobSpec:
     return JobSpec.model_validate(
-        {"name": "t", "instance": {"profile": "gpu1", "connect_timeout": 5, **instance},
+        {"name": "t", "instance": {"profile": "gpu1", "connect_timeout": 30, **instance},
          "model": {"name_or_path": "/root/model"}, "data": {"train": "t.jsonl"}, "quant": {"bits": 16}}
     )  # fmt: skip
 
@@ -100,7 +100,7 @@ def test_no_rsync_means_sftp_with_the_same_results(make_instance, tmp_path: Path
     src = _tree(tmp_path / "src")
     remote = "/root/autodl-tmp/sftp test/dest"
     on_disk = inst.root / "autodl-tmp" / "sftp test" / "dest"
-    with connect(InstanceSpec(profile="gpu1", connect_timeout=5)) as t:
+    with connect(InstanceSpec(profile="gpu1", connect_timeout=30)) as t:
         assert t.file_method == "rsync"
         t.put(src, remote)
         assert t.file_method == "sftp"  # rsync was missing there: SFTP from then on
@@ -142,7 +142,7 @@ def test_sftp_verification_catches_a_corrupted_copy(make_instance, tmp_path: Pat
                 f.write(b"\xff")
 
     monkeypatch.setattr(sftp, "_send", corrupting_send)
-    with connect(InstanceSpec(profile="gpu1", connect_timeout=5)) as t:
+    with connect(InstanceSpec(profile="gpu1", connect_timeout=30)) as t:
         t.file_method = "sftp"
         with pytest.raises(TransferError, match="verification failed.*x.bin"):
             t.put(src, "/root/autodl-tmp/v")

@@ -42,7 +42,7 @@ DATA = "/root/autodl-tmp/autodl-run"
 
 def _spec(model: str = "/root/model", **instance: object) -> JobSpec:
     return JobSpec.model_validate(
-        {"name": "t", "instance": {"profile": "gpu1", "connect_timeout": 5, **instance},
+        {"name": "t", "instance": {"profile": "gpu1", "connect_timeout": 30, **instance},
          "model": {"name_or_path": model}, "data": {"train": "t.jsonl"}, "lora": {"r": 8}, "quant": {"bits": 16}}
     )  # fmt: skip
 
