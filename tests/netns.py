@@ -259,14 +259,14 @@ class Instance:
             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
         )  # fmt: skip
         log.close()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120  # a hang guard: a loaded machine starts sshd slowly
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sshd in {self.ns} exited with {self.proc.returncode}:\n{self.log()}")
             if self._banner():
                 return self
             time.sleep(0.02)
-        raise RuntimeError(f"sshd in {self.ns} did not answer within 10 s:\n{self.log()}")
+        raise RuntimeError(f"sshd in {self.ns} did not answer within 120 s:\n{self.log()}")
 
     def sshd_argv(self) -> list[str]:
         opts = [
