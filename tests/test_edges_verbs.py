@@ -99,7 +99,7 @@ def test_rm_asks_refuses_a_running_job_and_deletes_only_the_jobs_folder(tmp_path
     (outside / "keep.txt").write_text("mine")
     (old / "link").symlink_to(outside)
     running = add_job(tmp_path, "t-job-run", local(tmp_path), state="running")
-    sleeper = subprocess.Popen(["sleep", "120"], cwd=running)  # a live process in its folder: it runs
+    sleeper = subprocess.Popen(["sleep", "600"], cwd=running)  # a live process in its folder: it runs (killed below)
     try:
         (running / "pid").write_text(f"{sleeper.pid}\n")
         (running / "exit_code").unlink()

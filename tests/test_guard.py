@@ -97,7 +97,7 @@ def running_process(tmp_path: Path):
     procs = []
 
     def start(folder: Path) -> subprocess.Popen:
-        p = subprocess.Popen(["sleep", "60"], cwd=folder)
+        p = subprocess.Popen(["sleep", "600"], cwd=folder)  # alive whatever the test takes (killed after)
         (folder / "pid").write_text(f"{p.pid}\n")
         procs.append(p)
         return p
