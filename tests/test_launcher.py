@@ -336,7 +336,7 @@ def test_job_gets_the_launching_shells_path_even_from_an_old_tmux_server(
     for n in (1, 2):  # the first launch starts the tmux server; the second reuses it
         (local_home / ".profile").write_text(f'PATH="$HOME/bin{n}:$PATH"\n')
         paths = JobPaths(str(tmp_path / f"job{n}"))
-        launcher.launch(t, paths, ["sh", "-c", 'echo "$PATH"; touch ready; sleep 30'], socket=tmux_socket,
+        launcher.launch(t, paths, ["sh", "-c", 'echo "$PATH"; touch ready; sleep 300'], socket=tmux_socket,
                         session=f"p{n}", env={})  # fmt: skip
         _until(Path(paths.dir) / "ready")
         assert Path(paths.log).read_text().startswith(f"{local_home}/bin{n}:")
