@@ -107,12 +107,16 @@ def test_commands_start_with_default_signals_whatever_this_process_ignores(trans
     assert states == [{"SigBlk": 0, "SigIgn": 0}] * 2, seen
 
 
-def test_timeout(transport) -> None:
+def test_timeout(transport, tmp_path: Path) -> None:
+    done = tmp_path / "done"  # the command runs until the test is over (over ssh, nothing kills it)
     t = time.monotonic()
-    with pytest.raises(TransportError, match="timed out"):
-        transport.run(["sleep", "300"], timeout=0.5)
-    # the 0.5 s timeout, not the sleep's 300 s: the bound is far from both (a loaded machine is slow)
-    assert time.monotonic() - t < 60
+    try:
+        with pytest.raises(TransportError, match="timed out"):
+            transport.run(f"while [ ! -e {shlex.quote(str(done))} ]; do sleep 0.1; done", timeout=0.5)
+        # the 0.5 s timeout, not the command's end: the bound is far from both (a loaded machine is slow)
+        assert time.monotonic() - t < 60
+    finally:
+        done.touch()
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -349,10 +353,11 @@ def test_connection_cut_mid_command_is_a_connect_error(ssh_transport, sshd, tmp_
     assert ssh_transport.run(["true"]).ok
     errors: list[BaseException] = []
     running = tmp_path / "running"  # the test sshd runs on this machine: the command's marker is seen here
+    marker = shlex.quote(str(running))
 
-    def long_command() -> None:
+    def long_command() -> None:  # runs until the test removes its marker (the cut does not end it)
         try:
-            ssh_transport.run(f"touch {shlex.quote(str(running))} && sleep 300")
+            ssh_transport.run(f"touch {marker} && while [ -e {marker} ]; do sleep 0.1; done")
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             errors.append(exc)
 
@@ -365,9 +370,11 @@ def test_connection_cut_mid_command_is_a_connect_error(ssh_transport, sshd, tmp_
     start = time.monotonic()
     sshd.kill()
     th.join(timeout=120)  # a hang guard
-    # noticed at once (the connection closed), not by the keepalive (15 s x 4 = 60 s) nor by the end of
-    # the sleep (300 s): the bound is far from all of them
-    assert not th.is_alive() and time.monotonic() - start < 30
+    elapsed = time.monotonic() - start
+    running.unlink()  # the command ends
+    # noticed at once (the connection closed), not by the keepalive (15 s x 4 = 60 s) nor by the
+    # command's end (never, here): the bound is far from both
+    assert not th.is_alive() and elapsed < 30
     assert len(errors) == 1 and isinstance(errors[0], ConnectError), errors
     assert "lost the connection" in str(errors[0])
     sshd.start()
