@@ -122,7 +122,7 @@ def test_setup_sh_waits_for_the_apt_lock(tmp_path: Path) -> None:
     for f in fake.iterdir():
         f.chmod(0o755) if not f.is_symlink() else None
     res = subprocess.run([shutil.which("bash"), str(repo / "scripts" / "setup.sh")], capture_output=True,
-                         text=True, env={"PATH": str(fake)}, timeout=60)  # fmt: skip
+                         text=True, env={"PATH": str(fake)}, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr
     calls = log.read_text().splitlines()
     assert [c.split()[2] for c in calls] == ["update", "install"], calls

@@ -17,7 +17,7 @@ def _ssh(sshd: Sshd, tmp_path, *cmd: str) -> subprocess.CompletedProcess:
          "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=accept-new",
          "-o", f"UserKnownHostsFile={tmp_path / 'kh'}", "-o", "LogLevel=ERROR",
          f"{sshd.user}@{sshd.host}", *cmd],
-        capture_output=True, text=True, timeout=20,
+        capture_output=True, text=True, timeout=120,  # a hang guard
     )  # fmt: skip
 
 

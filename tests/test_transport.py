@@ -385,6 +385,6 @@ def test_connection_cut_mid_command_is_a_connect_error(ssh_transport, sshd, tmp_
 def test_ssh_command_is_usable_by_hand(ssh_transport) -> None:
     ssh_transport.run(["true"])  # pin the key first
     res = subprocess.run(
-        ssh_transport.ssh_command() + ["echo", "hi"], capture_output=True, text=True, timeout=20
+        ssh_transport.ssh_command() + ["echo", "hi"], capture_output=True, text=True, timeout=120
     )
     assert (res.returncode, res.stdout) == (0, "hi\n"), res.stderr
