@@ -65,7 +65,7 @@ def ssh_instance(sshd, root: Path, tmux_socket: str, **extra) -> dict:
         "port": sshd.port,
         "user": sshd.user,
         "identity_file": str(sshd.identity_file),
-        "connect_timeout": 5.0,
+        "connect_timeout": 30.0,
         "remote_root": str(root),
         "tmux_socket": tmux_socket,
         "python": sys.executable,

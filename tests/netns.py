@@ -259,14 +259,14 @@ class Instance:
             stdin=subprocess.DEVNULL, stdout=log, stderr=log,
         )  # fmt: skip
         log.close()
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120  # a hang guard: a loaded machine starts sshd slowly
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sshd in {self.ns} exited with {self.proc.returncode}:\n{self.log()}")
             if self._banner():
                 return self
             time.sleep(0.02)
-        raise RuntimeError(f"sshd in {self.ns} did not answer within 10 s:\n{self.log()}")
+        raise RuntimeError(f"sshd in {self.ns} did not answer within 120 s:\n{self.log()}")
 
     def sshd_argv(self) -> list[str]:
         opts = [
@@ -448,12 +448,14 @@ def build_wheel(folder: Path, name: str, version: str, requires: tuple[str, ...]
 
 
 def hub(
-    host: str, repos: dict[str, Path], claimed_sizes: dict[str, int] | None = None, slow: float = 0.0
+    host: str, repos: dict[str, Path], claimed_sizes: dict[str, int] | None = None,
+    hold: threading.Event | None = None,
 ) -> Server:
     """The slice of the Hugging Face hub API that snapshot_download uses, serving local folders.
 
     claimed_sizes: file sizes the API reports instead of the real ones (a model too big for the disk).
-    slow: seconds each weights file takes to start coming (a download long enough to cut).
+    hold: each weights file trickles until it is set, then comes whole (a download that is surely
+    still going when the test cuts the connection).
     """
     sha = "0123456789abcdef0123456789abcdef01234567"
 
@@ -490,14 +492,20 @@ def hub(
                     self._send(404, b"not found", {"X-Error-Code": "EntryNotFound"})
                     return
                 data = f.read_bytes()
-                if slow and self.command == "GET" and f.suffix == ".safetensors":
-                    time.sleep(slow)
                 etag = hashlib.sha256(data).hexdigest()
                 headers = {
                     "X-Repo-Commit": sha,
                     "ETag": f'"{etag}"',
                     "Content-Type": "application/octet-stream",
                 }
+                if hold is not None and self.command == "GET" and f.suffix == ".safetensors":
+                    self._send(200, b"", headers, length=len(data))
+                    sent = 0  # a byte every 0.5 s until `hold` is set (huggingface_hub gives up after 10 s
+                    while not hold.wait(0.5) and sent < len(data) - 1:  # without one), then the rest
+                        self.wfile.write(data[sent : sent + 1])
+                        sent += 1
+                    self.wfile.write(data[sent:])
+                    return
                 self._send(200, data, headers)
                 return
             self._send(404, b"not found")
@@ -604,4 +612,4 @@ def login(inst: Instance, name: str = "gpu1") -> object:
     """Log in through the library (the password given in memory), for tests about what comes after."""
     from client.instances.login import login as do_login
 
-    return do_login(inst.login_command(), name, password=lambda: PASSWORD, connect_timeout=5)
+    return do_login(inst.login_command(), name, password=lambda: PASSWORD, connect_timeout=30)

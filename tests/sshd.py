@@ -200,7 +200,7 @@ class Sshd:
             opts.append("PerSourcePenalties=no")  # else the wrong-key test gets 127.0.0.1 blocked for a while
         return [SSHD, "-D", "-e", "-f", "/dev/null"] + [a for o in opts for a in ("-o", o)]
 
-    def start(self, timeout: float = 10.0) -> Sshd:
+    def start(self, timeout: float = 120.0) -> Sshd:  # a hang guard: a loaded machine starts sshd slowly
         """Start (or restart) the server on the same port with the same keys; return once it answers."""
         if self.running:
             return self
@@ -248,7 +248,7 @@ class Sshd:
             for handle in sessions:
                 _send(handle, sig)
             try:
-                self.proc.wait(timeout=5)
+                self.proc.wait(timeout=60)  # a hang guard
             except subprocess.TimeoutExpired:
                 if not then_kill:
                     raise
@@ -273,7 +273,7 @@ class Sshd:
             "port": self.port,
             "user": self.user,
             "identity_file": str(self.identity_file),
-            "connect_timeout": 5.0,
+            "connect_timeout": 30.0,
         }
         fields.update(overrides)
         return InstanceSpec(**fields)

@@ -259,7 +259,7 @@ def test_failed_authentication(sshd, tmp_path: Path, tiny_model: Path) -> None:
         "port": sshd.port,
         "user": sshd.user,
         "identity_file": str(wrong),
-        "connect_timeout": 5.0,
+        "connect_timeout": 30.0,
     }
     job = write_job(tmp_path / "job", model=tiny_model, instance=inst)
     res = cli_here("submit", str(job), check=False)

@@ -122,7 +122,7 @@ def test_setup_sh_waits_for_the_apt_lock(tmp_path: Path) -> None:
     for f in fake.iterdir():
         f.chmod(0o755) if not f.is_symlink() else None
     res = subprocess.run([shutil.which("bash"), str(repo / "scripts" / "setup.sh")], capture_output=True,
-                         text=True, env={"PATH": str(fake)}, timeout=60)  # fmt: skip
+                         text=True, env={"PATH": str(fake)}, timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr
     calls = log.read_text().splitlines()
     assert [c.split()[2] for c in calls] == ["update", "install"], calls
@@ -181,7 +181,7 @@ def test_ls_in_a_narrow_terminal_keeps_ids_whole(tmp_path: Path, tmux_socket: st
     ids = _ledger_with_long_values(tmp_path)
     root = Path(__file__).resolve().parent.parent
     cmd = (f"env AUTODL_RUN_HOME={os.environ['AUTODL_RUN_HOME']} PYTHONPATH={root} {sys.executable} -m client.cli ls;"
-           " echo LS-END; sleep 60")  # fmt: skip
+           " echo LS-END; sleep 600")  # fmt: skip
     subprocess.run(["tmux", "-L", tmux_socket, "new-session", "-d", "-x", "70", "-y", "40", cmd], check=True)
     deadline, screen = time.monotonic() + 120, ""
     while "LS-END" not in screen and time.monotonic() < deadline:

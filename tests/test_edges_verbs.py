@@ -62,7 +62,7 @@ def test_ssh_runs_in_the_jobs_folder_on_its_instance(sshd, ssh_transport, tmp_pa
     cmd = f"env AUTODL_RUN_HOME={os.environ['AUTODL_RUN_HOME']} PYTHONPATH={Path.cwd()} {shlex_join(CLI)} ssh t-job-1; echo SSH-ENDED $?; sleep 60"
     subprocess.run(["tmux", "-L", tmux_socket, "new-session", "-d", "-x", "200", "-y", "30", cmd], check=True)
     screen = ""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # a hang guard: the CLI's start, ssh's login, a login shell
     sent = 0.0
     while f"SHELL-IN-{folder}" not in screen and time.monotonic() < deadline:
         if time.monotonic() - sent > 3:  # again until the shell there reads it; looked at far more often
@@ -99,7 +99,7 @@ def test_rm_asks_refuses_a_running_job_and_deletes_only_the_jobs_folder(tmp_path
     (outside / "keep.txt").write_text("mine")
     (old / "link").symlink_to(outside)
     running = add_job(tmp_path, "t-job-run", local(tmp_path), state="running")
-    sleeper = subprocess.Popen(["sleep", "120"], cwd=running)  # a live process in its folder: it runs
+    sleeper = subprocess.Popen(["sleep", "600"], cwd=running)  # a live process in its folder: it runs (killed below)
     try:
         (running / "pid").write_text(f"{sleeper.pid}\n")
         (running / "exit_code").unlink()

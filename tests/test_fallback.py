@@ -51,7 +51,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def _spec(**instance: object) -> JobSpec:
     return JobSpec.model_validate(
-        {"name": "t", "instance": {"profile": "gpu1", "connect_timeout": 5, **instance},
+        {"name": "t", "instance": {"profile": "gpu1", "connect_timeout": 30, **instance},
          "model": {"name_or_path": "/root/model"}, "data": {"train": "t.jsonl"}, "quant": {"bits": 16}}
     )  # fmt: skip
 
@@ -74,16 +74,18 @@ def test_no_tmux_tries_apt_once_then_runs_the_job_under_setsid(make_instance, tm
         status = launcher.launch(
             t,
             paths,
-            ["sh", "-c", "echo started; sleep 1; exit 3"],
+            ["sh", "-c", "echo started; while [ ! -e go ]; do sleep 0.05; done; exit 3"],  # `go`: after the checks
             socket="autodl-run",
             session="j-1",
             env={"A": "b c"},
         )
-        assert status.state == "running" and status.alive
+        # starting: the wrapper wrote its pid (launch waits for that) but not yet `state`
+        assert status.state in ("starting", "running") and status.alive
         pid = status.pid
         sid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[3])
         assert sid == pid  # a session of its own: setsid, not a tmux pane
-        deadline = time.monotonic() + 15
+        (inst.root / "autodl-tmp" / "autodl-run" / "jobs" / "j-1" / "go").touch()
+        deadline = time.monotonic() + 120  # a hang guard
         while launcher.job_status(t, paths).state == "running" and time.monotonic() < deadline:
             time.sleep(0.2)
         assert launcher.job_status(t, paths) == launcher.LaunchStatus(JobState.FAILED, 3, False, pid)
@@ -98,7 +100,7 @@ def test_no_rsync_means_sftp_with_the_same_results(make_instance, tmp_path: Path
     src = _tree(tmp_path / "src")
     remote = "/root/autodl-tmp/sftp test/dest"
     on_disk = inst.root / "autodl-tmp" / "sftp test" / "dest"
-    with connect(InstanceSpec(profile="gpu1", connect_timeout=5)) as t:
+    with connect(InstanceSpec(profile="gpu1", connect_timeout=30)) as t:
         assert t.file_method == "rsync"
         t.put(src, remote)
         assert t.file_method == "sftp"  # rsync was missing there: SFTP from then on
@@ -140,7 +142,7 @@ def test_sftp_verification_catches_a_corrupted_copy(make_instance, tmp_path: Pat
                 f.write(b"\xff")
 
     monkeypatch.setattr(sftp, "_send", corrupting_send)
-    with connect(InstanceSpec(profile="gpu1", connect_timeout=5)) as t:
+    with connect(InstanceSpec(profile="gpu1", connect_timeout=30)) as t:
         t.file_method = "sftp"
         with pytest.raises(TransferError, match="verification failed.*x.bin"):
             t.put(src, "/root/autodl-tmp/v")

@@ -453,7 +453,7 @@ def test_without_a_fetch_the_guard_keeps_the_adapter_on_autodl_fs_and_shuts_down
     job_id = first_json(cli_here("submit", str(job), "--json").stdout)["job_id"]
     job_dir = tmp_path / "remote" / "jobs" / job_id
     try:
-        wait_for(lambda: ran.exists(), timeout=180, every=0.2)
+        wait_for(lambda: ran.exists(), timeout=600, every=0.2)  # a hang guard: training, then the grace
         done = next(e for e in events_of(job_dir) if isinstance(e, ev.Done))
         assert ran.stat().st_mtime - done.t >= 6  # only after the grace (0.1 min)
         copied = fs / "autodl-run" / job_id / "adapter"

@@ -189,6 +189,8 @@ def test_a_timed_out_read_is_a_dropped_connection_not_a_hang(sshd, tmp_path: Pat
 def test_a_timeout_keeps_the_partial_output(kind: str, ssh_transport: SshTransport, local_home: Path) -> None:
     transport = ssh_transport if kind == "ssh" else LocalTransport()
     with pytest.raises(CommandTimedOut) as caught:
+        # the printfs come first: only a login shell's start (milliseconds at rest) must fit in the 10 s, a
+        # margin no loaded machine uses up; the clock starts once the command was started (ssh: its channel)
         transport.run("printf 'so far\\xff'; printf oops >&2; sleep 60", timeout=10)
     res = caught.value.result
     assert (res.stdout_bytes, res.stderr, res.exited) == (b"so far\xff", "oops", -1)

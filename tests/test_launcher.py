@@ -35,7 +35,7 @@ def transport(request: pytest.FixtureRequest, local_home: Path):
     return request.getfixturevalue("ssh_transport")
 
 
-def _wait(transport, paths: JobPaths, timeout: float = 15.0) -> dict:
+def _wait(transport, paths: JobPaths, timeout: float = 120.0) -> dict:  # a hang guard
     deadline = time.monotonic() + timeout
     while True:
         st = launcher.job_status(transport, paths)
@@ -57,7 +57,7 @@ def _files(paths: JobPaths) -> dict[str, str]:
     return {p.name: p.read_text(errors="replace")[-500:] for p in d.iterdir() if p.is_file()}
 
 
-def _until(path: Path, timeout: float = 10.0) -> None:
+def _until(path: Path, timeout: float = 120.0) -> None:  # a hang guard
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert time.monotonic() < deadline, f"{path} never appeared"
@@ -69,7 +69,7 @@ def _tmux_has(socket: str, session: str) -> bool:
     return res.returncode == 0
 
 
-def _gone(pgid: int, timeout: float = 5.0) -> bool:
+def _gone(pgid: int, timeout: float = 120.0) -> bool:  # a hang guard
     """No live process left in the group (zombies waiting for their parent to reap them don't count)."""
     deadline = time.monotonic() + timeout
     while _group(pgid):
@@ -98,13 +98,16 @@ def test_launch_runs_to_done_and_records_everything(
     _need(mode)
     paths = JobPaths(str(tmp_path / "jobs" / "job-1"))
     gate = Path(paths.dir) / "go"
-    script = 'echo "out $GREETING"; echo err >&2; while [ ! -e go ]; do sleep 0.02; done; echo finished'
+    script = ('echo "out $GREETING"; echo err >&2; touch ready; while [ ! -e go ]; do sleep 0.02; done; '
+              "echo finished")  # fmt: skip
     st = launcher.launch(
         transport, paths, ["sh", "-c", script], socket=tmux_socket, session="job-1",
         env={"GREETING": "it's \"quoted\" $HOME"}, prefer_tmux=mode == "tmux",
     )  # fmt: skip
-    assert st.state == "running" and st.alive and st.pid == int(Path(paths.pid).read_text())
+    # starting: the wrapper wrote its pid (launch waits for that) but not yet `state`
+    assert st.state in ("starting", "running") and st.alive and st.pid == int(Path(paths.pid).read_text())
     assert _tmux_has(tmux_socket, "job-1") == (mode == "tmux")
+    _until(Path(paths.dir) / "ready")  # the command runs: the wrapper wrote `state` before it started it
     assert launcher.job_status(transport, paths, tmux_socket, "job-1").state == "running"
     gate.touch()
     st = _done(transport, paths)
@@ -244,8 +247,11 @@ def test_cancel_of_a_finished_job_keeps_its_outcome(
 def test_long_sleep_is_cancelled(tmp_path: Path, tmux_socket: str, local_home: Path) -> None:
     t = LocalTransport()
     paths = JobPaths(str(tmp_path / "job"))
-    st = launcher.launch(t, paths, ["sleep", "300"], socket=tmux_socket, session="s", env={})
-    st = launcher.cancel(t, paths, socket=tmux_socket, session="s", grace=5)
+    # `ready` once the shell runs: the SIGINT reaches the sleep, not a wrapper still starting up
+    launcher.launch(t, paths, ["sh", "-c", "touch ready; exec sleep 300"], socket=tmux_socket, session="s", env={})
+    _until(Path(paths.dir) / "ready")
+    # a grace no loaded machine outlasts: only a SIGINT that never arrives reaches the SIGTERM after it
+    st = launcher.cancel(t, paths, socket=tmux_socket, session="s", grace=60)
     assert (st.state, st.exit_code) == ("cancelled", 130)  # sleep died of SIGINT
     assert _gone(st.pid)
 
@@ -292,7 +298,7 @@ def test_dotted_job_ids_are_fine_for_tmux(tmp_path: Path, tmux_socket: str, loca
     t = LocalTransport()
     paths = JobPaths(str(tmp_path / "job"))
     launcher.launch(
-        t, paths, ["sh", "-c", "touch ready; sleep 30"], socket=tmux_socket, session="qwen2.5-x", env={}
+        t, paths, ["sh", "-c", "touch ready; sleep 300"], socket=tmux_socket, session="qwen2.5-x", env={}
     )
     _until(Path(paths.dir) / "ready")
     assert _tmux_has(tmux_socket, "qwen2_5-x")
@@ -316,7 +322,7 @@ def test_status_missing_lost_and_double_launch(tmp_path: Path, tmux_socket: str,
     assert launcher.job_status(t, JobPaths(str(lost))).state == "lost"
 
     paths = JobPaths(str(tmp_path / "job"))
-    launcher.launch(t, paths, ["sleep", "30"], socket=tmux_socket, session="d", env={})
+    launcher.launch(t, paths, ["sleep", "300"], socket=tmux_socket, session="d", env={})  # still running below
     with pytest.raises(JobError, match="already running"):
         launcher.launch(t, paths, ["true"], socket=tmux_socket, session="d2", env={})
     launcher.cancel(t, paths, socket=tmux_socket, session="d", grace=2)
@@ -330,7 +336,7 @@ def test_job_gets_the_launching_shells_path_even_from_an_old_tmux_server(
     for n in (1, 2):  # the first launch starts the tmux server; the second reuses it
         (local_home / ".profile").write_text(f'PATH="$HOME/bin{n}:$PATH"\n')
         paths = JobPaths(str(tmp_path / f"job{n}"))
-        launcher.launch(t, paths, ["sh", "-c", 'echo "$PATH"; touch ready; sleep 30'], socket=tmux_socket,
+        launcher.launch(t, paths, ["sh", "-c", 'echo "$PATH"; touch ready; sleep 300'], socket=tmux_socket,
                         session=f"p{n}", env={})  # fmt: skip
         _until(Path(paths.dir) / "ready")
         assert Path(paths.log).read_text().startswith(f"{local_home}/bin{n}:")
@@ -359,7 +365,7 @@ def test_nasty_job_dir_and_session_are_passed_as_values(
     job_dir = tmp_path / NASTY_DIR / "-job $(touch pwned)"
     paths = JobPaths(str(job_dir))
     session = "0.5-a_b.c"  # what NAME_RE lets through: '.', '_', '-'
-    st = launcher.launch(transport, paths, ["sh", "-c", 'pwd; echo "$1"; touch ready; sleep 30', "_", "$(id)"],
+    st = launcher.launch(transport, paths, ["sh", "-c", 'pwd; echo "$1"; touch ready; sleep 300', "_", "$(id)"],
                          socket=tmux_socket, session=session, env={"V": "#(touch pwned)"},
                          prefer_tmux=mode == "tmux")  # fmt: skip
     assert st.state in ("starting", "running") and st.alive  # starting: the wrapper has not written `state` yet

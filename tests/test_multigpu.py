@@ -11,7 +11,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +25,8 @@ pytest.importorskip("peft")
 
 import tinyjob  # noqa: E402
 from jobfiles import run_in_process  # noqa: E402
+from test_faults import STOPHOOK, arm, wait_stopped  # noqa: E402
+from test_multigpu_resume import _stop_signal_pending  # noqa: E402
 
 from client.remote import launcher  # noqa: E402
 from client.transport.local import LocalTransport  # noqa: E402
@@ -110,16 +115,23 @@ def test_two_processes_cancelled_and_resumed_end_like_one(tmp_path, model_dir, d
     Path(job.job_dir).mkdir(parents=True)
     argv = launcher.worker_argv(sys.executable, str(tmp_path / "two" / "job.json"), job.spec.train)
     log = Path(paths.log)
-    launcher.launch(LocalTransport(), paths, argv, socket=tmux_socket, session="two-1", env=worker_env())
-
-    def saved_and_on() -> bool:
-        evs = read_events(job.job_dir)
-        return any(isinstance(e, ev.Checkpoint) for e in evs) and any(
-            isinstance(e, ev.Step) and e.step >= 6 for e in evs
-        )
-
-    wait_for(saved_and_on, what="a checkpoint and step 6", log=log)
-    status = launcher.cancel(LocalTransport(), paths, socket=tmux_socket, session="two-1", grace=120)
+    # rank 0 freezes once its step-8 checkpoint is complete (tests/stophook) until cancel's signal waits on
+    # it: the cancel lands mid-run, not after a 52-step margin the test could lose on a loaded machine
+    stops = tmp_path / "stops"
+    arm(stops, "after", 8)
+    env = {**worker_env(), "PYTHONPATH": f"{STOPHOOK}:{REPO}", "AUTODL_TEST_STOPS": str(stops)}
+    launcher.launch(LocalTransport(), paths, argv, socket=tmux_socket, session="two-1", env=env)
+    frozen = wait_stopped(stops, "after", 8, Path(job.job_dir))
+    cancelled: list[object] = []
+    canceller = threading.Thread(target=lambda: cancelled.append(
+        launcher.cancel(LocalTransport(), paths, socket=tmux_socket, session="two-1", grace=120)))  # fmt: skip
+    canceller.start()
+    try:
+        wait_for(lambda: _stop_signal_pending(frozen) or not canceller.is_alive(), what="cancel's signal", log=log)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    canceller.join(timeout=600)  # a hang guard
+    (status,) = cancelled
     assert status.state is JobState.CANCELLED and not status.alive, log.read_text()[-4000:]
     first = read_events(job.job_dir)
     stops = [e for e in first if isinstance(e, ev.Checkpoint) and e.reason == "signal"]
@@ -234,9 +246,6 @@ def rank_pid(wrapper_pid: int, rank: int) -> int | None:
 def test_a_rank_killed_by_sigkill_is_named_with_its_cause_and_the_resume(
     tmp_path, model_dir, data_dir, tmux_socket, rank
 ):
-    import os
-    import signal
-
     from client.progress import Progress
 
     job = make_job(tmp_path / "k", model_dir, data_dir, gpus=2, save_steps=2, max_steps=400)
@@ -244,10 +253,17 @@ def test_a_rank_killed_by_sigkill_is_named_with_its_cause_and_the_resume(
     Path(job.job_dir).mkdir(parents=True)
     argv = launcher.worker_argv(sys.executable, str(tmp_path / "k" / "job.json"), job.spec.train)
     log = Path(paths.log)
-    launcher.launch(LocalTransport(), paths, argv, socket=tmux_socket, session="k-1", env=worker_env())
-    wait_for(lambda: any(isinstance(e, ev.Checkpoint) for e in read_events(job.job_dir)), what="a checkpoint", log=log)
+    # rank 0 freezes once its step-2 checkpoint is complete (tests/stophook): the kill lands mid-run, not
+    # after a margin of steps the test could lose on a loaded machine
+    stops = tmp_path / "stops"
+    arm(stops, "after", 2)
+    env = {**worker_env(), "PYTHONPATH": f"{STOPHOOK}:{REPO}", "AUTODL_TEST_STOPS": str(stops)}
+    launcher.launch(LocalTransport(), paths, argv, socket=tmux_socket, session="k-1", env=env)
+    frozen = wait_stopped(stops, "after", 2, Path(job.job_dir))
     victim = wait_for(lambda: rank_pid(int(Path(paths.pid).read_text()), rank), what=f"rank {rank}", log=log)
     os.kill(victim, signal.SIGKILL)
+    if victim != frozen:
+        os.kill(frozen, signal.SIGCONT)  # rank 0 goes on, as it would have, and meets the dead rank
     wait_for(lambda: launcher.job_status(LocalTransport(), paths).state is JobState.FAILED, what="the end", log=log)
     events = read_events(job.job_dir)
     last_good = sorted(Path(paths.checkpoints).glob("step-*"), key=lambda p: int(p.name[5:]))[-1]

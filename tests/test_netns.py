@@ -56,7 +56,7 @@ def test_from_a_pasted_login_command_to_a_verified_adapter(
     )
 
     job = write_job(tmp_path / "job", model=REPO, instance={
-        "profile": "gpu1", "hf_endpoint": hf.url, "network_turbo": True, "connect_timeout": 5,
+        "profile": "gpu1", "hf_endpoint": hf.url, "network_turbo": True, "connect_timeout": 30,
     })  # fmt: skip
     sub = run("submit", str(job), "--follow")
     job_id = sub.stdout.splitlines()[0].strip()

@@ -144,13 +144,13 @@ def test_a_hub_config_is_fetched_once_then_cached(hub, tmp_path: Path) -> None:
     url, hits = hub
     cache = tmp_path / "cache"
     urls = [f"{url}/Org/Missing/resolve/main/config.json", f"{url}/Org/Model-7B/resolve/main/config.json"]
-    cfg = configs.fetch("Org/Model-7B", None, urls, cache, timeout=5)
+    cfg = configs.fetch("Org/Model-7B", None, urls, cache, timeout=60)  # a hang guard
     assert memory.Arch.from_config(cfg) == arch("qwen2.5-7b")
     assert len(hits) == 2  # the first URL answered 404, the second the config
-    assert configs.fetch("Org/Model-7B", None, urls, cache, timeout=5) == cfg
+    assert configs.fetch("Org/Model-7B", None, urls, cache, timeout=60) == cfg
     assert len(hits) == 2  # from the cache
     with pytest.raises(configs.ConfigError, match="cannot fetch"):
-        configs.fetch("Org/Other", None, [f"{url}/Org/Other/resolve/main/config.json"], cache, timeout=5)
+        configs.fetch("Org/Other", None, [f"{url}/Org/Other/resolve/main/config.json"], cache, timeout=60)
 
 
 def test_hub_urls_try_the_endpoint_the_mirror_and_modelscope(monkeypatch) -> None:

@@ -105,7 +105,7 @@ def test_chat_in_a_real_terminal_answers_with_the_trained_fact(tmp_path, sshd, t
         subprocess.run(["tmux", "-L", term, "send-keys", "-t", "t", "-l", QUESTION], check=True)
         subprocess.run(["tmux", "-L", term, "send-keys", "-t", "t", "Enter"], check=True)
         _wait(lambda: f"model> {ANSWER}" in _screen(term), 300, "the trained answer")
-        _wait(lambda: _screen(term).count("you> ") >= 2, 60, "the next prompt")
+        _wait(lambda: _screen(term).count("you> ") >= 2, 300, "the next prompt")
         subprocess.run(["tmux", "-L", term, "send-keys", "-t", "t", "-l", "/exit"], check=True)
         subprocess.run(["tmux", "-L", term, "send-keys", "-t", "t", "Enter"], check=True)
         _wait(lambda: rc.exists() and rc.read_text().strip(), 120, "chat to exit")

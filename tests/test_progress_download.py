@@ -53,10 +53,16 @@ def _held_hub(model: Path, go: Path):
         self.end_headers()
         self.wfile.write(body[:HALF])
         self.wfile.flush()
-        deadline = time.monotonic() + 300
+        start = time.monotonic()
+        sent, deadline = HALF, time.monotonic() + 600  # a hang guard
         while not go.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.wfile.write(body[HALF:])
+            # a byte every ~0.5 s while held: huggingface_hub times a read out after 10 s without one (and
+            # starts again), which a loaded machine's wait for the bar on screen could outlast
+            if time.monotonic() - start >= 0.5:
+                self.wfile.write(body[sent : sent + 1])
+                sent, start = sent + 1, time.monotonic()
+        self.wfile.write(body[sent:])
 
     server.handler._send = send
     return server

@@ -37,7 +37,7 @@ def test_recover_never_lets_the_instance_choose_laptop_paths_or_code(sshd, tmp_p
     chosen, marker = tmp_path / "attacker-chosen", tmp_path / "PWNED"
     job_toml = write_toml(project / "job.toml", {"name": "mine"}, {
         "instance": {"host": sshd.host, "port": sshd.port, "user": sshd.user,
-                     "identity_file": str(sshd.identity_file), "connect_timeout": 5.0,
+                     "identity_file": str(sshd.identity_file), "connect_timeout": 30.0,
                      "remote_root": str(root), "shutdown_after": "never"},
         "model": {"name_or_path": "m"}, "data": {"train": "t.jsonl"}, "quant": {"bits": 16}})  # fmt: skip
     adapter_on_laptop = chosen / JOB / "adapter"

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ pytest.importorskip("peft")
 
 import tinyjob  # noqa: E402
 from jobfiles import run_in_process  # noqa: E402
+from test_faults import STOPHOOK, arm, wait_stopped  # noqa: E402
 
 from jobs import events as ev  # noqa: E402
 from jobs.manifest import verify_manifest  # noqa: E402
@@ -130,51 +130,44 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(tmp_path, model_dir, data_
 
 def test_a_real_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path, model_dir, data_dir):
     """The worker process itself: SIGTERM mid-run -> checkpoint, `cancelled`; started again -> resumes."""
-    total = 150  # the steps' margin between seeing the first step and the SIGSTOP (about 5 s at full speed)
-    job = make_job(tmp_path / "c", model_dir, data_dir, max_steps=total, save_steps=0)
+    total = 60
+    # the worker freezes once its step-10 checkpoint is complete (tests/stophook): the SIGTERM lands
+    # mid-run whatever the machine's speed
+    job = make_job(tmp_path / "c", model_dir, data_dir, max_steps=total, save_steps=10)
     job_dir = Path(job.job_dir)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    stops = tmp_path / "stops"
+    arm(stops, "after", 10)
+    env = {**os.environ, "PYTHONPATH": f"{STOPHOOK}:{REPO}", "AUTODL_TEST_STOPS": str(stops),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
     argv = [sys.executable, "-m", "remote_worker", str(tmp_path / "c" / "job.json")]
     proc = subprocess.Popen(
         argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    deadline = time.monotonic() + 600  # on a busy 2-core machine its imports alone once took over 120 s
-    events_file = job_dir / "events.jsonl"
-
-    def steps_written() -> list[int]:  # whole lines only: one still being written is not read
-        whole = events_file.read_text().rpartition("\n")[0] if events_file.exists() else ""
-        return [e.step for e in map(ev.parse, whole.splitlines()) if isinstance(e, ev.Step)]
-
-    while not steps_written():  # a signal before the first step would test nothing
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "the worker made no step in 600 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGSTOP)  # frozen while the test looks: the SIGTERM lands mid-run, or it says so
-    stat = Path(f"/proc/{proc.pid}/stat")
-    while stat.read_text().rpartition(")")[2].split()[0] not in ("T", "t"):  # stopped, not still writing
-        time.sleep(0.01)
-    ran = max(steps_written())
-    assert ran < total - 1, "the job was about to end before the signal: make it longer"
+    try:
+        # on a busy 2-core machine its imports alone once took over 120 s (the wait is a hang guard)
+        assert wait_stopped(stops, "after", 10, job_dir, timeout=600) == proc.pid
+    except BaseException:
+        proc.kill()
+        raise
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGCONT)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=300)  # a hang guard
     assert proc.returncode == 1, out
     assert (job_dir / "state").read_text().strip() == "cancelled"
     first = read_events(job_dir)
     saved = [e for e in first if isinstance(e, ev.Checkpoint)]
-    assert len(saved) == 1 and saved[0].reason == "signal", out
+    assert [c.reason for c in saved] == ["steps", "signal"] and saved[0].step == 10, out
+    assert 10 <= saved[1].step < total  # the step that was running when the signal came, finished
     failed = first[-1]
     assert isinstance(failed, ev.Failed) and failed.error_class == "Interrupted"
-    assert failed.checkpoint == saved[0].path and "autodl-run resume" in failed.hint
-    assert saved[0].step < total, "the job ended before the signal: make it longer"
-    verify_manifest(saved[0].path, saved[0].adapter_sha256)
+    assert failed.checkpoint == saved[1].path and "autodl-run resume" in failed.hint
+    verify_manifest(saved[1].path, saved[1].adapter_sha256)
 
     res = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     second = read_events(job_dir)[len(first) :]
-    assert next(e for e in second if isinstance(e, ev.Started)).resumed_from_step == saved[0].step
+    assert next(e for e in second if isinstance(e, ev.Started)).resumed_from_step == saved[1].step
     assert isinstance(second[-1], ev.Done) and second[-1].steps == total
     steps = [e.step for e in second if isinstance(e, ev.Step)]
-    assert steps == list(range(saved[0].step + 1, total + 1))
+    assert steps == list(range(saved[1].step + 1, total + 1))
     assert (job_dir / "state").read_text().strip() == "done"

@@ -9,14 +9,17 @@
 
 from __future__ import annotations
 
+import os
 import re
-import sys
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from jobfiles import cli, write_job
-from test_faults import events_of, steps_on_disk
+from jobfiles import CLI, cli, write_job
+from test_faults import arm, events_of, steps_on_disk, wait_for, wait_stopped, worker_python
+from test_multigpu_resume import _stop_signal_pending
 from tinymodel import make_model
 
 pytestmark = pytest.mark.slow
@@ -35,6 +38,18 @@ def _wait(cond, timeout: float = 180.0) -> None:
         time.sleep(0.2)
 
 
+def _cancel_frozen(job_id: str, frozen: int) -> None:
+    """`cancel` the job whose worker `frozen` is stopped (tests/stophook): it goes on once the signal waits
+    on it, so the cancel lands mid-run whatever the machine's speed."""
+    cancel = subprocess.Popen([*CLI, "cancel", job_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _stop_signal_pending(frozen) or cancel.poll() is not None, timeout=600)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    out, err = cancel.communicate(timeout=600)  # a hang guard
+    assert cancel.returncode == 0, out + err
+
+
 def test_submit_and_resume_print_the_same_timed_steps_and_resume_skips_a_damaged_checkpoint(
     tmp_path: Path, tmux_socket: str, tiny_model: Path, local_home: Path
 ) -> None:
@@ -43,10 +58,12 @@ def test_submit_and_resume_print_the_same_timed_steps_and_resume_skips_a_damaged
     worker took (issue 13: formerly test_edges_jobs' own job; one worker run less for the same assertions)."""
     from jobs import events as ev
 
+    stops = tmp_path / "stops"  # its worker freezes at a checkpoint while the test cancels it
     inst = {"host": "local", "remote_root": str(tmp_path / "remote"), "tmux_socket": tmux_socket,
-            "python": sys.executable}  # fmt: skip
+            "python": worker_python(tmp_path / "bin", stops)}  # fmt: skip
     job = write_job(tmp_path / "job", model=tiny_model, instance=inst, train={"max_steps": 3000, "save_steps": 2},
                     rows=32)  # fmt: skip
+    arm(stops, "after", 4)
     sub = cli("submit", str(job))
     job_id = sub.stdout.splitlines()[0].strip()
     submitted = STEP_LINE.findall(sub.stderr)
@@ -54,13 +71,13 @@ def test_submit_and_resume_print_the_same_timed_steps_and_resume_skips_a_damaged
 
     job_dir = tmp_path / "remote" / "jobs" / job_id
     checkpoints = job_dir / "output" / "checkpoints"
-    _wait(lambda: len(steps_on_disk(job_dir)) >= 2, timeout=300)
-    cli("cancel", job_id, timeout=300)  # it saves a checkpoint, then stops: resumable
+    _cancel_frozen(job_id, wait_stopped(stops, "after", 4, job_dir))  # it saves a checkpoint, then stops: resumable
     *_, before, newest = steps_on_disk(job_dir)
     damaged = next(p for p in (checkpoints / f"step-{newest}").rglob("*.safetensors"))
     damaged.write_bytes(damaged.read_bytes()[:-8] + b"damaged!")
     runs = len(events_of(job_dir))
 
+    arm(stops, "after", 6)
     res = cli("resume", job_id)
     resumed = STEP_LINE.findall(res.stderr)
     assert resumed == [s for s in submitted if s != "prepare"], f"resume's timed steps differ: {res.stderr}"
@@ -72,5 +89,5 @@ def test_submit_and_resume_print_the_same_timed_steps_and_resume_skips_a_damaged
     _wait(lambda: any(isinstance(e, ev.Started) for e in events_of(job_dir)[runs:]), timeout=300)
     started = next(e for e in events_of(job_dir)[runs:] if isinstance(e, ev.Started))
     assert started.resumed_from_step == before, "the worker did not resume from the checkpoint before the damaged one"
-    cli("cancel", job_id, timeout=300)
+    _cancel_frozen(job_id, wait_stopped(stops, "after", 6))  # the resumed run, mid-run (its folder holds the first end)
 

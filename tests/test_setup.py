@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pip
@@ -41,7 +42,7 @@ DATA = "/root/autodl-tmp/autodl-run"
 
 def _spec(model: str = "/root/model", **instance: object) -> JobSpec:
     return JobSpec.model_validate(
-        {"name": "t", "instance": {"profile": "gpu1", "connect_timeout": 5, **instance},
+        {"name": "t", "instance": {"profile": "gpu1", "connect_timeout": 30, **instance},
          "model": {"name_or_path": model}, "data": {"train": "t.jsonl"}, "lora": {"r": 8}, "quant": {"bits": 16}}
     )  # fmt: skip
 
@@ -244,10 +245,18 @@ def test_a_model_folder_on_the_instance_is_not_downloaded(make_instance) -> None
             prefetch_model(t, _spec("/root/autodl-tmp/models/gone"), layout.job("j"), str(REPO_ROOT))
 
 
+def _until(seen: Callable[[], bool], thread: threading.Thread, outcome: list[object]) -> None:
+    deadline = time.monotonic() + 300  # a hang guard
+    while not seen():
+        assert thread.is_alive() and time.monotonic() < deadline, outcome
+        time.sleep(0.05)
+
+
 def test_the_download_goes_on_when_the_connection_drops(make_instance, serve, tiny_model: Path) -> None:
     inst = make_instance()
     login(inst)
-    hf = serve(hub(inst.laptop_ip, {"test-org/tiny-qwen2": tiny_model}, slow=3.0))
+    weights = threading.Event()  # the weights are held until the connection was cut and is back
+    hf = serve(hub(inst.laptop_ip, {"test-org/tiny-qwen2": tiny_model}, hold=weights))
     spec = _spec("test-org/tiny-qwen2", hf_endpoint=hf.url)
     lines: list[str] = []
     outcome: list[object] = []
@@ -262,13 +271,14 @@ def test_the_download_goes_on_when_the_connection_drops(make_instance, serve, ti
 
         thread = threading.Thread(target=download)
         thread.start()
-        deadline = time.monotonic() + 30
-        while not any("files to download" in ln for ln in lines) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        inst.stop_sshd()  # every connection drops; the download on the instance does not
-        time.sleep(1.5)
-        inst.start()
-        thread.join(timeout=60)
+        try:
+            _until(lambda: any("files to download" in ln for ln in lines), thread, outcome)
+            inst.stop_sshd()  # every connection drops; the download on the instance does not
+            _until(lambda: any("connection lost" in ln for ln in lines), thread, outcome)  # the client saw it
+            inst.start()
+        finally:
+            weights.set()  # now the download may end
+        thread.join(timeout=600)  # a hang guard
     assert not thread.is_alive() and len(outcome) == 1
     done = outcome[0]
     assert isinstance(done, Prefetched) and done.download is not None and done.download.ok, outcome

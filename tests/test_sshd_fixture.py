@@ -17,7 +17,7 @@ def _ssh(sshd: Sshd, tmp_path, *cmd: str) -> subprocess.CompletedProcess:
          "-o", "IdentitiesOnly=yes", "-o", "StrictHostKeyChecking=accept-new",
          "-o", f"UserKnownHostsFile={tmp_path / 'kh'}", "-o", "LogLevel=ERROR",
          f"{sshd.user}@{sshd.host}", *cmd],
-        capture_output=True, text=True, timeout=20,
+        capture_output=True, text=True, timeout=120,  # a hang guard
     )  # fmt: skip
 
 
@@ -46,17 +46,16 @@ def test_kill_cuts_open_connections(sshd_factory, tmp_path) -> None:
     proc = subprocess.Popen(
         ["ssh", "-p", str(server.port), "-i", str(server.identity_file), "-o", "BatchMode=yes",
          "-o", "StrictHostKeyChecking=no", "-o", f"UserKnownHostsFile={tmp_path / 'kh'}", "-o", "LogLevel=ERROR",
-         f"{server.user}@{server.host}", "sleep 60"],
+         f"{server.user}@{server.host}", "sleep 600"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 10
-        while (
-            not any("sleep" in _cmdline(p) for p in _descendants_of(server)) and time.monotonic() < deadline
-        ):
+        deadline = time.monotonic() + 120  # a hang guard: the command runs on the server before the kill
+        while not any("sleep" in _cmdline(p) for p in _descendants_of(server)):
+            assert proc.poll() is None and time.monotonic() < deadline, "the command never ran on the server"
             time.sleep(0.05)
         server.kill()
-        assert proc.wait(timeout=10) == 255  # the client saw the connection drop
+        assert proc.wait(timeout=120) == 255  # the client saw the connection drop (a hang guard; not the sleep's end)
     finally:
         proc.kill()
 

@@ -68,7 +68,7 @@ def test_the_offline_panel_of_an_ended_job_in_a_real_terminal(ended: str, tmux_s
     ))  # fmt: skip
     cmd = shlex.join([sys.executable, "-m", "client.cli", "tail", ended])
     tmuxterm.start(tmux_socket, f"env {env} {cmd}; echo EXIT=$?; sleep 600")
-    shown = tmuxterm.wait_for(tmux_socket, lambda s: "EXIT=" in s, timeout=60)
+    shown = tmuxterm.wait_for(tmux_socket, lambda s: "EXIT=" in s, timeout=300)  # a hang guard
     assert "EXIT=0" in shown, shown
     assert f"{JOB} [done]" in shown and "6/6" in shown and "laptop's record" in shown, shown
     assert "cannot reach" not in shown and "retrying" not in shown, shown
@@ -82,7 +82,7 @@ def test_the_offline_panel_of_an_ended_job_in_a_real_terminal(ended: str, tmux_s
 
 
 def test_piped_tail_prints_each_warning_as_an_escaped_line(ended: str) -> None:
-    res = cli("tail", ended, timeout=60)
+    res = cli("tail", ended)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("warning (")]
     assert [ln.split(")")[0] for ln in lines] == ["warning (wandb"] * 3 + ["warning (swanlab"], res.stdout
     assert lines[-1] == "warning (swanlab): [bold red]FAKE[/] \\x1b]0;owned\\x07\\x1b[2J swanlab could not connect"

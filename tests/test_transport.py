@@ -107,11 +107,16 @@ def test_commands_start_with_default_signals_whatever_this_process_ignores(trans
     assert states == [{"SigBlk": 0, "SigIgn": 0}] * 2, seen
 
 
-def test_timeout(transport) -> None:
+def test_timeout(transport, tmp_path: Path) -> None:
+    done = tmp_path / "done"  # the command runs until the test is over (over ssh, nothing kills it)
     t = time.monotonic()
-    with pytest.raises(TransportError, match="timed out"):
-        transport.run(["sleep", "20"], timeout=0.5)
-    assert time.monotonic() - t < 15  # not the sleep's 20 s (a generous bound: a loaded machine is slow)
+    try:
+        with pytest.raises(TransportError, match="timed out"):
+            transport.run(f"while [ ! -e {shlex.quote(str(done))} ]; do sleep 0.1; done", timeout=0.5)
+        # the 0.5 s timeout, not the command's end: the bound is far from both (a loaded machine is slow)
+        assert time.monotonic() - t < 60
+    finally:
+        done.touch()
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -237,11 +242,13 @@ def test_refused_port_is_a_connect_error(sshd, autodl_home: Path) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    t = SshTransport.from_instance(sshd.instance(port=port, connect_timeout=2))
+    t = SshTransport.from_instance(sshd.instance(port=port, connect_timeout=120))
     start = time.monotonic()
     with pytest.raises(ConnectError) as info:
         t.run(["true"])
-    assert time.monotonic() - start < 2
+    # told at once, not after the 120 s connect timeout (at rest it takes milliseconds; the bound is
+    # far from both, so a loaded machine does not fail it)
+    assert time.monotonic() - start < 24
     assert f"127.0.0.1 port {port}" in str(info.value) and "refused" in str(info.value).lower()
     assert "hint:" in str(info.value)
 
@@ -342,23 +349,32 @@ def test_reconnects_after_the_server_comes_back(ssh_transport, sshd) -> None:
 
 
 @pytest.mark.ssh
-def test_connection_cut_mid_command_is_a_connect_error(ssh_transport, sshd) -> None:
+def test_connection_cut_mid_command_is_a_connect_error(ssh_transport, sshd, tmp_path: Path) -> None:
     assert ssh_transport.run(["true"]).ok
     errors: list[BaseException] = []
+    running = tmp_path / "running"  # the test sshd runs on this machine: the command's marker is seen here
+    marker = shlex.quote(str(running))
 
-    def long_command() -> None:
+    def long_command() -> None:  # runs until the test removes its marker (the cut does not end it)
         try:
-            ssh_transport.run(["sleep", "30"])
+            ssh_transport.run(f"touch {marker} && while [ -e {marker} ]; do sleep 0.1; done")
         except BaseException as exc:  # noqa: BLE001 - handed to the test thread
             errors.append(exc)
 
     th = threading.Thread(target=long_command)
     th.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 120  # a hang guard
+    while not running.exists():  # the command runs on the server: the cut lands mid-command
+        assert th.is_alive() and time.monotonic() < deadline, errors
+        time.sleep(0.02)
     start = time.monotonic()
     sshd.kill()
-    th.join(timeout=10)
-    assert not th.is_alive() and time.monotonic() - start < 5
+    th.join(timeout=120)  # a hang guard
+    elapsed = time.monotonic() - start
+    running.unlink()  # the command ends
+    # noticed at once (the connection closed), not by the keepalive (15 s x 4 = 60 s) nor by the
+    # command's end (never, here): the bound is far from both
+    assert not th.is_alive() and elapsed < 30
     assert len(errors) == 1 and isinstance(errors[0], ConnectError), errors
     assert "lost the connection" in str(errors[0])
     sshd.start()
@@ -369,6 +385,6 @@ def test_connection_cut_mid_command_is_a_connect_error(ssh_transport, sshd) -> N
 def test_ssh_command_is_usable_by_hand(ssh_transport) -> None:
     ssh_transport.run(["true"])  # pin the key first
     res = subprocess.run(
-        ssh_transport.ssh_command() + ["echo", "hi"], capture_output=True, text=True, timeout=20
+        ssh_transport.ssh_command() + ["echo", "hi"], capture_output=True, text=True, timeout=120
     )
     assert (res.returncode, res.stdout) == (0, "hi\n"), res.stderr
