@@ -40,7 +40,7 @@ from jobs.spec import TrainSpec
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # tmux sockets and sessions, job ids
 ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MARK = "@@autodl-run@@"  # what we print follows it, so a chatty login profile cannot confuse the parser
-START_TIMEOUT_S = 10
+START_TIMEOUT_S = 30  # for the wrapper to write its pid: a wait until, only a wrapper that never starts waits it out
 TERM_WAIT_S = 5.0
 STATUS_TIMEOUT_S = 60.0  # a look at a job folder; what is there cannot make it wait longer
 # How long torchrun waits for its ranks to save and stop after a signal, before it kills them
