@@ -98,6 +98,16 @@ def wait_stopped(stops: Path, when: str, step: int, job_dir: Path | None = None,
     return wait_for(frozen, timeout=timeout)
 
 
+def stop_signal_pending(pid: int) -> bool:
+    """SIGINT or SIGTERM (cancel's, or torchrun's passing it on) waits on the frozen process `pid`."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    pending = 0
+    for line in status.splitlines():
+        if line.startswith(("SigPnd:", "ShdPnd:")):
+            pending |= int(line.split()[1], 16)
+    return bool(pending & ((1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))))
+
+
 def events_of(job_dir: Path) -> list:
     path = job_dir / "events.jsonl"
     if not path.exists():

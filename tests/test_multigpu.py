@@ -25,8 +25,7 @@ pytest.importorskip("peft")
 
 import tinyjob  # noqa: E402
 from jobfiles import run_in_process  # noqa: E402
-from test_faults import STOPHOOK, arm, wait_stopped  # noqa: E402
-from test_multigpu_resume import _stop_signal_pending  # noqa: E402
+from test_faults import STOPHOOK, arm, stop_signal_pending, wait_stopped  # noqa: E402
 
 from client.remote import launcher  # noqa: E402
 from client.transport.local import LocalTransport  # noqa: E402
@@ -127,7 +126,7 @@ def test_two_processes_cancelled_and_resumed_end_like_one(tmp_path, model_dir, d
         launcher.cancel(LocalTransport(), paths, socket=tmux_socket, session="two-1", grace=120)))  # fmt: skip
     canceller.start()
     try:
-        wait_for(lambda: _stop_signal_pending(frozen) or not canceller.is_alive(), what="cancel's signal", log=log)
+        wait_for(lambda: stop_signal_pending(frozen) or not canceller.is_alive(), what="cancel's signal", log=log)
     finally:
         os.kill(frozen, signal.SIGCONT)
     canceller.join(timeout=600)  # a hang guard

@@ -27,6 +27,7 @@ from test_faults import (  # noqa: F401
     first_json,
     instance,
     steps_on_disk,
+    stop_signal_pending,
     tiny_model,
     wait_for,
     wait_stopped,
@@ -38,16 +39,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.ssh]
 STEPS = 40
 TOO_MANY = "1000"  # processes: more than any test machine has cores (test_multigpu_count.py)
 MICRO = 128
-
-
-def _stop_signal_pending(pid: int) -> bool:
-    """SIGINT or SIGTERM (cancel's, or torchrun's passing it on) waits on the frozen process `pid`."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    pending = 0
-    for line in status.splitlines():
-        if line.startswith(("SigPnd:", "ShdPnd:")):
-            pending |= int(line.split()[1], 16)
-    return bool(pending & ((1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))))
 
 
 def test_resume_onto_another_number_of_gpus(tmp_path: Path, sshd, tmux_socket, tiny_model) -> None:  # noqa: F811
@@ -63,7 +54,7 @@ def test_resume_onto_another_number_of_gpus(tmp_path: Path, sshd, tmux_socket, t
     frozen = wait_stopped(stops, "after", 2, job_dir)
     cancel = subprocess.Popen([*CLI, "cancel", job_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: _stop_signal_pending(frozen) or cancel.poll() is not None, timeout=600)
+        wait_for(lambda: stop_signal_pending(frozen) or cancel.poll() is not None, timeout=600)
     finally:
         os.kill(frozen, signal.SIGCONT)
     out, err = cancel.communicate(timeout=600)

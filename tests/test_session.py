@@ -18,8 +18,15 @@ from pathlib import Path
 
 import pytest
 from jobfiles import CLI, cli, write_job
-from test_faults import arm, events_of, steps_on_disk, wait_for, wait_stopped, worker_python
-from test_multigpu_resume import _stop_signal_pending
+from test_faults import (
+    arm,
+    events_of,
+    steps_on_disk,
+    stop_signal_pending,
+    wait_for,
+    wait_stopped,
+    worker_python,
+)
 from tinymodel import make_model
 
 pytestmark = pytest.mark.slow
@@ -43,7 +50,7 @@ def _cancel_frozen(job_id: str, frozen: int) -> None:
     on it, so the cancel lands mid-run whatever the machine's speed."""
     cancel = subprocess.Popen([*CLI, "cancel", job_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(lambda: _stop_signal_pending(frozen) or cancel.poll() is not None, timeout=600)
+        wait_for(lambda: stop_signal_pending(frozen) or cancel.poll() is not None, timeout=600)
     finally:
         os.kill(frozen, signal.SIGCONT)
     out, err = cancel.communicate(timeout=600)  # a hang guard
