@@ -8,7 +8,6 @@ at once, as when an instance vanishes) and started again on the same port with t
 
 from __future__ import annotations
 
-import ctypes
 import getpass
 import os
 import re
@@ -124,13 +123,10 @@ def _default_signals() -> None:
     """In sshd's child before exec: no signal ignored or blocked, as a daemon started by systemd has it.
     Its sessions inherit what it starts with, and an ignored signal passes through exec: started under a
     profiler (perf ignores SIGUSR2) or a launcher that ignores one, the sessions did too, and the test of
-    commands starting with default signals failed for the environment's sake. (libc's signal(), not
-    Python's: the fork may come from a thread other than the main one.)"""
-    libc = ctypes.CDLL(None)
-    libc.signal.restype = ctypes.c_void_p
+    commands starting with default signals failed for the environment's sake."""
     for sig in range(1, 32):
         if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            libc.signal(sig, None)  # SIG_DFL
+            signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
@@ -192,7 +188,7 @@ class Sshd:
             "Subsystem=sftp internal-sftp",
             # HOME of the sessions: a folder of the test's, not the real user's (whose profile may
             # be slow, and whose home the tests should not write to)
-            # and one thread per torch process: the test machine runs two pytest processes, each with
+            # and one thread per torch process: the test machine runs three pytest processes, each with
             # training workers, on few cores (more threads than cores made training many times slower)
             f"SetEnv=HOME={self.home} OMP_NUM_THREADS=1",
         ]

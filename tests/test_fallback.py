@@ -86,7 +86,7 @@ def test_no_tmux_tries_apt_once_then_runs_the_job_under_setsid(make_instance, tm
         assert sid == pid  # a session of its own: setsid, not a tmux pane
         (inst.root / "autodl-tmp" / "autodl-run" / "jobs" / "j-1" / "go").touch()
         deadline = time.monotonic() + 120  # a hang guard
-        while launcher.job_status(t, paths).state == "running" and time.monotonic() < deadline:
+        while launcher.job_status(t, paths).state in ("starting", "running") and time.monotonic() < deadline:
             time.sleep(0.2)
         assert launcher.job_status(t, paths) == launcher.LaunchStatus(JobState.FAILED, 3, False, pid)
     job = inst.root / "autodl-tmp" / "autodl-run" / "jobs" / "j-1"

@@ -112,7 +112,8 @@ def events_of(job_dir: Path) -> list:
     path = job_dir / "events.jsonl"
     if not path.exists():
         return []
-    return [ev.parse(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    whole = path.read_text().split("\n")[:-1]  # complete lines only: the last may be half written
+    return [ev.parse(ln) for ln in whole if ln.strip()]
 
 
 def wait_for(what, timeout: float = 120, every: float = 0.05):

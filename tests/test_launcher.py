@@ -39,7 +39,7 @@ def _wait(transport, paths: JobPaths, timeout: float = 120.0) -> dict:  # a hang
     deadline = time.monotonic() + timeout
     while True:
         st = launcher.job_status(transport, paths)
-        if st.state != "running" or time.monotonic() > deadline:
+        if st.state not in ("starting", "running") or time.monotonic() > deadline:  # starting: pid, no state yet
             return st
         time.sleep(0.05)
 

@@ -122,8 +122,14 @@ def test_two_processes_cancelled_and_resumed_end_like_one(tmp_path, model_dir, d
     launcher.launch(LocalTransport(), paths, argv, socket=tmux_socket, session="two-1", env=env)
     frozen = wait_stopped(stops, "after", 8, Path(job.job_dir))
     cancelled: list[object] = []
-    canceller = threading.Thread(target=lambda: cancelled.append(
-        launcher.cancel(LocalTransport(), paths, socket=tmux_socket, session="two-1", grace=120)))  # fmt: skip
+
+    def cancel() -> None:
+        try:
+            cancelled.append(launcher.cancel(LocalTransport(), paths, socket=tmux_socket, session="two-1", grace=120))
+        except BaseException as exc:  # noqa: BLE001 - raised again in the test's thread
+            cancelled.append(exc)
+
+    canceller = threading.Thread(target=cancel)
     canceller.start()
     try:
         wait_for(lambda: stop_signal_pending(frozen) or not canceller.is_alive(), what="cancel's signal", log=log)
@@ -131,6 +137,8 @@ def test_two_processes_cancelled_and_resumed_end_like_one(tmp_path, model_dir, d
         os.kill(frozen, signal.SIGCONT)
     canceller.join(timeout=600)  # a hang guard
     (status,) = cancelled
+    if isinstance(status, BaseException):
+        raise status
     assert status.state is JobState.CANCELLED and not status.alive, log.read_text()[-4000:]
     first = read_events(job.job_dir)
     stops = [e for e in first if isinstance(e, ev.Checkpoint) and e.reason == "signal"]

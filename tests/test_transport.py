@@ -368,10 +368,12 @@ def test_connection_cut_mid_command_is_a_connect_error(ssh_transport, sshd, tmp_
         assert th.is_alive() and time.monotonic() < deadline, errors
         time.sleep(0.02)
     start = time.monotonic()
-    sshd.kill()
-    th.join(timeout=120)  # a hang guard
-    elapsed = time.monotonic() - start
-    running.unlink()  # the command ends
+    try:
+        sshd.kill()
+        th.join(timeout=120)  # a hang guard
+        elapsed = time.monotonic() - start
+    finally:
+        running.unlink(missing_ok=True)  # the command ends
     # noticed at once (the connection closed), not by the keepalive (15 s x 4 = 60 s) nor by the
     # command's end (never, here): the bound is far from both
     assert not th.is_alive() and elapsed < 30
