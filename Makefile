@@ -7,8 +7,8 @@ setup:
 	@bash scripts/setup.sh
 demo: setup
 	.venv/bin/python scripts/demo.py
-# three pytest processes on two cores: at -n 2 a third of the CPU sat idle while tests waited on
-# connections, polls and timeouts (10m06 at rest); -n 3 keeps it busy (8m57), see the README
+# three pytest processes on two cores: with -n 2 a third of the CPU sat idle while tests waited on
+# connections, polls and timeouts (10m06 at rest, 6f60f30); -n 3 kept it busy (8m57): see the README
 test: setup
 	.venv/bin/python -m pytest -q -n 3
 lint: setup
