@@ -108,6 +108,18 @@ def stop_signal_pending(pid: int) -> bool:
     return bool(pending & ((1 << (signal.SIGINT - 1)) | (1 << (signal.SIGTERM - 1))))
 
 
+def cancel_frozen(job_id: str, frozen: int) -> None:
+    """`cancel` the job whose worker `frozen` is stopped (tests/stophook): it goes on once the signal waits
+    on it, so the cancel lands mid-run whatever the machine's speed."""
+    cancel = subprocess.Popen([*CLI, "cancel", job_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: stop_signal_pending(frozen) or cancel.poll() is not None, timeout=600)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    out, err = cancel.communicate(timeout=600)  # a hang guard
+    assert cancel.returncode == 0, out + err
+
+
 def events_of(job_dir: Path) -> list:
     path = job_dir / "events.jsonl"
     if not path.exists():

@@ -13,16 +13,14 @@ cancel never races the job's end, however fast the machine.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
 from pathlib import Path
 
 import pytest
-from jobfiles import CLI, cli, cli_here, write_job
+from jobfiles import cli, cli_here, write_job
 from test_faults import (  # noqa: F401
     arm,
+    cancel_frozen,
     events_of,
     first_json,
     instance,
@@ -52,13 +50,7 @@ def test_resume_onto_another_number_of_gpus(tmp_path: Path, sshd, tmux_socket, t
     job_id = first_json(cli_here("submit", str(job), "--json").stdout)["job_id"]
     job_dir = tmp_path / "remote" / "jobs" / job_id
     frozen = wait_stopped(stops, "after", 2, job_dir)
-    cancel = subprocess.Popen([*CLI, "cancel", job_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: stop_signal_pending(frozen) or cancel.poll() is not None, timeout=600)
-    finally:
-        os.kill(frozen, signal.SIGCONT)
-    out, err = cancel.communicate(timeout=600)
-    assert cancel.returncode == 0, out + err
+    cancel_frozen(job_id, frozen)
     first = events_of(job_dir)
     started = next(e for e in first if isinstance(e, ev.Started))
     assert started.world_size == 2 and started.grad_accum == 1

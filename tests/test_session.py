@@ -9,21 +9,17 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from jobfiles import CLI, cli, write_job
+from jobfiles import cli, write_job
 from test_faults import (
     arm,
+    cancel_frozen,
     events_of,
     steps_on_disk,
-    stop_signal_pending,
-    wait_for,
     wait_stopped,
     worker_python,
 )
@@ -43,18 +39,6 @@ def _wait(cond, timeout: float = 180.0) -> None:
     while not cond():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.2)
-
-
-def _cancel_frozen(job_id: str, frozen: int) -> None:
-    """`cancel` the job whose worker `frozen` is stopped (tests/stophook): it goes on once the signal waits
-    on it, so the cancel lands mid-run whatever the machine's speed."""
-    cancel = subprocess.Popen([*CLI, "cancel", job_id], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: stop_signal_pending(frozen) or cancel.poll() is not None, timeout=600)
-    finally:
-        os.kill(frozen, signal.SIGCONT)
-    out, err = cancel.communicate(timeout=600)  # a hang guard
-    assert cancel.returncode == 0, out + err
 
 
 def test_submit_and_resume_print_the_same_timed_steps_and_resume_skips_a_damaged_checkpoint(
@@ -78,7 +62,7 @@ def test_submit_and_resume_print_the_same_timed_steps_and_resume_skips_a_damaged
 
     job_dir = tmp_path / "remote" / "jobs" / job_id
     checkpoints = job_dir / "output" / "checkpoints"
-    _cancel_frozen(job_id, wait_stopped(stops, "after", 4, job_dir))  # it saves a checkpoint, then stops: resumable
+    cancel_frozen(job_id, wait_stopped(stops, "after", 4, job_dir))  # it saves a checkpoint, then stops: resumable
     *_, before, newest = steps_on_disk(job_dir)
     damaged = next(p for p in (checkpoints / f"step-{newest}").rglob("*.safetensors"))
     damaged.write_bytes(damaged.read_bytes()[:-8] + b"damaged!")
@@ -96,5 +80,5 @@ def test_submit_and_resume_print_the_same_timed_steps_and_resume_skips_a_damaged
     _wait(lambda: any(isinstance(e, ev.Started) for e in events_of(job_dir)[runs:]), timeout=300)
     started = next(e for e in events_of(job_dir)[runs:] if isinstance(e, ev.Started))
     assert started.resumed_from_step == before, "the worker did not resume from the checkpoint before the damaged one"
-    _cancel_frozen(job_id, wait_stopped(stops, "after", 6))  # the resumed run, mid-run (its folder holds the first end)
+    cancel_frozen(job_id, wait_stopped(stops, "after", 6))  # the resumed run, mid-run (its folder holds the first end)
 
